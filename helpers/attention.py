@@ -1,0 +1,336 @@
+"""One attention function for every intervention the paper needs.
+
+The function :func:`anchors_attention` is registered with transformers' ``AttentionInterface`` under the name
+``"anchors"`` (and the eager causal-mask builder under the same name in ``AttentionMaskInterface``: without that
+entry transformers silently builds no causal mask for an unknown implementation). It computes exactly what the
+models' own eager attention computes::
+
+    S = softcap(scaling * Q K^T) + mask          # pre-softmax scores, per head
+    A = softmax(S)                               # post-softmax attention
+    O = A V
+
+and lets *hooks* act on S (before the softmax) and on A (after it). Hooks are switched on for the forward passes run
+inside :func:`intervene`; outside it the function is plain eager attention. The hooks provided here are
+
+* :class:`Record` - keep A (all rows, or chosen rows) per layer (paper §2.3);
+* :class:`Isolate` - overwrite S[p, j<p] for chosen rows p with -1e4, as the official code does (§2.2);
+* :class:`Reweight` - multiply A[q, p_i] by exp(beta[l, h, i]), learnable, no renormalisation (§3.1, Eq. 9);
+* :class:`Saliency` - multiply A by a ones tensor P that requires grad: after ``backward``,
+  dP = A ⊙ dL/dA, the saliency of Eq. 1 (§2.1).
+
+Grouped-query attention (fewer kv heads), the model's scaling, logit soft-capping and sliding windows (which live in
+the mask) are honoured. GPT-J still calls its own ``_attn`` method instead of the interface; :func:`enable` replaces
+that method on each GPT-J attention module with a two-line adapter to the same function.
+
+Every hook records which layers it acted on, and :func:`intervene` raises if a hook never ran: an intervention that
+silently does nothing (the official code's fate on newer transformers) cannot go unnoticed here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import types
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "NAME",
+    "register",
+    "enable",
+    "anchors_attention",
+    "intervene",
+    "Hook",
+    "Record",
+    "Isolate",
+    "Reweight",
+    "Saliency",
+]
+
+NAME = "anchors"
+
+_ACTIVE: contextvars.ContextVar[tuple["Hook", ...]] = contextvars.ContextVar("anchors_hooks", default=())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The attention function
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def anchors_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    softcap: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager attention with hook points before and after the softmax.
+
+    Shapes follow transformers' attention interface: ``query`` (B, H, T, D), ``key``/``value`` (B, H_kv, S, D),
+    ``attention_mask`` additive (B, 1, T, S). Returns the output (B, T, H, D) and the attention (B, H, T, S).
+    """
+    if kwargs.get("s_aux") is not None:
+        raise NotImplementedError("attention sinks (s_aux) are not supported by the 'anchors' attention")
+    layer = getattr(module, "layer_idx", None)
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:  # grouped-query attention: repeat each kv head for its query heads
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if attention_mask is not None:
+        scores = scores + attention_mask[:, :, :, : key.shape[-2]]
+
+    hooks = _ACTIVE.get()
+    for hook in hooks:
+        if hook.acts_on(layer):
+            scores = hook.pre_softmax(layer, scores)
+
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
+
+    for hook in hooks:
+        if hook.acts_on(layer):
+            probs = hook.post_softmax(layer, probs)
+            hook.seen.add(layer)
+
+    probs_used = F.dropout(probs, p=dropout, training=module.training)
+    out = torch.matmul(probs_used, value).transpose(1, 2).contiguous()
+    return out, probs
+
+
+def _gptj_attn(self, query, key, value, attention_mask=None):
+    """Adapter for GPT-J, whose attention calls ``self._attn`` (B, H, T, D) instead of the interface."""
+    out, probs = anchors_attention(
+        self,
+        query.to(torch.float32),  # as GPT-J's own _attn: scores in float32
+        key.to(torch.float32),
+        value,
+        attention_mask,
+        scaling=1.0 / float(self.scale_attn),
+        dropout=self.attn_dropout.p,
+    )
+    return out.transpose(1, 2), probs
+
+
+def register() -> None:
+    """Register ``"anchors"`` with transformers' attention and attention-mask interfaces (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(NAME, anchors_attention)
+    AttentionMaskInterface.register(NAME, eager_mask)
+
+
+def enable(model: nn.Module, implementation: str = NAME) -> nn.Module:
+    """Switch a loaded model to the ``"anchors"`` attention (or back to ``"eager"``). Returns the model."""
+    if implementation not in (NAME, "eager"):
+        raise ValueError(f"implementation must be {NAME!r} or 'eager', not {implementation!r}")
+    register()
+    if getattr(model.config, "model_type", None) == "gptj":
+        from transformers.models.gptj.modeling_gptj import GPTJAttention
+
+        for sub in model.modules():
+            if isinstance(sub, GPTJAttention):
+                if implementation == NAME:
+                    sub._attn = types.MethodType(_gptj_attn, sub)
+                elif "_attn" in vars(sub):
+                    del sub._attn
+        return model
+    model.set_attn_implementation(implementation)
+    return model
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Hooks
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class Hook:
+    """Base class: acts on the layers in ``layers`` (``None`` = every layer). Subclasses override one method."""
+
+    def __init__(self, layers: Iterable[int] | None = None):
+        self.layers = None if layers is None else frozenset(int(x) for x in layers)
+        self.seen: set[int] = set()
+
+    def acts_on(self, layer: int | None) -> bool:
+        return self.layers is None or layer in self.layers
+
+    def pre_softmax(self, layer: int, scores: torch.Tensor) -> torch.Tensor:
+        return scores
+
+    def post_softmax(self, layer: int, probs: torch.Tensor) -> torch.Tensor:
+        return probs
+
+
+class Record(Hook):
+    """Keep the post-softmax attention of each layer, detached.
+
+    ``rows``: optional LongTensor (B,) or (B, K) of query positions; then only those rows are kept, giving
+    (B, H, K, S) per layer instead of (B, H, T, S) (much less memory for long prompts and big models).
+    """
+
+    def __init__(self, layers: Iterable[int] | None = None, rows: torch.Tensor | None = None):
+        super().__init__(layers)
+        self.rows = None if rows is None else (rows if rows.ndim == 2 else rows[:, None])
+        self.attentions: dict[int, torch.Tensor] = {}
+
+    def post_softmax(self, layer, probs):
+        kept = probs.detach()
+        if self.rows is not None:
+            rows = self.rows.to(probs.device)
+            batch = torch.arange(probs.shape[0], device=probs.device)[:, None]
+            kept = kept[batch, :, rows].permute(0, 2, 1, 3)  # (B, K, H, S) -> (B, H, K, S)
+        self.attentions[layer] = kept
+        return probs
+
+    def stacked(self) -> torch.Tensor:
+        """All recorded layers in order, stacked: (L, B, H, T or K, S)."""
+        return torch.stack([self.attentions[k] for k in sorted(self.attentions)])
+
+
+PositionsPerExample = Sequence[Sequence[int]]
+
+
+class Isolate(Hook):
+    """Cut the information flow into chosen positions (paper §2.2, ``attentioner.py`` of the official code).
+
+    For every chosen position p of example b, the pre-softmax scores S[b, :, p, j] for all earlier keys j < p are
+    overwritten with ``fill`` (-1e4 as the official code), in every head of the chosen layers. After the softmax the
+    token attends (almost) only to itself, so nothing from the context reaches it in those layers.
+
+    ``positions``: one list of positions per example (the same in every layer), or a mapping ``{layer: that}`` to
+    isolate different positions in different layers (the random control redraws per layer).
+    """
+
+    def __init__(
+        self,
+        positions: PositionsPerExample | Mapping[int, PositionsPerExample],
+        layers: Iterable[int] | None = None,
+        fill: float = -1e4,
+    ):
+        if isinstance(positions, Mapping):
+            self.by_layer = {int(k): v for k, v in positions.items()}
+            layers = self.by_layer.keys() if layers is None else layers
+        else:
+            if layers is None:
+                raise ValueError("Isolate needs the layers to act on")
+            self.by_layer = {int(k): positions for k in layers}
+        super().__init__(layers)
+        self.fill = fill
+        self._masks: dict[tuple, torch.Tensor] = {}
+
+    def _mask(self, layer: int, shape: torch.Size, device) -> torch.Tensor:
+        batch, _, t, s = shape
+        key = (layer, t, s, str(device))
+        if key not in self._masks:
+            positions = self.by_layer[layer]
+            if len(positions) != batch:
+                raise ValueError(f"Isolate got positions for {len(positions)} examples, the batch has {batch}")
+            mask = torch.zeros(batch, 1, t, s, dtype=torch.bool)
+            offset = s - t  # keys before the first query row (a KV cache); 0 for a plain forward pass
+            for b, rows in enumerate(positions):
+                for p in rows:
+                    mask[b, 0, p, : p + offset] = True
+            self._masks[key] = mask.to(device)
+        return self._masks[key]
+
+    def pre_softmax(self, layer, scores):
+        return scores.masked_fill(self._mask(layer, scores.shape, scores.device), self.fill)
+
+
+class Reweight(Hook):
+    """Anchor re-weighting (paper §3.1, Eq. 9/12): A[q, p_i] <- exp(beta[l, h, i]) * A[q, p_i], post-softmax.
+
+    ``beta``: a parameter (L, H, C), initialised to 0 so that the model starts unchanged. ``target``: LongTensor (B,)
+    of target positions q. ``label_positions``: LongTensor (B, C), the position of class i's label word in each
+    example (one demonstration per class). No renormalisation, as in the paper and the official code.
+    """
+
+    def __init__(self, beta: torch.Tensor, target: torch.Tensor, label_positions: torch.Tensor):
+        super().__init__(range(beta.shape[0]))
+        if label_positions.ndim != 2 or label_positions.shape[1] != beta.shape[2]:
+            raise ValueError(
+                f"label_positions must be (batch, {beta.shape[2]}) for beta of shape {tuple(beta.shape)}, "
+                f"got {tuple(label_positions.shape)}"
+            )
+        self.beta = beta
+        self.target = target
+        self.label_positions = label_positions
+
+    def post_softmax(self, layer, probs):
+        b, h = probs.shape[:2]
+        if h != self.beta.shape[1]:
+            raise ValueError(f"beta has {self.beta.shape[1]} heads, layer {layer} has {h}")
+        batch = torch.arange(b, device=probs.device)[:, None]  # (B, 1)
+        rows = self.target.to(probs.device)[:, None]  # (B, 1)
+        cols = self.label_positions.to(probs.device)  # (B, C)
+        scale = torch.exp(self.beta[layer]).to(probs.dtype).T  # (C, H)
+        probs = probs.clone()
+        probs[batch, :, rows, cols] = probs[batch, :, rows, cols] * scale  # indexed as (B, C, H)
+        return probs
+
+
+class Saliency(Hook):
+    """Expose A ⊙ dL/dA (paper Eq. 1) by multiplying A with ones that require grad (the official trick).
+
+    Run the forward pass inside :func:`intervene`, compute a loss, call ``loss.backward()``, then
+    :meth:`per_layer` gives, for each layer, the (B, H, T, S) gradient of the loss with respect to the ones, which
+    equals A ⊙ dL/dA evaluated at the unmodified attention.
+    """
+
+    def __init__(self, layers: Iterable[int] | None = None):
+        super().__init__(layers)
+        self.ones: dict[int, torch.Tensor] = {}
+
+    def post_softmax(self, layer, probs):
+        ones = torch.ones_like(probs, requires_grad=True)
+        self.ones[layer] = ones
+        return probs * ones
+
+    def per_layer(self) -> torch.Tensor:
+        """(L, B, H, T, S): A ⊙ dL/dA for every hooked layer, in layer order."""
+        missing = [k for k, v in self.ones.items() if v.grad is None]
+        if missing or not self.ones:
+            raise RuntimeError("no gradient reached the attention: call loss.backward() after the forward pass")
+        return torch.stack([self.ones[k].grad for k in sorted(self.ones)])
+
+
+@contextlib.contextmanager
+def intervene(*hooks: Hook, strict: bool = True) -> Iterator[tuple[Hook, ...]]:
+    """Activate hooks for the forward passes run inside the block.
+
+    With ``strict`` (the default), leaving the block raises ``RuntimeError`` if a hook never acted on a layer it was
+    meant for: the model does not run the ``"anchors"`` attention (load it with :func:`helpers.models.load_model`,
+    or call :func:`enable`).
+    """
+    for hook in hooks:
+        hook.seen = set()
+    token = _ACTIVE.set(_ACTIVE.get() + tuple(hooks))
+    try:
+        yield hooks
+    finally:
+        _ACTIVE.reset(token)
+    if strict:
+        for hook in hooks:
+            if not hook.seen:
+                raise RuntimeError(
+                    f"{type(hook).__name__} never ran: the model does not use the '{NAME}' attention. "
+                    "Load it with helpers.load_model or call helpers.attention.enable(model)."
+                )
+            if hook.layers is not None and not hook.layers <= hook.seen:
+                raise RuntimeError(
+                    f"{type(hook).__name__} did not reach layers {sorted(hook.layers - hook.seen)} "
+                    "(the model has fewer layers?)"
+                )

