@@ -1,0 +1,160 @@
+"""Shared fixtures: data folder, tiny random models of every family, the offline tokenizers.
+
+Everything here runs offline. Tiny models are built from configs (no download) with a fixed seed; the offline
+tokenizers come from the converted copies in ``$ANCHORS_CACHE`` / ``~/.cache/anchors/models`` and the tests that need
+them are skipped when those are missing.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+# One thread: the suite is sized for 2 CPU cores, and exact-equality checks stay deterministic.
+torch.set_num_threads(int(os.environ.get("ANCHORS_TEST_THREADS", "1")))
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # test the working tree's helpers, also when run as plain `pytest`
+    sys.path.insert(0, str(REPO))
+DEFAULT_DATA = REPO.parent / "shared" / "data"
+
+# Parity numbers (max |logit difference| anchors vs stock eager, per family), printed in the terminal summary.
+PARITY_KEY = pytest.StashKey[dict]()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: loads a real model (deselect with -m 'not slow')")
+    config.stash[PARITY_KEY] = {}
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    parity = config.stash.get(PARITY_KEY, {})
+    if parity:
+        terminalreporter.section("anchors vs eager parity (max |Δ logit| on non-padded positions)")
+        for family, diff in sorted(parity.items()):
+            terminalreporter.write_line(f"{family:>16}: {diff:.3e}")
+
+
+@pytest.fixture(scope="session")
+def parity_record(pytestconfig) -> dict:
+    return pytestconfig.stash[PARITY_KEY]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    folder = Path(os.environ.get("ANCHORS_DATA") or DEFAULT_DATA).expanduser().resolve()
+    if not (folder / "sst2" / "test.jsonl").is_file():
+        pytest.skip(f"no task data in {folder} (set ANCHORS_DATA)")
+    return folder
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Tiny random models, one per family (and per attention variant)
+# --------------------------------------------------------------------------------------------------------------------
+
+VOCAB = 100
+# Larger than the default 0.02, so that attention is far from uniform and every intervention has a visible effect.
+INIT = 0.3
+
+
+def _tiny_config(family: str, vocab_size: int = VOCAB):
+    import transformers as tf
+
+    # Special-token ids inside the tiny vocabulary (the GPT defaults, 50256, would trigger a config warning).
+    common = dict(vocab_size=vocab_size, initializer_range=INIT, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if family == "gpt2":
+        return tf.GPT2Config(n_embd=32, n_layer=3, n_head=4, n_positions=64, **common)
+    if family == "gptj":
+        return tf.GPTJConfig(n_embd=32, n_layer=3, n_head=4, n_positions=64, rotary_dim=4, **common)
+    if family == "llama":  # multi-head attention (as many kv heads as heads)
+        return tf.LlamaConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+            max_position_embeddings=64, **common,
+        )
+    if family == "qwen2":  # grouped-query attention
+        return tf.Qwen2Config(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=64, **common,
+        )
+    if family in ("gemma3", "gemma3_softcap"):  # GQA, sliding window 4 in layers 0 and 2
+        return tf.Gemma3TextConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=8, query_pre_attn_scalar=8, sliding_window=4,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"], max_position_embeddings=64,
+            attn_logit_softcapping=50.0 if family == "gemma3_softcap" else None, **common,
+        )
+    if family == "gemma2":  # the family whose attention really passes `softcap`; a small cap so that it bites
+        return tf.Gemma2Config(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=8, query_pre_attn_scalar=8, sliding_window=4,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"], max_position_embeddings=64,
+            attn_logit_softcapping=1.0, final_logit_softcapping=30.0, **common,
+        )
+    raise KeyError(family)
+
+
+TINY_FAMILIES = ("gpt2", "gptj", "llama", "qwen2", "gemma3", "gemma3_softcap", "gemma2")
+
+
+def build_tiny_model(family: str, seed: int = 0, vocab_size: int = VOCAB):
+    """A tiny float32 model of ``family`` with stock eager attention, eval mode, frozen parameters."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(
+        _tiny_config(family, vocab_size), attn_implementation="eager", dtype=torch.float32
+    )
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    """``tiny_models(family)``: one cached tiny model per family (stock eager attention when first built)."""
+    cache: dict[tuple, torch.nn.Module] = {}
+
+    def get(family: str, vocab_size: int = VOCAB):
+        key = (family, vocab_size)
+        if key not in cache:
+            cache[key] = build_tiny_model(family, vocab_size=vocab_size)
+        return cache[key]
+
+    return get
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Offline tokenizers
+# --------------------------------------------------------------------------------------------------------------------
+
+OFFLINE_NAMES = ("gemma-3-270m", "qwen2.5-coder-0.5b", "smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def offline_tokenizers() -> dict:
+    """The three offline models' tokenizers only (no weights), set up as ``load_model`` does."""
+    from transformers import AutoTokenizer
+
+    from helpers import models
+
+    out = {}
+    for name in OFFLINE_NAMES:
+        try:
+            folder = models._offline_folder(models.OFFLINE_MODELS[name], progress=False)
+        except ModuleNotFoundError as err:
+            pytest.skip(f"offline model {name} not available: {err}")
+        tok = AutoTokenizer.from_pretrained(folder)
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        tok.padding_side = "right"
+        out[name] = tok
+    return out
