@@ -22,6 +22,7 @@ def main(argv=None) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--tasks", nargs="*", default=list(TASKS))
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--shots", type=int, nargs="*", default=[1, 2], help="extraction: shots per class")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -39,8 +40,8 @@ def main(argv=None) -> None:
         else:
             from .extraction import extraction_runs
 
-            extraction_runs(lm, data, profile, shots=1)
-            extraction_runs(lm, data, profile, shots=2)
+            for shots in args.shots:
+                extraction_runs(lm, data, profile, shots=shots)
         print(f"{args.chapter} {args.model} {name}: {time.perf_counter() - t0:.0f} s", flush=True)
 
 

@@ -28,7 +28,8 @@ import numpy as np
 from .prompts import Prompt, build_prompt
 from .tasks import TaskData, sample_demonstrations_per_example, sample_fixed_demonstrations, subsample_test
 
-__all__ = ["Profile", "PROFILES", "RESULTS_VERSION", "results_dir", "run_key", "cached_run", "make_prompts"]
+__all__ = ["Profile", "PROFILES", "RESULTS_VERSION", "results_dir", "run_key", "result_path", "load_result", "cached_run",
+           "make_prompts", "settings_of"]
 
 RESULTS_VERSION = "1"
 
@@ -39,11 +40,12 @@ class Profile:
     n_test: int  # test examples per (task, seed)
     seeds: tuple[int, ...]
     batch_size: int = 8
+    n_test_extraction: int = 0  # extraction needs one forward pass per example: it can afford more (0 = n_test)
 
 
 PROFILES: dict[str, Profile] = {
     "quick": Profile("quick", n_test=8, seeds=(42,)),
-    "book": Profile("book", n_test=24, seeds=(42, 43, 44)),
+    "book": Profile("book", n_test=24, seeds=(42, 43, 44), n_test_extraction=32),
     "paper": Profile("paper", n_test=1000, seeds=(42, 43, 44, 45, 46)),
 }
 
@@ -82,6 +84,18 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
             os.unlink(tmp)
 
 
+def result_path(experiment: str, model: str, task: str, settings: dict, directory: Path | None = None) -> Path:
+    """Where the ``.npz`` of a run lives (whether or not it exists)."""
+    directory = Path(directory) if directory is not None else results_dir()
+    key = run_key(experiment, model, task, settings)
+    return directory / experiment / f"{model.replace('/', '--')}__{task}__{key}.npz"
+
+
+def load_result(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
 def cached_run(
     experiment: str,
     model: str,
@@ -92,13 +106,10 @@ def cached_run(
     recompute: bool = False,
 ) -> dict[str, np.ndarray]:
     """Return the cached result of a run, or ``compute()`` it and cache it."""
-    directory = Path(directory) if directory is not None else results_dir()
-    key = run_key(experiment, model, task, settings)
-    stem = directory / experiment / f"{model.replace('/', '--')}__{task}__{key}"
-    npz, meta = stem.with_suffix(".npz"), stem.with_suffix(".json")
+    npz = result_path(experiment, model, task, settings, directory)
+    meta = npz.with_suffix(".json")
     if npz.exists() and not recompute:
-        with np.load(npz, allow_pickle=False) as f:
-            return {k: f[k] for k in f.files}
+        return load_result(npz)
     result = compute()
     _atomic_write(npz, lambda p: np.savez_compressed(p, **result))
     info = {"experiment": experiment, "model": model, "task": task, "settings": settings, "versions": _versions()}
@@ -130,5 +141,6 @@ def settings_of(profile: Profile, **extra) -> dict:
     d = asdict(profile)
     d.pop("name")
     d.pop("batch_size")  # does not change results
+    d.pop("n_test_extraction")  # experiments that use it pass it explicitly
     d.update(extra)
     return d

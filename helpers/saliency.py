@@ -28,7 +28,7 @@ from .attention import Saliency, intervene
 from .prompts import Batch, Prompt, collate, label_token_ids, target_logits
 from .tasks import Task
 
-__all__ = ["MEASURES", "saliency_matrices", "flow_measures", "saliency_flow", "normalise_per_layer"]
+__all__ = ["MEASURES", "saliency_matrices", "flow_measures", "flows_at", "saliency_flow", "normalise_per_layer"]
 
 MEASURES = ("S_wp", "S_pq", "S_ww")
 
@@ -51,13 +51,18 @@ def saliency_matrices(model, batch: Batch, label_ids: Sequence[int]) -> torch.Te
 
 def flow_measures(saliency: torch.Tensor, prompt: Prompt) -> np.ndarray:
     """(S_wp, S_pq, S_ww) of one example's saliency matrix (T, T) or matrices (L, T, T); shape (3,) or (3, L)."""
-    s = saliency.clone()
+    return flows_at(saliency, prompt.label_positions, prompt.target)
+
+
+def flows_at(saliency: torch.Tensor, label_positions: Sequence[int], target: int) -> np.ndarray:
+    """:func:`flow_measures` for explicit label positions p_1..p_C and target q."""
+    s = torch.as_tensor(saliency).clone()
     if s.ndim == 2:
-        return flow_measures(s[None], prompt)[:, 0]
+        return flows_at(s[None], label_positions, target)[:, 0]
     s = s.double()
     s.diagonal(dim1=-2, dim2=-1).zero_()
-    p = torch.tensor(prompt.label_positions)
-    q = prompt.target
+    p = torch.tensor([int(x) for x in label_positions])
+    q = int(target)
     wp = s[:, p, :].sum(dim=(1, 2))
     pq = s[:, q, p].sum(dim=1)
     ww = s.sum(dim=(1, 2)) - wp - pq

@@ -1,0 +1,57 @@
+"""The book's structure: chapters exist as notebooks without outputs, Colab links resolve, one repository URL."""
+
+import json
+import re
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = yaml.safe_load((ROOT / "_config.yml").read_text())
+TOC = yaml.safe_load((ROOT / "_toc.yml").read_text())
+CHAPTERS = [c["file"] for c in TOC["chapters"] if (ROOT / f"{c['file']}.ipynb").exists()]
+
+
+def _cells(path):
+    return json.loads((ROOT / f"{path}.ipynb").read_text())["cells"]
+
+
+def test_toc_files_exist():
+    files = [TOC["root"]] + [c["file"] for c in TOC["chapters"]]
+    for f in files:
+        assert any((ROOT / f"{f}{ext}").exists() for ext in (".md", ".ipynb")), f
+    assert {"book/aggregation", "book/extraction"} <= set(CHAPTERS)
+
+
+def test_colab_launch_urls_point_at_notebooks_in_the_repository():
+    # jupyter-book builds: {colab_url}/github/{org}/{repo}/blob/{branch}/{path_to_book}/{page}.ipynb
+    url = CONFIG["repository"]["url"]
+    org_repo = re.match(r"https://github.com/([^/]+/[^/]+?)/?$", url).group(1)
+    for chapter in CHAPTERS:
+        launch = f"{CONFIG['launch_buttons']['colab_url']}/github/{org_repo}/blob/{CONFIG['repository']['branch']}/{chapter}.ipynb"
+        local = launch.split(f"/blob/{CONFIG['repository']['branch']}/")[1]
+        assert (ROOT / CONFIG["repository"].get("path_to_book", "") / local).is_file(), launch
+
+
+def test_notebooks_have_no_outputs():
+    for chapter in CHAPTERS:
+        for cell in _cells(chapter):
+            if cell["cell_type"] == "code":
+                assert not cell.get("outputs") and not cell.get("execution_count"), chapter
+
+
+def test_first_code_cell_installs_from_the_configured_repository_only_in_colab():
+    url = CONFIG["repository"]["url"]
+    for chapter in CHAPTERS:
+        code = [c for c in _cells(chapter) if c["cell_type"] == "code"]
+        first = "".join(code[0]["source"])
+        assert '"google.colab" in sys.modules' in first, chapter
+        assert f'REPO = "{url}"' in first, f"{chapter}: install cell does not use {url}"
+        others = "".join("".join(c["source"]) for c in code[1:])
+        assert "github.com" not in others, f"{chapter}: a second repository URL"
+
+
+def test_model_is_set_in_one_place():
+    for chapter in CHAPTERS:
+        sources = ["".join(c["source"]) for c in _cells(chapter) if c["cell_type"] == "code"]
+        assert sum(bool(re.search(r"^MODEL = ", s, re.M)) for s in sources) == 1, chapter

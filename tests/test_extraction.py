@@ -1,0 +1,122 @@
+"""Metrics of the extraction chapter: AUCROC_l, R_l, the stored layout, and the data they read."""
+
+import numpy as np
+import pytest
+import torch
+
+from helpers.extraction import LAYOUT, auc_per_layer, cumulative_contribution, label_attention, layer_passing
+
+
+def test_auc_binary_perfect_and_inverted():
+    pred = np.array([0, 0, 1, 1])
+    att = np.zeros((4, 2, 2))
+    att[:, 0, 1] = [0.1, 0.2, 0.8, 0.9]  # layer 0: attention on class 1 separates perfectly
+    att[:, 1, 1] = [0.9, 0.8, 0.2, 0.1]  # layer 1: perfectly inverted
+    np.testing.assert_allclose(auc_per_layer(att, pred), [1.0, 0.0])
+
+
+def test_auc_binary_known_value():
+    # scores of positives {0.4, 0.9}, negatives {0.5, 0.1}: 3 of 4 pairs ordered -> 0.75
+    pred = np.array([1, 1, 0, 0])
+    att = np.zeros((4, 1, 2))
+    att[:, 0, 1] = [0.4, 0.9, 0.5, 0.1]
+    assert auc_per_layer(att, pred)[0] == pytest.approx(0.75)
+
+
+def test_auc_drops_never_predicted_classes_and_uses_second_remaining():
+    # 3 classes, class 1 never predicted: binary AUC on the attention to class 2
+    pred = np.array([0, 2, 0, 2])
+    att = np.zeros((4, 1, 3))
+    att[:, 0, 2] = [0.1, 0.9, 0.2, 0.8]
+    att[:, 0, 1] = [0.9, 0.1, 0.9, 0.1]  # would invert the result if it were used
+    assert auc_per_layer(att, pred)[0] == pytest.approx(1.0)
+
+
+def test_auc_multiclass_ovo_macro_matches_sklearn_after_renormalisation():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    pred = rng.integers(0, 3, size=60)
+    att = rng.random((60, 2, 3))
+    att[np.arange(60), 1, pred] += 1.0  # layer 1 is informative
+    auc = auc_per_layer(att, pred)
+    expected = roc_auc_score(pred, att[:, 0] / att[:, 0].sum(1, keepdims=True), multi_class="ovo")
+    assert auc[0] == pytest.approx(expected)
+    assert auc[1] > 0.9 > auc[0]
+
+
+def test_auc_undefined_with_one_predicted_class():
+    assert np.isnan(auc_per_layer(np.ones((3, 4, 2)), np.zeros(3, dtype=int))).all()
+
+
+def test_renormalised_binary_removes_a_shared_scale():
+    pred = np.array([0, 1, 0, 1])
+    att = np.zeros((4, 1, 2))
+    att[:, 0, 0] = [0.2, 0.1, 0.02, 0.01]
+    att[:, 0, 1] = [0.1, 0.2, 0.01, 0.02]  # examples 3-4: same ratio, 10x smaller (a bigger sink)
+    assert auc_per_layer(att, pred)[0] < 1.0
+    assert auc_per_layer(att, pred, renormalise_binary=True)[0] == pytest.approx(1.0)
+
+
+def test_cumulative_contribution_definition():
+    auc = np.array([0.5, 0.6, 0.9, 0.5])
+    r = cumulative_contribution(auc)
+    np.testing.assert_allclose(r, [0.0, 0.2, 1.0, 1.0])
+    assert layer_passing(r) == 2
+    assert layer_passing(np.array([0.1, 0.2])) is None
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(offline_tokenizers):
+    """A tiny random Llama with SmolLM2's real tokenizer, wrapped as load_model would return it."""
+    from conftest import _tiny_config
+    from transformers import AutoModelForCausalLM
+
+    from helpers.attention import enable
+    from helpers.models import LoadedModel, model_facts
+
+    tok = offline_tokenizers["smollm2-135m"]
+    cfg = _tiny_config("llama", vocab_size=len(tok))
+    cfg.max_position_embeddings = 1024
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=torch.float32).eval()
+    model.requires_grad_(False)
+    model = enable(model, "anchors")
+    return LoadedModel(name="tiny-llama", model=model, tokenizer=tok, **model_facts(model, tok))
+
+
+@pytest.fixture(scope="module")
+def sst2_prompts(tiny_lm, data_dir):
+    from helpers.runs import make_prompts
+    from helpers.tasks import load_task
+
+    data = load_task("sst2", data_dir)
+    return data.task, make_prompts(tiny_lm, data, seed=42, n_test=3, shots_per_class=2)
+
+
+def test_label_attention_layout_matches_recorded_attention(tiny_lm, sst2_prompts):
+    lm, (task, prompts) = tiny_lm, sst2_prompts
+    out = label_attention(lm, task, prompts, batch_size=2, progress=False)
+    assert LAYOUT == ("example", "layer", "class")
+    n, L, C = out["attention"].shape
+    assert (n, L, C) == (len(prompts), lm.n_layers, 2)
+    # independent reference: stock eager attention of the same model, one prompt at a time
+    from helpers.attention import enable
+
+    enable(lm.model, "eager")
+    try:
+        for i, p in enumerate(prompts):
+            ids = torch.tensor([p.input_ids])
+            with torch.no_grad():
+                atts = lm.model(input_ids=ids, output_attentions=True).attentions
+            for layer in range(L):
+                row = atts[layer][0, :, p.target, :].sum(0)
+                for c in range(C):
+                    expected = float(row[list(p.positions_of_class(c))].sum())
+                    assert out["attention"][i, layer, c] == pytest.approx(expected, abs=1e-5)
+            assert out["first_token"][i, 0] == pytest.approx(float(atts[0][0, :, p.target, 0].sum()), abs=1e-5)
+    finally:
+        enable(lm.model, "anchors")
+    assert out["probs"].shape == (len(prompts), 2)
+    np.testing.assert_allclose(out["probs"].sum(1), 1, atol=1e-5)
+    assert (out["pred"] == out["probs"].argmax(1)).all()
