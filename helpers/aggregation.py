@@ -20,9 +20,10 @@ from .saliency import normalise_per_layer, saliency_flow, saliency_matrices
 from .tasks import TaskData
 
 __all__ = ["saliency_runs", "saliency_examples", "isolation_runs", "flow_curves", "crossover_layer",
-           "loyalty_table", "KS"]
+           "loyalty_table", "KS", "RANDOM_KS"]
 
 KS = (1, 3, 5, 7)
+RANDOM_KS = (5,)  # the random control at k = 5 (the main figure); pass random_ks=KS for the full sweep
 
 
 def saliency_runs(lm, data: TaskData, profile: Profile, shots: int = 1, **kw) -> list[np.ndarray]:
@@ -69,15 +70,18 @@ def saliency_examples(lm, data: TaskData, n: int = 3, seed: int = 42, pool: int 
 
 
 def isolation_runs(lm, data: TaskData, profile: Profile, ks: Sequence[int] = KS, shots: int = 1,
-                   **kw) -> list[dict[str, np.ndarray]]:
+                   random_ks: Sequence[int] = RANDOM_KS, **kw) -> list[dict[str, np.ndarray]]:
     """One :func:`helpers.isolation.run_isolation` result per seed."""
     out = []
+    n_test = profile.n_test_isolation or profile.n_test
     for seed in profile.seeds:
         def compute(seed=seed):
-            prompts = make_prompts(lm, data, seed, profile.n_test, shots, per_example=False)
-            return run_isolation(lm, data.task, prompts, ks, seed=seed, batch_size=profile.batch_size)
+            prompts = make_prompts(lm, data, seed, n_test, shots, per_example=False)
+            return run_isolation(lm, data.task, prompts, ks, seed=seed, batch_size=profile.batch_size,
+                                 random_ks=random_ks)
 
-        settings = settings_of(profile, seed=seed, shots=shots, ks=list(ks))
+        settings = settings_of(profile, seed=seed, shots=shots, ks=list(ks), random_ks=list(random_ks),
+                               n_test=n_test)
         out.append(cached_run("isolation", lm.name, data.task.name, settings, compute, **kw))
     return out
 
@@ -100,6 +104,8 @@ def loyalty_table(per_seed: Sequence[dict[str, np.ndarray]], ks: Sequence[int] =
         for where in ("first", "last"):
             for what in ("label", "random"):
                 name = condition_name(what, where, k)
+                if f"{name}/pred" not in per_seed[0]:
+                    continue
                 rows = [
                     (
                         label_loyalty(r[f"{name}/pred"], r["none/pred"]),

@@ -68,7 +68,8 @@ def loyalty_sweep(table: Mapping[str, Mapping[str, float]], ks: Sequence[int], m
     styles = {("label", "first"): ("#d62728", "-"), ("random", "first"): ("#ff9896", "--"),
               ("label", "last"): ("#1f77b4", "-"), ("random", "last"): ("#aec7e8", "--")}
     for (what, where), (color, ls) in styles.items():
-        ax.plot(ks, [table[f"{what}-{where}-{k}"][metric] for k in ks], color=color, ls=ls, marker="o",
+        xs = [k for k in ks if f"{what}-{where}-{k}" in table]
+        ax.plot(xs, [table[f"{what}-{where}-{k}"][metric] for k in xs], color=color, ls=ls, marker="o",
                 label=f"{'label words' if what == 'label' else 'random'}, {where}")
     ax.set_xlabel("isolated layers k")
     ax.set_ylabel(f"{metric} (%)")

@@ -41,11 +41,12 @@ class Profile:
     seeds: tuple[int, ...]
     batch_size: int = 8
     n_test_extraction: int = 0  # extraction needs one forward pass per example: it can afford more (0 = n_test)
+    n_test_isolation: int = 0  # isolation needs 11 forward passes per example: fewer on a CPU (0 = n_test)
 
 
 PROFILES: dict[str, Profile] = {
     "quick": Profile("quick", n_test=8, seeds=(42,)),
-    "book": Profile("book", n_test=24, seeds=(42, 43, 44), n_test_extraction=32),
+    "book": Profile("book", n_test=24, seeds=(42, 43, 44), n_test_extraction=32, n_test_isolation=16),
     "paper": Profile("paper", n_test=1000, seeds=(42, 43, 44, 45, 46)),
 }
 
@@ -141,6 +142,7 @@ def settings_of(profile: Profile, **extra) -> dict:
     d = asdict(profile)
     d.pop("name")
     d.pop("batch_size")  # does not change results
-    d.pop("n_test_extraction")  # experiments that use it pass it explicitly
+    d.pop("n_test_extraction")  # experiments that use these pass them explicitly
+    d.pop("n_test_isolation")
     d.update(extra)
     return d

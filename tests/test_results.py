@@ -42,13 +42,15 @@ def test_saliency_slice(lm, sst2):
 
 
 def test_isolation_slice(lm, sst2):
-    from helpers.aggregation import KS
+    from helpers.aggregation import KS, RANDOM_KS
     from helpers.isolation import run_isolation
     from helpers.runs import PROFILES, make_prompts, settings_of
 
     profile = PROFILES["book"]
-    committed = _committed("isolation", "sst2", settings_of(profile, seed=42, shots=1, ks=list(KS)))
-    prompts = make_prompts(lm, sst2, 42, profile.n_test, 1)[: profile.batch_size]
+    n = profile.n_test_isolation
+    committed = _committed("isolation", "sst2", settings_of(profile, seed=42, shots=1, ks=list(KS),
+                                                           random_ks=list(RANDOM_KS), n_test=n))
+    prompts = make_prompts(lm, sst2, 42, n, 1)[: profile.batch_size]
     fresh = run_isolation(lm, sst2.task, prompts, ks=(5,), seed=42, batch_size=profile.batch_size, progress=False)
     for key in ["none/pred", "label-first-5/pred", "random-first-5/pred", "label-last-5/pred", "none/top",
                 "label-first-5/top"]:
