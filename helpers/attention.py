@@ -233,7 +233,7 @@ class Isolate(Hook):
 
     def _mask(self, layer: int, shape: torch.Size, device) -> torch.Tensor:
         batch, _, t, s = shape
-        key = (layer, t, s, str(device))
+        key = (layer, batch, t, s, str(device))
         if key not in self._masks:
             positions = self.by_layer[layer]
             if len(positions) != batch:

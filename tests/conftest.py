@@ -31,6 +31,16 @@ def pytest_configure(config):
     config.stash[PARITY_KEY] = {}
 
 
+def pytest_collection_modifyitems(config, items):
+    """Slow tests (real models) run only when asked for with a marker expression, e.g. ``-m slow``."""
+    if config.option.markexpr:
+        return
+    skip = pytest.mark.skip(reason="slow: loads a real model; run with -m slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     parity = config.stash.get(PARITY_KEY, {})
     if parity:
