@@ -9,7 +9,6 @@ import argparse
 import time
 
 import numpy as np
-import torch
 
 from .models import DEFAULT_MODEL, load_model
 from .prompts import build_prompt
@@ -52,5 +51,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     main()
