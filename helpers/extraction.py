@@ -28,7 +28,7 @@ from .runs import Profile, cached_run, make_prompts, settings_of
 from .tasks import Task, TaskData
 
 __all__ = ["LAYOUT", "label_attention", "auc_per_layer", "cumulative_contribution", "extraction_runs",
-           "auc_curves", "layer_passing"]
+           "auc_curves", "layer_passing", "attention_shares"]
 
 LAYOUT = ("example", "layer", "class")
 
@@ -124,6 +124,13 @@ def extraction_runs(lm, data: TaskData, profile: Profile, shots: int = 1, **kw) 
         settings = settings_of(profile, seed=seed, shots=shots, n_test=profile.n_test_extraction or profile.n_test)
         out.append(cached_run("extraction", lm.name, data.task.name, settings, compute, **kw))
     return out
+
+
+def attention_shares(per_seed: Sequence[dict[str, np.ndarray]], n_heads: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean share of q's attention (averaged over heads) on the first token (the sink) and on all label words: (L,) each."""
+    sink = np.concatenate([r["first_token"] for r in per_seed]).mean(0) / n_heads
+    labels = np.concatenate([r["attention"].sum(-1) for r in per_seed]).mean(0) / n_heads
+    return sink, labels
 
 
 def auc_curves(per_seed: Sequence[dict[str, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:

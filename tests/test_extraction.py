@@ -120,3 +120,13 @@ def test_label_attention_layout_matches_recorded_attention(tiny_lm, sst2_prompts
     assert out["probs"].shape == (len(prompts), 2)
     np.testing.assert_allclose(out["probs"].sum(1), 1, atol=1e-5)
     assert (out["pred"] == out["probs"].argmax(1)).all()
+
+
+def test_attention_shares_average_over_examples_seeds_and_heads():
+    from helpers.extraction import attention_shares
+
+    a = {"first_token": np.array([[2.0, 4.0]]), "attention": np.array([[[0.5, 0.5], [1.0, 1.0]]])}
+    b = {"first_token": np.array([[4.0, 0.0]]), "attention": np.array([[[1.5, 0.5], [0.0, 0.0]]])}
+    sink, labels = attention_shares([a, b], n_heads=2)
+    np.testing.assert_allclose(sink, [1.5, 1.0])
+    np.testing.assert_allclose(labels, [0.75, 0.5])
