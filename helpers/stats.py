@@ -1,0 +1,174 @@
+"""Uncertainty for every number the book compares: one bootstrap, used by every chapter.
+
+**Method.** A result rests on a few seeds (each seed = one test subset and one demonstration draw) and, within each
+seed, on N test examples. The paper's aggregation is a statistic per seed, then the mean over seeds. We keep that
+aggregation and put an interval on it with a **stratified bootstrap over examples within seeds**: each replicate
+resamples, with replacement, the N_s examples of every seed s separately, recomputes the statistic per seed and
+averages over seeds. The 95% interval is the 2.5 and 97.5 percentiles of the replicates (percentile bootstrap).
+
+*Why not the spread over seeds?* With 3-5 seeds a t-interval over seeds is very wide and itself very uncertain, and
+it mixes two sources of variation (which demonstrations, which test examples). The within-seed bootstrap answers the
+question a reader asks of our figures: "would this curve look the same on other test examples drawn the same way?"
+It does **not** include the variation between demonstration sets; for that, :attr:`Estimate.seed_values` keeps the
+per-seed statistics and :attr:`Estimate.seed_std` their standard deviation, which the tables print beside the
+interval. Both are reported as ``n = examples × seeds``.
+
+The statistic may return a scalar (an accuracy, a loyalty) or an array (a curve over layers, a (3, L) flow), and may
+be undefined on a replicate (NaN, e.g. an AUC when only one class is predicted): replicates are averaged over the
+seeds where it is defined (``nanmean``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["Estimate", "bootstrap", "mean_estimate", "paired_difference", "N_BOOT", "LEVEL"]
+
+N_BOOT = 1000
+LEVEL = 0.95
+
+PerSeed = Sequence  # a sequence over seeds; each item an array (examples first) or a tuple of such arrays
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A statistic averaged over seeds, with its bootstrap interval and sample size.
+
+    ``value``, ``low`` and ``high`` are floats for a scalar statistic and arrays for a curve. ``seed_values`` has
+    one entry per seed (axis 0).
+    """
+
+    value: float | np.ndarray
+    low: float | np.ndarray
+    high: float | np.ndarray
+    n_examples: int  # examples per seed (the smallest, if they differ)
+    n_seeds: int
+    seed_values: np.ndarray = field(repr=False)
+    level: float = LEVEL
+
+    @property
+    def n(self) -> str:
+        """``"32 × 3"``: examples per seed × seeds."""
+        return f"{self.n_examples} × {self.n_seeds}"
+
+    @property
+    def n_total(self) -> int:
+        return self.n_examples * self.n_seeds
+
+    @property
+    def seed_std(self) -> float | np.ndarray:
+        """Standard deviation of the per-seed statistics (ddof=1; NaN with one seed)."""
+        if self.n_seeds < 2:
+            return np.full_like(np.asarray(self.value, dtype=float), np.nan)[()]
+        return np.nanstd(self.seed_values, axis=0, ddof=1)[()]
+
+    def scaled(self, factor: float) -> "Estimate":
+        """The same estimate in other units (e.g. ``100`` for per cent)."""
+        return Estimate(
+            np.multiply(self.value, factor)[()], np.multiply(self.low, factor)[()], np.multiply(self.high, factor)[()],
+            self.n_examples, self.n_seeds, np.asarray(self.seed_values) * factor, self.level,
+        )
+
+    def fmt(self, digits: int = 1, interval: bool = True) -> str:
+        """``"62.5 [51.0, 73.9]"`` (a scalar estimate)."""
+        if np.ndim(self.value):
+            raise ValueError("fmt() formats a scalar estimate; this one is a curve")
+        v = f"{self.value:.{digits}f}"
+        return f"{v} [{self.low:.{digits}f}, {self.high:.{digits}f}]" if interval else v
+
+    def __format__(self, spec: str) -> str:  # f"{est:.1f}" -> "62.5 [51.0, 73.9]"
+        digits = int(spec[1:-1]) if spec.startswith(".") and spec.endswith("f") else 1
+        return self.fmt(digits)
+
+    def above(self, x: float) -> bool | np.ndarray:
+        """Whether the whole interval lies above ``x`` (the claim "greater than x" is supported)."""
+        return np.asarray(self.low) > x
+
+    def below(self, x: float) -> bool | np.ndarray:
+        """Whether the whole interval lies below ``x``."""
+        return np.asarray(self.high) < x
+
+    def contains(self, x: float) -> bool | np.ndarray:
+        return (np.asarray(self.low) <= x) & (x <= np.asarray(self.high))
+
+
+def _as_tuple(item) -> tuple[np.ndarray, ...]:
+    return tuple(np.asarray(a) for a in item) if isinstance(item, tuple) else (np.asarray(item),)
+
+
+def bootstrap(
+    per_seed: PerSeed,
+    statistic: Callable[..., float | np.ndarray] = np.mean,
+    n_boot: int = N_BOOT,
+    level: float = LEVEL,
+    seed: int = 0,
+) -> Estimate:
+    """Stratified bootstrap over examples within seeds of ``statistic`` averaged over seeds.
+
+    Args:
+        per_seed: one item per seed; an item is an array whose axis 0 is the examples, or a tuple of arrays aligned
+            on axis 0 (e.g. ``(attention, pred)``), which are resampled together.
+        statistic: called as ``statistic(*arrays)`` on one seed's (resampled) arrays; returns a scalar or an array.
+            NaN marks "undefined on this sample".
+        n_boot: bootstrap replicates.
+        level: coverage of the percentile interval.
+        seed: the bootstrap's own random seed (results are reproducible).
+    """
+    items = [_as_tuple(x) for x in per_seed]
+    if not items:
+        raise ValueError("bootstrap needs at least one seed")
+    sizes = []
+    for arrays in items:
+        n = len(arrays[0])
+        if n == 0 or any(len(a) != n for a in arrays):
+            raise ValueError("each seed needs at least one example, and its arrays must share axis 0")
+        sizes.append(n)
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+
+    seed_values = np.array([np.asarray(statistic(*arrays), dtype=float) for arrays in items])
+    value = _nanmean0(seed_values)
+    rng = np.random.default_rng(seed)
+    reps = []
+    for _ in range(n_boot):
+        per = []
+        for arrays, n in zip(items, sizes):
+            idx = rng.integers(0, n, n)
+            per.append(np.asarray(statistic(*(a[idx] for a in arrays)), dtype=float))
+        reps.append(_nanmean0(np.array(per)))
+    reps = np.array(reps)
+    alpha = (1 - level) / 2
+    with np.errstate(all="ignore"):
+        low, high = np.nanquantile(reps, [alpha, 1 - alpha], axis=0) if np.isfinite(reps).any() else (
+            np.full_like(value, np.nan), np.full_like(value, np.nan))
+    return Estimate(np.asarray(value)[()], np.asarray(low)[()], np.asarray(high)[()], min(sizes), len(items),
+                    seed_values, level)
+
+
+def _nanmean0(x: np.ndarray) -> np.ndarray:
+    """Mean over axis 0 ignoring NaN, without the all-NaN warning (all-NaN gives NaN)."""
+    x = np.asarray(x, dtype=float)
+    ok = ~np.isnan(x)
+    count = ok.sum(axis=0)
+    total = np.where(ok, x, 0.0).sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
+def mean_estimate(per_seed: PerSeed, **kw) -> Estimate:
+    """Mean of per-example values (e.g. 0/1 correctness, a loyalty per example) with its interval."""
+    return bootstrap(per_seed, lambda a: np.mean(a, axis=0), **kw)
+
+
+def paired_difference(a_per_seed: PerSeed, b_per_seed: PerSeed, **kw) -> Estimate:
+    """Mean of a − b over the same examples (paired: resampled together), e.g. re-weighting minus ICL correctness."""
+    pairs = []
+    for a, b in zip(a_per_seed, b_per_seed, strict=True):
+        a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+        if a.shape != b.shape:
+            raise ValueError(f"paired_difference needs the same examples: shapes {a.shape} and {b.shape}")
+        pairs.append(a - b)
+    return mean_estimate(pairs, **kw)

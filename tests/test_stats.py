@@ -1,0 +1,69 @@
+"""The bootstrap interval helper on inputs with known answers."""
+
+import numpy as np
+import pytest
+
+from helpers.stats import Estimate, bootstrap, mean_estimate, paired_difference
+
+
+def test_constant_data_gives_a_point_interval():
+    est = mean_estimate([np.ones(10), np.ones(12)])
+    assert est.value == est.low == est.high == 1.0
+    assert est.n == "10 × 2" and est.n_total == 20
+
+
+def test_mean_of_seed_means_and_coverage_of_a_known_proportion():
+    rng = np.random.default_rng(1)
+    per_seed = [rng.random(400) < 0.7 for _ in range(3)]
+    est = mean_estimate(per_seed)
+    assert est.value == pytest.approx(np.mean([x.mean() for x in per_seed]))
+    # binomial standard error of the pooled mean: sqrt(.21 / 1200) = 0.0132 -> 95% half-width ~ 0.026
+    assert 0.018 < (est.high - est.low) / 2 < 0.034
+    assert est.contains(0.7)
+    assert est.seed_std == pytest.approx(np.std([x.mean() for x in per_seed], ddof=1))
+
+
+def test_interval_shrinks_with_more_examples():
+    rng = np.random.default_rng(2)
+    small = mean_estimate([rng.random(20) < 0.5])
+    large = mean_estimate([rng.random(2000) < 0.5])
+    assert (large.high - large.low) < (small.high - small.low) / 5
+
+
+def test_curve_statistic_and_aligned_arrays():
+    x = np.arange(12.0).reshape(6, 2)
+    y = np.array([0, 1, 0, 1, 0, 1])
+    est = bootstrap([(x, y)], lambda a, b: a[b == 1].mean(axis=0) if (b == 1).any() else np.full(2, np.nan))
+    np.testing.assert_allclose(est.value, [6.0, 7.0])
+    assert est.low.shape == (2,) and np.all(est.low <= est.value) and np.all(est.value <= est.high)
+
+
+def test_undefined_replicates_are_skipped_not_propagated():
+    # one seed where the statistic is always undefined: the estimate comes from the other seed only
+    est = bootstrap([np.zeros(5), np.ones(5)], lambda a: np.nan if a.sum() == 0 else a.mean())
+    assert est.value == 1.0 and est.low == 1.0
+
+
+def test_paired_difference_is_paired():
+    rng = np.random.default_rng(3)
+    base = rng.random(300)
+    a, b = base + 0.01, base  # a tiny but perfectly consistent improvement
+    est = paired_difference([a], [b])
+    assert est.value == pytest.approx(0.01) and est.above(0.0)
+    unpaired = mean_estimate([a]).low - mean_estimate([b]).high
+    assert unpaired < 0  # unpaired intervals overlap; the paired one does not
+
+
+def test_format_and_scale():
+    est = Estimate(0.625, 0.51, 0.739, 16, 3, np.array([0.6, 0.62, 0.655]))
+    assert f"{est.scaled(100):.1f}" == "62.5 [51.0, 73.9]"
+    assert est.above(0.5) and not est.below(0.7)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="at least one seed"):
+        bootstrap([])
+    with pytest.raises(ValueError, match="share axis 0"):
+        bootstrap([(np.zeros(3), np.zeros(4))], lambda a, b: 0.0)
+    with pytest.raises(ValueError, match="same examples"):
+        paired_difference([np.zeros(3)], [np.zeros(4)])
