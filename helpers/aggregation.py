@@ -4,7 +4,9 @@
   official ``attention_attr.py``), one cached run per seed;
 * :func:`saliency_examples` - the full saliency matrices of a few short prompts, for the interactive view;
 * :func:`isolation_runs` - predictions and top-10 tokens with and without isolation (scheme A), per seed;
-* :func:`flow_curves`, :func:`crossover_layer`, :func:`loyalty_table` - the numbers the chapter shows.
+* :func:`flow_curves`, :func:`crossover_layer`, :func:`loyalty_table` - the numbers the chapter shows;
+* :func:`flow_estimate`, :func:`flow_gap_estimate`, :func:`lead_layers`, :func:`loyalty_estimates`,
+  :func:`loyalty_difference` - the same numbers with bootstrap intervals (:mod:`helpers.stats`).
 """
 
 from __future__ import annotations
@@ -13,16 +15,20 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .isolation import condition_name, label_loyalty, run_isolation, word_loyalty
+from .isolation import (condition_name, label_loyalty, label_loyalty_per_example, run_isolation, word_loyalty,
+                        word_loyalty_per_example)
 from .prompts import collate, label_token_ids
 from .runs import Profile, cached_run, make_prompts, settings_of
 from .saliency import normalise_per_layer, saliency_flow, saliency_matrices
+from .stats import N_BOOT, Estimate, bootstrap, mean_estimate, paired_difference
 from .tasks import TaskData
 
 __all__ = ["saliency_runs", "saliency_examples", "isolation_runs", "flow_curves", "crossover_layer",
-           "loyalty_table", "KS", "RANDOM_KS"]
+           "loyalty_table", "flow_estimate", "flow_gap_estimate", "lead_layers", "loyalty_per_example",
+           "loyalty_estimates", "loyalty_difference", "KS", "RANDOM_KS", "LOYALTY_METRICS"]
 
 KS = (1, 3, 5, 7)
+LOYALTY_METRICS = ("label loyalty", "word loyalty@5", "word loyalty@10")
 RANDOM_KS = (5,)  # the random control at k = 5 (the main figure); pass random_ks=KS for the full sweep
 
 
@@ -117,3 +123,77 @@ def loyalty_table(per_seed: Sequence[dict[str, np.ndarray]], ks: Sequence[int] =
                 lab, w5, w10 = (100 * float(np.mean(c)) for c in zip(*rows))
                 table[name] = {"label loyalty": lab, "word loyalty@5": w5, "word loyalty@10": w10}
     return table
+
+
+def flow_estimate(per_seed: Sequence[np.ndarray], n_boot: int = N_BOOT) -> Estimate:
+    """:func:`flow_curves` (3, L) with a bootstrap interval for every point (examples resampled within seeds)."""
+    return bootstrap(per_seed, normalise_per_layer, n_boot=n_boot)
+
+
+def _gap(flows: np.ndarray) -> np.ndarray:
+    c = normalise_per_layer(flows)
+    return c[1] - c[0]
+
+
+def flow_gap_estimate(per_seed: Sequence[np.ndarray], n_boot: int = N_BOOT) -> Estimate:
+    """S_pq - S_wp per layer (normalised curves), with its interval: > 0 where the target reads from the labels."""
+    return bootstrap(per_seed, _gap, n_boot=n_boot)
+
+
+def lead_layers(gap: Estimate) -> dict:
+    """Where S_pq leads S_wp, from a :func:`flow_gap_estimate` (layers numbered from 1).
+
+    Returns ``first`` (first layer with S_pq > S_wp), ``for_good`` (the first layer from which S_pq leads in every
+    later layer), ``flip_backs`` (layers between the two where S_wp leads again), ``clear_flip_backs`` (those whose
+    interval lies wholly below 0) and ``per_seed_agree`` (whether every seed shows the same sign in every layer).
+    """
+    value = np.asarray(gap.value)
+    lead = value > 0
+    first = int(np.argmax(lead)) + 1 if lead.any() else None
+    for_good = None
+    if lead[-1]:
+        last_behind = np.nonzero(~lead)[0]
+        for_good = int(last_behind[-1]) + 2 if len(last_behind) else 1
+    flips = [i + 1 for i in range(len(value)) if first is not None and first < i + 1 and not lead[i]
+             and (for_good is None or i + 1 < for_good)]
+    clear = [layer for layer in flips if np.asarray(gap.high)[layer - 1] < 0]
+    signs = np.sign(np.asarray(gap.seed_values))
+    return {"first": first, "for_good": for_good, "flip_backs": flips, "clear_flip_backs": clear,
+            "per_seed_agree": bool((signs == signs[0]).all())}
+
+
+def loyalty_per_example(run: dict[str, np.ndarray], condition: str) -> dict[str, np.ndarray]:
+    """Per-example label loyalty (0/100) and word loyalty@5, @10 (Jaccard × 100) of one seed's run, in %."""
+    pred, top = run[f"{condition}/pred"], run[f"{condition}/top"]
+    return {
+        "label loyalty": 100 * label_loyalty_per_example(pred, run["none/pred"]),
+        "word loyalty@5": 100 * word_loyalty_per_example(top, run["none/top"], 5),
+        "word loyalty@10": 100 * word_loyalty_per_example(top, run["none/top"], 10),
+    }
+
+
+def loyalty_estimates(per_seed: Sequence[dict[str, np.ndarray]], ks: Sequence[int] = KS,
+                      n_boot: int = N_BOOT) -> dict[str, dict[str, Estimate]]:
+    """:func:`loyalty_table` with intervals: ``{condition: {metric: Estimate (in %)}}``.
+
+    ``per_seed`` may hold the runs of several tasks (e.g. all seeds of all four tasks): each run is one stratum of
+    the bootstrap, and with equally many seeds per task the mean over runs is the paper's mean over seeds, then
+    over tasks.
+    """
+    out = {}
+    for k in ks:
+        for where in ("first", "last"):
+            for what in ("label", "random"):
+                name = condition_name(what, where, k)
+                if f"{name}/pred" not in per_seed[0]:
+                    continue
+                per_example = [loyalty_per_example(r, name) for r in per_seed]
+                out[name] = {m: mean_estimate([x[m] for x in per_example], n_boot=n_boot) for m in LOYALTY_METRICS}
+    return out
+
+
+def loyalty_difference(per_seed: Sequence[dict[str, np.ndarray]], a: str, b: str, metric: str = "label loyalty",
+                       n_boot: int = N_BOOT) -> Estimate:
+    """Loyalty under condition ``a`` minus under ``b`` (in points), paired over the same examples."""
+    return paired_difference([loyalty_per_example(r, a)[metric] for r in per_seed],
+                             [loyalty_per_example(r, b)[metric] for r in per_seed], n_boot=n_boot)

@@ -25,10 +25,12 @@ import torch
 from .attention import Record, intervene
 from .prompts import Prompt, collate, label_token_ids, target_logits
 from .runs import Profile, cached_run, make_prompts, settings_of
+from .stats import N_BOOT, Estimate, bootstrap_weighted, mean_estimate
 from .tasks import Task, TaskData
 
-__all__ = ["LAYOUT", "label_attention", "auc_per_layer", "cumulative_contribution", "extraction_runs",
-           "auc_curves", "layer_passing", "attention_shares"]
+__all__ = ["LAYOUT", "label_attention", "auc_per_layer", "auc_per_layer_weighted", "cumulative_contribution",
+           "extraction_runs", "auc_curves", "auc_estimates", "accuracy_estimate", "layer_passing",
+           "attention_shares"]
 
 LAYOUT = ("example", "layer", "class")
 
@@ -101,10 +103,79 @@ def auc_per_layer(attention: np.ndarray, pred: np.ndarray, renormalise_binary: b
     return out
 
 
+def _ordered_pairs(scores: np.ndarray) -> np.ndarray:
+    """(N, L) scores -> (N, N, L): 1 where score_i > score_j, 0.5 on ties, 0 otherwise (the Mann-Whitney kernel)."""
+    d = scores[:, None, :] - scores[None, :, :]
+    return (d > 0) + 0.5 * (d == 0)
+
+
+def _weighted_pair_sum(w_pos: np.ndarray, kernel: np.ndarray, w_neg: np.ndarray) -> np.ndarray:
+    """sum_ij w_pos[b, i] kernel[i, j, l] w_neg[b, j] for every replicate b: (B, L)."""
+    return np.einsum("bil,bi->bl", np.tensordot(w_neg, kernel.transpose(1, 0, 2), axes=(1, 0)), w_pos)
+
+
+def auc_per_layer_weighted(attention: np.ndarray, pred: np.ndarray, weights: np.ndarray,
+                           renormalise_binary: bool = False) -> np.ndarray:
+    """:func:`auc_per_layer` for many weightings of the examples at once: (B, L), for the bootstrap.
+
+    ``weights`` (B, N) are example multiplicities (a bootstrap resample); row b gives exactly what
+    :func:`auc_per_layer` gives on the resampled examples. The AUC is the Mann-Whitney statistic, the probability
+    that a positive outscores a negative (ties count one half), computed as a weighted sum over pairs, so no loop over
+    replicates or layers is needed. The classes kept (those predicted at least once) are decided per replicate, as
+    the official rule does on each sample; with more than two, the one-vs-one macro average of sklearn's
+    ``roc_auc_score(multi_class="ovo")``: for each pair (a, b), the mean of AUC(score a: a vs b) and AUC(score b:
+    b vs a), averaged over pairs.
+    """
+    attention = np.asarray(attention, dtype=np.float64)
+    pred = np.asarray(pred)
+    weights = np.atleast_2d(np.asarray(weights, dtype=np.float64))
+    n, n_layers, n_classes = attention.shape
+    if pred.shape != (n,) or weights.shape[1] != n:
+        raise ValueError(f"attention {attention.shape}, pred {pred.shape} and weights {weights.shape} disagree")
+    onehot = (pred[:, None] == np.arange(n_classes)).astype(float)  # (N, C)
+    kept_mask = (weights @ onehot) > 0  # (B, C)
+    out = np.full((len(weights), n_layers), np.nan)
+    for row in np.unique(kept_mask, axis=0):
+        kept = np.nonzero(row)[0]
+        if len(kept) < 2:
+            continue
+        reps = np.nonzero((kept_mask == row).all(axis=1))[0]
+        w = weights[reps]
+        scores = attention[:, :, kept]
+        if len(kept) == 2:
+            s = scores[..., 1]
+            if renormalise_binary:
+                total = scores.sum(-1)
+                s = s / np.where(total > 0, total, 1.0)
+            w_pos, w_neg = w * onehot[:, kept[1]], w * onehot[:, kept[0]]
+            den = w_pos.sum(1) * w_neg.sum(1)
+            out[reps] = _weighted_pair_sum(w_pos, _ordered_pairs(s), w_neg) / den[:, None]
+            continue
+        total = scores.sum(-1, keepdims=True)
+        scores = scores / np.where(total > 0, total, 1.0)
+        acc = np.zeros((len(reps), n_layers))
+        n_pairs = 0
+        for i in range(len(kept)):
+            for j in range(i + 1, len(kept)):
+                w_a, w_b = w * onehot[:, kept[i]], w * onehot[:, kept[j]]
+                den = (w_a.sum(1) * w_b.sum(1))[:, None]
+                ab = _weighted_pair_sum(w_a, _ordered_pairs(scores[..., i]), w_b) / den
+                ba = _weighted_pair_sum(w_b, _ordered_pairs(scores[..., j]), w_a) / den
+                acc += (ab + ba) / 2
+                n_pairs += 1
+        out[reps] = acc / n_pairs
+    return out
+
+
 def cumulative_contribution(auc: np.ndarray) -> np.ndarray:
-    """R_l = cumsum(AUCROC - 0.5) / sum(AUCROC - 0.5)."""
+    """R_l = cumsum(AUCROC - 0.5) / sum(AUCROC - 0.5) (along the last axis).
+
+    R_l is a share of the *net* excess over chance: layers with AUCROC below 0.5 subtract from it, so R_l can be
+    negative (early layers below chance) or exceed 1, and when the total excess is close to 0 the ratio is large
+    and unstable (its interval says so).
+    """
     excess = np.asarray(auc, dtype=np.float64) - 0.5
-    return np.cumsum(excess) / excess.sum()
+    return np.cumsum(excess, axis=-1) / excess.sum(axis=-1, keepdims=True)
 
 
 def layer_passing(r: np.ndarray, level: float = 0.5) -> int | None:
@@ -138,3 +209,25 @@ def auc_curves(per_seed: Sequence[dict[str, np.ndarray]]) -> tuple[np.ndarray, n
     aucs = np.array([auc_per_layer(r["attention"], r["pred"]) for r in per_seed])
     mean = np.nanmean(aucs, axis=0)
     return mean, cumulative_contribution(mean)
+
+
+def auc_estimates(per_seed: Sequence[dict[str, np.ndarray]], n_boot: int = N_BOOT, seed: int = 0,
+                  renormalise_binary: bool = False) -> tuple[Estimate, Estimate]:
+    """AUCROC_l and R_l (of the seed-mean AUCROC_l curve, as :func:`auc_curves`) with bootstrap intervals.
+
+    Stratified bootstrap over examples within seeds (:func:`helpers.stats.bootstrap_weighted`); R_l is recomputed
+    from each replicate's mean AUC curve, so its interval includes the instability of the normalisation.
+    """
+    data = [(r["attention"], r["pred"]) for r in per_seed]
+
+    def stat(attention, pred, weights):
+        return auc_per_layer_weighted(attention, pred, weights, renormalise_binary)
+
+    auc = bootstrap_weighted(data, stat, n_boot=n_boot, seed=seed)
+    r = bootstrap_weighted(data, stat, n_boot=n_boot, seed=seed, then=cumulative_contribution)
+    return auc, r
+
+
+def accuracy_estimate(per_seed: Sequence[dict[str, np.ndarray]], **kw) -> Estimate:
+    """Accuracy against the gold label (in %), with its interval."""
+    return mean_estimate([(r["pred"] == r["gold"]).astype(float) for r in per_seed], **kw).scaled(100)

@@ -27,7 +27,7 @@ from .prompts import Prompt, collate, label_token_ids, target_logits
 from .tasks import Task
 
 __all__ = ["TOP_K_STORED", "isolated_layers", "random_positions", "condition_name", "run_isolation",
-           "label_loyalty", "word_loyalty"]
+           "label_loyalty", "word_loyalty", "label_loyalty_per_example", "word_loyalty_per_example"]
 
 TOP_K_STORED = 10
 
@@ -107,17 +107,37 @@ def run_isolation(
     return out
 
 
-def label_loyalty(pred: np.ndarray, reference: np.ndarray) -> float:
-    """Fraction of examples whose prediction equals the un-isolated prediction (paper §2.2)."""
-    return float(np.mean(np.asarray(pred) == np.asarray(reference)))
+def label_loyalty_per_example(pred: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """1.0 where the prediction equals the un-isolated prediction, else 0.0: shape (N,). Its mean is the label
+    loyalty; keeping it per example lets :mod:`helpers.stats` put an interval on that mean."""
+    pred, reference = np.asarray(pred), np.asarray(reference)
+    if pred.shape != reference.shape:
+        raise ValueError(f"predictions {pred.shape} and reference {reference.shape} must match")
+    return (pred == reference).astype(float)
 
 
-def word_loyalty(top: np.ndarray, reference_top: np.ndarray, k: int = 5) -> float:
-    """Mean Jaccard similarity of the top-k token sets (rows of token ids sorted by logit, best first)."""
+def word_loyalty_per_example(top: np.ndarray, reference_top: np.ndarray, k: int = 5) -> np.ndarray:
+    """Jaccard similarity of each example's top-k token set with the reference's: shape (N,).
+
+    ``top`` and ``reference_top`` are (N, K) token ids sorted by logit, best first; only the first ``k`` are used.
+    """
+    top, reference_top = np.asarray(top), np.asarray(reference_top)
+    if top.shape != reference_top.shape:
+        raise ValueError(f"top tokens {top.shape} and reference {reference_top.shape} must match")
     if k > top.shape[1]:
         raise ValueError(f"only the top {top.shape[1]} tokens are stored, asked for k={k}")
     scores = []
     for a, b in zip(top[:, :k], reference_top[:, :k]):
         sa, sb = set(a.tolist()), set(b.tolist())
         scores.append(len(sa & sb) / len(sa | sb))
-    return float(np.mean(scores))
+    return np.array(scores, dtype=float)
+
+
+def label_loyalty(pred: np.ndarray, reference: np.ndarray) -> float:
+    """Fraction of examples whose prediction equals the un-isolated prediction (paper §2.2)."""
+    return float(np.mean(label_loyalty_per_example(pred, reference)))
+
+
+def word_loyalty(top: np.ndarray, reference_top: np.ndarray, k: int = 5) -> float:
+    """Mean Jaccard similarity of the top-k token sets (rows of token ids sorted by logit, best first)."""
+    return float(np.mean(word_loyalty_per_example(top, reference_top, k)))

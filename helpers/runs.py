@@ -102,13 +102,20 @@ def cached_run(
     model: str,
     task: str,
     settings: dict,
-    compute: Callable[[], dict[str, np.ndarray]],
+    compute: Callable[[], dict[str, np.ndarray]] | None,
     directory: Path | None = None,
     recompute: bool = False,
-) -> dict[str, np.ndarray]:
-    """Return the cached result of a run, or ``compute()`` it and cache it."""
+    lookup_only: bool = False,
+) -> dict[str, np.ndarray] | None:
+    """Return the cached result of a run, or ``compute()`` it and cache it.
+
+    Lookup-only mode (``lookup_only=True`` or ``compute=None``): return the cached result, or ``None`` when there is
+    none; never compute (the verdict page reads results this way, through the experiments' own run functions).
+    """
     npz = result_path(experiment, model, task, settings, directory)
     meta = npz.with_suffix(".json")
+    if lookup_only or compute is None:
+        return load_result(npz) if npz.exists() else None
     if npz.exists() and not recompute:
         return load_result(npz)
     result = compute()

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["Estimate", "bootstrap", "mean_estimate", "paired_difference", "N_BOOT", "LEVEL"]
+__all__ = ["Estimate", "bootstrap", "bootstrap_weighted", "resample_counts", "mean_estimate", "paired_difference",
+           "N_BOOT", "LEVEL"]
 
 N_BOOT = 1000
 LEVEL = 0.95
@@ -146,6 +147,56 @@ def bootstrap(
             np.full_like(value, np.nan), np.full_like(value, np.nan))
     return Estimate(np.asarray(value)[()], np.asarray(low)[()], np.asarray(high)[()], min(sizes), len(items),
                     seed_values, level)
+
+
+def resample_counts(n: int, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """(n_boot, n) multiplicities: row b counts how often each example appears in the b-th resample of n from n."""
+    idx = rng.integers(0, n, (n_boot, n))
+    return np.stack([np.bincount(row, minlength=n) for row in idx]).astype(float)
+
+
+def bootstrap_weighted(
+    per_seed: PerSeed,
+    statistic: Callable[..., np.ndarray],
+    n_boot: int = N_BOOT,
+    level: float = LEVEL,
+    seed: int = 0,
+    then: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> Estimate:
+    """The bootstrap of :func:`bootstrap` for a statistic vectorised over replicates (fast for curves).
+
+    A resample of a seed's N examples is the same as weighting each example by its multiplicity in the resample, so
+    ``statistic(*arrays, weights=W)`` gets W of shape (B, N) (rows from :func:`resample_counts`; all ones for the
+    point estimate) and must return (B, ...) values, NaN where undefined. Replicates are averaged over seeds as in
+    :func:`bootstrap`. ``then``, if given, is applied to the seed average (e.g. R_l = f(mean AUC curve)); the
+    point value is then ``then(mean over seeds)`` and ``seed_values`` are ``then`` of each seed's value.
+    """
+    items = [_as_tuple(x) for x in per_seed]
+    if not items:
+        raise ValueError("bootstrap needs at least one seed")
+    for arrays in items:
+        n = len(arrays[0])
+        if n == 0 or any(len(a) != n for a in arrays):
+            raise ValueError("each seed needs at least one example, and its arrays must share axis 0")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    rng = np.random.default_rng(seed)
+    point = np.array([np.asarray(statistic(*a, weights=np.ones((1, len(a[0])))), dtype=float)[0] for a in items])
+    reps = np.array([np.asarray(statistic(*a, weights=resample_counts(len(a[0]), n_boot, rng)), dtype=float)
+                     for a in items])  # (S, B, ...)
+    reps = _nanmean0(reps)
+    value = _nanmean0(point)
+    seed_values = point
+    if then is not None:
+        value = np.asarray(then(value))
+        reps = np.array([then(r) for r in reps])
+        seed_values = np.array([then(p) for p in point])
+    alpha = (1 - level) / 2
+    with np.errstate(all="ignore"):
+        low, high = np.nanquantile(reps, [alpha, 1 - alpha], axis=0) if np.isfinite(reps).any() else (
+            np.full_like(value, np.nan), np.full_like(value, np.nan))
+    return Estimate(np.asarray(value)[()], np.asarray(low)[()], np.asarray(high)[()],
+                    min(len(a[0]) for a in items), len(items), seed_values, level)
 
 
 def _nanmean0(x: np.ndarray) -> np.ndarray:

@@ -130,3 +130,51 @@ def test_attention_shares_average_over_examples_seeds_and_heads():
     sink, labels = attention_shares([a, b], n_heads=2)
     np.testing.assert_allclose(sink, [1.5, 1.0])
     np.testing.assert_allclose(labels, [0.75, 0.5])
+
+
+@pytest.mark.parametrize("n_classes,renormalise", [(2, False), (2, True), (3, False), (4, False), (6, False)])
+def test_weighted_auc_equals_auc_on_the_resampled_examples(n_classes, renormalise):
+    from helpers.extraction import auc_per_layer_weighted
+    from helpers.stats import resample_counts
+
+    rng = np.random.default_rng(n_classes)
+    n = 24
+    pred = rng.integers(0, n_classes, n)
+    pred[:2] = n_classes - 1  # a rare class: some resamples lose it, and the kept classes change
+    pred[2:] = np.where(pred[2:] == n_classes - 1, 0, pred[2:])
+    att = rng.random((n, 4, n_classes))
+    att[:, 1, 0] += 0.5 * (pred == 0)
+    att[:5, 2] = 0.3  # ties
+    weights = resample_counts(n, 150, rng)
+    fast = auc_per_layer_weighted(att, pred, weights, renormalise)
+    slow = np.array([auc_per_layer(att[np.repeat(np.arange(n), w.astype(int))],
+                                   pred[np.repeat(np.arange(n), w.astype(int))], renormalise) for w in weights])
+    np.testing.assert_allclose(fast, slow, atol=1e-12)
+    np.testing.assert_allclose(auc_per_layer_weighted(att, pred, np.ones((1, n)), renormalise)[0],
+                               auc_per_layer(att, pred, renormalise), atol=1e-12)
+
+
+def test_weighted_auc_is_nan_with_one_predicted_class():
+    from helpers.extraction import auc_per_layer_weighted
+
+    w = np.array([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]])
+    out = auc_per_layer_weighted(np.random.default_rng(0).random((3, 2, 2)), np.array([0, 0, 1]), w)
+    assert np.isnan(out[0]).all() and np.isfinite(out[1]).all()
+
+
+def test_auc_estimates_interval_contains_the_point_curve():
+    from helpers.extraction import auc_curves, auc_estimates
+
+    rng = np.random.default_rng(5)
+    runs = []
+    for _ in range(3):
+        pred = rng.integers(0, 2, 30)
+        att = rng.random((30, 6, 2))
+        att[:, 3:, 1] += pred[:, None]  # deep layers informative
+        runs.append({"attention": att, "pred": pred})
+    auc, r = auc_estimates(runs, n_boot=200)
+    mean, r_mean = auc_curves(runs)
+    np.testing.assert_allclose(auc.value, mean)
+    np.testing.assert_allclose(r.value, r_mean)
+    assert np.all(auc.low <= auc.value + 1e-12) and np.all(auc.value <= auc.high + 1e-12)
+    assert (auc.low[3:] > 0.8).all() and auc.n == "30 × 3"

@@ -82,3 +82,30 @@ def test_loyalties():
     assert word_loyalty(top, ref, 5) == pytest.approx((1 + 1 / 9) / 2)
     with pytest.raises(ValueError):
         word_loyalty(top, ref, 10)
+
+
+def test_per_example_loyalties_average_to_the_aggregates():
+    from helpers.isolation import label_loyalty_per_example, word_loyalty_per_example
+
+    pred, ref = np.array([0, 1, 1, 0]), np.array([0, 1, 0, 0])
+    np.testing.assert_array_equal(label_loyalty_per_example(pred, ref), [1, 1, 0, 1])
+    top = np.array([[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6]])
+    ref_top = np.array([[5, 4, 3, 2, 1, 9], [1, 7, 8, 9, 10, 6]])
+    per = word_loyalty_per_example(top, ref_top, 5)
+    np.testing.assert_allclose(per, [1.0, 1 / 9])
+    assert word_loyalty(top, ref_top, 5) == pytest.approx(per.mean())
+    with pytest.raises(ValueError):
+        label_loyalty_per_example(pred, ref[:3])
+
+
+def test_lookup_only_returns_none_for_a_missing_run_and_never_computes(tmp_path):
+    from helpers.runs import cached_run
+
+    def boom():
+        raise AssertionError("computed in lookup-only mode")
+
+    assert cached_run("exp", "m", "t", {"a": 1}, boom, directory=tmp_path, lookup_only=True) is None
+    assert cached_run("exp", "m", "t", {"a": 1}, None, directory=tmp_path) is None
+    cached_run("exp", "m", "t", {"a": 1}, lambda: {"x": np.arange(3)}, directory=tmp_path)
+    got = cached_run("exp", "m", "t", {"a": 1}, boom, directory=tmp_path, lookup_only=True)
+    np.testing.assert_array_equal(got["x"], np.arange(3))

@@ -67,3 +67,25 @@ def test_bad_input():
         bootstrap([(np.zeros(3), np.zeros(4))], lambda a, b: 0.0)
     with pytest.raises(ValueError, match="same examples"):
         paired_difference([np.zeros(3)], [np.zeros(4)])
+
+
+def test_weighted_bootstrap_matches_the_resampling_bootstrap_for_a_mean():
+    from helpers.stats import bootstrap_weighted
+
+    rng = np.random.default_rng(3)
+    per_seed = [rng.random(50), rng.random(40)]
+    plain = mean_estimate(per_seed, n_boot=2000)
+    weighted = bootstrap_weighted(per_seed, lambda x, weights: weights @ x / weights.sum(1), n_boot=2000)
+    assert weighted.value == pytest.approx(plain.value)
+    assert weighted.low == pytest.approx(plain.low, abs=0.01) and weighted.high == pytest.approx(plain.high, abs=0.01)
+    assert weighted.n == plain.n
+
+
+def test_weighted_bootstrap_then_is_applied_to_the_seed_mean():
+    from helpers.stats import bootstrap_weighted
+
+    per_seed = [np.array([[1.0, 3.0]] * 4), np.array([[3.0, 5.0]] * 4)]
+    est = bootstrap_weighted(per_seed, lambda x, weights: weights @ x / weights.sum(1, keepdims=True),
+                             then=lambda v: v / v.sum())
+    np.testing.assert_allclose(est.value, [2 / 6, 4 / 6])
+    np.testing.assert_allclose(est.seed_values, [[0.25, 0.75], [3 / 8, 5 / 8]])

@@ -1,0 +1,57 @@
+"""Intervals of the aggregation chapter: flow curves, the S_pq - S_wp gap, where S_pq leads, loyalties."""
+
+import numpy as np
+import pytest
+
+from helpers.aggregation import (flow_curves, flow_estimate, flow_gap_estimate, lead_layers, loyalty_difference,
+                                 loyalty_estimates, loyalty_table)
+from helpers.stats import Estimate
+
+
+def _flows(rng, n=20, layers=6):
+    f = rng.random((n, 3, layers)) * 0.1
+    f[:, 0, :3] += 1.0  # S_wp leads in layers 1-3
+    f[:, 1, 3:] += 1.0  # S_pq leads from layer 4
+    f[:, 0, 4] += 3.0  # ... except layer 5
+    return f
+
+
+def test_flow_estimate_value_is_the_papers_aggregation():
+    rng = np.random.default_rng(0)
+    runs = [_flows(rng) for _ in range(3)]
+    est = flow_estimate(runs, n_boot=100)
+    np.testing.assert_allclose(est.value, flow_curves(runs))
+    assert est.low.shape == (3, 6) and np.all(est.low <= est.value + 1e-12)
+
+
+def test_lead_layers_finds_first_lead_for_good_and_flip_backs():
+    rng = np.random.default_rng(1)
+    gap = flow_gap_estimate([_flows(rng) for _ in range(3)], n_boot=100)
+    lead = lead_layers(gap)
+    assert lead["first"] == 4 and lead["for_good"] == 6
+    assert lead["flip_backs"] == [5] and lead["clear_flip_backs"] == [5] and lead["per_seed_agree"]
+
+
+def _iso_run(rng, n=16):
+    ref = rng.integers(0, 2, n)
+    top = np.tile(np.arange(10), (n, 1))
+    flipped = ref.copy()
+    flipped[: n // 2] = 1 - flipped[: n // 2]  # label words first: half the predictions change
+    return {"gold": ref, "none/pred": ref, "none/top": top,
+            "label-first-5/pred": flipped, "label-first-5/top": top + 100,
+            "random-first-5/pred": ref, "random-first-5/top": top}
+
+
+def test_loyalty_estimates_match_the_table_and_differences_are_paired():
+    rng = np.random.default_rng(2)
+    runs = [_iso_run(rng) for _ in range(3)]
+    est = loyalty_estimates(runs, ks=(5,), n_boot=200)
+    table = loyalty_table(runs, ks=(5,))
+    for cond in table:
+        for metric, value in table[cond].items():
+            assert isinstance(est[cond][metric], Estimate)
+            assert est[cond][metric].value == pytest.approx(value)
+    assert est["label-first-5"]["label loyalty"].value == pytest.approx(50.0)
+    assert est["label-first-5"]["word loyalty@5"].value == 0.0
+    diff = loyalty_difference(runs, "random-first-5", "label-first-5", n_boot=200)
+    assert diff.value == pytest.approx(50.0) and diff.above(0)
