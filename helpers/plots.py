@@ -1,4 +1,10 @@
-"""Figures for the chapters. Pure plotting: every number comes from the experiments' results."""
+"""Figures for the chapters. Pure plotting: every number comes from the experiments' results.
+
+Conventions (the book's pages are ~700 px wide): figures at most :data:`PAGE_WIDTH` inches wide, fonts >= 9 pt
+(:data:`BOOK_RC`), integer layer ticks numbered from 1 (:func:`layer_ticks`), legends outside the data, 95% bootstrap
+bands or error bars wherever an :class:`helpers.stats.Estimate` is given, and the sample size ``n`` in the title.
+Gemma 3's global-attention layers can be marked (:func:`global_layers`, :func:`mark_layers`).
+"""
 
 from __future__ import annotations
 
@@ -8,69 +14,159 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from .saliency import MEASURES
+from .stats import Estimate
 from .tasks import get_task
 
-__all__ = ["flow_panels", "loyalty_bars", "loyalty_sweep", "saliency_matrix", "saliency_explorer", "auc_panels",
-           "attention_example"]
+__all__ = ["flow_panels", "loyalty_bars", "loyalty_sweep", "saliency_matrix", "saliency_strip", "saliency_explorer",
+           "auc_panels", "attention_example", "layer_ticks", "global_layers", "mark_layers", "BOOK_RC",
+           "PAGE_WIDTH"]
+
+PAGE_WIDTH = 7.0  # inches; shown at ~100 px per inch on the book's page, so 10 pt text stays ~10 pt
+BOOK_RC = {
+    "font.size": 10, "axes.titlesize": 10, "axes.labelsize": 10, "xtick.labelsize": 9, "ytick.labelsize": 9,
+    "legend.fontsize": 9, "figure.titlesize": 11, "figure.dpi": 110, "savefig.dpi": 150,
+    "axes.spines.top": False, "axes.spines.right": False,
+}
+plt.rcParams.update(BOOK_RC)
 
 COLORS = {"S_wp": "#1f77b4", "S_pq": "#d62728", "S_ww": "#7f7f7f"}
 LABELS = {"S_wp": r"$S_{wp}$ (text → label)", "S_pq": r"$S_{pq}$ (label → target)", "S_ww": r"$S_{ww}$ (other)"}
+TASK_COLORS = {"sst2": "#1f77b4", "trec": "#ff7f0e", "agnews": "#2ca02c", "emoc": "#9467bd"}
+GLOBAL_STYLE = {"color": "#bbbbbb", "lw": 6, "alpha": 0.35, "zorder": 0}
 
 
-def _grid(n: int, width: float = 3.4, height: float = 2.8):
-    fig, axes = plt.subplots(1, n, figsize=(width * n, height), squeeze=False, constrained_layout=True)
-    return fig, axes[0]
+def layer_ticks(n_layers: int) -> list[int]:
+    """Integer layer ticks numbered from 1: 1, then every 3rd (every ~L/8th for deep models), always ending at L."""
+    step = 3 if n_layers <= 30 else max(1, round(n_layers / 8))
+    ticks = [1] + list(range(step, n_layers + 1, step))
+    return ticks if ticks[-1] == n_layers else ticks + [n_layers]
 
 
-def flow_panels(curves: Mapping[str, np.ndarray], title: str = "") -> plt.Figure:
-    """One panel per task: normalised S_wp, S_pq, S_ww per layer (3, L)."""
-    fig, axes = _grid(len(curves))
-    for ax, (task, c) in zip(axes, curves.items()):
-        layers = np.arange(1, c.shape[1] + 1)
-        for m, row in zip(MEASURES, c):
-            ax.plot(layers, row, label=LABELS[m], color=COLORS[m], lw=2)
-        ax.set_title(get_task(task).title)
+def global_layers(model_or_config) -> list[int]:
+    """The 1-based layers with full (global) attention when a model mixes them with sliding-window layers (Gemma 3:
+    6, 12, 18 of 18), read from ``config.layer_types``; ``[]`` when all layers are alike."""
+    cfg = getattr(model_or_config, "model", model_or_config)
+    cfg = getattr(cfg, "config", cfg)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    types = list(getattr(cfg, "layer_types", None) or [])
+    if len(set(types)) < 2:
+        return []
+    return [i + 1 for i, t in enumerate(types) if t == "full_attention"]
+
+
+def mark_layers(ax, layers: Sequence[int], label: str | None = "global-attention layer") -> None:
+    """Grey vertical bands at the given (1-based) layers."""
+    for i, layer in enumerate(layers):
+        ax.axvline(layer, label=label if i == 0 else None, **GLOBAL_STYLE)
+
+
+def _parts(x):
+    """(value, low, high) of an Estimate, or (x, None, None) of a plain array/number."""
+    if isinstance(x, Estimate):
+        return np.asarray(x.value), np.asarray(x.low), np.asarray(x.high)
+    return np.asarray(x), None, None
+
+
+def _layer_axis(ax, n_layers: int, label: bool = True) -> None:
+    ax.set_xticks(layer_ticks(n_layers))
+    ax.set_xlim(0.5, n_layers + 0.5)
+    if label:
         ax.set_xlabel("layer")
+    ax.grid(alpha=0.3)
+
+
+def flow_panels(curves: Mapping[str, np.ndarray | Estimate], title: str = "", n: str = "",
+                marked_layers: Sequence[int] = ()) -> plt.Figure:
+    """One panel per task (2 per row): normalised S_wp, S_pq, S_ww per layer (3, L), with 95% bands for Estimates."""
+    n_tasks = len(curves)
+    cols = min(2, n_tasks)
+    rows = -(-n_tasks // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(PAGE_WIDTH, 2.5 * rows + 0.9), squeeze=False, sharex=True,
+                             sharey=True, layout="constrained")
+    for ax, (task, c) in zip(axes.flat, curves.items()):
+        value, low, high = _parts(c)
+        layers = np.arange(1, value.shape[1] + 1)
+        mark_layers(ax, marked_layers)
+        for i, m in enumerate(MEASURES):
+            ax.plot(layers, value[i], label=LABELS[m], color=COLORS[m], lw=1.8, marker=".", ms=4)
+            if low is not None:
+                ax.fill_between(layers, low[i], high[i], color=COLORS[m], alpha=0.2, lw=0)
+        ax.set_title(get_task(task).title)
         ax.set_ylim(0, 1)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("relative size")
-    axes[0].legend(fontsize=8, loc="center right")
-    if title:
-        fig.suptitle(title)
+        _layer_axis(ax, len(layers), label=False)
+    for ax in axes.flat[n_tasks:]:
+        ax.set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xlabel("layer")
+        ax.xaxis.set_tick_params(labelbottom=True)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("relative size")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    if any(isinstance(c, Estimate) for c in curves.values()):
+        labels = labels + ["95% bootstrap band"]
+        handles = handles + [plt.Rectangle((0, 0), 1, 1, color="#999", alpha=0.3)]
+    fig.legend(handles, labels, loc="outside lower center", ncol=3, frameon=False)
+    if title or n:
+        fig.suptitle(title + (f"\n(n = {n})" if n else ""))
     return fig
 
 
-def loyalty_bars(table: Mapping[str, Mapping[str, float]], k: int = 5, word_key: str = "word loyalty@5",
-                 title: str = "") -> plt.Figure:
-    """The paper's Figure 4: loyalty after isolating label / random words in the first / last k layers."""
-    fig, axes = _grid(2, width=4.2, height=3.0)
-    conds = [("label", "first"), ("random", "first"), ("label", "last"), ("random", "last")]
-    names = ["label words,\nfirst", "random,\nfirst", "label words,\nlast", "random,\nlast"]
-    colors = ["#d62728", "#ff9896", "#1f77b4", "#aec7e8"]
+CONDITIONS = [("label", "first"), ("random", "first"), ("label", "last"), ("random", "last")]
+CONDITION_NAMES = ["label words,\nfirst k", "random,\nfirst k", "label words,\nlast k", "random,\nlast k"]
+CONDITION_COLORS = ["#d62728", "#ff9896", "#1f77b4", "#aec7e8"]
+
+
+def loyalty_bars(table: Mapping[str, Mapping[str, float | Estimate]], k: int = 5, word_key: str = "word loyalty@5",
+                 title: str = "", n: str = "") -> plt.Figure:
+    """The paper's Figure 4: loyalty after isolating label / random words in the first / last k layers, with 95%
+    intervals as error bars when the table holds Estimates."""
+    fig, axes = plt.subplots(1, 2, figsize=(PAGE_WIDTH, 3.3), layout="constrained", sharey=True)
+    names = [x.replace(" k", f" {k}") for x in CONDITION_NAMES]
     for ax, metric in zip(axes, ["label loyalty", word_key]):
-        vals = [table[f"{w}-{p}-{k}"][metric] for w, p in conds]
-        ax.bar(range(4), vals, color=colors)
+        parts = [_parts(table[f"{w}-{p}-{k}"][metric]) for w, p in CONDITIONS]
+        vals = np.array([float(v) for v, _, _ in parts])
+        ax.bar(range(4), vals, color=CONDITION_COLORS, width=0.7)
+        if parts[0][1] is not None:
+            err = np.array([[v - float(lo), float(hi) - v] for (v, lo, hi) in parts]).T
+            ax.errorbar(range(4), vals, yerr=err, fmt="none", ecolor="k", capsize=4, lw=1.2)
+            tops = [float(hi) for _, _, hi in parts]
+        else:
+            tops = list(vals)
         ax.axhline(100, color="k", lw=1, ls="--")
-        ax.set_xticks(range(4), names, fontsize=8)
-        ax.set_ylim(0, 105)
+        ax.set_xticks(range(4), names)
+        ax.set_ylim(0, 118)
+        ax.set_yticks(range(0, 101, 20))
         ax.set_title(f"{metric} (%)")
-        for i, v in enumerate(vals):
-            ax.text(i, v + 1.5, f"{v:.0f}", ha="center", fontsize=8)
-    fig.suptitle(title or f"isolation in the first / last {k} layers")
+        for i, (v, top) in enumerate(zip(vals, tops)):
+            ax.text(i, min(top, 100) + 3, f"{v:.0f}", ha="center", va="bottom", fontsize=9)
+    axes[0].set_ylabel("% unchanged (100 = no isolation)")
+    if title or n:
+        fig.suptitle((title or f"isolation in the first / last {k} layers") + (f"\n(n = {n}; bars: 95% intervals)"
+                                                                             if n else ""))
     return fig
 
 
-def loyalty_sweep(table: Mapping[str, Mapping[str, float]], ks: Sequence[int], metric: str = "label loyalty",
-                  ax=None) -> plt.Axes:
-    """Loyalty against the number k of isolated layers, for the four conditions."""
+def loyalty_sweep(table: Mapping[str, Mapping[str, float | Estimate]], ks: Sequence[int],
+                  metric: str = "label loyalty", ax=None) -> plt.Axes:
+    """Loyalty against the number k of isolated layers, for the four conditions (95% bands for Estimates)."""
     if ax is None:
-        _, ax = plt.subplots(figsize=(4.2, 3.0), constrained_layout=True)
+        _, ax = plt.subplots(figsize=(PAGE_WIDTH / 2, 3.0), layout="constrained")
     styles = {("label", "first"): ("#d62728", "-"), ("random", "first"): ("#ff9896", "--"),
               ("label", "last"): ("#1f77b4", "-"), ("random", "last"): ("#aec7e8", "--")}
     for (what, where), (color, ls) in styles.items():
         xs = [k for k in ks if f"{what}-{where}-{k}" in table]
-        ax.plot(xs, [table[f"{what}-{where}-{k}"][metric] for k in xs], color=color, ls=ls, marker="o",
-                label=f"{'label words' if what == 'label' else 'random'}, {where}")
+        if not xs:
+            continue
+        parts = [_parts(table[f"{what}-{where}-{k}"][metric]) for k in xs]
+        ax.plot(xs, [float(v) for v, _, _ in parts], color=color, ls=ls, marker="o",
+                label=f"{'label words' if what == 'label' else 'random'}, {where} k")
+        if parts[0][1] is not None:
+            if len(xs) > 1:
+                ax.fill_between(xs, [float(lo) for _, lo, _ in parts], [float(hi) for _, _, hi in parts],
+                                color=color, alpha=0.2, lw=0)
+            else:
+                (v, lo, hi), = parts
+                ax.errorbar(xs, [float(v)], yerr=[[float(v - lo)], [float(hi - v)]], color=color, capsize=4)
     ax.set_xlabel("isolated layers k")
     ax.set_ylabel(f"{metric} (%)")
     ax.set_ylim(0, 105)
@@ -80,38 +176,82 @@ def loyalty_sweep(table: Mapping[str, Mapping[str, float]], ks: Sequence[int], m
 
 
 def saliency_matrix(ax, matrix: np.ndarray, tokens: Sequence[str], label_positions: Sequence[int], target: int,
-                    title: str = "") -> None:
-    """One layer's saliency I_l (T, T) with the label-word rows/columns and the target row marked."""
+                    title: str = "", colorbar: bool = True, ticks: bool = True):
+    """One layer's saliency I_l (T, T) with the label-word rows/columns and the target row marked.
+
+    Shown on a square-root scale, each layer divided by its largest entry (stored that way, 0..255), with a colour
+    bar. Returns the image.
+    """
     t = len(tokens)
-    ax.imshow(np.sqrt(matrix[:t, :t].astype(float)), cmap="magma_r", interpolation="nearest")
+    m = np.asarray(matrix[:t, :t], dtype=float)
+    m = m / m.max() if m.max() > 0 else m
+    im = ax.imshow(np.sqrt(m), cmap="magma_r", interpolation="nearest", vmin=0, vmax=1)
     for p in label_positions:
-        ax.axhline(p, color="#1f77b4", lw=0.6, alpha=0.6)
-        ax.axvline(p, color="#1f77b4", lw=0.6, alpha=0.6)
-    ax.axhline(target, color="#2ca02c", lw=0.8)
-    ticks = sorted(set(label_positions) | {target})
-    ax.set_xticks(ticks, [tokens[i] for i in ticks], rotation=90, fontsize=7)
-    ax.set_yticks(ticks, [tokens[i] for i in ticks], fontsize=7)
-    ax.set_xlabel("from token j")
-    ax.set_ylabel("into token i")
-    ax.set_title(title, fontsize=9)
+        ax.axhline(p, color="#1f77b4", lw=0.6, alpha=0.7)
+        ax.axvline(p, color="#1f77b4", lw=0.6, alpha=0.7)
+    ax.axhline(target, color="#2ca02c", lw=0.9)
+    if ticks:
+        tick_pos = sorted(set(int(p) for p in label_positions) | {int(target)})
+        names = [tokens[i].replace("▁", " ").replace("Ġ", " ").strip() or repr(tokens[i]) for i in tick_pos]
+        ax.set_xticks(tick_pos, names, rotation=90, fontsize=9)
+        ax.set_yticks(tick_pos, names, fontsize=9)
+        ax.set_xlabel("from token j")
+        ax.set_ylabel("into token i")
+    else:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    ax.set_title(title, fontsize=10)
+    if colorbar:
+        cb = plt.colorbar(im, ax=ax, shrink=0.8)
+        cb.set_label(r"$\sqrt{I_l(i,j)\,/\,\max I_l}$")
+    return im
+
+
+def saliency_strip(matrices: np.ndarray, label_positions: Sequence[int], target: int,
+                   marked_layers: Sequence[int] = (), title: str = "", cols: int = 6) -> plt.Figure:
+    """Every layer's saliency matrix of one example, small multiples (the explorer, pre-rendered: no kernel needed).
+
+    ``matrices`` (L, T, T) cropped to the prompt. Blue lines: label words; green: the target row. Layers in
+    ``marked_layers`` get a grey title box.
+    """
+    n_layers = len(matrices)
+    rows = -(-n_layers // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(PAGE_WIDTH, 1.2 * rows + 0.9), squeeze=False,
+                             layout="constrained")
+    t = matrices.shape[-1]
+    im = None
+    for layer, ax in enumerate(axes.flat):
+        if layer >= n_layers:
+            ax.set_visible(False)
+            continue
+        im = saliency_matrix(ax, matrices[layer], [""] * t, label_positions, target, colorbar=False, ticks=False)
+        mark = layer + 1 in marked_layers
+        ax.set_title(f"layer {layer + 1}" + (" (global)" if mark else ""), fontsize=9,
+                     bbox={"facecolor": "#dddddd", "edgecolor": "none", "pad": 1.5} if mark else None)
+    cb = fig.colorbar(im, ax=axes, shrink=0.7, location="right")
+    cb.set_label(r"$\sqrt{I_l / \max I_l}$")
+    if title:
+        fig.suptitle(title)
+    return fig
 
 
 def saliency_explorer(examples: Mapping[str, Mapping[str, np.ndarray]], tokenizer):
-    """An ipywidgets view: pick a task, an example and a layer; see the saliency matrix and that example's flows."""
+    """An ipywidgets view (live kernel only): pick a task, an example and a layer (numbered from 1, as in every figure);
+    see the saliency matrix and that example's flows."""
     import ipywidgets as widgets
 
     from .saliency import flows_at
 
     task_w = widgets.Dropdown(options=list(examples), description="task")
-    example_w = widgets.IntSlider(0, 0, 2, description="example")
+    example_w = widgets.IntSlider(1, 1, 3, description="example")
     n_layers = next(iter(examples.values()))["matrices"].shape[1]
-    layer_w = widgets.IntSlider(0, 0, n_layers - 1, description="layer")
+    layer_w = widgets.IntSlider(1, 1, n_layers, description="layer")
     out = widgets.Output()
 
     def draw(*_):
         ex = examples[task_w.value]
-        i, layer = example_w.value, layer_w.value
-        example_w.max = len(ex["lengths"]) - 1
+        example_w.max = len(ex["lengths"])
+        i, layer = example_w.value - 1, layer_w.value - 1
         n = int(ex["lengths"][i])
         tokens = tokenizer.convert_ids_to_tokens(ex["input_ids"][i][:n].tolist())
         mats = ex["matrices"][i][:, :n, :n].astype(float)
@@ -120,15 +260,14 @@ def saliency_explorer(examples: Mapping[str, Mapping[str, np.ndarray]], tokenize
         flows = flows / flows.sum(axis=0, keepdims=True)
         with out:
             out.clear_output(wait=True)
-            fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4.2), constrained_layout=True)
-            saliency_matrix(a, mats[layer], tokens, labels, target,
-                            f"saliency, layer {layer + 1} (sqrt scale, per-layer max = 1)")
+            fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4.2), layout="constrained")
+            saliency_matrix(a, mats[layer], tokens, labels, target, f"saliency, layer {layer + 1}")
             for m, row in zip(MEASURES, flows):
                 b.plot(np.arange(1, len(row) + 1), row, color=COLORS[m], label=LABELS[m], lw=2)
             b.axvline(layer + 1, color="k", lw=0.8, ls=":")
-            b.set_xlabel("layer")
-            b.set_title("this example's flows (normalised per layer)", fontsize=9)
-            b.legend(fontsize=8)
+            _layer_axis(b, len(flows[0]))
+            b.set_title("this example's flows (normalised per layer)")
+            b.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
             plt.show()
 
     for w in (task_w, example_w, layer_w):
@@ -137,43 +276,70 @@ def saliency_explorer(examples: Mapping[str, Mapping[str, np.ndarray]], tokenize
     return widgets.VBox([widgets.HBox([task_w, example_w, layer_w]), out])
 
 
-def auc_panels(curves: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]], title: str = "") -> plt.Figure:
-    """AUCROC_l (top) and R_l (bottom) per layer; ``curves[model][task] = (auc, r)``."""
-    fig, axes = plt.subplots(2, len(curves), figsize=(4.6 * len(curves), 5.4), squeeze=False,
-                             constrained_layout=True)
-    for col, (model, per_task) in enumerate(curves.items()):
+R_LIMITS = (-1.5, 2.0)
+
+
+def auc_panels(curves: Mapping[str, Mapping[str, tuple]], title: str = "", n: str = "",
+               marked_layers: Mapping[str, Sequence[int]] | None = None) -> plt.Figure:
+    """AUCROC_l (left) and R_l (right) per layer, one row per model; ``curves[model][task] = (auc, r)`` as arrays or
+    Estimates (then with 95% bands). R_l is clipped to :data:`R_LIMITS`: it is unstable when the total excess
+    sum(AUCROC - 0.5) is near 0, and a curve whose interval leaves the axes is drawn dashed, without its band, and
+    named in the panel."""
+    marked_layers = marked_layers or {}
+    rows = len(curves)
+    fig, axes = plt.subplots(rows, 2, figsize=(PAGE_WIDTH, 2.8 * rows + 0.8), squeeze=False, layout="constrained")
+    for row, (model, per_task) in enumerate(curves.items()):
+        a, b = axes[row]
+        clipped = []
         for task, (auc, r) in per_task.items():
-            layers = np.arange(1, len(auc) + 1)
-            axes[0, col].plot(layers, auc, marker=".", label=get_task(task).title)
-            axes[1, col].plot(layers, r, marker=".", label=get_task(task).title)
-        axes[0, col].axhline(0.5, color="k", lw=0.8, ls=":")
-        axes[0, col].axhline(0.8, color="#999", lw=0.8, ls="--")
-        axes[0, col].set_title(model)
-        axes[0, col].set_ylabel(r"AUCROC$_l$")
-        axes[1, col].axhline(0.5, color="k", lw=0.8, ls=":")
-        axes[1, col].set_ylabel(r"$R_l$")
-        axes[1, col].set_xlabel("layer")
-        for ax in axes[:, col]:
-            ax.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
+            color = TASK_COLORS.get(task)
+            av, alo, ahi = _parts(auc)
+            rv, rlo, rhi = _parts(r)
+            layers = np.arange(1, len(av) + 1)
+            a.plot(layers, av, marker=".", color=color, label=get_task(task).title)
+            unstable = rlo is not None and (np.nanmin(rlo) < R_LIMITS[0] or np.nanmax(rhi) > R_LIMITS[1])
+            b.plot(layers, np.clip(rv, *R_LIMITS), marker=".", color=color, label=get_task(task).title,
+                   ls="--" if unstable else "-", alpha=0.6 if unstable else 1.0)
+            if alo is not None:
+                a.fill_between(layers, alo, ahi, color=color, alpha=0.15, lw=0)
+                if unstable:  # the band spans far beyond the plot: R_l is not determined by these data
+                    clipped.append(get_task(task).title)
+                else:
+                    b.fill_between(layers, rlo, rhi, color=color, alpha=0.15, lw=0)
+        for ax in (a, b):
+            mark_layers(ax, marked_layers.get(model, ()))
+            ax.axhline(0.5, color="k", lw=0.8, ls=":")
+            _layer_axis(ax, len(av), label=row == rows - 1)
+        a.axhline(0.8, color="#777", lw=0.8, ls="--")
+        a.set_ylim(0, 1)
+        b.set_ylim(*R_LIMITS)
+        a.set_ylabel(f"{model}\nAUCROC$_l$")
+        b.set_ylabel(r"$R_l$")
+        if clipped:
+            b.text(0.02, 0.03, "dashed, no band: $R_l$ undetermined\n(interval beyond the axes): " + ", ".join(clipped),
+                   transform=b.transAxes, fontsize=8, color="#444")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(5, len(labels)), frameon=False)
+    if title or n:
+        fig.suptitle(title + (f"\n(n = {n}; shaded: 95% bootstrap bands)" if n else ""))
     return fig
 
 
 def attention_example(attention: np.ndarray, probs: np.ndarray, class_names: Sequence[str],
-                      first_token: np.ndarray | None = None, n_heads: int = 1) -> plt.Figure:
+                      first_token: np.ndarray | None = None, n_heads: int = 1,
+                      marked_layers: Sequence[int] = ()) -> plt.Figure:
     """One prompt: the target's attention (heads averaged) to each label word per layer, and the label probabilities."""
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.4), gridspec_kw={"width_ratios": [3, 1]}, constrained_layout=True)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(PAGE_WIDTH, 3.2), gridspec_kw={"width_ratios": [2.4, 1]},
+                               layout="constrained")
     layers = np.arange(1, attention.shape[0] + 1)
+    mark_layers(a, marked_layers)
     for c, name in enumerate(class_names):
         a.plot(layers, attention[:, c] / n_heads, marker=".", label=name)
     if first_token is not None:
         a.plot(layers, first_token / n_heads, color="#999", ls="--", label="first token (sink)")
-    a.set_xlabel("layer")
-    a.set_ylabel("attention from q (mean over heads)")
-    a.legend(fontsize=8)
-    a.grid(alpha=0.3)
+    _layer_axis(a, len(layers))
+    a.set_ylabel("attention from q\n(mean over heads)")
+    a.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, frameon=False)
     b.barh(range(len(class_names)), probs, color="#555")
     b.set_yticks(range(len(class_names)), class_names)
     b.invert_yaxis()
