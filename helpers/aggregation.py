@@ -25,7 +25,7 @@ from .tasks import TaskData
 
 __all__ = ["saliency_runs", "saliency_examples", "isolation_runs", "flow_curves", "crossover_layer",
            "loyalty_table", "flow_estimate", "flow_gap_estimate", "lead_layers", "loyalty_per_example",
-           "loyalty_estimates", "loyalty_difference", "KS", "RANDOM_KS", "LOYALTY_METRICS"]
+           "loyalty_estimates", "loyalty_difference", "gap_over_layers", "ww_smallest_share", "KS", "RANDOM_KS", "LOYALTY_METRICS"]
 
 KS = (1, 3, 5, 7)
 LOYALTY_METRICS = ("label loyalty", "word loyalty@5", "word loyalty@10")
@@ -41,7 +41,8 @@ def saliency_runs(lm, data: TaskData, profile: Profile, shots: int = 1, **kw) ->
             return {"flows": saliency_flow(lm, data.task, prompts, batch_size=max(1, profile.batch_size // 2))}
 
         settings = settings_of(profile, seed=seed, shots=shots)
-        out.append(cached_run("saliency", lm.name, data.task.name, settings, compute, **kw)["flows"])
+        result = cached_run("saliency", lm.name, data.task.name, settings, compute, **kw)
+        out.append(None if result is None else result["flows"])  # None: lookup-only and not cached
     return out
 
 
@@ -197,3 +198,22 @@ def loyalty_difference(per_seed: Sequence[dict[str, np.ndarray]], a: str, b: str
     """Loyalty under condition ``a`` minus under ``b`` (in points), paired over the same examples."""
     return paired_difference([loyalty_per_example(r, a)[metric] for r in per_seed],
                              [loyalty_per_example(r, b)[metric] for r in per_seed], n_boot=n_boot)
+
+
+def gap_over_layers(per_seed: Sequence[np.ndarray], first: int, last: int, n_boot: int = N_BOOT) -> Estimate:
+    """Mean of S_pq - S_wp (normalised) over layers ``first..last`` (1-based, inclusive), with its interval.
+
+    Negative: the text -> label flow dominates there (the paper's shallow layers); positive: label -> target.
+    """
+    if not 1 <= first <= last:
+        raise ValueError(f"need 1 <= first <= last, got {first}, {last}")
+    return bootstrap(per_seed, lambda f: _gap(f)[first - 1 : last].mean(), n_boot=n_boot)
+
+
+def ww_smallest_share(per_seed: Sequence[np.ndarray], n_boot: int = N_BOOT) -> Estimate:
+    """Share of layers where S_ww is below both S_wp and S_pq (the paper: "usually"), with its interval."""
+    def share(f):
+        c = normalise_per_layer(f)
+        return float(np.mean(c[2] < np.minimum(c[0], c[1])))
+
+    return bootstrap(per_seed, share, n_boot=n_boot)

@@ -29,7 +29,7 @@ from .stats import N_BOOT, Estimate, bootstrap_weighted, mean_estimate
 from .tasks import Task, TaskData
 
 __all__ = ["LAYOUT", "label_attention", "auc_per_layer", "auc_per_layer_weighted", "cumulative_contribution",
-           "extraction_runs", "auc_curves", "auc_estimates", "accuracy_estimate", "layer_passing",
+           "extraction_runs", "auc_curves", "auc_estimates", "deep_auc_estimate", "accuracy_estimate", "layer_passing",
            "attention_shares"]
 
 LAYOUT = ("example", "layer", "class")
@@ -231,3 +231,21 @@ def auc_estimates(per_seed: Sequence[dict[str, np.ndarray]], n_boot: int = N_BOO
 def accuracy_estimate(per_seed: Sequence[dict[str, np.ndarray]], **kw) -> Estimate:
     """Accuracy against the gold label (in %), with its interval."""
     return mean_estimate([(r["pred"] == r["gold"]).astype(float) for r in per_seed], **kw).scaled(100)
+
+
+def deep_auc_estimate(per_seed: Sequence[dict[str, np.ndarray]], share: float = 1 / 3, n_boot: int = N_BOOT,
+                      renormalise_binary: bool = False) -> Estimate:
+    """AUCROC_l averaged over the last ``share`` of the layers (the paper's "deep layers"), with its interval.
+
+    ``per_seed`` may pool the seeds of several tasks: the value is then the mean over tasks (equal seeds per task).
+    """
+    n_layers = per_seed[0]["attention"].shape[1]
+    start = n_layers - max(1, int(round(n_layers * share)))
+
+    def stat(attention, pred, weights):
+        auc = auc_per_layer_weighted(attention, pred, weights, renormalise_binary)[:, start:]
+        ok = np.isfinite(auc)
+        with np.errstate(invalid="ignore"):  # a replicate with one predicted class: NaN, skipped by the bootstrap
+            return np.where(ok, auc, 0).sum(1) / ok.sum(1)
+
+    return bootstrap_weighted([(r["attention"], r["pred"]) for r in per_seed], stat, n_boot=n_boot)

@@ -55,3 +55,16 @@ def test_loyalty_estimates_match_the_table_and_differences_are_paired():
     assert est["label-first-5"]["word loyalty@5"].value == 0.0
     diff = loyalty_difference(runs, "random-first-5", "label-first-5", n_boot=200)
     assert diff.value == pytest.approx(50.0) and diff.above(0)
+
+
+def test_gap_over_layers_and_ww_share():
+    from helpers.aggregation import gap_over_layers, ww_smallest_share
+
+    rng = np.random.default_rng(4)
+    runs = [_flows(rng) for _ in range(3)]
+    assert gap_over_layers(runs, 1, 3, n_boot=100).below(0)
+    assert gap_over_layers(runs, 6, 6, n_boot=100).above(0)
+    share = ww_smallest_share(runs, n_boot=100)
+    assert 0 <= share.low <= share.value <= share.high <= 1
+    with pytest.raises(ValueError):
+        gap_over_layers(runs, 3, 2)

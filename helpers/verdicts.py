@@ -1,0 +1,397 @@
+"""The verdict page: each finding of the paper, its number, ours per model with its interval, and a verdict.
+
+Everything here **reads cached results only** (``cached_run`` in lookup-only mode, through the experiments' own run
+functions, so the settings that key a run are the chapters' settings); nothing is computed from a model. A finding
+whose results are missing for a model shows "not yet run".
+
+**Registry.** :data:`FINDINGS` maps an id to a frozen :class:`Finding`: the paper's claim in one sentence, the
+paper's number as text, the chapter and section anchor that shows it, a ``compute(model, profile)`` that returns a
+:class:`Measured` (an :class:`~helpers.stats.Estimate` and a note) or ``None`` when results are missing, and a
+``rule`` turning that into a verdict. Findings of chapters that do not exist yet have ``compute=None``; a chapter's
+helper module plugs its function in with :func:`register` (or the :func:`computes` decorator)::
+
+    from helpers.verdicts import computes
+
+    @computes("reweighting-gain")
+    def reweighting_gain(model, profile):      # -> Measured | None
+        ...
+
+**Verdict rules** (stated once, here, and printed on the page). With a 95% interval [low, high]:
+
+* a difference "A > B" is *reproduced* when low > 0, *partly* when only the point estimate is > 0;
+* "barely matters" (a loyalty) is *reproduced* when low >= 90%, *partly* when the point is >= 90% or, for the
+  random control, when the label words still cost significantly more than random tokens;
+* "strongly lowers" (a loyalty) is *reproduced* when high < 90%, *partly* when high < 100%;
+* "AUCROC approaches 0.8 in deep layers" is *reproduced* when the interval reaches 0.8 and lies above 0.5 on every
+  task, *partly* when the mean over tasks lies above 0.5, *not reproduced* otherwise;
+* "R_l rises in the second half" is *reproduced* when R at the middle layer has high < 0.5, *partly* when its point
+  is < 0.5.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from types import SimpleNamespace
+
+import numpy as np
+
+from .runs import PROFILES, Profile
+from .stats import Estimate
+from .tasks import TASKS, get_task
+
+__all__ = ["Finding", "Measured", "FINDINGS", "VERDICTS", "REPRODUCED", "PARTLY", "NOT_REPRODUCED", "NOT_YET_RUN",
+           "register", "computes", "evaluate", "verdict_rows", "lookup", "MODELS"]
+
+REPRODUCED, PARTLY, NOT_REPRODUCED, NOT_YET_RUN = "reproduced", "partly", "not reproduced", "not yet run"
+VERDICTS = (REPRODUCED, PARTLY, NOT_REPRODUCED, NOT_YET_RUN)
+MODELS = ("gemma-3-270m", "qwen2.5-coder-0.5b")  # the page's columns
+TASK_NAMES = tuple(TASKS)
+
+
+@dataclass(frozen=True)
+class Measured:
+    """Our number for one model: the estimate shown, how to print it, and supporting estimates for the rule."""
+
+    estimate: Estimate
+    unit: str = ""
+    digits: int = 2
+    note: str = ""
+    support: dict = field(default_factory=dict)
+
+    def text(self) -> str:
+        return f"{self.estimate.fmt(self.digits)}{self.unit}"
+
+
+@dataclass(frozen=True)
+class Finding:
+    id: str
+    claim: str  # the paper's claim, one sentence
+    paper: str  # the paper's number (or "qualitative, Figure N") as text
+    where: str  # paper section / figure / table
+    chapter: str | None  # book page without extension ("book/aggregation"); None: a planned chapter
+    anchor: str = ""  # a label in that page ("sec-isolation", "fig-flow")
+    compute: Callable[[str, Profile], Measured | None] | None = None
+    rule: Callable[[Measured], str] | None = None
+    planned: str = ""  # the planned chapter's name, when ``chapter`` is None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading cached results
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def lookup(run_function, model: str, task: str, profile: Profile, **kw) -> list | None:
+    """The per-seed results of ``run_function`` (e.g. :func:`helpers.aggregation.isolation_runs`) from the cache, or
+    ``None`` if any seed is missing. No model is loaded: only its name keys the cache."""
+    lm = SimpleNamespace(name=model)
+    data = SimpleNamespace(task=get_task(task))
+    out = run_function(lm, data, profile, lookup_only=True, **kw)
+    return None if any(r is None for r in out) else out
+
+
+def _all_tasks(run_function, model, profile, **kw) -> dict[str, list] | None:
+    runs = {t: lookup(run_function, model, t, profile, **kw) for t in TASK_NAMES}
+    return None if any(r is None for r in runs.values()) else runs
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rules
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def above_zero(m: Measured) -> str:
+    e = m.estimate
+    return REPRODUCED if e.low > 0 else PARTLY if e.value > 0 else NOT_REPRODUCED
+
+
+def majority(m: Measured) -> str:
+    e = m.estimate
+    return REPRODUCED if e.low > 0.5 else PARTLY if e.value > 0.5 else NOT_REPRODUCED
+
+
+def strongly_lowers(m: Measured) -> str:
+    e = m.estimate
+    return REPRODUCED if e.high < 90 else PARTLY if e.high < 100 else NOT_REPRODUCED
+
+
+def barely_matters(m: Measured) -> str:
+    e = m.estimate
+    if e.low >= 90:
+        return REPRODUCED
+    if e.value >= 90:
+        return PARTLY
+    margin = m.support.get("label words cost more")
+    if margin is not None and margin.low > 0:
+        return PARTLY
+    return NOT_REPRODUCED
+
+
+def near_point_eight(m: Measured) -> str:
+    e = m.estimate
+    every_task_above = all(t.low > 0.5 for t in m.support.values())
+    if e.high >= 0.8 and every_task_above:
+        return REPRODUCED
+    return PARTLY if e.low > 0.5 else NOT_REPRODUCED
+
+
+def second_half(m: Measured) -> str:
+    e = m.estimate
+    return REPRODUCED if e.high < 0.5 else PARTLY if e.value < 0.5 else NOT_REPRODUCED
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Our numbers, from the cache
+# ----------------------------------------------------------------------------------------------------------------
+
+SHALLOW_K = 5  # the paper's k for "shallow" / "deep" in §2.2, used for the flow findings too
+
+
+def _flows(model, profile):
+    from .aggregation import saliency_runs
+
+    runs = _all_tasks(saliency_runs, model, profile)
+    return None if runs is None else [f for t in TASK_NAMES for f in runs[t]]
+
+
+def flow_shallow(model: str, profile: Profile) -> Measured | None:
+    from .aggregation import gap_over_layers
+
+    flows = _flows(model, profile)
+    if flows is None:
+        return None
+    est = gap_over_layers(flows, 1, SHALLOW_K).scaled(-1)
+    return Measured(est, note=f"S_wp − S_pq, layers 1–{SHALLOW_K}, mean of 4 tasks; n = {est.n_examples} × "
+                              f"{est.n_seeds // len(TASK_NAMES)} seeds × 4 tasks")
+
+
+def flow_deep(model: str, profile: Profile) -> Measured | None:
+    from .aggregation import flow_gap_estimate, gap_over_layers, lead_layers, saliency_runs
+
+    flows = _flows(model, profile)
+    if flows is None:
+        return None
+    n_layers = flows[0].shape[-1]
+    est = gap_over_layers(flows, n_layers - SHALLOW_K + 1, n_layers)
+    per_task = _all_tasks(saliency_runs, model, profile)
+    flips = {t: lead_layers(flow_gap_estimate(per_task[t], n_boot=200))["flip_backs"] for t in TASK_NAMES}
+    flip_text = "; ".join(f"{get_task(t).title} {', '.join(map(str, v))}" for t, v in flips.items() if v)
+    return Measured(est, note=f"S_pq − S_wp, last {SHALLOW_K} layers; S_wp leads again at layers: "
+                              f"{flip_text or 'none'}")
+
+
+def flow_ww(model: str, profile: Profile) -> Measured | None:
+    from .aggregation import ww_smallest_share
+
+    flows = _flows(model, profile)
+    if flows is None:
+        return None
+    return Measured(ww_smallest_share(flows).scaled(100), unit="%", digits=0,
+                    note="share of layers where S_ww is below both; mean of 4 tasks")
+
+
+def _iso(model, profile):
+    from .aggregation import isolation_runs
+
+    runs = _all_tasks(isolation_runs, model, profile)
+    return None if runs is None else [r for t in TASK_NAMES for r in runs[t]]
+
+
+def _loyalty(condition: str, metric: str = "label loyalty"):
+    def compute(model: str, profile: Profile) -> Measured | None:
+        from .aggregation import loyalty_difference, loyalty_per_example
+        from .stats import mean_estimate
+
+        runs = _iso(model, profile)
+        if runs is None:
+            return None
+        est = mean_estimate([loyalty_per_example(r, condition)[metric] for r in runs])
+        word = mean_estimate([loyalty_per_example(r, condition)["word loyalty@5"] for r in runs])
+        support = {}
+        note = f"label loyalty, mean of 4 tasks; word loyalty@5 {word.fmt(0)}%"
+        if condition.startswith("random"):
+            label = condition.replace("random", "label")
+            support["label words cost more"] = loyalty_difference(runs, condition, label)
+            note += f"; label words cost {support['label words cost more'].fmt(0)} points more"
+        return Measured(est, unit="%", digits=0, note=note, support=support)
+
+    return compute
+
+
+def _extraction(model, profile, shots=1):
+    from .extraction import extraction_runs
+
+    return _all_tasks(extraction_runs, model, profile, shots=shots)
+
+
+def deep_auc(model: str, profile: Profile) -> Measured | None:
+    from .extraction import deep_auc_estimate
+
+    runs = _extraction(model, profile)
+    if runs is None:
+        return None
+    per_task = {get_task(t).title: deep_auc_estimate(runs[t], n_boot=300) for t in TASK_NAMES}
+    est = deep_auc_estimate([r for t in TASK_NAMES for r in runs[t]])
+    low = [f"{name} {e.fmt(2)}" for name, e in per_task.items() if e.low <= 0.5]
+    note = "last third of the layers, mean of 4 tasks"
+    if low:
+        note += "; not above chance: " + ", ".join(low)
+    return Measured(est, note=note, support=per_task)
+
+
+def _r_mid(shots: int):
+    def compute(model: str, profile: Profile) -> Measured | None:
+        from .extraction import auc_per_layer_weighted, cumulative_contribution, layer_passing
+        from .stats import bootstrap_weighted
+
+        runs = _extraction(model, profile, shots)
+        if runs is None:
+            return None
+        pooled = [(r["attention"], r["pred"]) for t in TASK_NAMES for r in runs[t]]
+        n_layers = pooled[0][0].shape[1]
+        mid = n_layers // 2
+        est = bootstrap_weighted(pooled, auc_per_layer_weighted, then=cumulative_contribution)
+        r_mid = Estimate(est.value[mid - 1], est.low[mid - 1], est.high[mid - 1], est.n_examples, est.n_seeds,
+                         est.seed_values[:, mid - 1], est.level)
+        passing = layer_passing(est.value)
+        return Measured(r_mid, note=f"R_l at layer {mid} of {n_layers} (AUC averaged over 4 tasks); reaches 0.5 at "
+                                    f"layer {passing + 1 if passing is not None else 'never'}")
+
+    return compute
+
+
+FINDINGS: dict[str, Finding] = {f.id: f for f in [
+    Finding("flow-shallow", "In shallow layers the text → label-word flow S_wp dominates the label → target flow S_pq.",
+            "qualitative (Figures 3, 7)", "§2.1", "book/aggregation", "fig-flow", flow_shallow, above_zero),
+    Finding("flow-deep", "In deep layers the label-word → target flow S_pq dominates.",
+            "qualitative (Figures 3, 7)", "§2.1", "book/aggregation", "fig-flow", flow_deep, above_zero),
+    Finding("flow-ww", "S_wp and S_pq are usually above the flow among other tokens, S_ww.",
+            "qualitative (Figures 3, 7)", "§2.1", "book/aggregation", "sec-global-layers", flow_ww, majority),
+    Finding("isolation-first", "Isolating the label words in the first 5 layers strongly lowers loyalty.",
+            "qualitative (Figure 4)", "§2.2", "book/aggregation", "fig-loyalty", _loyalty("label-first-5"),
+            strongly_lowers),
+    Finding("isolation-last", "Isolating the label words in the last 5 layers barely matters.",
+            "qualitative (Figure 4), ≈ 100%", "§2.2", "book/aggregation", "fig-loyalty", _loyalty("label-last-5"),
+            barely_matters),
+    Finding("isolation-random", "Isolating as many random non-label tokens in the first 5 layers barely matters.",
+            "qualitative (Figure 4), ≈ 100%", "§2.2", "book/aggregation", "sec-isolation",
+            _loyalty("random-first-5"), barely_matters),
+    Finding("deep-auc", "The target's attention to the label words predicts the output in deep layers: AUCROC ≈ 0.8.",
+            "≈ 0.8", "§2.3, Figure 5", "book/extraction", "fig-auc", deep_auc, near_point_eight),
+    Finding("r-second-half", "The cumulative contribution R_l is small in shallow layers and rises in the middle and "
+            "late layers.", "qualitative (Figure 5)", "§2.3", "book/extraction", "fig-auc", _r_mid(1), second_half),
+    Finding("two-shot", "With 2 demonstrations per class the conclusions are the same (shown here: R_l, as above).",
+            "qualitative (Figures 9–11)", "Appendix F.1", "book/extraction", "fig-auc2", _r_mid(2), second_half),
+    Finding("reweighting-gain", "Anchor re-weighting improves 1-shot ICL accuracy, on average over the 4 tasks.",
+            "+16.7 points (51.90 → 68.64, GPT2-XL, Table 1)", "§3.1", None, planned="Re-weighting"),
+    Finding("compression-speedup", "Anchor-only context compression (Hidden_anchor) speeds up inference.",
+            "1.8× on average (1.1–2.9×, Tables 3 and 6)", "§3.2", None, planned="Compression"),
+    Finding("compression-loyalty", "Hidden_anchor keeps most of the model's predictions.",
+            "label loyalty 79.47 (GPT2-XL), 89.06 (GPT-J); Table 2", "§3.2", None, planned="Compression"),
+    Finding("diagnosis", "Distances between the label words' keys predict which categories the model confuses.",
+            "most confused pair Description–Entity (TREC, Figure 6)", "§3.3", None, planned="Diagnosis"),
+    Finding("anchors-without-meaning", "Label words without meaning ('A'/'B') still act as anchors.",
+            "LLaMA-33B, SST-2, 8 per class: 83.0% accuracy (Figures 12, 13)", "Appendix F.2", None,
+            planned="Diagnosis"),
+]}
+
+
+def register(finding_id: str, compute: Callable[[str, Profile], Measured | None],
+             rule: Callable[[Measured], str] | None = None, chapter: str | None = None, anchor: str | None = None
+             ) -> Finding:
+    """Plug a chapter's compute function (and optionally its rule, page and anchor) into a registered finding."""
+    if finding_id not in FINDINGS:
+        raise KeyError(f"unknown finding {finding_id!r}; known: {', '.join(FINDINGS)}")
+    old = FINDINGS[finding_id]
+    FINDINGS[finding_id] = replace(old, compute=compute, rule=rule or old.rule or above_zero,
+                                   chapter=chapter if chapter is not None else old.chapter,
+                                   anchor=anchor if anchor is not None else old.anchor)
+    return FINDINGS[finding_id]
+
+
+def computes(finding_id: str, **kw):
+    """Decorator form of :func:`register`."""
+    def wrap(fn):
+        register(finding_id, fn, **kw)
+        return fn
+
+    return wrap
+
+
+def evaluate(finding: Finding, model: str, profile: Profile | str = "book") -> tuple[Measured | None, str]:
+    """Our measurement of ``finding`` for ``model`` and its verdict ("not yet run" when there is nothing cached)."""
+    profile = PROFILES[profile] if isinstance(profile, str) else profile
+    if finding.compute is None:
+        return None, NOT_YET_RUN
+    measured = finding.compute(model, profile)
+    if measured is None:
+        return None, NOT_YET_RUN
+    return measured, (finding.rule or above_zero)(measured)
+
+
+def verdict_rows(models: Sequence[str] = MODELS, profile: Profile | str = "book") -> list[dict]:
+    """One dict per finding: the finding, and per model ``(Measured | None, verdict)``."""
+    return [{"finding": f, **{m: evaluate(f, m, profile) for m in models}} for f in FINDINGS.values()]
+
+
+def to_html(rows: list[dict], models: Sequence[str] = MODELS, link_prefix: str = "") -> str:
+    """The verdict table as HTML: each finding links to its section (``link_prefix`` + page + ``.html#`` + anchor)."""
+    import html
+
+    colors = {REPRODUCED: "rgba(40,160,60,.22)", PARTLY: "rgba(230,160,0,.25)", NOT_REPRODUCED: "rgba(220,50,50,.22)",
+              NOT_YET_RUN: "rgba(128,128,128,.15)"}
+    head = "".join(f"<th>{html.escape(m)}</th>" for m in models)
+    out = ['<table class="verdicts"><thead><tr><th>finding (paper)</th><th>the paper</th>' + head +
+           "</tr></thead><tbody>"]
+    for row in rows:
+        f: Finding = row["finding"]
+        claim = html.escape(f.claim)
+        if f.chapter:
+            page = f.chapter.split("/")[-1]
+            claim = f'<a href="{link_prefix}{page}.html#{f.anchor}">{claim}</a>'
+        else:
+            claim += f' <em>(planned chapter: {html.escape(f.planned)})</em>'
+        cells = []
+        for m in models:
+            measured, verdict = row[m]
+            body = f'<span style="background:{colors[verdict]};padding:0 .3em;border-radius:.2em">{verdict}</span>'
+            if measured is not None:
+                body = (f"<b>{html.escape(measured.text())}</b><br>{body}<br><small>n = "
+                        f"{html.escape(measured.estimate.n)}; {html.escape(measured.note)}</small>")
+            cells.append(f"<td>{body}</td>")
+        out.append(f"<tr><td>{claim} <small>({html.escape(f.where)})</small></td><td>{html.escape(f.paper)}</td>"
+                   + "".join(cells) + "</tr>")
+    out.append("</tbody></table>")
+    return "\n".join(out)
+
+
+def summary_counts(rows: list[dict], models: Sequence[str] = MODELS) -> dict[str, dict[str, int]]:
+    """How many findings got each verdict, per model."""
+    return {m: {v: sum(row[m][1] == v for row in rows) for v in VERDICTS} for m in models}
+
+
+def landing_figure(model: str = MODELS[0], task: str = "sst2", profile: Profile | str = "book"):
+    """A real result for the landing page: S_wp and S_pq per layer on one task, with 95% bands; None if not cached."""
+    import matplotlib.pyplot as plt
+
+    from . import plots
+    from .aggregation import flow_estimate, saliency_runs
+
+    profile = PROFILES[profile] if isinstance(profile, str) else profile
+    runs = lookup(saliency_runs, model, task, profile)
+    if runs is None:
+        return None
+    est = flow_estimate(runs)
+    layers = np.arange(1, est.value.shape[1] + 1)
+    fig, ax = plt.subplots(figsize=(plots.PAGE_WIDTH / 2, 3.2), layout="constrained")
+    for i, m in enumerate(("S_wp", "S_pq")):
+        ax.plot(layers, est.value[i], color=plots.COLORS[m], label=plots.LABELS[m], marker=".")
+        ax.fill_between(layers, est.low[i], est.high[i], color=plots.COLORS[m], alpha=0.2, lw=0)
+    ax.set_xticks(plots.layer_ticks(len(layers)))
+    ax.set_xlabel("layer")
+    ax.set_ylabel("relative size")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=1, frameon=False)
+    ax.set_title(f"{model}, {get_task(task).title} (n = {est.n})")
+    return fig
