@@ -385,7 +385,11 @@ def to_html(rows: list[dict], models: Sequence[str] = MODELS, link_prefix: str =
         out.append(f"<tr><td>{claim} <small>({html.escape(f.where)})</small></td><td>{html.escape(f.paper)}</td>"
                    + "".join(cells) + "</tr>")
     out.append("</tbody></table>")
-    return "\n".join(out)
+    text = "\n".join(out)
+    for sym in ("S_wp", "S_pq", "S_ww", "R_l"):  # subscripts, as in the chapters
+        base, sub = sym.split("_")
+        text = text.replace(sym, f"{base}<sub>{sub}</sub>")
+    return text.replace('<table class="verdicts">', '<table class="verdicts" style="vertical-align:top">')
 
 
 def summary_counts(rows: list[dict], models: Sequence[str] = MODELS) -> dict[str, dict[str, int]]:

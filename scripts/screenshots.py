@@ -2,9 +2,8 @@
 
     python scripts/screenshots.py [_build/html] [_build/screenshots]
 
-Needs a Chromium binary (``apt-get install chromium``); the page height is measured first (a tall window, then
-``document.body.scrollHeight`` via ``--dump-dom`` is not reliable for layout), so we take one screenshot per page with
-a window as tall as the page, found by a first run with ``--virtual-time-budget``.
+Needs a Chromium binary (``apt-get install chromium``). Each page is shot in a window taller than any page, then the
+empty rows below the content column are cropped away.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ import sys
 from pathlib import Path
 
 WIDTHS = {"desktop": 1280, "phone": 390}
-HEIGHT = 12000  # tall enough for the longest page; the PNG is cropped to its content below
+HEIGHT = 20000  # taller than the longest page; the PNG is cropped to its content below
 
 
 def chromium() -> str:
@@ -32,9 +31,9 @@ def crop_bottom(png: Path) -> None:
     import numpy as np
 
     img = Image.open(png).convert("RGB")
-    a = np.asarray(img)
-    background = a[-1, 0]
-    rows = np.nonzero((np.abs(a.astype(int) - background).sum(axis=2) > 0).any(axis=1))[0]
+    a = np.asarray(img)[: img.height - 200, int(img.width * 0.2): int(img.width * 0.8)]  # content column, no footer
+    background = a[-1, a.shape[1] // 2]
+    rows = np.nonzero((np.abs(a.astype(int) - background).sum(axis=2) > 30).any(axis=1))[0]
     if len(rows):
         img.crop((0, 0, img.width, min(img.height, rows[-1] + 40))).save(png)
 
