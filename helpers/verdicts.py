@@ -381,8 +381,9 @@ def to_html(rows: list[dict], models: Sequence[str] = MODELS, link_prefix: str =
             if measured is not None:
                 body = (f"<b>{html.escape(measured.text())}</b><br>{body}<br><small>n = "
                         f"{html.escape(measured.n)}; {html.escape(measured.note)}</small>")
-            cells.append(f"<td>{body}</td>")
-        out.append(f"<tr><td>{claim} <small>({html.escape(f.where)})</small></td><td>{html.escape(f.paper)}</td>"
+            cells.append(f'<td style="vertical-align:top">{body}</td>')
+        out.append(f'<tr><td style="vertical-align:top">{claim} <small>({html.escape(f.where)})</small></td>'
+                   f'<td style="vertical-align:top">{html.escape(f.paper)}</td>'
                    + "".join(cells) + "</tr>")
     out.append("</tbody></table>")
     text = "\n".join(out)
