@@ -35,7 +35,7 @@ def saliency_runs(lm, data: TaskData, profile: Profile, shots: int = 1, **kw) ->
             return {"flows": saliency_flow(lm, data.task, prompts, batch_size=max(1, profile.batch_size // 2))}
 
         settings = settings_of(profile, seed=seed, shots=shots)
-        out.append(cached_run("saliency", lm.name, data.task.name, settings, compute, **kw)["flows"])
+        out.append(cached_run("saliency", lm, data, settings, compute, **kw)["flows"])
     return out
 
 
@@ -65,7 +65,7 @@ def saliency_examples(lm, data: TaskData, n: int = 3, seed: int = 42, pool: int 
             "input_ids": np.array([list(p.input_ids) + [lm.tokenizer.pad_token_id] * (t - len(p)) for p in prompts]),
         }
 
-    return cached_run("saliency-examples", lm.name, data.task.name, {"n": n, "seed": seed, "pool": pool}, compute,
+    return cached_run("saliency-examples", lm, data, {"n": n, "seed": seed, "pool": pool}, compute,
                       **kw)
 
 
@@ -82,7 +82,7 @@ def isolation_runs(lm, data: TaskData, profile: Profile, ks: Sequence[int] = KS,
 
         settings = settings_of(profile, seed=seed, shots=shots, ks=list(ks), random_ks=list(random_ks),
                                n_test=n_test)
-        out.append(cached_run("isolation", lm.name, data.task.name, settings, compute, **kw))
+        out.append(cached_run("isolation", lm, data, settings, compute, **kw))
     return out
 
 

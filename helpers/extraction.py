@@ -122,7 +122,7 @@ def extraction_runs(lm, data: TaskData, profile: Profile, shots: int = 1, **kw) 
             return label_attention(lm, data.task, prompts, batch_size=profile.batch_size)
 
         settings = settings_of(profile, seed=seed, shots=shots, n_test=profile.n_test_extraction or profile.n_test)
-        out.append(cached_run("extraction", lm.name, data.task.name, settings, compute, **kw))
+        out.append(cached_run("extraction", lm, data, settings, compute, **kw))
     return out
 
 

