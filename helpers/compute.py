@@ -1,17 +1,22 @@
 """Compute (and cache) a chapter's results ahead of the book build.
 
-    python -m helpers.compute aggregation --profile book --model gemma-3-270m
+    python -m helpers.compute aggregation --profile book --model gemma-3-270m                   # the user cache
+    python -m helpers.compute aggregation --profile book --model gemma-3-270m --into-committed  # results/ (maintainers)
+
+Results go to the user cache (``$ANCHORS_RESULTS`` or ``~/.cache/anchors/results``). ``--into-committed`` writes the
+repository's committed ``results/`` instead (a source checkout only), to refresh the book's published numbers.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
 
 from .models import DEFAULT_MODEL, load_model
-from .runs import PROFILES
+from .runs import PROFILES, REPO_ROOT, RESULTS_ENV
 from .tasks import TASKS, load_task
 
 
@@ -23,7 +28,14 @@ def main(argv=None) -> None:
     parser.add_argument("--tasks", nargs="*", default=list(TASKS))
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--shots", type=int, nargs="*", default=[1, 2], help="extraction: shots per class")
+    parser.add_argument("--into-committed", action="store_true",
+                        help="write into the repository's committed results/ (maintainers refreshing the book)")
     args = parser.parse_args(argv)
+    if args.into_committed:
+        committed = REPO_ROOT / "results"
+        if not (REPO_ROOT / "pyproject.toml").is_file() or not committed.is_dir():
+            parser.error(f"--into-committed needs a source checkout with a results/ folder (not {committed})")
+        os.environ[RESULTS_ENV] = str(committed)
     if args.threads:
         torch.set_num_threads(args.threads)
     lm = load_model(args.model)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .attention import Record, intervene
-from .prompts import Prompt, collate, label_token_ids, target_logits
+from .prompts import Prompt, check_prompts, collate, label_token_ids, target_logits
 from .runs import Profile, cached_run, make_prompts, settings_of
 from .stats import N_BOOT, Estimate, bootstrap_weighted, mean_estimate
 from .tasks import Task, TaskData
@@ -45,6 +45,7 @@ def label_attention(lm, task: Task, prompts: Sequence[Prompt], batch_size: int =
     """
     from tqdm.auto import tqdm
 
+    check_prompts(lm, prompts, task)
     label_ids = list(label_token_ids(task, lm.tokenizer))
     n_classes = task.n_classes
     att, sink, probs = [], [], []
@@ -193,7 +194,7 @@ def extraction_runs(lm, data: TaskData, profile: Profile, shots: int = 1, **kw) 
             return label_attention(lm, data.task, prompts, batch_size=profile.batch_size)
 
         settings = settings_of(profile, seed=seed, shots=shots, n_test=profile.n_test_extraction or profile.n_test)
-        out.append(cached_run("extraction", lm.name, data.task.name, settings, compute, **kw))
+        out.append(cached_run("extraction", lm, data, settings, compute, **kw))
     return out
 
 

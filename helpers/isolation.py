@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .attention import Isolate, intervene
-from .prompts import Prompt, collate, label_token_ids, target_logits
+from .prompts import Prompt, check_prompts, collate, label_token_ids, target_logits
 from .tasks import Task
 
 __all__ = ["TOP_K_STORED", "isolated_layers", "random_positions", "condition_name", "run_isolation",
@@ -76,6 +76,7 @@ def run_isolation(
     """
     from tqdm.auto import tqdm
 
+    check_prompts(lm, prompts, task)
     label_ids = list(label_token_ids(task, lm.tokenizer))
     random_ks = ks if random_ks is None else random_ks
     conditions = [("none", "", 0)] + [

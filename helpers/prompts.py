@@ -17,6 +17,7 @@ highest priority among them: label > format > text.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -25,7 +26,8 @@ import torch
 
 from .tasks import Example, Task, get_task
 
-__all__ = ["Segment", "Prompt", "Batch", "label_token_ids", "build_prompt", "collate", "target_logits"]
+__all__ = ["Segment", "Prompt", "Batch", "label_token_ids", "build_prompt", "collate", "target_logits",
+           "tokenizer_fingerprint", "check_prompts"]
 
 _ROLE_PRIORITY = {"text": 0, "format": 1, "label": 2}
 
@@ -53,6 +55,7 @@ class Prompt:
     target: int  # q: the last token, the colon after the query's label prefix
     label: int | None  # gold label of the query, if known
     special_positions: tuple[int, ...]  # tokens the tokenizer added (BOS)
+    tokenizer: str = ""  # tokenizer_fingerprint of the tokenizer that built it (checked against the model's)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -79,6 +82,39 @@ def _segments(task: Task, demos: Sequence[Example], query: Example | str) -> lis
         Segment(f"\n{task.label_prefix}:", "format", -1),
     ]
     return segs
+
+
+_PROBE = "Review: a fine film, 1999!\nSentiment: Positive\nQuestion: Who? Answer Type: Number Emotion: Happy"
+
+
+@lru_cache(maxsize=32)
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A short hash of what a tokenizer does: its class, vocabulary size, special ids and the ids of a probe text.
+
+    Prompts record it, and the experiments check it against the model's tokenizer, so prompts built with another
+    model's tokenizer (whose ids mean other tokens) are refused instead of silently run.
+    """
+    ids = tokenizer(_PROBE)["input_ids"]
+    blob = f"{type(tokenizer).__name__}|{len(tokenizer)}|{tokenizer.bos_token_id}|{tokenizer.eos_token_id}|{ids}"
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def check_prompts(lm, prompts: Sequence[Prompt], task: Task | None = None) -> None:
+    """Raise ``ValueError`` for an empty prompt list, prompts built with another tokenizer than ``lm``'s, or (with
+    ``task``) a query label outside the task's classes."""
+    if len(prompts) == 0:
+        raise ValueError("no prompts: pass at least one (e.g. from helpers.runs.make_prompts)")
+    expected = tokenizer_fingerprint(lm.tokenizer)
+    other = sorted({p.tokenizer for p in prompts} - {expected})
+    if other:
+        raise ValueError(
+            f"prompts were built with another tokenizer than {getattr(lm, 'name', 'the model')!r}'s (fingerprints {other}, the model's is "
+            f"{expected}): build them with build_prompt(..., lm.tokenizer) or make_prompts(lm, ...)"
+        )
+    if task is not None:
+        bad = sorted({p.label for p in prompts if p.label is not None and not 0 <= p.label < task.n_classes})
+        if bad:
+            raise ValueError(f"query labels {bad} outside 0..{task.n_classes - 1} for {task.name}")
 
 
 def _encode(tokenizer, text: str):
@@ -125,6 +161,8 @@ def build_prompt(
     for ex in demos:
         if not 0 <= ex.label < task.n_classes:
             raise ValueError(f"demonstration label {ex.label} outside 0..{task.n_classes - 1} for {task.name}")
+    if isinstance(query, Example) and not 0 <= query.label < task.n_classes:
+        raise ValueError(f"query label {query.label} outside 0..{task.n_classes - 1} for {task.name}")
     segs = _segments(task, demos, query)
     text = "".join(s.text for s in segs)
     input_ids, offsets, special = _encode(tokenizer, text)
@@ -189,6 +227,7 @@ def build_prompt(
         target=target,
         label=query.label if isinstance(query, Example) else None,
         special_positions=tuple(i for i, r in enumerate(roles) if r is None),
+        tokenizer=tokenizer_fingerprint(tokenizer),
     )
 
 
@@ -223,6 +262,8 @@ def collate(prompts: Sequence[Prompt], pad_id: int) -> Batch:
     """Pad prompts on the right with ``pad_id`` into one batch."""
     if not prompts:
         raise ValueError("collate needs at least one prompt")
+    if len({p.tokenizer for p in prompts}) > 1:
+        raise ValueError("collate got prompts built with different tokenizers")
     t = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), t), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), t), dtype=torch.long)
@@ -238,6 +279,9 @@ def target_logits(model, batch: Batch) -> torch.Tensor:
     Only the q rows go through the output layer (``logits_to_keep``), which matters for Gemma's 262k vocabulary.
     Gradients flow if the caller enables them. The label-restricted logits of the paper (§1.5) are
     ``target_logits(...)[:, label_token_ids(task, tokenizer)]``; their argmax is the prediction.
+
+    Raises ``FloatingPointError`` if a logit is NaN or infinite (checked once per batch, so no experiment can carry
+    a silent NaN; a float16 model is told to use bfloat16 or float32).
     """
     device = next(model.parameters()).device
     out = model(
@@ -246,4 +290,14 @@ def target_logits(model, batch: Batch) -> torch.Tensor:
         logits_to_keep=batch.target.to(device)[:, None],
         use_cache=False,
     )
-    return out.logits[:, 0, :]
+    logits = out.logits[:, 0, :]
+    finite = torch.isfinite(logits.detach())
+    if not bool(finite.all()):
+        rows = (~finite.all(dim=-1)).nonzero().flatten().tolist()
+        dtype = next(model.parameters()).dtype
+        raise FloatingPointError(
+            f"non-finite logits for examples {rows} of this batch (model dtype {str(dtype).removeprefix('torch.')})"
+            + (": float16 overflows in this model; load it with dtype=torch.bfloat16 or torch.float32"
+               if dtype == torch.float16 else "")
+        )
+    return logits

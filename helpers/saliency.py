@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import Saliency, intervene
-from .prompts import Batch, Prompt, collate, label_token_ids, target_logits
+from .prompts import Batch, Prompt, check_prompts, collate, label_token_ids, target_logits
 from .tasks import Task
 
 __all__ = ["MEASURES", "saliency_matrices", "flow_measures", "flows_at", "saliency_flow", "normalise_per_layer"]
@@ -80,6 +80,7 @@ def saliency_flow(
     """(N, 3, L): S_wp, S_pq, S_ww per layer for each prompt (not normalised)."""
     from tqdm.auto import tqdm
 
+    check_prompts(lm, prompts, task)
     label_ids = label_token_ids(task, lm.tokenizer)
     out = []
     for start in tqdm(range(0, len(prompts), batch_size), desc=f"saliency {task.name}", disable=not progress):

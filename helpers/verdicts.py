@@ -32,13 +32,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from types import SimpleNamespace
 
 import numpy as np
 
-from .runs import PROFILES, Profile
+from .runs import PROFILES, ModelKey, Profile
 from .stats import Estimate
-from .tasks import TASKS, get_task
+from .tasks import TASKS, get_task, load_task
 
 __all__ = ["Finding", "Measured", "FINDINGS", "VERDICTS", "REPRODUCED", "PARTLY", "NOT_REPRODUCED", "NOT_YET_RUN",
            "register", "computes", "evaluate", "verdict_rows", "lookup", "MODELS"]
@@ -89,8 +88,8 @@ class Finding:
 def lookup(run_function, model: str, task: str, profile: Profile, **kw) -> list | None:
     """The per-seed results of ``run_function`` (e.g. :func:`helpers.aggregation.isolation_runs`) from the cache, or
     ``None`` if any seed is missing. No model is loaded: only its name keys the cache."""
-    lm = SimpleNamespace(name=model)
-    data = SimpleNamespace(task=get_task(task))
+    lm = ModelKey.of(model)  # float32 on the CPU, as the chapters load it
+    data = load_task(task)  # its fingerprint keys the cache
     out = run_function(lm, data, profile, lookup_only=True, **kw)
     return None if any(r is None for r in out) else out
 

@@ -1,8 +1,10 @@
 """Shared fixtures: data folder, tiny random models of every family, the offline tokenizers.
 
 Everything here runs offline. Tiny models are built from configs (no download) with a fixed seed; the offline
-tokenizers come from the converted copies in ``$ANCHORS_CACHE`` / ``~/.cache/anchors/models`` and the tests that need
-them are skipped when those are missing.
+tokenizers come from the converted copies in ``$ANCHORS_CACHE`` / ``~/.cache/anchors/models``.
+
+A test whose model package or data folder is missing is skipped on a developer's machine, but FAILS when ``CI`` is set
+or ``ANCHORS_STRICT=1`` (``.ci/run`` sets it): CI must not go green while checking less (:func:`unavailable`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,14 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # test the working tree's helpers, also when run as plain `pytest`
     sys.path.insert(0, str(REPO))
 DEFAULT_DATA = REPO.parent / "shared" / "data"
+STRICT = bool(os.environ.get("CI")) or os.environ.get("ANCHORS_STRICT") == "1"
+
+
+def unavailable(reason: str):
+    """Skip a test whose model package or data is missing, or fail it in strict mode (CI, ANCHORS_STRICT=1)."""
+    if STRICT:
+        pytest.fail(f"{reason} (strict mode: CI or ANCHORS_STRICT=1 turns this skip into a failure)", pytrace=False)
+    pytest.skip(reason)
 
 # Parity numbers (max |logit difference| anchors vs stock eager, per family), printed in the terminal summary.
 PARITY_KEY = pytest.StashKey[dict]()
@@ -42,6 +52,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    terminalreporter.write_line(f"strict mode (missing models/data fail): {'on' if STRICT else 'off'}")
     parity = config.stash.get(PARITY_KEY, {})
     if parity:
         terminalreporter.section("anchors vs eager parity (max |Δ logit| on non-padded positions)")
@@ -62,8 +73,9 @@ def parity_record(pytestconfig) -> dict:
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     folder = Path(os.environ.get("ANCHORS_DATA") or DEFAULT_DATA).expanduser().resolve()
-    if not (folder / "sst2" / "test.jsonl").is_file():
-        pytest.skip(f"no task data in {folder} (set ANCHORS_DATA)")
+    missing = [t for t in ("sst2", "trec", "agnews", "emoc") if not (folder / t / "test.jsonl").is_file()]
+    if missing:
+        unavailable(f"no task data for {missing} in {folder} (set ANCHORS_DATA)")
     return folder
 
 
@@ -161,10 +173,33 @@ def offline_tokenizers() -> dict:
         try:
             folder = models._offline_folder(models.OFFLINE_MODELS[name], progress=False)
         except ModuleNotFoundError as err:
-            pytest.skip(f"offline model {name} not available: {err}")
+            unavailable(f"offline model {name} not available: {err}")
         tok = AutoTokenizer.from_pretrained(folder)
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         tok.padding_side = "right"
         out[name] = tok
     return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Real offline models, loaded once per session (slow tests)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def offline_model():
+    """``offline_model(name)``: the real offline model, loaded once for the whole session (or skipped / failed)."""
+    from helpers import load_model
+
+    cache: dict = {}
+
+    def get(name: str):
+        if name not in cache:
+            try:
+                cache[name] = load_model(name)
+            except ModuleNotFoundError as err:
+                unavailable(f"{name} not available offline: {err}")
+        return cache[name]
+
+    return get

