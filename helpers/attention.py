@@ -296,7 +296,7 @@ class Reweight(Hook):
         if (rows < 0).any() or (rows >= t).any():
             raise ValueError("the target q is not among this forward pass's query rows")
         cols = self.label_positions.to(probs.device).reshape(b, -1)  # (B, C*K), class-major
-        scale = torch.exp(self.beta[layer]).to(probs.dtype).T.repeat_interleave(shots, dim=0)  # (C*K, H)
+        scale = torch.exp(self.beta[layer]).to(probs.device, probs.dtype).T.repeat_interleave(shots, dim=0)  # (C*K, H)
         probs = probs.clone()
         probs[batch, :, rows, cols] = probs[batch, :, rows, cols] * scale  # indexed as (B, C*K, H)
         return probs

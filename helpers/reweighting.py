@@ -58,7 +58,8 @@ __all__ = [
     "EXPERIMENT", "METHODS", "METHOD_TITLES", "CONTENT_FREE", "TrainConfig", "many_shots", "n_parameters",
     "class_positions", "random_positions", "positions_tensor", "evaluate", "prefix_states", "cached_step",
     "full_step", "label_head", "shared_prefix_length", "prefix_kv", "continued_label_logits", "train_beta", "train_bias", "contextual_calibration", "bias_calibration", "SeedSetup",
-    "seed_setup", "reweighting_run", "reweighting_runs", "n_test_of", "measure",
+    "seed_setup", "reweighting_run", "reweighting_runs", "n_test_of", "measure", "PAPER_TABLE1", "correctness", "available_seeds",
+    "accuracy", "difference", "best_control", "cost_table",
 ]
 
 EXPERIMENT = "reweighting"
@@ -290,7 +291,7 @@ def _epoch_orders(n: int, epochs: int, seed: int) -> list[list[int]]:
 
 def _loss(logits: torch.Tensor, gold: int) -> torch.Tensor:
     """Gold-label cross-entropy of the label-restricted logits (the paper's training loss)."""
-    return F.cross_entropy(logits[None], torch.tensor([gold]))
+    return F.cross_entropy(logits[None], torch.tensor([gold], device=logits.device))
 
 
 def train_beta(lm, task: Task, train_prompts: Sequence[Prompt], positions: Callable[[Prompt], list[list[int]]],
@@ -316,7 +317,8 @@ def train_beta(lm, task: Task, train_prompts: Sequence[Prompt], positions: Calla
     shared = prefix_kv(model, train_prompts[0].input_ids[: shared_prefix_length(train_prompts)])
     prefixes = [prefix_states(model, p, shared) for p in train_prompts]
     prefix_s = time.perf_counter() - t0
-    beta = torch.zeros(lm.n_layers, lm.n_heads, n_classes, requires_grad=True)
+    beta = torch.zeros(lm.n_layers, lm.n_heads, n_classes, device=next(model.parameters()).device,
+                       requires_grad=True)
     optimiser = torch.optim.Adam([beta], lr=config.lr, betas=config.betas)
 
     def full_loss() -> float:
@@ -348,7 +350,7 @@ def train_beta(lm, task: Task, train_prompts: Sequence[Prompt], positions: Calla
         loss_start = full_loss()
         beta.copy_(final)
     return {
-        "beta": final.numpy().copy(),
+        "beta": final.cpu().numpy().copy(),
         "epoch_loss": np.array(epoch_loss),
         "loss_start": np.array(loss_start),
         "loss_end": np.array(loss_end),
@@ -530,6 +532,16 @@ def _cached(lm, data: TaskData, settings: dict, compute: Callable[[], dict[str, 
     return cached_run(EXPERIMENT, lm.name, data.task.name, settings, compute, **kw)
 
 
+def available_seeds(lm, data: TaskData, profile: Profile, methods: Sequence[str] = METHODS,
+                    config: TrainConfig = TrainConfig()) -> tuple[int, ...]:
+    """The profile's seeds whose results for every method are in the cache (what a chapter can show unchanged)."""
+    from .runs import result_path
+
+    return tuple(seed for seed in profile.seeds
+                 if all(result_path(EXPERIMENT, lm.name, data.task.name, _settings(profile, seed, m, config)).exists()
+                        for m in methods))
+
+
 def _settings(profile: Profile, seed: int, method: str, config: TrainConfig) -> dict:
     extra = dict(seed=seed, method=method, n_test=n_test_of(profile), shots=1,
                  extra_per_class=config.extra_per_class)
@@ -591,7 +603,7 @@ def reweighting_run(lm, data: TaskData, profile: Profile, seed: int, method: str
                     return random_positions(p, task.n_classes, seed)
             with measure() as m:
                 trained = train_beta(lm, task, s.train_prompts, where, seed, config, progress=progress)
-            beta = torch.from_numpy(trained["beta"])
+            beta = torch.from_numpy(trained["beta"]).to(lm.device)
             with measure() as e:
                 logits = evaluate(lm, task, s.test_prompts, beta, where, batch_size=bs, progress=progress,
                                   desc=f"evaluate {method}")
@@ -618,7 +630,7 @@ def reweighting_run(lm, data: TaskData, profile: Profile, seed: int, method: str
 def _naive_step_cost(lm, task: Task, setup: SeedSetup, where, n: int = 2) -> dict[str, np.ndarray]:
     """Time and memory of ``n`` naive steps (whole prompt forward + backward to beta; the update is discarded)."""
     label_ids = list(label_token_ids(task, lm.tokenizer))
-    beta = torch.zeros(lm.n_layers, lm.n_heads, task.n_classes, requires_grad=True)
+    beta = torch.zeros(lm.n_layers, lm.n_heads, task.n_classes, device=lm.device, requires_grad=True)
     times = []
     with measure() as m:
         for p in setup.train_prompts[:n]:
@@ -642,3 +654,86 @@ def reweighting_runs(lm, data: TaskData, profile: Profile, methods: Sequence[str
         for method in methods:
             out[method].append(reweighting_run(lm, data, profile, seed, method, config, setup, progress, **kw))
     return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# What the chapter reports
+# --------------------------------------------------------------------------------------------------------------------
+
+# The paper's Table 1 (GPT2-XL, accuracy %, mean of 5 seeds; ../shared/docs/paper-spec.md §5).
+PAPER_TABLE1 = {
+    "icl-1": {"sst2": 61.28, "trec": 57.56, "agnews": 73.32, "emoc": 15.44, "average": 51.90},
+    "icl-5": {"sst2": 64.75, "trec": 60.40, "agnews": 52.52, "emoc": 9.80, "average": 46.87},
+    "anchor": {"sst2": 90.07, "trec": 60.92, "agnews": 81.94, "emoc": 41.64, "average": 68.64},
+}
+
+Runs = dict  # {task: {method: [result per seed]}}
+
+
+def correctness(runs: Runs, method: str, task: str | None = None) -> list[np.ndarray]:
+    """Per seed, the 0/1 correctness of ``method``: (N,) for one task, (N, tasks) for all tasks side by side.
+
+    Checks that every method of a task was evaluated on the same test examples (the comparisons are paired).
+    """
+    tasks = [task] if task is not None else list(runs)
+    per_task = []
+    for t in tasks:
+        ref = [r["test_index"] for r in runs[t]["icl-1"]]
+        got = runs[t][method]
+        if len(got) != len(ref) or any(not np.array_equal(r["test_index"], i) for r, i in zip(got, ref)):
+            raise ValueError(f"{method} on {t} was not evaluated on the same test examples as icl-1")
+        per_task.append([np.asarray(r["correct"], dtype=float) for r in got])
+    if task is not None:
+        return per_task[0]
+    sizes = {len(x) for seeds in per_task for x in seeds}
+    if len(sizes) != 1:
+        raise ValueError("the average over tasks needs the same number of test examples per task and seed")
+    return [np.stack([seeds[s] for seeds in per_task], axis=1) for s in range(len(per_task[0]))]
+
+
+def accuracy(runs: Runs, method: str, task: str | None = None):
+    """Accuracy in % (an :class:`~helpers.stats.Estimate`): one task, or the average over tasks (``task=None``).
+
+    The average over tasks is bootstrapped by resampling the i-th test example of every task together (each task
+    has the same number of examples per seed); the statistic is the mean of the task accuracies.
+    """
+    from .stats import bootstrap
+
+    return bootstrap(correctness(runs, method, task), lambda a: np.mean(a)).scaled(100)
+
+
+def difference(runs: Runs, a: str, b: str, task: str | None = None):
+    """Paired accuracy difference a - b in points, over the same test examples within seeds (an Estimate)."""
+    from .stats import bootstrap
+
+    pairs = [x - y for x, y in zip(correctness(runs, a, task), correctness(runs, b, task), strict=True)]
+    return bootstrap(pairs, lambda d: np.mean(d)).scaled(100)
+
+
+def best_control(runs: Runs, controls: Sequence[str] = ("random", "bias", "contextual")) -> str:
+    """The control with the highest average accuracy over tasks (chosen on the test examples themselves)."""
+    return max(controls, key=lambda m: float(np.mean(np.concatenate([c.ravel() for c in correctness(runs, m)]))))
+
+
+def cost_table(runs: Runs) -> list[dict]:
+    """Per task: training time and peak memory of anchor re-weighting, and one vanilla evaluation pass for scale."""
+    rows = []
+    for t, by_method in runs.items():
+        icl, anc = by_method["icl-1"], by_method["anchor"]
+        train_s = np.array([float(r["train_s"]) for r in anc])
+        eval_s = np.array([float(r["eval_s"]) for r in icl])
+        rows.append({
+            "task": t,
+            "test examples": len(icl[0]["correct"]),
+            "training examples": len(icl[0]["train_gold"]),
+            "training s": float(train_s.mean()),
+            "vanilla evaluation s": float(eval_s.mean()),
+            "training / evaluation": float((train_s / eval_s).mean()),
+            "step s": float(np.mean([float(r["step_s"]) for r in anc])),
+            "naive step s": float(np.mean([float(r["naive_step_s"]) for r in anc])),
+            "training peak MB": float(np.max([float(r["train_peak_mb"]) for r in anc])),
+            "evaluation peak MB": float(np.max([float(r["eval_peak_mb"]) for r in icl])),
+            "naive step extra MB": float(np.max([float(r["naive_extra_mb"]) for r in anc])),
+            "threads": int(anc[0]["threads"]),
+        })
+    return rows

@@ -340,3 +340,48 @@ def test_learned_bias_removes_a_constant_prior():
 
 def test_methods_are_named():
     assert METHODS == ("icl-1", "icl-5", "anchor", "random", "bias", "contextual")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Committed book-profile results: a recomputed slice equals the committed one (slow: a real model)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_committed_reweighting_slice(data_dir):
+    import helpers.reweighting as rw
+    from helpers import load_model
+    from helpers.runs import PROFILES, load_result, result_path
+
+    lm = load_model("gemma-3-270m")
+    data = load_task("sst2", data_dir)
+    profile = PROFILES["book"]
+
+    def committed(method):
+        path = result_path(rw.EXPERIMENT, lm.name, "sst2", rw._settings(profile, 42, method, rw.TrainConfig()))
+        assert path.exists(), f"committed results missing or stale (settings/version changed?): {path}"
+        return load_result(path)
+
+    s = rw.seed_setup(lm, data, 42, rw.n_test_of(profile))
+    icl, many, anchor = committed("icl-1"), committed("icl-5"), committed("anchor")
+    np.testing.assert_array_equal(icl["test_index"], s.test)
+    for res, prompts in [(icl, s.test_prompts), (many, s.many_prompts)]:
+        fresh = rw.evaluate(lm, data.task, prompts[:8], progress=False)
+        np.testing.assert_allclose(fresh, res["logits"][:8], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(rw.evaluate(lm, data.task, [s.content_free], progress=False)[0], icl["cf_logits"],
+                               rtol=1e-4, atol=1e-4)
+    # Re-train beta from scratch (SST-2: 8 examples x 10 epochs) and compare.
+    where = lambda p: rw.class_positions(p, 2)  # noqa: E731
+    trained = rw.train_beta(lm, data.task, s.train_prompts, where, 42, progress=False)
+    np.testing.assert_allclose(trained["beta"], anchor["beta"], rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(trained["epoch_loss"], anchor["epoch_loss"], rtol=1e-4, atol=1e-5)
+    fresh = rw.evaluate(lm, data.task, s.test_prompts[:8], torch.from_numpy(anchor["beta"]), where, progress=False)
+    np.testing.assert_allclose(fresh, anchor["logits"][:8], rtol=1e-4, atol=1e-4)
+    # The calibration controls follow from the committed ICL logits.
+    bias = rw.train_bias(icl["train_logits"], icl["train_gold"], 42)
+    np.testing.assert_allclose(bias["bias"], committed("bias")["bias"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(
+        rw.contextual_calibration(icl["logits"], icl["cf_logits"]).argmax(1), committed("contextual")["pred"])
+    # The random control's positions are text tokens of the demonstrations.
+    rnd = committed("random")
+    assert rnd["positions"].tolist() == rw.random_positions(s.test_prompts[0], 2, 42)
