@@ -48,7 +48,7 @@ class Profile:
 PROFILES: dict[str, Profile] = {
     "quick": Profile("quick", n_test=8, seeds=(42,)),
     "book": Profile("book", n_test=24, seeds=(42, 43, 44), n_test_extraction=32, n_test_isolation=16,
-                    n_test_reweighting=96),
+                    n_test_reweighting=64),
     "paper": Profile("paper", n_test=1000, seeds=(42, 43, 44, 45, 46)),
 }
 
