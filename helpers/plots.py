@@ -207,7 +207,7 @@ def beta_heatmaps(betas: Mapping[str, np.ndarray], title: str = "", vmax: float 
             ax.axvline(c * n_heads - 0.5, color="k", lw=0.8)
         names = get_task(task).class_names
         ax.set_xticks([c * n_heads + (n_heads - 1) / 2 for c in range(n_classes)],
-                      [names[c][:5] for c in range(n_classes)], fontsize=8, rotation=90)
+                      [names[c] for c in range(n_classes)], fontsize=8, rotation=90)
         step = max(1, n_layers // 6)
         ax.set_yticks(range(0, n_layers, step), [str(i + 1) for i in range(0, n_layers, step)], fontsize=8)
         ax.set_title(get_task(task).title, fontsize=10)
@@ -231,7 +231,7 @@ def training_curves(curves: Mapping[str, Mapping[str, np.ndarray]], title: str =
         ax.set_xlabel("epoch")
         ax.set_xticks(epochs[:: max(1, len(epochs) // 5)])
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("training loss (mean over steps)")
+    axes[0].set_ylabel("training loss")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), fontsize=9)
     if title:
