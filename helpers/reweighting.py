@@ -685,6 +685,8 @@ def correctness(runs: Runs, method: str, task: str | None = None) -> list[np.nda
         per_task.append([np.asarray(r["correct"], dtype=float) for r in got])
     if task is not None:
         return per_task[0]
+    if len({len(seeds) for seeds in per_task}) != 1:
+        raise ValueError("the average over tasks needs the same seeds for every task")
     sizes = {len(x) for seeds in per_task for x in seeds}
     if len(sizes) != 1:
         raise ValueError("the average over tasks needs the same number of test examples per task and seed")

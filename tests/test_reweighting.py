@@ -385,3 +385,29 @@ def test_committed_reweighting_slice(data_dir):
     # The random control's positions are text tokens of the demonstrations.
     rnd = committed("random")
     assert rnd["positions"].tolist() == rw.random_positions(s.test_prompts[0], 2, 42)
+
+
+def test_accuracy_and_paired_difference_on_constructed_runs():
+    from helpers.reweighting import accuracy, best_control, correctness, difference
+
+    def res(correct, index):
+        return {"correct": np.array(correct, dtype=np.int8), "test_index": np.array(index)}
+
+    runs = {
+        "sst2": {"icl-1": [res([1, 0, 0, 1], [5, 6, 7, 8])], "anchor": [res([1, 1, 0, 1], [5, 6, 7, 8])],
+                 "random": [res([1, 0, 0, 0], [5, 6, 7, 8])], "bias": [res([0, 0, 0, 1], [5, 6, 7, 8])],
+                 "contextual": [res([1, 1, 1, 1], [5, 6, 7, 8])]},
+        "trec": {"icl-1": [res([0, 0, 0, 0], [1, 2, 3, 4])], "anchor": [res([1, 0, 0, 0], [1, 2, 3, 4])],
+                 "random": [res([0, 0, 0, 0], [1, 2, 3, 4])], "bias": [res([0, 0, 0, 0], [1, 2, 3, 4])],
+                 "contextual": [res([0, 0, 0, 0], [1, 2, 3, 4])]},
+    }
+    assert accuracy(runs, "anchor", "sst2").value == pytest.approx(75.0)
+    assert accuracy(runs, "anchor").value == pytest.approx((75.0 + 25.0) / 2)
+    d = difference(runs, "anchor", "icl-1")
+    assert d.value == pytest.approx(25.0) and d.low <= d.value <= d.high
+    assert difference(runs, "anchor", "icl-1", "sst2").value == pytest.approx(25.0)
+    assert best_control(runs) == "contextual"
+    assert correctness(runs, "anchor")[0].shape == (4, 2)
+    runs["trec"]["random"] = [res([0, 0, 0, 0], [1, 2, 3, 9])]
+    with pytest.raises(ValueError, match="same test examples"):
+        correctness(runs, "random", "trec")
