@@ -281,25 +281,36 @@ class Isolate(Hook):
 class Reweight(Hook):
     """Anchor re-weighting (paper §3.1, Eq. 9/12): A[q, p_i] <- exp(beta[l, h, i]) * A[q, p_i], post-softmax.
 
-    ``beta``: a parameter (L, H, C), initialised to 0 so that the model starts unchanged. ``target``: LongTensor (B,)
-    of target positions q. ``label_positions``: LongTensor (B, C), the position of class i's label word in each
-    example (one demonstration per class). No renormalisation, as in the paper and the official code.
+    ``beta``: a parameter (L, H, C), initialised to 0 so that the model starts unchanged; H counts *query* heads
+    (with grouped-query attention each query head has its own beta). ``target``: LongTensor (B,) of target
+    positions q. ``label_positions``: LongTensor (B, C), the position of class i's label word in each example (one
+    demonstration per class), or (B, C, K) for K demonstrations per class: then all K label words of class i share
+    the one multiplier exp(beta[l, h, i]) (so the number of parameters does not grow with the shots). Positions are
+    absolute token positions; the hook also works for a forward pass that continues a KV cache (the query rows are
+    then the last T of the S keys, as in :class:`Isolate`). No renormalisation, as in the paper and the official code.
     """
 
     def __init__(self, beta: torch.Tensor, target: torch.Tensor, label_positions: torch.Tensor):
         super().__init__(range(beta.shape[0]))
         if beta.ndim != 3:
             raise ValueError(f"beta must be (layers, heads, classes), got shape {tuple(beta.shape)}")
-        if label_positions.ndim != 2 or label_positions.shape[1] != beta.shape[2]:
+        if label_positions.ndim == 2:
+            label_positions = label_positions[:, :, None]
+        if label_positions.ndim != 3 or label_positions.shape[1] != beta.shape[2]:
             raise ValueError(
-                f"label_positions must be (batch, {beta.shape[2]}) for beta of shape {tuple(beta.shape)}, "
-                f"got {tuple(label_positions.shape)}"
+                f"label_positions must be (batch, {beta.shape[2]}) or (batch, {beta.shape[2]}, shots) for beta of "
+                f"shape {tuple(beta.shape)}, got {tuple(label_positions.shape)}"
             )
-        if target.ndim != 1 or target.shape[0] != label_positions.shape[0]:
+        if target.shape != (label_positions.shape[0],):
             raise ValueError(
                 f"target must be (batch,) = ({label_positions.shape[0]},) like label_positions, "
                 f"got {tuple(target.shape)}"
             )
+        flat = label_positions.reshape(label_positions.shape[0], -1)
+        if any(len(set(row.tolist())) != len(row) for row in flat):
+            raise ValueError("label_positions repeat a position within an example")
+        if (flat >= target[:, None]).any() or (flat < 0).any():
+            raise ValueError("every re-weighted position must lie before the target q")
         self.beta = beta
         self.target = target
         self.label_positions = label_positions
@@ -308,7 +319,7 @@ class Reweight(Hook):
         return True  # every layer: a layer beyond beta's must raise, not pass through unchanged
 
     def post_softmax(self, layer, probs):
-        b, h = probs.shape[:2]
+        b, h, t, s = probs.shape
         if layer is None or layer >= self.beta.shape[0]:
             raise ValueError(
                 f"beta has {self.beta.shape[0]} layers, the model has more (layer {layer}): "
@@ -316,16 +327,17 @@ class Reweight(Hook):
             )
         if h != self.beta.shape[1]:
             raise ValueError(f"beta has {self.beta.shape[1]} heads, layer {layer} has {h}")
-        if self.target.shape[0] != b:
-            raise ValueError(
-                f"Reweight was built for a batch of {self.target.shape[0]} examples, the batch has {b}"
-            )
+        if b != self.target.shape[0]:
+            raise ValueError(f"Reweight was built for a batch of {self.target.shape[0]} examples, the batch has {b}")
+        shots = self.label_positions.shape[2]
         batch = torch.arange(b, device=probs.device)[:, None]  # (B, 1)
-        rows = self.target.to(probs.device)[:, None]  # (B, 1)
-        cols = self.label_positions.to(probs.device)  # (B, C)
-        scale = torch.exp(self.beta[layer]).to(probs.dtype).T  # (C, H)
+        rows = self.target.to(probs.device)[:, None] - (s - t)  # (B, 1): the target's row among the query rows
+        if (rows < 0).any() or (rows >= t).any():
+            raise ValueError("the target q is not among this forward pass's query rows")
+        cols = self.label_positions.to(probs.device).reshape(b, -1)  # (B, C*K), class-major
+        scale = torch.exp(self.beta[layer]).to(probs.device, probs.dtype).T.repeat_interleave(shots, dim=0)  # (C*K, H)
         probs = probs.clone()
-        probs[batch, :, rows, cols] = probs[batch, :, rows, cols] * scale  # indexed as (B, C, H)
+        probs[batch, :, rows, cols] = probs[batch, :, rows, cols] * scale  # indexed as (B, C*K, H)
         return probs
 
 

@@ -22,7 +22,7 @@ from .tasks import TASKS, load_task
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("chapter", choices=["aggregation", "extraction"])
+    parser.add_argument("chapter", choices=["aggregation", "extraction", "reweighting"])
     parser.add_argument("--profile", default="book", choices=sorted(PROFILES))
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--tasks", nargs="*", default=list(TASKS))
@@ -30,6 +30,8 @@ def main(argv=None) -> None:
     parser.add_argument("--shots", type=int, nargs="*", default=[1, 2], help="extraction: shots per class")
     parser.add_argument("--into-committed", action="store_true",
                         help="write into the repository's committed results/ (maintainers refreshing the book)")
+    parser.add_argument("--seeds", type=int, nargs="*", default=None,
+                        help="reweighting: only these seeds of the profile (seed by seed, every task)")
     args = parser.parse_args(argv)
     if args.into_committed:
         committed = REPO_ROOT / "results"
@@ -40,6 +42,15 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     lm = load_model(args.model)
     profile = PROFILES[args.profile]
+    if args.chapter == "reweighting":  # seed-major, so that whole seeds finish first
+        from .reweighting import reweighting_runs
+
+        for seed in args.seeds or profile.seeds:
+            for name in args.tasks:
+                t0 = time.perf_counter()
+                reweighting_runs(lm, load_task(name), profile, seeds=[seed])
+                print(f"reweighting {args.model} {name} seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
+        return
     for name in args.tasks:
         data = load_task(name)
         t0 = time.perf_counter()

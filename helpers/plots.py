@@ -346,3 +346,78 @@ def attention_example(attention: np.ndarray, probs: np.ndarray, class_names: Seq
     b.set_xlim(0, 1)
     b.set_title("label probabilities")
     return fig
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Re-weighting chapter
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def beta_heatmaps(betas: Mapping[str, np.ndarray], title: str = "", vmax: float | None = None) -> plt.Figure:
+    """Learned beta per task: one panel per task, layers (rows) × heads grouped by class (columns).
+
+    ``betas[task]`` is (L, H, C), e.g. averaged over seeds. A diverging scale centred at 0 (= multiplier 1).
+    """
+    n = len(betas)
+    widths = [max(b.shape[1] * b.shape[2], 4) for b in betas.values()]
+    fig, axes = plt.subplots(1, n, figsize=(min(2.2 + 0.14 * sum(widths), 11), 4.6), squeeze=False,
+                             gridspec_kw={"width_ratios": widths}, constrained_layout=True)
+    vmax = vmax or float(max(np.abs(b).max() for b in betas.values())) or 1.0
+    image = None
+    for ax, (task, beta) in zip(axes[0], betas.items()):
+        n_layers, n_heads, n_classes = beta.shape
+        grid = beta.transpose(0, 2, 1).reshape(n_layers, n_classes * n_heads)  # columns: class-major, then head
+        image = ax.imshow(grid, aspect="auto", cmap="RdBu_r", vmin=-vmax, vmax=vmax, origin="lower",
+                          interpolation="nearest")
+        for c in range(1, n_classes):
+            ax.axvline(c * n_heads - 0.5, color="k", lw=0.8)
+        names = get_task(task).class_names
+        ax.set_xticks([c * n_heads + (n_heads - 1) / 2 for c in range(n_classes)],
+                      [names[c] for c in range(n_classes)], fontsize=8, rotation=90)
+        step = max(1, n_layers // 6)
+        ax.set_yticks(range(0, n_layers, step), [str(i + 1) for i in range(0, n_layers, step)], fontsize=8)
+        ax.set_title(get_task(task).title, fontsize=10)
+    axes[0, 0].set_ylabel("layer")
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label=r"$\beta$ (heads within each class block)")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def training_curves(curves: Mapping[str, Mapping[str, np.ndarray]], title: str = "") -> plt.Figure:
+    """Training loss per epoch: ``curves[task][method]`` is (seeds, epochs); mean line and min-max band over seeds."""
+    fig, axes = _grid(len(curves), width=2.7, height=2.6)
+    for ax, (task, per_method) in zip(axes, curves.items()):
+        for method, arr in per_method.items():
+            arr = np.atleast_2d(arr)
+            epochs = np.arange(1, arr.shape[1] + 1)
+            line, = ax.plot(epochs, arr.mean(0), marker=".", label=method)
+            ax.fill_between(epochs, arr.min(0), arr.max(0), color=line.get_color(), alpha=0.2, lw=0)
+        ax.set_title(get_task(task).title, fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.set_xticks(epochs[:: max(1, len(epochs) // 5)])
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("training loss")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def difference_forest(estimates: Mapping[str, object], title: str = "", xlabel: str = "") -> plt.Figure:
+    """Point and 95% interval of each estimate (an :class:`~helpers.stats.Estimate`), one row each, with a 0 line."""
+    labels = list(estimates)
+    fig, ax = plt.subplots(figsize=(6.8, 0.32 * len(labels) + 1.0), constrained_layout=True)
+    for i, key in enumerate(labels):
+        e = estimates[key]
+        color = "#2ca02c" if e.low > 0 else ("#d62728" if e.high < 0 else "#555555")
+        ax.errorbar(e.value, i, xerr=[[e.value - e.low], [e.high - e.value]], fmt="o", color=color, capsize=3)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_yticks(range(len(labels)), labels, fontsize=9)
+    ax.invert_yaxis()
+    ax.set_xlabel(xlabel)
+    ax.grid(axis="x", alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return fig

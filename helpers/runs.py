@@ -71,6 +71,7 @@ class Profile:
     batch_size: int = 8
     n_test_extraction: int = 0  # extraction needs one forward pass per example: it can afford more (0 = n_test)
     n_test_isolation: int = 0  # isolation needs 11 forward passes per example: fewer on a CPU (0 = n_test)
+    n_test_reweighting: int = 0  # re-weighting: six methods per example and training per seed (0 = n_test)
 
 
 class _Profiles(dict):
@@ -80,7 +81,8 @@ class _Profiles(dict):
 
 PROFILES: dict[str, Profile] = _Profiles({
     "quick": Profile("quick", n_test=8, seeds=(42,)),
-    "book": Profile("book", n_test=24, seeds=(42, 43, 44), n_test_extraction=32, n_test_isolation=16),
+    "book": Profile("book", n_test=24, seeds=(42, 43, 44), n_test_extraction=32, n_test_isolation=16,
+                    n_test_reweighting=64),
     "paper": Profile("paper", n_test=1000, seeds=(42, 43, 44, 45, 46)),
 })
 
@@ -407,5 +409,6 @@ def settings_of(profile: Profile, **extra) -> dict:
     d.pop("batch_size")  # does not change results
     d.pop("n_test_extraction")  # experiments that use these pass them explicitly
     d.pop("n_test_isolation")
+    d.pop("n_test_reweighting")
     d.update(extra)
     return d

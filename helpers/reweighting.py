@@ -1,0 +1,738 @@
+"""Anchor re-weighting (paper §3.1, Table 1), its baselines, and the controls the paper did not run.
+
+**Anchor re-weighting.** A learnable beta per (layer l, query head h, class i), initialised at 0, multiplies the
+post-softmax attention from the target q to class i's label word (paper Eq. 9 and 12)::
+
+    A_{l,h}(q, p_i)  <-  exp(beta_{l,h,i}) * A_{l,h}(q, p_i)          (no renormalisation)
+
+through the one attention function of :mod:`helpers.attention` (hook :class:`~helpers.attention.Reweight`). With K
+demonstrations per class all K label words of class i share beta_{l,h,i}, so there are always L x H x C parameters.
+Training is the paper's (``icl/analysis/reweighting.py``; ``../shared/docs/paper-spec.md`` §5): the 4 extra
+examples per class of scheme A, each wrapped with the *same* demonstrations as the test queries; gold-label
+cross-entropy on the label-restricted logits; Adam (lr 0.01, betas 0.9/0.999); batch 1; 10 epochs, reshuffled every
+epoch by a generator seeded with the run's seed. The model's parameters are frozen (the official code computes their
+gradients and throws them away: ~27 GB for GPT2-XL, pitfall P12); only beta requires a gradient.
+
+**A cheaper but identical training step.** beta only changes the attention *row* of q. Every other position's hidden
+states are therefore independent of beta (causal attention), and so are their keys and values. We compute the keys
+and values of the prompt up to q-1 once per training example (no gradient), and each step runs only the last token
+q through the model, continuing that cache, with the gradient flowing to beta. Loss and gradient are those of the
+full forward pass (a test checks it on tiny models of every family); the cost per step is one token's forward and
+backward instead of the whole prompt's. :func:`full_step` is the naive step, kept for that test and for timing.
+
+**Baselines** (as the paper): vanilla ICL with the same one demonstration per class, and vanilla ICL with 5 per class
+(3 for AG News) made of that demonstration plus the auxiliary examples (scheme A with more shots), shuffled by a
+generator seeded with the run's seed (the official code shuffles without a seed).
+
+**Controls** (not in the paper), trained or fitted on the same examples:
+
+* ``random``: the same number of betas on one randomly chosen *text* token of each demonstration (never a label,
+  formatting or BOS token), seeded; column i belongs to the demonstration of class i;
+* ``bias``: a learned bias b (C parameters) on the label-restricted logits, softmax(z + b), trained exactly like
+  beta (same loss, optimiser, epochs, order) on the same examples;
+* ``contextual``: contextual calibration (Zhao et al., 2021): p_cf = softmax of the label logits for the
+  content-free query "N/A" with the same demonstrations; the calibrated prediction is argmax_i p_i / p_cf,i, i.e.
+  the logits z - log p_cf. No training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .attention import Reweight, intervene
+from .prompts import Prompt, build_prompt, collate, label_token_ids, target_logits
+from .runs import Profile, cached_run, settings_of
+from .tasks import Task, TaskData, sample_fixed_demonstrations, subsample_test
+
+__all__ = [
+    "EXPERIMENT", "METHODS", "METHOD_TITLES", "CONTENT_FREE", "TrainConfig", "many_shots", "n_parameters",
+    "class_positions", "random_positions", "positions_tensor", "evaluate", "prefix_states", "cached_step",
+    "full_step", "label_head", "shared_prefix_length", "prefix_kv", "continued_label_logits", "train_beta", "train_bias", "contextual_calibration", "bias_calibration", "SeedSetup",
+    "seed_setup", "reweighting_run", "reweighting_runs", "n_test_of", "measure", "PAPER_TABLE1", "correctness", "available_seeds",
+    "accuracy", "difference", "best_control", "cost_table",
+]
+
+EXPERIMENT = "reweighting"
+METHODS = ("icl-1", "icl-5", "anchor", "random", "bias", "contextual")
+METHOD_TITLES = {
+    "icl-1": "Vanilla ICL (1-shot per class)",
+    "icl-5": "Vanilla ICL (5-shot per class; AG News 3)",
+    "anchor": "Anchor re-weighting (1-shot per class)",
+    "random": "Control: random-position re-weighting",
+    "bias": "Control: learned label bias",
+    "contextual": "Control: contextual calibration (no training)",
+}
+CONTENT_FREE = "N/A"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The paper's training settings (Appendix H; ``experiment_reweighting.py``)."""
+
+    epochs: int = 10
+    lr: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    extra_per_class: int = 4  # auxiliary training examples per class (scheme A's second set)
+
+
+def many_shots(task: Task | str) -> int:
+    """Shots per class of the paper's "5-shot" baseline: 5, but 3 for AG News (GPT-2's 1024-token context)."""
+    name = task if isinstance(task, str) else task.name
+    return 3 if name == "agnews" else 5
+
+
+def n_parameters(n_layers: int, n_heads: int, n_classes: int) -> int:
+    """L x H x C: one beta per layer, query head and class, whatever the number of shots."""
+    return n_layers * n_heads * n_classes
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Positions
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def class_positions(prompt: Prompt, n_classes: int) -> list[list[int]]:
+    """Label-word positions grouped by class: (C, K) with K demonstrations per class (the same K for every class)."""
+    groups = [list(prompt.positions_of_class(c)) for c in range(n_classes)]
+    shots = {len(g) for g in groups}
+    if len(shots) != 1 or 0 in shots:
+        raise ValueError(f"re-weighting needs the same number (>= 1) of demonstrations per class, got "
+                         f"{[len(g) for g in groups]}")
+    return groups
+
+
+def random_positions(prompt: Prompt, n_classes: int, seed: int) -> list[list[int]]:
+    """The random-position control: one random *text* token of each demonstration, grouped like the label words.
+
+    Candidates are the demonstration's input-text tokens only (``Prompt.text_positions``), so a label word, a
+    formatting token ("Review", ":", "\\n", ...) or a BOS token is never chosen. The draw is the token's index
+    within its demonstration's text (seeded by ``seed`` alone), so every prompt that shares the demonstrations gets
+    the same positions, as the label words are the same positions in every prompt.
+    """
+    rng = np.random.default_rng([seed, 9])
+    per_demo = []
+    for d, texts in enumerate(prompt.text_positions):
+        if not texts:
+            raise ValueError(f"demonstration {d} has no text token to choose")
+        per_demo.append(texts[int(rng.integers(len(texts)))])
+    groups = [[p for p, k in zip(per_demo, prompt.label_classes) if k == c] for c in range(n_classes)]
+    if len({len(g) for g in groups}) != 1 or not groups[0]:
+        raise ValueError("the random control needs the same number of demonstrations per class")
+    return groups
+
+
+def positions_tensor(prompts: Sequence[Prompt], positions: Callable[[Prompt], list[list[int]]]) -> torch.Tensor:
+    """(B, C, K) LongTensor of the positions ``positions(prompt)`` of each prompt."""
+    return torch.tensor([positions(p) for p in prompts], dtype=torch.long)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Evaluation (batched) and the training step
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def label_head(model, hidden: torch.Tensor, label_ids: Sequence[int]) -> torch.Tensor:
+    """The model's output layer restricted to the label words' rows: (..., D) final hidden states -> (..., C) logits.
+
+    Equal to the full-vocabulary logits at ``label_ids`` (including a bias and Gemma 2's final soft-capping; tested),
+    without the cost of a 262k-row product for Gemma at every training step.
+    """
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for attr in ("logit_scale", "logits_scaling", "output_multiplier_scale"):
+        if getattr(cfg, attr, None) not in (None, 1, 1.0):
+            raise NotImplementedError(f"{cfg.model_type}: the output logits are scaled by {attr}")
+    head = model.get_output_embeddings()
+    ids = torch.as_tensor(list(label_ids), device=hidden.device)
+    logits = hidden @ head.weight[ids].T
+    if getattr(head, "bias", None) is not None:
+        logits = logits + head.bias[ids]
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits.float()
+
+
+def shared_prefix_length(prompts: Sequence[Prompt]) -> int:
+    """Length of the token prefix that all ``prompts`` share (their demonstrations), kept before every target."""
+    first = prompts[0].input_ids
+    n = min(p.target for p in prompts)  # at least the target itself is left to run
+    for p in prompts[1:]:
+        ids = p.input_ids
+        k = 0
+        while k < n and ids[k] == first[k]:
+            k += 1
+        n = k
+    return n
+
+
+KV = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def prefix_kv(model, input_ids: Sequence[int], start: KV | None = None) -> KV:
+    """Keys and values of every layer for ``input_ids`` (batch 1, no gradient), continuing ``start`` if given.
+
+    The cache has only full (non-sliding) layers, so keys stay at their absolute positions (the model's mask still
+    applies its sliding windows).
+    """
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    cache = DynamicCache(ddp_cache_data=start) if start else DynamicCache()
+    past = start[0][0].shape[-2] if start else 0
+    ids = torch.tensor([list(input_ids)], device=device)
+    with torch.no_grad():
+        model.base_model(input_ids=ids, past_key_values=cache, use_cache=True,
+                         position_ids=torch.arange(past, past + ids.shape[1], device=device)[None])
+    return [(layer.keys.detach(), layer.values.detach()) for layer in cache.layers]
+
+
+def continued_label_logits(model, prompts: Sequence[Prompt], start: KV, label_ids: Sequence[int],
+                           hook: Reweight | None = None) -> torch.Tensor:
+    """Label logits (B, C) at each target, running only the tokens after the shared prefix ``start`` (batched).
+
+    The prompts' remaining tokens are padded on the right; the cache of the shared prefix is expanded to the batch.
+    """
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    n0 = start[0][0].shape[-2]
+    if any(p.target < n0 for p in prompts):
+        raise ValueError(f"a target lies inside the cached prefix of {n0} tokens: nothing left to run")
+    rest = [p.input_ids[n0:] for p in prompts]
+    b, t = len(prompts), max(len(r) for r in rest)
+    ids = torch.zeros(b, t, dtype=torch.long)
+    mask = torch.ones(b, n0 + t, dtype=torch.long)
+    for i, r in enumerate(rest):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, n0 + len(r):] = 0
+    cache = DynamicCache(ddp_cache_data=[(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in start])
+    position_ids = torch.arange(n0, n0 + t, device=device)[None].expand(b, -1)
+    with intervene(hook) if hook is not None else contextlib.nullcontext():
+        hidden = model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device), past_key_values=cache,
+                                  use_cache=True, position_ids=position_ids).last_hidden_state
+    rows = torch.tensor([p.target - n0 for p in prompts], device=device)
+    return label_head(model, hidden[torch.arange(b, device=device), rows], label_ids)
+
+
+def evaluate(lm, task: Task, prompts: Sequence[Prompt], beta: torch.Tensor | None = None,
+             positions: Callable[[Prompt], list[list[int]]] | None = None, batch_size: int = 8,
+             progress: bool = True, desc: str = "", shared_prefix: bool = True) -> np.ndarray:
+    """Label-restricted logits (N, C) at each prompt's target, with ``beta`` applied at ``positions`` if given.
+
+    ``shared_prefix``: the prompts share their demonstrations, so the keys and values of the shared token prefix are
+    computed once and each batch runs only the remaining tokens (the query). The result equals full forward passes
+    (``shared_prefix=False``; tested) up to float rounding.
+    """
+    from tqdm.auto import tqdm
+
+    if beta is not None and positions is None:
+        raise ValueError("beta needs the positions it acts on")
+    label_ids = list(label_token_ids(task, lm.tokenizer))
+    model = lm.model
+    start = prefix_kv(model, prompts[0].input_ids[: shared_prefix_length(prompts)]) if shared_prefix else None
+    out = []
+    for first in tqdm(range(0, len(prompts), batch_size), desc=desc or f"evaluate {task.name}",
+                      disable=not progress, leave=False):
+        chunk = list(prompts[first : first + batch_size])
+        targets = torch.tensor([p.target for p in chunk])
+        hook = None if beta is None else Reweight(beta.detach(), targets, positions_tensor(chunk, positions))
+        with torch.no_grad():
+            if shared_prefix:
+                logits = continued_label_logits(model, chunk, start, label_ids, hook)
+            else:
+                batch = collate(chunk, lm.tokenizer.pad_token_id)
+                with intervene(hook) if hook is not None else contextlib.nullcontext():
+                    logits = target_logits(model, batch)[:, label_ids]
+        out.append(logits.float().cpu().numpy())
+    return np.concatenate(out)
+
+
+def prefix_states(model, prompt: Prompt, start: KV | None = None) -> KV:
+    """Keys and values of the prompt's tokens before q (no gradient; independent of beta), continuing ``start``."""
+    n0 = start[0][0].shape[-2] if start else 0
+    return prefix_kv(model, prompt.input_ids[n0 : prompt.target], start)
+
+
+def cached_step(model, prompt: Prompt, prefix: KV, beta: torch.Tensor, positions: list[list[int]],
+                label_ids: Sequence[int]) -> torch.Tensor:
+    """Label-restricted logits (C,) at q, running only token q on top of :func:`prefix_states`, beta applied.
+
+    Differentiable with respect to ``beta``; equal to :func:`full_step` (tested).
+    """
+    hook = Reweight(beta, torch.tensor([prompt.target]), torch.tensor([positions]))
+    return continued_label_logits(model, [prompt], prefix, label_ids, hook)[0]
+
+
+def full_step(model, prompt: Prompt, beta: torch.Tensor, positions: list[list[int]],
+              label_ids: Sequence[int]) -> torch.Tensor:
+    """The naive step: the whole prompt through the model (full-vocabulary logits), beta applied; (C,) at q."""
+    batch = collate([prompt], 0)
+    hook = Reweight(beta, batch.target, torch.tensor([positions]))
+    with intervene(hook):
+        logits = target_logits(model, batch)
+    return logits[0, list(label_ids)].float()
+
+
+def _epoch_orders(n: int, epochs: int, seed: int) -> list[list[int]]:
+    """The order of the training examples in each epoch: reshuffled every epoch from one seeded generator."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randperm(n, generator=g).tolist() for _ in range(epochs)]
+
+
+def _loss(logits: torch.Tensor, gold: int) -> torch.Tensor:
+    """Gold-label cross-entropy of the label-restricted logits (the paper's training loss)."""
+    return F.cross_entropy(logits[None], torch.tensor([gold], device=logits.device))
+
+
+def train_beta(lm, task: Task, train_prompts: Sequence[Prompt], positions: Callable[[Prompt], list[list[int]]],
+               seed: int, config: TrainConfig = TrainConfig(), progress: bool = True) -> dict[str, np.ndarray]:
+    """Learn beta (L, H, C) on ``train_prompts`` (paper §3.1). Returns the arrays of the module docstring.
+
+    ``beta`` (L, H, C); ``epoch_loss`` (epochs,): the mean of the losses seen during each epoch (what an optimiser
+    log shows; the official code divides by n - 1, pitfall P12, we by n); ``loss_start``/``loss_end``: the mean loss
+    over all training examples at beta = 0 and with the final beta (not counted in the timings); ``train_s``: wall
+    time of the whole training including the prefix passes; ``prefix_s``: of those passes; ``step_s``: mean time of
+    one step (forward + backward + Adam).
+    """
+    from tqdm.auto import tqdm
+
+    model = lm.model
+    if any(p.requires_grad for p in model.parameters()):
+        raise ValueError("the model's parameters must be frozen (load_model(freeze=True)): only beta is trained")
+    n_classes = task.n_classes
+    label_ids = list(label_token_ids(task, lm.tokenizer))
+    gold = [p.label for p in train_prompts]
+    pos = [positions(p) for p in train_prompts]
+    t0 = time.perf_counter()
+    shared = prefix_kv(model, train_prompts[0].input_ids[: shared_prefix_length(train_prompts)])
+    prefixes = [prefix_states(model, p, shared) for p in train_prompts]
+    prefix_s = time.perf_counter() - t0
+    beta = torch.zeros(lm.n_layers, lm.n_heads, n_classes, device=next(model.parameters()).device,
+                       requires_grad=True)
+    optimiser = torch.optim.Adam([beta], lr=config.lr, betas=config.betas)
+
+    def full_loss() -> float:
+        with torch.no_grad():
+            return float(np.mean([_loss(cached_step(model, p, pre, beta, ps, label_ids), y).item()
+                                  for p, pre, ps, y in zip(train_prompts, prefixes, pos, gold)]))
+
+    epoch_loss, steps = [], []
+    bar = tqdm(total=config.epochs * len(train_prompts), desc=f"train beta {task.name}", disable=not progress,
+               leave=False)
+    for order in _epoch_orders(len(train_prompts), config.epochs, seed):
+        seen = []
+        for i in order:
+            s0 = time.perf_counter()
+            optimiser.zero_grad()
+            loss = _loss(cached_step(model, train_prompts[i], prefixes[i], beta, pos[i], label_ids), gold[i])
+            loss.backward()
+            optimiser.step()
+            steps.append(time.perf_counter() - s0)
+            seen.append(loss.item())
+            bar.update()
+        epoch_loss.append(float(np.mean(seen)))
+    bar.close()
+    train_s = time.perf_counter() - t0
+    loss_end = full_loss()
+    with torch.no_grad():
+        final = beta.detach().clone()
+        beta.zero_()
+        loss_start = full_loss()
+        beta.copy_(final)
+    return {
+        "beta": final.cpu().numpy().copy(),
+        "epoch_loss": np.array(epoch_loss),
+        "loss_start": np.array(loss_start),
+        "loss_end": np.array(loss_end),
+        "train_s": np.array(train_s),
+        "prefix_s": np.array(prefix_s),
+        "step_s": np.array(np.mean(steps)),
+        "n_steps": np.array(len(steps)),
+    }
+
+
+def train_bias(train_logits: np.ndarray, gold: np.ndarray, seed: int,
+               config: TrainConfig = TrainConfig()) -> dict[str, np.ndarray]:
+    """The learned-bias control: b (C,) in softmax(z + b), trained like beta (same loss, Adam, epochs and order).
+
+    The model is frozen and b acts after it, so the label logits z of the training prompts are computed once.
+    """
+    z = torch.as_tensor(np.asarray(train_logits), dtype=torch.float32)
+    gold = [int(y) for y in gold]
+    b = torch.zeros(z.shape[1], requires_grad=True)
+    optimiser = torch.optim.Adam([b], lr=config.lr, betas=config.betas)
+
+    def full_loss() -> float:
+        with torch.no_grad():
+            return float(F.cross_entropy(z + b, torch.tensor(gold)).item())
+
+    loss_start, epoch_loss = full_loss(), []
+    for order in _epoch_orders(len(gold), config.epochs, seed):
+        seen = []
+        for i in order:
+            optimiser.zero_grad()
+            loss = _loss(z[i] + b, gold[i])
+            loss.backward()
+            optimiser.step()
+            seen.append(loss.item())
+        epoch_loss.append(float(np.mean(seen)))
+    return {"bias": b.detach().numpy().copy(), "epoch_loss": np.array(epoch_loss), "loss_start": np.array(loss_start),
+            "loss_end": np.array(full_loss())}
+
+
+def bias_calibration(logits: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """Logits (N, C) corrected by a learned per-class bias: z + b."""
+    return np.asarray(logits, dtype=np.float64) + np.asarray(bias, dtype=np.float64)[None]
+
+
+def contextual_calibration(logits: np.ndarray, content_free_logits: np.ndarray) -> np.ndarray:
+    """Contextual calibration (Zhao et al., 2021, Eq. with W = diag(p_cf)^-1, b = 0) as corrected logits.
+
+    The calibrated probabilities are proportional to p_i / p_cf,i, where p_cf = softmax(content-free logits); in
+    log space this is z - log p_cf, whose argmax is the calibrated prediction.
+    """
+    cf = np.asarray(content_free_logits, dtype=np.float64)
+    log_p_cf = cf - np.logaddexp.reduce(cf)
+    return np.asarray(logits, dtype=np.float64) - log_p_cf[None]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Timing and memory
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # not Linux
+        try:
+            import psutil
+
+            return psutil.Process().memory_info().rss
+        except ImportError:
+            return 0
+
+
+def _release_free_memory() -> None:
+    """Return freed heap memory to the system (glibc), so that RSS at the start of a block is not inflated."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+@contextlib.contextmanager
+def measure(interval: float = 0.005):
+    """Wall time and peak resident memory of a block (RSS sampled every ``interval`` s in a thread).
+
+    Yields a dict filled on exit: ``seconds``, ``peak_mb`` (the peak RSS), ``extra_mb`` (the peak minus the RSS at
+    the start: the memory the block itself needed, the model's weights excluded).
+    """
+    info: dict[str, float] = {}
+    _release_free_memory()
+    start = _rss_bytes()
+    peak = [start]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.wait(interval):
+            peak[0] = max(peak[0], _rss_bytes())
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    t0 = time.perf_counter()
+    try:
+        yield info
+    finally:
+        seconds = time.perf_counter() - t0
+        stop.set()
+        thread.join()
+        peak[0] = max(peak[0], _rss_bytes())
+        info.update(seconds=seconds, peak_mb=peak[0] / 2**20, extra_mb=(peak[0] - start) / 2**20)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The runs: one cached file per (model, task, seed, method)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def n_test_of(profile: Profile) -> int:
+    """Test examples per seed for this chapter (``Profile.n_test_reweighting``, or the profile's ``n_test``)."""
+    return profile.n_test_reweighting or profile.n_test
+
+
+@dataclass(frozen=True)
+class SeedSetup:
+    """Everything one seed needs: the demonstrations, the auxiliary (training) examples and the prompts."""
+
+    seed: int
+    demos: tuple[int, ...]  # train indices, scheme A order
+    extra: tuple[int, ...]  # the auxiliary examples (train indices), scheme A order
+    many: tuple[int, ...]  # the "5-shot" demonstrations (train indices), after the seeded shuffle
+    test: tuple[int, ...]  # test indices
+    test_prompts: tuple[Prompt, ...]
+    train_prompts: tuple[Prompt, ...]
+    many_prompts: tuple[Prompt, ...]
+    content_free: Prompt
+
+
+def seed_setup(lm, data: TaskData, seed: int, n_test: int, config: TrainConfig = TrainConfig()) -> SeedSetup:
+    """Demonstrations, auxiliary set and prompts of one seed (paper §5; scheme A)."""
+    task = data.task
+    demos, extra = sample_fixed_demonstrations(data, 1, seed, extra_per_class=config.extra_per_class)
+    k = many_shots(task)
+    many, _ = sample_fixed_demonstrations(data, k, seed)
+    # The paper's k-shot set is the demonstration plus the first k-1 auxiliary examples of each class.
+    expected = set(demos) | {i for c in range(task.n_classes)
+                             for i in [j for j in extra if data.train[j].label == c][: k - 1]}
+    if set(many) != expected:
+        raise AssertionError("the k-shot demonstrations are not the 1-shot ones plus the auxiliary examples")
+    many = [many[i] for i in np.random.default_rng(seed).permutation(len(many))]  # the paper's shuffle, seeded
+    test = subsample_test(data, seed, n_test)
+
+    def prompts(demo_ids, queries):
+        return tuple(build_prompt(task, [data.train[j] for j in demo_ids], q, lm.tokenizer, lm.max_length)
+                     for q in queries)
+
+    return SeedSetup(
+        seed=seed, demos=tuple(demos), extra=tuple(extra), many=tuple(many), test=tuple(test),
+        test_prompts=prompts(demos, [data.test[i] for i in test]),
+        train_prompts=prompts(demos, [data.train[j] for j in extra]),
+        many_prompts=prompts(many, [data.test[i] for i in test]),
+        content_free=prompts(demos, [CONTENT_FREE])[0],
+    )
+
+
+def _scored(logits: np.ndarray, gold: np.ndarray, test_index: np.ndarray) -> dict[str, np.ndarray]:
+    gold = np.asarray(gold)
+    pred = np.asarray(logits).argmax(-1)
+    return {"logits": np.asarray(logits, dtype=np.float32), "pred": pred, "gold": gold,
+            "correct": (pred == gold).astype(np.int8), "test_index": np.asarray(test_index)}
+
+
+def _scored_setup(logits: np.ndarray, s: SeedSetup) -> dict[str, np.ndarray]:
+    return _scored(logits, np.array([p.label for p in s.test_prompts]), np.array(s.test))
+
+
+def _cached(lm, data: TaskData, settings: dict, compute: Callable[[], dict[str, np.ndarray]], **kw):
+    """The one place this chapter calls the run cache (keep the call form; see helpers.runs.cached_run)."""
+    return cached_run(EXPERIMENT, lm, data, settings, compute, **kw)
+
+
+def available_seeds(lm, data: TaskData, profile: Profile, methods: Sequence[str] = METHODS,
+                    config: TrainConfig = TrainConfig()) -> tuple[int, ...]:
+    """The profile's seeds whose results for every method are in the cache (what a chapter can show unchanged)."""
+    return tuple(seed for seed in profile.seeds
+                 if all(_cached(lm, data, _settings(profile, seed, m, config), None) is not None for m in methods))
+
+
+def _settings(profile: Profile, seed: int, method: str, config: TrainConfig) -> dict:
+    extra = dict(seed=seed, method=method, n_test=n_test_of(profile), shots=1,
+                 extra_per_class=config.extra_per_class)
+    if method == "icl-5":
+        extra["many_shots"] = "5, AG News 3"
+    if method in ("anchor", "random", "bias"):
+        extra.update(epochs=config.epochs, lr=config.lr, betas=list(config.betas))
+    if method == "contextual":
+        extra["content_free"] = CONTENT_FREE
+    return settings_of(profile, **extra)
+
+
+def reweighting_run(lm, data: TaskData, profile: Profile, seed: int, method: str,
+                    config: TrainConfig = TrainConfig(), setup: SeedSetup | Callable[[], SeedSetup] | None = None,
+                    progress: bool = True, **kw) -> dict[str, np.ndarray]:
+    """One method on one seed, cached. Every method is evaluated on the same test examples (paired comparisons).
+
+    Every result has ``logits`` (N, C), ``pred``, ``gold``, ``correct`` (0/1) and ``test_index`` (N,). Besides:
+    ``icl-1`` the training prompts' label logits and the content-free logits (for the calibrations), and the time
+    and memory of the evaluation pass; ``anchor`` and ``random`` the learned ``beta``, the loss curves and the
+    training time and memory (``anchor`` also the cost of one naive full forward + backward step); ``bias`` the
+    learned bias and its loss curves.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    task = data.task
+    bs = profile.batch_size
+
+    def get_setup() -> SeedSetup:  # built only when something must be computed (``setup`` may be a factory)
+        if setup is None:
+            return seed_setup(lm, data, seed, n_test_of(profile), config)
+        return setup() if callable(setup) else setup
+
+    def compute() -> dict[str, np.ndarray]:
+        threads = np.array(torch.get_num_threads())
+        if method == "icl-1":
+            s = get_setup()
+            with measure() as m:
+                logits = evaluate(lm, task, s.test_prompts, batch_size=bs, progress=progress, desc="ICL 1-shot")
+            return {**_scored_setup(logits, s), "eval_s": np.array(m["seconds"]), "eval_extra_mb": np.array(m["extra_mb"]),
+                    "eval_peak_mb": np.array(m["peak_mb"]), "threads": threads,
+                    "mean_tokens": np.array(np.mean([len(p) for p in s.test_prompts])),
+                    "train_logits": evaluate(lm, task, s.train_prompts, batch_size=bs, progress=False),
+                    "train_gold": np.array([p.label for p in s.train_prompts]),
+                    "cf_logits": evaluate(lm, task, [s.content_free], progress=False)[0]}
+        if method == "icl-5":
+            s = get_setup()
+            with measure() as m:
+                logits = evaluate(lm, task, s.many_prompts, batch_size=bs, progress=progress, desc="ICL k-shot")
+            return {**_scored_setup(logits, s), "eval_s": np.array(m["seconds"]), "threads": threads,
+                    "demos": np.array(s.many), "mean_tokens": np.array(np.mean([len(p) for p in s.many_prompts]))}
+        if method in ("anchor", "random"):
+            s = get_setup()
+            if method == "anchor":
+                def where(p):
+                    return class_positions(p, task.n_classes)
+            else:
+                def where(p):
+                    return random_positions(p, task.n_classes, seed)
+            with measure() as m:
+                trained = train_beta(lm, task, s.train_prompts, where, seed, config, progress=progress)
+            beta = torch.from_numpy(trained["beta"]).to(lm.device)
+            with measure() as e:
+                logits = evaluate(lm, task, s.test_prompts, beta, where, batch_size=bs, progress=progress,
+                                  desc=f"evaluate {method}")
+            out = {**_scored_setup(logits, s), **trained, "train_extra_mb": np.array(m["extra_mb"]),
+                   "train_peak_mb": np.array(m["peak_mb"]), "eval_s": np.array(e["seconds"]), "threads": threads,
+                   "positions": np.array(where(s.test_prompts[0])),
+                   "train_logits": evaluate(lm, task, s.train_prompts, beta, where, batch_size=bs, progress=False)}
+            if method == "anchor":  # what the paper's step costs: the whole prompt forward and backward
+                out.update(_naive_step_cost(lm, task, s, where))
+            return out
+        icl = reweighting_run(lm, data, profile, seed, "icl-1", config, setup, progress, **kw)
+        if method == "bias":
+            trained = train_bias(icl["train_logits"], icl["train_gold"], seed, config)
+            return {**_scored(bias_calibration(icl["logits"], trained["bias"]), icl["gold"], icl["test_index"]),
+                    **trained,
+                    "train_logits": bias_calibration(icl["train_logits"], trained["bias"]).astype(np.float32)}
+        cf = icl["cf_logits"].astype(np.float64)
+        return {**_scored(contextual_calibration(icl["logits"], cf), icl["gold"], icl["test_index"]),
+                "cf_probs": np.exp(cf - np.logaddexp.reduce(cf))}
+
+    return _cached(lm, data, _settings(profile, seed, method, config), compute, **kw)
+
+
+def _naive_step_cost(lm, task: Task, setup: SeedSetup, where, n: int = 2) -> dict[str, np.ndarray]:
+    """Time and memory of ``n`` naive steps (whole prompt forward + backward to beta; the update is discarded)."""
+    label_ids = list(label_token_ids(task, lm.tokenizer))
+    beta = torch.zeros(lm.n_layers, lm.n_heads, task.n_classes, device=lm.device, requires_grad=True)
+    times = []
+    with measure() as m:
+        for p in setup.train_prompts[:n]:
+            t0 = time.perf_counter()
+            _loss(full_step(lm.model, p, beta, where(p), label_ids), p.label).backward()
+            times.append(time.perf_counter() - t0)
+    return {"naive_step_s": np.array(np.mean(times)), "naive_extra_mb": np.array(m["extra_mb"])}
+
+
+def reweighting_runs(lm, data: TaskData, profile: Profile, methods: Sequence[str] = METHODS,
+                     config: TrainConfig = TrainConfig(), seeds: Sequence[int] | None = None, progress: bool = True,
+                     **kw) -> dict[str, list[dict[str, np.ndarray]]]:
+    """Every method on every seed of the profile (or on ``seeds``, a subset): ``{method: [result per seed]}``."""
+    seeds = profile.seeds if seeds is None else tuple(seeds)
+    if not set(seeds) <= set(profile.seeds):
+        raise ValueError(f"seeds {sorted(set(seeds) - set(profile.seeds))} are not in the {profile.name} profile")
+    out: dict[str, list[dict[str, np.ndarray]]] = {m: [] for m in methods}
+    for seed in seeds:
+        # the prompts are built once per seed, and only if some run of this seed is not cached yet
+        setup = functools.cache(lambda seed=seed: seed_setup(lm, data, seed, n_test_of(profile), config))
+        for method in methods:
+            out[method].append(reweighting_run(lm, data, profile, seed, method, config, setup, progress, **kw))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# What the chapter reports
+# --------------------------------------------------------------------------------------------------------------------
+
+# The paper's Table 1 (GPT2-XL, accuracy %, mean of 5 seeds; ../shared/docs/paper-spec.md §5).
+PAPER_TABLE1 = {
+    "icl-1": {"sst2": 61.28, "trec": 57.56, "agnews": 73.32, "emoc": 15.44, "average": 51.90},
+    "icl-5": {"sst2": 64.75, "trec": 60.40, "agnews": 52.52, "emoc": 9.80, "average": 46.87},
+    "anchor": {"sst2": 90.07, "trec": 60.92, "agnews": 81.94, "emoc": 41.64, "average": 68.64},
+}
+
+Runs = dict  # {task: {method: [result per seed]}}
+
+
+def correctness(runs: Runs, method: str, task: str | None = None) -> list[np.ndarray]:
+    """Per seed, the 0/1 correctness of ``method``: (N,) for one task, (N, tasks) for all tasks side by side.
+
+    Checks that every method of a task was evaluated on the same test examples (the comparisons are paired).
+    """
+    tasks = [task] if task is not None else list(runs)
+    per_task = []
+    for t in tasks:
+        ref = [r["test_index"] for r in runs[t]["icl-1"]]
+        got = runs[t][method]
+        if len(got) != len(ref) or any(not np.array_equal(r["test_index"], i) for r, i in zip(got, ref)):
+            raise ValueError(f"{method} on {t} was not evaluated on the same test examples as icl-1")
+        per_task.append([np.asarray(r["correct"], dtype=float) for r in got])
+    if task is not None:
+        return per_task[0]
+    if len({len(seeds) for seeds in per_task}) != 1:
+        raise ValueError("the average over tasks needs the same seeds for every task")
+    sizes = {len(x) for seeds in per_task for x in seeds}
+    if len(sizes) != 1:
+        raise ValueError("the average over tasks needs the same number of test examples per task and seed")
+    return [np.stack([seeds[s] for seeds in per_task], axis=1) for s in range(len(per_task[0]))]
+
+
+def accuracy(runs: Runs, method: str, task: str | None = None):
+    """Accuracy in % (an :class:`~helpers.stats.Estimate`): one task, or the average over tasks (``task=None``).
+
+    The average over tasks is bootstrapped by resampling the i-th test example of every task together (each task
+    has the same number of examples per seed); the statistic is the mean of the task accuracies.
+    """
+    from .stats import bootstrap
+
+    return bootstrap(correctness(runs, method, task), lambda a: np.mean(a)).scaled(100)
+
+
+def difference(runs: Runs, a: str, b: str, task: str | None = None):
+    """Paired accuracy difference a - b in points, over the same test examples within seeds (an Estimate)."""
+    from .stats import bootstrap
+
+    pairs = [x - y for x, y in zip(correctness(runs, a, task), correctness(runs, b, task), strict=True)]
+    return bootstrap(pairs, lambda d: np.mean(d)).scaled(100)
+
+
+def best_control(runs: Runs, controls: Sequence[str] = ("random", "bias", "contextual")) -> str:
+    """The control with the highest average accuracy over tasks (chosen on the test examples themselves)."""
+    return max(controls, key=lambda m: float(np.mean(np.concatenate([c.ravel() for c in correctness(runs, m)]))))
+
+
+def cost_table(runs: Runs) -> list[dict]:
+    """Per task: training time and peak memory of anchor re-weighting, and one vanilla evaluation pass for scale."""
+    rows = []
+    for t, by_method in runs.items():
+        icl, anc = by_method["icl-1"], by_method["anchor"]
+        train_s = np.array([float(r["train_s"]) for r in anc])
+        eval_s = np.array([float(r["eval_s"]) for r in icl])
+        rows.append({
+            "task": t,
+            "test examples": len(icl[0]["correct"]),
+            "training examples": len(icl[0]["train_gold"]),
+            "training s": float(train_s.mean()),
+            "vanilla evaluation s": float(eval_s.mean()),
+            "training / evaluation": float((train_s / eval_s).mean()),
+            "step s": float(np.mean([float(r["step_s"]) for r in anc])),
+            "naive step s": float(np.mean([float(r["naive_step_s"]) for r in anc])),
+            "training peak MB": float(np.max([float(r["train_peak_mb"]) for r in anc])),
+            "evaluation peak MB": float(np.max([float(r["eval_peak_mb"]) for r in icl])),
+            "naive step extra MB": float(np.max([float(r["naive_extra_mb"]) for r in anc])),
+            "threads": int(anc[0]["threads"]),
+        })
+    return rows

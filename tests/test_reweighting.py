@@ -1,0 +1,413 @@
+"""Anchor re-weighting (paper §3.1): the hook with several shots, the exact cheap training step, training, the
+baselines' demonstrations, the random-position control and the calibration controls."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY_FAMILIES, build_tiny_model
+
+from helpers import attention
+from helpers.attention import Record, Reweight, intervene
+from helpers.prompts import Prompt, build_prompt, collate, label_token_ids, target_logits
+from helpers.reweighting import (
+    METHODS, TrainConfig, bias_calibration, cached_step, class_positions, contextual_calibration,
+    continued_label_logits, evaluate, full_step, label_head, many_shots, n_parameters, prefix_kv, prefix_states,
+    random_positions, seed_setup, shared_prefix_length, train_beta, train_bias,
+)
+from helpers.tasks import TASKS, load_task, sample_fixed_demonstrations, subsample_test
+
+LABELS = [5, 9, 17]  # label "token ids" of a 3-class toy task in the tiny vocabulary
+
+
+def _toy_prompt(ids, label_positions, label_classes, target, label=0) -> Prompt:
+    """A Prompt over the tiny vocabulary: demonstrations share the first 12 tokens."""
+    return Prompt(
+        text="", input_ids=tuple(int(i) for i in ids), label_positions=tuple(label_positions),
+        label_classes=tuple(label_classes), label_spans=tuple((p, p + 1) for p in label_positions),
+        format_positions=(), text_positions=(), query_positions=(), query_start=12, target=target, label=label,
+        special_positions=(),
+    )
+
+
+def _toy_prompts():
+    g = torch.Generator().manual_seed(3)
+    shared = torch.randint(3, 100, (12,), generator=g).tolist()
+    out = []
+    for n, y in [(5, 0), (3, 2), (7, 1)]:
+        ids = shared + torch.randint(3, 100, (n,), generator=g).tolist()
+        # two demonstrations per class, class order 1, 0, 2, 0, 2, 1 (label words at 1, 3, 5, 7, 9, 11)
+        out.append(_toy_prompt(ids, (1, 3, 5, 7, 9, 11), (1, 0, 2, 0, 2, 1), len(ids) - 1, y))
+    return out
+
+
+def _dims(model):
+    cfg = model.config.get_text_config()
+    return cfg.num_hidden_layers, cfg.num_attention_heads
+
+
+@pytest.fixture(params=TINY_FAMILIES)
+def model(request, tiny_models):
+    m = tiny_models(request.param)
+    attention.enable(m, "anchors")
+    return m
+
+
+def test_positions_by_class_with_two_shots():
+    p = _toy_prompts()[0]
+    assert class_positions(p, 3) == [[3, 7], [1, 11], [5, 9]]
+    with pytest.raises(ValueError, match="same number"):
+        class_positions(_toy_prompt(range(3, 20), (1, 3, 5), (0, 0, 1), 16), 2)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The hook: beta = 0 is exact, exp(beta) on the chosen entries only, several shots share one beta
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_beta_zero_leaves_logits_unchanged_exactly(model):
+    prompts = _toy_prompts()
+    batch = collate(prompts, 0)
+    L, H = _dims(model)
+    positions = torch.tensor([class_positions(p, 3) for p in prompts])  # (B, C, K=2)
+    with torch.no_grad():
+        plain = target_logits(model, batch)
+        hook = Reweight(torch.zeros(L, H, 3), batch.target, positions)
+        with intervene(hook):
+            hooked = target_logits(model, batch)
+    assert hook.seen == set(range(L))
+    assert torch.equal(hooked, plain)
+
+
+def test_hooked_entries_are_exp_beta_times_unhooked_and_nothing_else_changes(model):
+    prompts = _toy_prompts()
+    batch = collate(prompts, 0)
+    L, H = _dims(model)
+    beta = 0.8 * torch.randn(L, H, 3, generator=torch.Generator().manual_seed(1))
+    positions = torch.tensor([class_positions(p, 3) for p in prompts])  # (B, C, K)
+    before, after = Record(), Record()
+    with torch.no_grad(), intervene(before, Reweight(beta, batch.target, positions), after):
+        target_logits(model, batch)
+    n_scaled = 0
+    for layer in range(L):
+        a, b = after.attentions[layer], before.attentions[layer]
+        expected = b.clone()
+        for i, p in enumerate(prompts):
+            for c in range(3):
+                for pos in positions[i, c]:  # both shots of class c: the same multiplier
+                    expected[i, :, p.target, pos] = b[i, :, p.target, pos] * torch.exp(beta[layer, :, c])
+                    n_scaled += int((b[i, :, p.target, pos] > 0).sum())
+        torch.testing.assert_close(a, expected, rtol=1e-6, atol=0)
+        unchanged = torch.ones_like(a, dtype=torch.bool)
+        for i, p in enumerate(prompts):
+            unchanged[i, :, p.target, positions[i].flatten()] = False
+        assert torch.equal(a[unchanged], b[unchanged]), f"layer {layer}: an entry outside (q, p_i) changed"
+    assert n_scaled > 0
+
+
+def test_reweight_rejects_bad_positions():
+    beta = torch.zeros(2, 2, 2)
+    with pytest.raises(ValueError, match="repeat"):
+        Reweight(beta, torch.tensor([9]), torch.tensor([[3, 3]]))
+    with pytest.raises(ValueError, match="before the target"):
+        Reweight(beta, torch.tensor([9]), torch.tensor([[3, 9]]))
+    with pytest.raises(ValueError, match="label_positions"):
+        Reweight(beta, torch.tensor([9]), torch.tensor([[1, 2, 3]]))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The cheap step and the shared-prefix evaluation equal the full forward pass
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_label_head_equals_full_vocabulary_logits(model):
+    prompts = _toy_prompts()
+    batch = collate(prompts, 0)
+    with torch.no_grad():
+        full = target_logits(model, batch)[:, LABELS]
+        hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                  use_cache=False).last_hidden_state[torch.arange(3), batch.target]
+        torch.testing.assert_close(label_head(model, hidden, LABELS), full, rtol=1e-5, atol=1e-5)
+
+
+def test_cached_step_equals_full_step_loss_and_gradient(model):
+    prompts = _toy_prompts()
+    L, H = _dims(model)
+    beta = (0.5 * torch.randn(L, H, 3, generator=torch.Generator().manual_seed(2))).requires_grad_()
+    n0 = shared_prefix_length(prompts)
+    assert n0 == 12
+    shared = prefix_kv(model, prompts[0].input_ids[:n0])
+    for p in prompts:
+        pos = class_positions(p, 3)
+        full = full_step(model, p, beta, pos, LABELS)
+        g_full, = torch.autograd.grad(F.cross_entropy(full[None], torch.tensor([p.label])), beta)
+        cheap = cached_step(model, p, prefix_states(model, p, shared), beta, pos, LABELS)
+        g_cheap, = torch.autograd.grad(F.cross_entropy(cheap[None], torch.tensor([p.label])), beta)
+        torch.testing.assert_close(cheap, full, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(g_cheap, g_full, rtol=1e-4, atol=1e-6)
+        assert g_full.abs().sum() > 0
+
+
+def test_shared_prefix_evaluation_equals_full_forward(model, monkeypatch):
+    import helpers.reweighting as rw
+
+    monkeypatch.setattr(rw, "label_token_ids", lambda task, tok: LABELS)
+    prompts = _toy_prompts()
+    L, H = _dims(model)
+    beta = 0.5 * torch.randn(L, H, 3, generator=torch.Generator().manual_seed(4))
+    lm = SimpleNamespace(model=model, tokenizer=SimpleNamespace(pad_token_id=0))
+    task = SimpleNamespace(name="toy")
+    for b in (None, beta):
+        pos = None if b is None else (lambda p: class_positions(p, 3))
+        fast = evaluate(lm, task, prompts, b, pos, batch_size=2, progress=False)
+        slow = evaluate(lm, task, prompts, b, pos, batch_size=3, progress=False, shared_prefix=False)
+        np.testing.assert_allclose(fast, slow, rtol=1e-5, atol=1e-5)
+    assert np.abs(evaluate(lm, task, prompts, beta, lambda p: class_positions(p, 3), progress=False)
+                  - evaluate(lm, task, prompts, progress=False)).max() > 1e-4
+
+
+def test_continued_logits_need_the_target_after_the_prefix(tiny_models):
+    model = tiny_models("llama")
+    attention.enable(model, "anchors")
+    p = _toy_prompts()[0]
+    start = prefix_kv(model, p.input_ids[: p.target + 1])  # the target inside the cache: nothing left to run
+    with pytest.raises(ValueError, match="inside the cached prefix"):
+        continued_label_logits(model, [p], start, LABELS)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Training on real prompts (a tiny model with a real tokenizer's vocabulary)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sst2_lm(data_dir, offline_tokenizers, tiny_models):
+    tok = offline_tokenizers["smollm2-135m"]
+    model = tiny_models("qwen2", vocab_size=len(tok))  # grouped-query attention: 4 query heads, 2 kv heads
+    attention.enable(model, "anchors")
+    L, H = _dims(model)
+    lm = SimpleNamespace(name="tiny-qwen2", model=model, tokenizer=tok, n_layers=L, n_heads=H,
+                         max_length=10_000)
+    return lm, load_task("sst2", data_dir)
+
+
+def test_one_step_moves_beta_and_lowers_the_loss(sst2_lm):
+    lm, data = sst2_lm
+    setup = seed_setup(lm, data, 42, 4)
+    task = data.task
+    ids = label_token_ids(task, lm.tokenizer)
+    p = setup.train_prompts[0]
+    pos = class_positions(p, task.n_classes)
+    prefix = prefix_states(lm.model, p)
+    beta = torch.zeros(lm.n_layers, lm.n_heads, task.n_classes, requires_grad=True)
+    opt = torch.optim.Adam([beta], lr=0.01)
+    before = F.cross_entropy(cached_step(lm.model, p, prefix, beta, pos, ids)[None], torch.tensor([p.label]))
+    before.backward()
+    opt.step()
+    assert beta.detach().abs().max() > 0
+    with torch.no_grad():
+        after = F.cross_entropy(cached_step(lm.model, p, prefix, beta, pos, ids)[None], torch.tensor([p.label]))
+    assert after < before
+
+
+def test_train_beta_shapes_parameters_and_loss(sst2_lm):
+    lm, data = sst2_lm
+    setup = seed_setup(lm, data, 42, 4)
+    C = data.task.n_classes
+    out = train_beta(lm, data.task, setup.train_prompts[:4], lambda p: class_positions(p, C), 42,
+                     TrainConfig(epochs=3), progress=False)
+    assert out["beta"].shape == (lm.n_layers, lm.n_heads, C)  # per *query* head (4), not per kv head (2)
+    assert out["beta"].size == n_parameters(lm.n_layers, lm.n_heads, C) == lm.n_layers * 4 * C
+    assert out["epoch_loss"].shape == (3,) and int(out["n_steps"]) == 12
+    assert out["loss_end"] < out["loss_start"]
+    again = train_beta(lm, data.task, setup.train_prompts[:4], lambda p: class_positions(p, C), 42,
+                       TrainConfig(epochs=3), progress=False)
+    np.testing.assert_array_equal(out["beta"], again["beta"])  # the seeded order makes training reproducible
+
+
+def test_train_beta_refuses_unfrozen_parameters(sst2_lm):
+    lm, data = sst2_lm
+    setup = seed_setup(lm, data, 42, 2)
+    lm.model.lm_head.weight.requires_grad_(True)
+    try:
+        with pytest.raises(ValueError, match="frozen"):
+            train_beta(lm, data.task, setup.train_prompts[:1], lambda p: class_positions(p, 2), 42, progress=False)
+    finally:
+        lm.model.lm_head.weight.requires_grad_(False)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Demonstrations of the baselines, and the random-position control
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_seed_setup_follows_the_paper(task, data_dir, offline_tokenizers):
+    tok = offline_tokenizers["gemma-3-270m"]
+    lm = SimpleNamespace(tokenizer=tok, max_length=32_768)
+    data = load_task(task, data_dir)
+    C = data.task.n_classes
+    s = seed_setup(lm, data, 43, 5)
+    demos, extra = sample_fixed_demonstrations(data, 1, 43, extra_per_class=4)
+    assert s.demos == tuple(demos) and s.extra == tuple(extra) and len(extra) == 4 * C
+    assert s.test == tuple(subsample_test(data, 43, 5))
+    k = many_shots(data.task)
+    assert k == (3 if task == "agnews" else 5) and len(s.many) == k * C
+    for c in range(C):  # the demonstration plus the first k - 1 auxiliary examples of each class
+        demo_c = [j for j in demos if data.train[j].label == c]
+        extra_c = [j for j in extra if data.train[j].label == c][: k - 1]
+        assert {j for j in s.many if data.train[j].label == c} == set(demo_c + extra_c)
+    assert list(s.many) != sorted(s.many, key=lambda j: (s.demos + s.extra).index(j))  # shuffled (seeded)
+    assert seed_setup(lm, data, 43, 5).many == s.many
+    for p in s.train_prompts + s.test_prompts + (s.content_free,):
+        assert p.input_ids[: p.query_start] == s.test_prompts[0].input_ids[: p.query_start]  # same demonstrations
+    assert [p.label for p in s.train_prompts] == [data.train[j].label for j in extra]
+    assert s.content_free.text.endswith(f"{data.task.input_prefix}: N/A\n{data.task.label_prefix}:")
+
+
+@pytest.mark.parametrize("name", ["gemma-3-270m", "qwen2.5-coder-0.5b", "smollm2-135m"])
+def test_random_control_never_picks_label_format_or_bos(name, data_dir, offline_tokenizers):
+    tok = offline_tokenizers[name]
+    lm = SimpleNamespace(tokenizer=tok, max_length=32_768)
+    for task in TASKS:
+        data = load_task(task, data_dir)
+        C = data.task.n_classes
+        for seed in (42, 43, 44, 45):
+            s = seed_setup(lm, data, seed, 3)
+            chosen = [random_positions(p, C, seed) for p in s.test_prompts + s.train_prompts]
+            assert all(c == chosen[0] for c in chosen), "the same positions in every prompt of a seed"
+            p = s.test_prompts[0]
+            flat = [x for group in chosen[0] for x in group]
+            assert len(flat) == C and len(set(flat)) == C  # as many positions as label words, one per demonstration
+            forbidden = set(p.label_positions) | set(p.format_positions) | set(p.special_positions)
+            for lo, hi in p.label_spans:
+                forbidden |= set(range(lo, hi))
+            assert not forbidden & set(flat)
+            for c, group in enumerate(chosen[0]):  # column c sits in the demonstration of class c
+                d = p.label_classes.index(c)
+                assert group[0] in p.text_positions[d]
+    if tok("a").input_ids[0] == tok.bos_token_id:
+        assert 0 in p.special_positions and 0 not in flat
+
+
+def test_random_control_depends_on_the_seed(data_dir, offline_tokenizers):
+    lm = SimpleNamespace(tokenizer=offline_tokenizers["gemma-3-270m"], max_length=32_768)
+    data = load_task("agnews", data_dir)
+    p = seed_setup(lm, data, 42, 1).test_prompts[0]
+    draws = {str(random_positions(p, 4, seed)) for seed in range(6)}
+    assert len(draws) > 1
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Calibration controls on constructed logits
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_contextual_calibration_divides_by_the_content_free_prior():
+    # The model favours class 0 by log 4 on every input; the content-free input shows exactly that prior.
+    prior = np.log(np.array([0.8, 0.2]))
+    evidence = np.array([[0.5, 0.0], [0.0, 0.5], [1.0, 0.0], [0.0, 1.2]])
+    logits = evidence + prior
+    assert (logits.argmax(1) == 0).all()  # uncalibrated: always class 0
+    cal = contextual_calibration(logits, prior + 3.0)  # a constant shift of the logits does not matter
+    np.testing.assert_allclose(cal, evidence, atol=1e-12)  # the prior is gone
+    assert cal.argmax(1).tolist() == [0, 1, 0, 1]
+    # Zhao et al.: q = softmax(W p), W = diag(p_cf)^-1
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    q = p / np.array([0.8, 0.2])
+    np.testing.assert_array_equal(q.argmax(1), cal.argmax(1))
+
+
+def test_learned_bias_removes_a_constant_prior():
+    rng = np.random.default_rng(0)
+    gold = np.tile([0, 1, 2], 8)
+    evidence = np.eye(3)[gold] * 1.0 + 0.1 * rng.standard_normal((24, 3))
+    logits = evidence + np.array([2.0, 0.0, 0.0])  # class 0 always wins before correction
+    assert (logits.argmax(1) == 0).all()
+    out = train_bias(logits, gold, seed=42, config=TrainConfig(epochs=40))
+    b = out["bias"]
+    assert b[0] < b[1] and b[0] < b[2]
+    assert out["loss_end"] < out["loss_start"]
+    assert (bias_calibration(logits, b).argmax(1) == gold).mean() > (logits.argmax(1) == gold).mean()
+    np.testing.assert_allclose(bias_calibration(logits, b), logits + b)
+    # zero epochs: no change
+    assert np.all(train_bias(logits, gold, 42, TrainConfig(epochs=0))["bias"] == 0)
+
+
+def test_methods_are_named():
+    assert METHODS == ("icl-1", "icl-5", "anchor", "random", "bias", "contextual")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Committed book-profile results: a recomputed slice equals the committed one (slow: a real model)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_committed_reweighting_slice(data_dir):
+    import helpers.reweighting as rw
+    from helpers import load_model
+    from helpers.runs import PROFILES, load_result, result_path
+
+    lm = load_model("gemma-3-270m")
+    data = load_task("sst2", data_dir)
+    profile = PROFILES["book"]
+
+    def committed(method):
+        path = result_path(rw.EXPERIMENT, lm, data, rw._settings(profile, 42, method, rw.TrainConfig()))
+        assert path.exists(), f"committed results missing or stale (settings/version changed?): {path}"
+        return load_result(path)
+
+    s = rw.seed_setup(lm, data, 42, rw.n_test_of(profile))
+    icl, many, anchor = committed("icl-1"), committed("icl-5"), committed("anchor")
+    np.testing.assert_array_equal(icl["test_index"], s.test)
+    for res, prompts in [(icl, s.test_prompts), (many, s.many_prompts)]:
+        fresh = rw.evaluate(lm, data.task, prompts[:8], progress=False)
+        np.testing.assert_allclose(fresh, res["logits"][:8], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(rw.evaluate(lm, data.task, [s.content_free], progress=False)[0], icl["cf_logits"],
+                               rtol=1e-4, atol=1e-4)
+    # Re-train beta from scratch (SST-2: 8 examples x 10 epochs) and compare.
+    where = lambda p: rw.class_positions(p, 2)  # noqa: E731
+    trained = rw.train_beta(lm, data.task, s.train_prompts, where, 42, progress=False)
+    np.testing.assert_allclose(trained["beta"], anchor["beta"], rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(trained["epoch_loss"], anchor["epoch_loss"], rtol=1e-4, atol=1e-5)
+    fresh = rw.evaluate(lm, data.task, s.test_prompts[:8], torch.from_numpy(anchor["beta"]), where, progress=False)
+    np.testing.assert_allclose(fresh, anchor["logits"][:8], rtol=1e-4, atol=1e-4)
+    # The calibration controls follow from the committed ICL logits.
+    bias = rw.train_bias(icl["train_logits"], icl["train_gold"], 42)
+    np.testing.assert_allclose(bias["bias"], committed("bias")["bias"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(
+        rw.contextual_calibration(icl["logits"], icl["cf_logits"]).argmax(1), committed("contextual")["pred"])
+    # The random control's positions are text tokens of the demonstrations.
+    rnd = committed("random")
+    assert rnd["positions"].tolist() == rw.random_positions(s.test_prompts[0], 2, 42)
+
+
+def test_accuracy_and_paired_difference_on_constructed_runs():
+    from helpers.reweighting import accuracy, best_control, correctness, difference
+
+    def res(correct, index):
+        return {"correct": np.array(correct, dtype=np.int8), "test_index": np.array(index)}
+
+    runs = {
+        "sst2": {"icl-1": [res([1, 0, 0, 1], [5, 6, 7, 8])], "anchor": [res([1, 1, 0, 1], [5, 6, 7, 8])],
+                 "random": [res([1, 0, 0, 0], [5, 6, 7, 8])], "bias": [res([0, 0, 0, 1], [5, 6, 7, 8])],
+                 "contextual": [res([1, 1, 1, 1], [5, 6, 7, 8])]},
+        "trec": {"icl-1": [res([0, 0, 0, 0], [1, 2, 3, 4])], "anchor": [res([1, 0, 0, 0], [1, 2, 3, 4])],
+                 "random": [res([0, 0, 0, 0], [1, 2, 3, 4])], "bias": [res([0, 0, 0, 0], [1, 2, 3, 4])],
+                 "contextual": [res([0, 0, 0, 0], [1, 2, 3, 4])]},
+    }
+    assert accuracy(runs, "anchor", "sst2").value == pytest.approx(75.0)
+    assert accuracy(runs, "anchor").value == pytest.approx((75.0 + 25.0) / 2)
+    d = difference(runs, "anchor", "icl-1")
+    assert d.value == pytest.approx(25.0) and d.low <= d.value <= d.high
+    assert difference(runs, "anchor", "icl-1", "sst2").value == pytest.approx(25.0)
+    assert best_control(runs) == "contextual"
+    assert correctness(runs, "anchor")[0].shape == (4, 2)
+    runs["trec"]["random"] = [res([0, 0, 0, 0], [1, 2, 3, 9])]
+    with pytest.raises(ValueError, match="same test examples"):
+        correctness(runs, "random", "trec")
