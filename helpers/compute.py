@@ -17,12 +17,14 @@ from .tasks import TASKS, load_task
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("chapter", choices=["aggregation", "extraction"])
+    parser.add_argument("chapter", choices=["aggregation", "extraction", "diagnosis"])
     parser.add_argument("--profile", default="book", choices=sorted(PROFILES))
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--tasks", nargs="*", default=list(TASKS))
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--shots", type=int, nargs="*", default=[1, 2], help="extraction: shots per class")
+    parser.add_argument("--seeds", type=int, nargs="*", default=None,
+                        help="diagnosis: seeds to compute (default: the profile's)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -37,6 +39,10 @@ def main(argv=None) -> None:
             saliency_runs(lm, data, profile)
             saliency_examples(lm, data)
             isolation_runs(lm, data, profile)
+        elif args.chapter == "diagnosis":
+            from .diagnosis import diagnosis_runs
+
+            diagnosis_runs(lm, data, profile, seeds=args.seeds)
         else:
             from .extraction import extraction_runs
 

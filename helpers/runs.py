@@ -42,11 +42,13 @@ class Profile:
     batch_size: int = 8
     n_test_extraction: int = 0  # extraction needs one forward pass per example: it can afford more (0 = n_test)
     n_test_isolation: int = 0  # isolation needs 11 forward passes per example: fewer on a CPU (0 = n_test)
+    n_test_diagnosis: int = 0  # diagnosis fits a PCA on the test queries: the paper's 500 (0 = n_test)
 
 
 PROFILES: dict[str, Profile] = {
-    "quick": Profile("quick", n_test=8, seeds=(42,)),
-    "book": Profile("book", n_test=24, seeds=(42, 43, 44), n_test_extraction=32, n_test_isolation=16),
+    "quick": Profile("quick", n_test=8, seeds=(42,), n_test_diagnosis=32),
+    "book": Profile("book", n_test=24, seeds=(42, 43, 44), n_test_extraction=32, n_test_isolation=16,
+                    n_test_diagnosis=500),
     "paper": Profile("paper", n_test=1000, seeds=(42, 43, 44, 45, 46)),
 }
 
@@ -144,5 +146,6 @@ def settings_of(profile: Profile, **extra) -> dict:
     d.pop("batch_size")  # does not change results
     d.pop("n_test_extraction")  # experiments that use these pass them explicitly
     d.pop("n_test_isolation")
+    d.pop("n_test_diagnosis")
     d.update(extra)
     return d
