@@ -50,7 +50,7 @@ from .tasks import Task, TaskData
 __all__ = ["M_MAX", "MS", "N_QUERY_PCS", "default_layer", "flatten_heads", "record_qk", "anchor_projection",
            "normalised_distances", "predicted_confusion", "real_confusion", "pairwise_auc", "pair_values",
            "pair_names", "pair_spearman", "permutation_test", "most_confused", "diagnose", "diagnosis_runs",
-           "n_test_of"]
+           "n_test_of", "BASELINES", "predictors", "spearman_estimate", "layer_curve", "summary"]
 
 M_MAX = 50  # principal directions kept in the stored results (the paper: M = 10; Figure 14 up to 200)
 MS = (5, 10, 20, 50)  # the M sweep of the chapter
@@ -334,3 +334,106 @@ def diagnosis_runs(lm, data: TaskData, profile: Profile, seeds: Sequence[int] | 
         settings = settings_of(profile, seed=seed, shots=1, n_test=n_test, m_max=M_MAX)
         out.append(cached_run("diagnosis", lm.name, data.task.name, settings, compute, **kw))
     return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reading the stored results (the chapter's numbers)
+# --------------------------------------------------------------------------------------------------------------------
+
+BASELINES = {
+    "anchor keys, query PCA": "k̂ of the label words (the paper's predictor)",
+    "anchor keys, all dimensions": "the label words' keys, no PCA (every direction weighs the same)",
+    "mean query per gold class": "no anchors: distances between the mean target queries of each gold class",
+    "label-word embeddings": "no anchors, no context: distances between the label words' input embeddings",
+}
+
+
+def predictors(result: dict[str, np.ndarray], layer: int, m: int) -> dict[str, np.ndarray]:
+    """The (C, C) predicted-confusion matrices of :data:`BASELINES` for one stored result, layer and M."""
+    if m > result["khat"].shape[-1]:
+        raise ValueError(f"M = {m}, but only {result['khat'].shape[-1]} directions are stored")
+    return {
+        "anchor keys, query PCA": predicted_confusion(result["khat"][layer, :, :m]),
+        "anchor keys, all dimensions": normalised_distances(result["keys"][layer]),
+        "mean query per gold class": _normalise(result["class_query_dist"][layer]),
+        "label-word embeddings": _normalise(result["embedding_dist"]),
+    }
+
+
+def _normalise(d: np.ndarray) -> np.ndarray:
+    d = np.array(d, dtype=np.float64)
+    off = ~np.eye(len(d), dtype=bool)
+    d = d / np.nanmax(d[off])
+    np.fill_diagonal(d, 1.0)
+    return d
+
+
+def _rank_rows(x: np.ndarray) -> np.ndarray:
+    from scipy.stats import rankdata
+
+    return rankdata(x, axis=-1)
+
+
+def _spearman_rows(pred_ranks: np.ndarray, real_pairs: np.ndarray) -> np.ndarray:
+    """Spearman's ρ of each row of ``pred_ranks`` (K, P), already ranked, with ``real_pairs`` (P,)."""
+    ok = np.isfinite(real_pairs)
+    r = _rank_rows(real_pairs[ok])
+    a = pred_ranks[:, ok] if ok.all() else _rank_rows(pred_ranks[:, ok])
+    a = a - a.mean(1, keepdims=True)
+    r = r - r.mean()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (a @ r) / np.sqrt((a ** 2).sum(1) * (r ** 2).sum())
+
+
+def spearman_estimate(per_seed: Sequence[dict[str, np.ndarray]], matrices: Sequence[np.ndarray], **kw):
+    """Spearman's ρ between predicted and real confusion, averaged over seeds, with a bootstrap interval.
+
+    ``matrices``: per seed, one predicted (C, C) matrix or a stack (K, C, C) of them (e.g. one per layer): the
+    statistic is then a curve of K values. The bootstrap (:func:`helpers.stats.bootstrap`) resamples the test
+    examples within each seed and recomputes the real confusion; the predicted matrices are held fixed (the PCA is not
+    refitted), so the interval covers the test examples' noise in the real confusion only.
+    """
+    from .stats import bootstrap
+
+    ranks = [_rank_rows(np.stack([pair_values(m) for m in np.reshape(mat, (-1, *np.shape(mat)[-2:]))]))
+             for mat in matrices]
+    scalar = np.ndim(matrices[0]) == 2
+    c = np.shape(matrices[0])[-1]
+
+    def statistic(probs, gold, seed_index):
+        real = pair_values(real_confusion(probs, gold, c))
+        rho = _spearman_rows(ranks[int(seed_index[0])], real)
+        return rho[0] if scalar else rho
+
+    items = [(r["probs"], r["gold"], np.full(len(r["gold"]), s)) for s, r in enumerate(per_seed)]
+    return bootstrap(items, statistic, **kw)
+
+
+def layer_curve(per_seed: Sequence[dict[str, np.ndarray]], m: int = 10, predictor: str = "anchor keys, query PCA",
+                **kw):
+    """ρ at every layer (an :class:`~helpers.stats.Estimate` over layers) for one predictor."""
+    n_layers = per_seed[0]["khat"].shape[0]
+    stacks = [np.stack([predictors(r, layer, m)[predictor] for layer in range(n_layers)]) for r in per_seed]
+    return spearman_estimate(per_seed, stacks, **kw)
+
+
+def summary(per_seed: Sequence[dict[str, np.ndarray]], layer: int, m: int = 10,
+            predictor: str = "anchor keys, query PCA", **kw) -> dict:
+    """The chapter's numbers for one (model, task) at one layer and M.
+
+    ``rho``: the :class:`~helpers.stats.Estimate` of ρ (mean over seeds, bootstrap interval); ``p``: the exact
+    permutation p-value per seed; ``pairs``: :func:`most_confused` per seed; ``accuracy``: per seed.
+    """
+    mats = [predictors(r, layer, m)[predictor] for r in per_seed]
+    reals = [real_confusion(r["probs"], r["gold"], mats[0].shape[0]) for r in per_seed]
+    tests = [permutation_test(a, b) for a, b in zip(mats, reals)]
+    return {
+        "rho": spearman_estimate(per_seed, mats, **kw),
+        "rho_per_seed": [t[0] for t in tests],
+        "p": [t[1] for t in tests],
+        "n_permutations": tests[0][2],
+        "pairs": [most_confused(a, b) for a, b in zip(mats, reals)],
+        "accuracy": [float(np.mean(r["pred"] == r["gold"])) for r in per_seed],
+        "predicted": mats,
+        "real": reals,
+    }

@@ -180,3 +180,91 @@ def attention_example(attention: np.ndarray, probs: np.ndarray, class_names: Seq
     b.set_xlim(0, 1)
     b.set_title("label probabilities")
     return fig
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Diagnosis (paper §3.3, Figure 6)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def confusion_heatmaps(predicted: np.ndarray, real: np.ndarray, class_names: Sequence[str], title: str = "",
+                       labels: tuple[str, str] = ("predicted: anchor distance", "real: AUC-ROC")) -> plt.Figure:
+    """The paper's Figure 6: predicted confusion (normalised anchor distances) beside the real one (pairwise AUC).
+
+    Both read "darker = more confused". The diagonal is left blank.
+    """
+    c = len(class_names)
+    fig, axes = plt.subplots(1, 2, figsize=(7.2, 3.5 if c > 4 else 3.0), constrained_layout=True)
+    for ax, mat, name, vrange in zip(axes, (predicted, real), labels, ((0, 1), (0.5, 1))):
+        shown = np.array(mat, dtype=float)
+        np.fill_diagonal(shown, np.nan)
+        im = ax.imshow(shown, cmap="viridis", vmin=vrange[0], vmax=vrange[1])
+        for i in range(c):
+            for j in range(c):
+                if i != j and np.isfinite(shown[i, j]):
+                    dark = shown[i, j] < vrange[0] + 0.55 * (vrange[1] - vrange[0])
+                    ax.text(j, i, f"{shown[i, j]:.2f}", ha="center", va="center", fontsize=9,
+                            color="white" if dark else "black")
+        ax.set_xticks(range(c), class_names, rotation=40, ha="right", fontsize=9)
+        ax.set_yticks(range(c), class_names, fontsize=9)
+        ax.set_title(name, fontsize=10)
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def agreement_curves(curves: Mapping[str, Mapping[str, object]], marks: Mapping[str, int] | None = None,
+                     title: str = "") -> plt.Figure:
+    """Spearman's ρ (predicted vs real confusion) per layer with its interval: one panel per model, a line per task.
+
+    ``curves[model][task]`` is a :class:`helpers.stats.Estimate` over layers; ``marks[model]`` a layer (0-based) to
+    mark (the paper's two-thirds depth).
+    """
+    fig, axes = _grid(len(curves), width=3.6, height=3.0)
+    for ax, (model, per_task) in zip(axes, curves.items()):
+        for task, est in per_task.items():
+            layers = np.arange(1, len(est.value) + 1)
+            line, = ax.plot(layers, est.value, marker=".", lw=1.5, label=f"{get_task(task).title} (n = {est.n})")
+            ax.fill_between(layers, est.low, est.high, color=line.get_color(), alpha=0.15)
+        if marks and model in marks:
+            ax.axvline(marks[model] + 1, color="k", ls="--", lw=0.8)
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_ylim(-1, 1)
+        ax.set_title(model, fontsize=10)
+        ax.set_xlabel("layer")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("Spearman ρ over class pairs")
+    axes[-1].legend(fontsize=8, loc="lower right")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def baseline_dots(table: Mapping[str, Mapping[str, object]], title: str = "") -> plt.Figure:
+    """ρ with its interval for each predictor (rows) and each task (one marker per task). ``table[predictor][task]``
+    is a scalar :class:`helpers.stats.Estimate`."""
+    predictors_ = list(table)
+    tasks = list(next(iter(table.values())))
+    fig, ax = plt.subplots(figsize=(7.0, 0.55 * len(predictors_) + 1.2), constrained_layout=True)
+    offsets = np.linspace(-0.22, 0.22, len(tasks))
+    for k, task in enumerate(tasks):
+        ys = np.arange(len(predictors_)) + offsets[k]
+        vals = [table[p][task] for p in predictors_]
+        ax.errorbar([v.value for v in vals], ys,
+                    xerr=[[v.value - v.low for v in vals], [v.high - v.value for v in vals]],
+                    fmt="o", ms=5, capsize=2, label=get_task(task).title)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_yticks(range(len(predictors_)), predictors_, fontsize=9)
+    ax.invert_yaxis()
+    ax.set_xlim(-1, 1)
+    ax.set_xlabel("Spearman ρ with the real confusion (mean over seeds, 95% interval)")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.grid(alpha=0.3, axis="x")
+    if title:
+        ax.set_title(title, fontsize=10)
+    return fig
+
+
+__all__ += ["confusion_heatmaps", "agreement_curves", "baseline_dots"]

@@ -377,3 +377,51 @@ def test_diagnose_outputs(tiny_gqa_lm, agnews_prompts):
 
     emb = lm.model.get_input_embeddings().weight[list(label_token_ids(task, lm.tokenizer))]
     assert out["embedding_dist"][0, 1] == pytest.approx(float((emb[0] - emb[1]).norm()), rel=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Reading stored results
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _fake_result(rng, n=80, c=4, layers=3, m=6, d=10):
+    gold = rng.integers(0, c, n)
+    logits = rng.normal(size=(n, c)) + 2.0 * np.eye(c)[gold] * rng.random((n, 1))
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    sym = np.abs(rng.normal(size=(layers, c, c))) + 0.1
+    emb = rng.random((c, c)) + 0.1
+    return {
+        "probs": probs, "gold": gold, "khat": rng.normal(size=(layers, c, m)), "keys": rng.normal(size=(layers, c, d)),
+        "class_query_dist": sym + sym.transpose(0, 2, 1), "embedding_dist": emb + emb.T,
+    }
+
+
+def test_spearman_estimate_value_is_the_mean_over_seeds_of_pair_spearman():
+    from helpers.diagnosis import predictors, spearman_estimate
+
+    rng = np.random.default_rng(7)
+    runs = [_fake_result(rng) for _ in range(3)]
+    mats = [predictors(r, 1, 4)["anchor keys, query PCA"] for r in runs]
+    est = spearman_estimate(runs, mats, n_boot=50)
+    expected = np.mean([pair_spearman(m, real_confusion(r["probs"], r["gold"])) for m, r in zip(mats, runs)])
+    assert est.value == pytest.approx(expected)
+    assert est.low <= est.value <= est.high and est.n == "80 × 3"
+    # a stack of matrices gives a curve whose entries are the per-matrix values
+    stacks = [np.stack([predictors(r, k, 4)["anchor keys, query PCA"] for k in range(3)]) for r in runs]
+    curve = spearman_estimate(runs, stacks, n_boot=20)
+    assert curve.value.shape == (3,)
+    assert curve.value[1] == pytest.approx(expected)
+
+
+def test_predictors_are_normalised_distances():
+    from helpers.diagnosis import BASELINES, predictors
+
+    r = _fake_result(np.random.default_rng(8))
+    out = predictors(r, 2, 5)
+    assert set(out) == set(BASELINES)
+    for mat in out.values():
+        assert mat.shape == (4, 4) and pair_values(mat).max() == pytest.approx(1.0)
+        np.testing.assert_allclose(np.diag(mat), 1)
+    np.testing.assert_allclose(out["anchor keys, query PCA"], normalised_distances(r["khat"][2, :, :5]))
+    with pytest.raises(ValueError):
+        predictors(r, 0, 7)
