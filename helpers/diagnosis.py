@@ -385,27 +385,41 @@ def _spearman_rows(pred_ranks: np.ndarray, real_pairs: np.ndarray) -> np.ndarray
         return (a @ r) / np.sqrt((a ** 2).sum(1) * (r ** 2).sum())
 
 
+_REAL_CACHE: dict[tuple[bytes, bytes], np.ndarray] = {}
+
+
 def spearman_estimate(per_seed: Sequence[dict[str, np.ndarray]], matrices: Sequence[np.ndarray], **kw):
     """Spearman's ρ between predicted and real confusion, averaged over seeds, with a bootstrap interval.
 
     ``matrices``: per seed, one predicted (C, C) matrix or a stack (K, C, C) of them (e.g. one per layer): the
     statistic is then a curve of K values. The bootstrap (:func:`helpers.stats.bootstrap`) resamples the test
     examples within each seed and recomputes the real confusion; the predicted matrices are held fixed (the PCA is not
-    refitted), so the interval covers the test examples' noise in the real confusion only.
+    refitted), so the interval covers the test examples' noise in the real confusion only. The real confusion of a
+    resample is cached (the bootstrap's resamples are the same in every call), which makes many estimates cheap.
     """
+    import hashlib
+
     from .stats import bootstrap
 
     ranks = [_rank_rows(np.stack([pair_values(m) for m in np.reshape(mat, (-1, *np.shape(mat)[-2:]))]))
              for mat in matrices]
     scalar = np.ndim(matrices[0]) == 2
     c = np.shape(matrices[0])[-1]
+    size = max(len(r["gold"]) for r in per_seed)
+    token = hashlib.blake2b(b"".join(np.ascontiguousarray(r[k]).tobytes() for r in per_seed for k in ("probs", "gold")),
+                            digest_size=16).digest()
+    if len(_REAL_CACHE) > 200_000:
+        _REAL_CACHE.clear()
 
-    def statistic(probs, gold, seed_index):
-        real = pair_values(real_confusion(probs, gold, c))
-        rho = _spearman_rows(ranks[int(seed_index[0])], real)
+    def statistic(probs, gold, ids):
+        key = (token, hashlib.blake2b(ids.tobytes(), digest_size=16).digest())
+        real = _REAL_CACHE.get(key)
+        if real is None:
+            real = _REAL_CACHE[key] = pair_values(real_confusion(probs, gold, c))
+        rho = _spearman_rows(ranks[int(ids[0]) // size], real)
         return rho[0] if scalar else rho
 
-    items = [(r["probs"], r["gold"], np.full(len(r["gold"]), s)) for s, r in enumerate(per_seed)]
+    items = [(r["probs"], r["gold"], s * size + np.arange(len(r["gold"]))) for s, r in enumerate(per_seed)]
     return bootstrap(items, statistic, **kw)
 
 

@@ -221,7 +221,7 @@ def agreement_curves(curves: Mapping[str, Mapping[str, object]], marks: Mapping[
     ``curves[model][task]`` is a :class:`helpers.stats.Estimate` over layers; ``marks[model]`` a layer (0-based) to
     mark (the paper's two-thirds depth).
     """
-    fig, axes = _grid(len(curves), width=3.6, height=3.0)
+    fig, axes = _grid(len(curves), width=3.6, height=3.6)
     for ax, (model, per_task) in zip(axes, curves.items()):
         for task, est in per_task.items():
             layers = np.arange(1, len(est.value) + 1)
@@ -236,7 +236,8 @@ def agreement_curves(curves: Mapping[str, Mapping[str, object]], marks: Mapping[
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("Spearman ρ over class pairs")
-    axes[-1].legend(fontsize=8, loc="lower right")
+    for ax in axes:
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
     if title:
         fig.suptitle(title, fontsize=10)
     return fig
