@@ -187,6 +187,9 @@ def attention_example(attention: np.ndarray, probs: np.ndarray, class_names: Seq
 # --------------------------------------------------------------------------------------------------------------------
 
 
+TASK_COLORS = {"trec": "#1f77b4", "agnews": "#ff7f0e", "emoc": "#2ca02c", "sst2": "#9467bd"}
+
+
 def confusion_heatmaps(predicted: np.ndarray, real: np.ndarray, class_names: Sequence[str], title: str = "",
                        labels: tuple[str, str] = ("predicted: anchor distance", "real: AUC-ROC")) -> plt.Figure:
     """The paper's Figure 6: predicted confusion (normalised anchor distances) beside the real one (pairwise AUC).
@@ -195,7 +198,8 @@ def confusion_heatmaps(predicted: np.ndarray, real: np.ndarray, class_names: Seq
     """
     c = len(class_names)
     fig, axes = plt.subplots(1, 2, figsize=(7.2, 3.5 if c > 4 else 3.0), constrained_layout=True)
-    for ax, mat, name, vrange in zip(axes, (predicted, real), labels, ((0, 1), (0.5, 1))):
+    low_auc = min(0.5, float(np.nanmin(np.where(np.eye(c, dtype=bool), np.nan, real))))  # AUC < 0.5: inverted
+    for ax, mat, name, vrange in zip(axes, (predicted, real), labels, ((0, 1), (low_auc, 1))):
         shown = np.array(mat, dtype=float)
         np.fill_diagonal(shown, np.nan)
         im = ax.imshow(shown, cmap="viridis", vmin=vrange[0], vmax=vrange[1])
@@ -225,8 +229,9 @@ def agreement_curves(curves: Mapping[str, Mapping[str, object]], marks: Mapping[
     for ax, (model, per_task) in zip(axes, curves.items()):
         for task, est in per_task.items():
             layers = np.arange(1, len(est.value) + 1)
-            line, = ax.plot(layers, est.value, marker=".", lw=1.5, label=f"{get_task(task).title} (n = {est.n})")
-            ax.fill_between(layers, est.low, est.high, color=line.get_color(), alpha=0.15)
+            color = TASK_COLORS.get(task)
+            ax.plot(layers, est.value, marker=".", lw=1.5, color=color, label=f"{get_task(task).title} (n = {est.n})")
+            ax.fill_between(layers, est.low, est.high, color=color, alpha=0.15)
         if marks and model in marks:
             ax.axvline(marks[model] + 1, color="k", ls="--", lw=0.8)
         ax.axhline(0, color="k", lw=0.8)
@@ -255,7 +260,7 @@ def baseline_dots(table: Mapping[str, Mapping[str, object]], title: str = "") ->
         vals = [table[p][task] for p in predictors_]
         ax.errorbar([v.value for v in vals], ys,
                     xerr=[[v.value - v.low for v in vals], [v.high - v.value for v in vals]],
-                    fmt="o", ms=5, capsize=2, label=get_task(task).title)
+                    fmt="o", ms=5, capsize=2, color=TASK_COLORS.get(task), label=get_task(task).title)
     ax.axvline(0, color="k", lw=0.8)
     ax.set_yticks(range(len(predictors_)), predictors_, fontsize=9)
     ax.invert_yaxis()
