@@ -16,7 +16,10 @@ inside :func:`intervene`; outside it the function is plain eager attention. The 
 * :class:`Isolate` - overwrite S[p, j<p] for chosen rows p with -1e4, as the official code does (§2.2);
 * :class:`Reweight` - multiply A[q, p_i] by exp(beta[l, h, i]), learnable, no renormalisation (§3.1, Eq. 9);
 * :class:`Saliency` - multiply A by a ones tensor P that requires grad: after ``backward``,
-  dP = A ⊙ dL/dA, the saliency of Eq. 1 (§2.1).
+  dP = A ⊙ dL/dA, the saliency of Eq. 1 (§2.1);
+* :class:`RecordQK` - keep the query vectors at chosen rows and the key vectors at chosen positions, as the
+  attention receives them (after any rotary embedding and query/key norm, before scaling; keys *not* repeated for
+  grouped-query attention) (§3.3). Hooks see Q and K through :meth:`Hook.qk`, called once per layer before the scores.
 
 Grouped-query attention (fewer kv heads), the model's scaling, logit soft-capping and sliding windows (which live in
 the mask) are honoured. GPT-J still calls its own ``_attn`` method instead of the interface; :func:`enable` replaces
@@ -49,6 +52,7 @@ __all__ = [
     "Isolate",
     "Reweight",
     "Saliency",
+    "RecordQK",
 ]
 
 NAME = "anchors"
@@ -80,6 +84,10 @@ def anchors_attention(
     if kwargs.get("s_aux") is not None:
         raise NotImplementedError("attention sinks (s_aux) are not supported by the 'anchors' attention")
     layer = getattr(module, "layer_idx", None)
+    hooks = _ACTIVE.get()
+    for hook in hooks:
+        if hook.acts_on(layer):
+            hook.qk(layer, query, key)  # before the kv heads are repeated: key has H_kv heads
     groups = query.shape[1] // key.shape[1]
     if groups > 1:  # grouped-query attention: repeat each kv head for its query heads
         key = key.repeat_interleave(groups, dim=1)
@@ -93,7 +101,6 @@ def anchors_attention(
     if attention_mask is not None:
         scores = scores + attention_mask[:, :, :, : key.shape[-2]]
 
-    hooks = _ACTIVE.get()
     for hook in hooks:
         if hook.acts_on(layer):
             scores = hook.pre_softmax(layer, scores)
@@ -166,6 +173,9 @@ class Hook:
 
     def acts_on(self, layer: int | None) -> bool:
         return self.layers is None or layer in self.layers
+
+    def qk(self, layer: int, query: torch.Tensor, key: torch.Tensor) -> None:
+        """See the query (B, H, T, D) and the un-repeated key (B, H_kv, S, D) of a layer, before the scores."""
 
     def pre_softmax(self, layer: int, scores: torch.Tensor) -> torch.Tensor:
         return scores
@@ -364,6 +374,39 @@ class Saliency(Hook):
         if missing or not self.ones:
             raise RuntimeError("no gradient reached the attention: call loss.backward() after the forward pass")
         return torch.stack([self.ones[k].grad for k in sorted(self.ones)])
+
+
+class RecordQK(Hook):
+    """Keep, per layer, the query vectors at rows ``rows`` and the key vectors at positions ``key_positions``.
+
+    What is kept is exactly what the attention function receives: after the model's query/key norms and rotary
+    embedding (where the model has them), before the scaling; keys with the model's H_kv key heads, not repeated
+    for grouped-query attention. ``rows``: LongTensor (B,) (e.g. the target q of each prompt); ``key_positions``:
+    LongTensor (B, K) (e.g. the label-word positions). After the forward pass, :attr:`queries` maps each layer to a
+    float32 (B, H, D) tensor and :attr:`keys` to a float32 (B, K, H_kv, D) tensor.
+    """
+
+    def __init__(self, rows: torch.Tensor, key_positions: torch.Tensor, layers: Iterable[int] | None = None):
+        super().__init__(layers)
+        if rows.ndim != 1 or key_positions.ndim != 2 or key_positions.shape[0] != rows.shape[0]:
+            raise ValueError(
+                f"RecordQK needs rows (B,) and key_positions (B, K); got {tuple(rows.shape)} and "
+                f"{tuple(key_positions.shape)}"
+            )
+        self.rows = rows
+        self.key_positions = key_positions
+        self.queries: dict[int, torch.Tensor] = {}
+        self.keys: dict[int, torch.Tensor] = {}
+
+    def qk(self, layer, query, key):
+        batch = torch.arange(query.shape[0], device=query.device)
+        rows = self.rows.to(query.device)
+        self.queries[layer] = query.detach()[batch, :, rows, :].float().cpu()  # (B, H, D)
+        cols = self.key_positions.to(key.device)
+        self.keys[layer] = key.detach()[batch[:, None], :, cols, :].float().cpu()  # (B, K, H_kv, D)
+
+    def post_softmax(self, layer, probs):  # marks the layer as seen; nothing to change
+        return probs
 
 
 @contextlib.contextmanager

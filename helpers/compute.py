@@ -22,7 +22,7 @@ from .tasks import TASKS, load_task
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("chapter", choices=["aggregation", "extraction", "reweighting"])
+    parser.add_argument("chapter", choices=["aggregation", "extraction", "reweighting", "diagnosis"])
     parser.add_argument("--profile", default="book", choices=sorted(PROFILES))
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--tasks", nargs="*", default=list(TASKS))
@@ -31,7 +31,7 @@ def main(argv=None) -> None:
     parser.add_argument("--into-committed", action="store_true",
                         help="write into the repository's committed results/ (maintainers refreshing the book)")
     parser.add_argument("--seeds", type=int, nargs="*", default=None,
-                        help="reweighting: only these seeds of the profile (seed by seed, every task)")
+                        help="reweighting, diagnosis: only these seeds of the profile")
     args = parser.parse_args(argv)
     if args.into_committed:
         committed = REPO_ROOT / "results"
@@ -60,6 +60,10 @@ def main(argv=None) -> None:
             saliency_runs(lm, data, profile)
             saliency_examples(lm, data)
             isolation_runs(lm, data, profile)
+        elif args.chapter == "diagnosis":
+            from .diagnosis import diagnosis_runs
+
+            diagnosis_runs(lm, data, profile, seeds=args.seeds)
         else:
             from .extraction import extraction_runs
 

@@ -379,6 +379,39 @@ def beta_heatmaps(betas: Mapping[str, np.ndarray], title: str = "", vmax: float 
         ax.set_title(get_task(task).title, fontsize=10)
     axes[0, 0].set_ylabel("layer")
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label=r"$\beta$ (heads within each class block)")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Diagnosis (paper §3.3, Figure 6)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+TASK_COLORS = {"trec": "#1f77b4", "agnews": "#ff7f0e", "emoc": "#2ca02c", "sst2": "#9467bd"}
+
+
+def confusion_heatmaps(predicted: np.ndarray, real: np.ndarray, class_names: Sequence[str], title: str = "",
+                       labels: tuple[str, str] = ("predicted: anchor distance", "real: AUC-ROC")) -> plt.Figure:
+    """The paper's Figure 6: predicted confusion (normalised anchor distances) beside the real one (pairwise AUC).
+
+    Both read "darker = more confused". The diagonal is left blank.
+    """
+    c = len(class_names)
+    fig, axes = plt.subplots(1, 2, figsize=(7.2, 3.5 if c > 4 else 3.0), constrained_layout=True)
+    low_auc = min(0.5, float(np.nanmin(np.where(np.eye(c, dtype=bool), np.nan, real))))  # AUC < 0.5: inverted
+    for ax, mat, name, vrange in zip(axes, (predicted, real), labels, ((0, 1), (low_auc, 1))):
+        shown = np.array(mat, dtype=float)
+        np.fill_diagonal(shown, np.nan)
+        im = ax.imshow(shown, cmap="viridis", vmin=vrange[0], vmax=vrange[1])
+        for i in range(c):
+            for j in range(c):
+                if i != j and np.isfinite(shown[i, j]):
+                    dark = shown[i, j] < vrange[0] + 0.55 * (vrange[1] - vrange[0])
+                    ax.text(j, i, f"{shown[i, j]:.2f}", ha="center", va="center", fontsize=9,
+                            color="white" if dark else "black")
+        ax.set_xticks(range(c), class_names, rotation=40, ha="right", fontsize=9)
+        ax.set_yticks(range(c), class_names, fontsize=9)
+        ax.set_title(name, fontsize=10)
+        fig.colorbar(im, ax=ax, shrink=0.8)
     if title:
         fig.suptitle(title, fontsize=10)
     return fig
@@ -400,6 +433,34 @@ def training_curves(curves: Mapping[str, Mapping[str, np.ndarray]], title: str =
     axes[0].set_ylabel("training loss")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), fontsize=9)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+def agreement_curves(curves: Mapping[str, Mapping[str, object]], marks: Mapping[str, int] | None = None,
+                     title: str = "") -> plt.Figure:
+    """Spearman's ρ (predicted vs real confusion) per layer with its interval: one panel per model, a line per task.
+
+    ``curves[model][task]`` is a :class:`helpers.stats.Estimate` over layers; ``marks[model]`` a layer (0-based) to
+    mark (the paper's two-thirds depth).
+    """
+    fig, axes = _grid(len(curves), width=3.6, height=3.6)
+    for ax, (model, per_task) in zip(axes, curves.items()):
+        for task, est in per_task.items():
+            layers = np.arange(1, len(est.value) + 1)
+            color = TASK_COLORS.get(task)
+            ax.plot(layers, est.value, marker=".", lw=1.5, color=color, label=f"{get_task(task).title} (n = {est.n})")
+            ax.fill_between(layers, est.low, est.high, color=color, alpha=0.15)
+        if marks and model in marks:
+            ax.axvline(marks[model] + 1, color="k", ls="--", lw=0.8)
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_ylim(-1, 1)
+        ax.set_title(model, fontsize=10)
+        ax.set_xlabel("layer")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("Spearman ρ over class pairs")
+    for ax in axes:
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
     if title:
         fig.suptitle(title, fontsize=10)
     return fig
@@ -421,3 +482,32 @@ def difference_forest(estimates: Mapping[str, object], title: str = "", xlabel: 
     if title:
         ax.set_title(title, fontsize=10)
     return fig
+
+
+# --------------------------------------------------------------------------------------------------------------------
+def baseline_dots(table: Mapping[str, Mapping[str, object]], title: str = "") -> plt.Figure:
+    """ρ with its interval for each predictor (rows) and each task (one marker per task). ``table[predictor][task]``
+    is a scalar :class:`helpers.stats.Estimate`."""
+    predictors_ = list(table)
+    tasks = list(next(iter(table.values())))
+    fig, ax = plt.subplots(figsize=(7.0, 0.55 * len(predictors_) + 1.2), constrained_layout=True)
+    offsets = np.linspace(-0.22, 0.22, len(tasks))
+    for k, task in enumerate(tasks):
+        ys = np.arange(len(predictors_)) + offsets[k]
+        vals = [table[p][task] for p in predictors_]
+        ax.errorbar([v.value for v in vals], ys,
+                    xerr=[[v.value - v.low for v in vals], [v.high - v.value for v in vals]],
+                    fmt="o", ms=5, capsize=2, color=TASK_COLORS.get(task), label=get_task(task).title)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_yticks(range(len(predictors_)), predictors_, fontsize=9)
+    ax.invert_yaxis()
+    ax.set_xlim(-1, 1)
+    ax.set_xlabel("Spearman ρ with the real confusion (mean over seeds, 95% interval)")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.grid(alpha=0.3, axis="x")
+    if title:
+        ax.set_title(title, fontsize=10)
+    return fig
+
+
+__all__ += ["confusion_heatmaps", "agreement_curves", "baseline_dots"]

@@ -72,6 +72,7 @@ class Profile:
     n_test_extraction: int = 0  # extraction needs one forward pass per example: it can afford more (0 = n_test)
     n_test_isolation: int = 0  # isolation needs 11 forward passes per example: fewer on a CPU (0 = n_test)
     n_test_reweighting: int = 0  # re-weighting: six methods per example and training per seed (0 = n_test)
+    n_test_diagnosis: int = 0  # diagnosis fits a PCA on the test queries: the paper's 500 (0 = n_test)
 
 
 class _Profiles(dict):
@@ -80,9 +81,9 @@ class _Profiles(dict):
 
 
 PROFILES: dict[str, Profile] = _Profiles({
-    "quick": Profile("quick", n_test=8, seeds=(42,)),
+    "quick": Profile("quick", n_test=8, seeds=(42,), n_test_diagnosis=32),
     "book": Profile("book", n_test=24, seeds=(42, 43, 44), n_test_extraction=32, n_test_isolation=16,
-                    n_test_reweighting=64),
+                    n_test_reweighting=64, n_test_diagnosis=500),
     "paper": Profile("paper", n_test=1000, seeds=(42, 43, 44, 45, 46)),
 })
 
@@ -410,5 +411,6 @@ def settings_of(profile: Profile, **extra) -> dict:
     d.pop("n_test_extraction")  # experiments that use these pass them explicitly
     d.pop("n_test_isolation")
     d.pop("n_test_reweighting")
+    d.pop("n_test_diagnosis")
     d.update(extra)
     return d

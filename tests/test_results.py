@@ -33,7 +33,7 @@ def _infos() -> list[tuple[Path, dict]]:
 # test_every_committed_experiment_is_covered.
 DEDICATED = {
     "reweighting": ("test_reweighting.py", "test_committed_reweighting_slice"),
-    "diagnosis": ("test_diagnosis.py", "test_committed_diagnosis_slice"),
+    "diagnosis": ("test_results_diagnosis.py", "test_diagnosis_slice"),
     "compression": ("test_compression.py", "test_committed_compression_slice"),
     "compression-bench": ("test_compression.py", "test_committed_compression_slice"),
 }
