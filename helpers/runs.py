@@ -42,11 +42,15 @@ class Profile:
     batch_size: int = 8
     n_test_extraction: int = 0  # extraction needs one forward pass per example: it can afford more (0 = n_test)
     n_test_isolation: int = 0  # isolation needs 11 forward passes per example: fewer on a CPU (0 = n_test)
+    n_test_compression: int = 0  # compression (Table 2): test examples per (task, seed) (0 = n_test)
+    n_random_compression: int = 0  # Hidden_random-top: random draws per (task, seed) (0 = the paper's 20)
+    n_test_compression_shots: int = 0  # compression's shots sweep: test examples per (task, seed) (0 = n_test)
 
 
 PROFILES: dict[str, Profile] = {
-    "quick": Profile("quick", n_test=8, seeds=(42,)),
-    "book": Profile("book", n_test=24, seeds=(42, 43, 44), n_test_extraction=32, n_test_isolation=16),
+    "quick": Profile("quick", n_test=8, seeds=(42,), n_random_compression=5),
+    "book": Profile("book", n_test=24, seeds=(42, 43, 44), n_test_extraction=32, n_test_isolation=16,
+                    n_test_compression=32, n_random_compression=10, n_test_compression_shots=16),
     "paper": Profile("paper", n_test=1000, seeds=(42, 43, 44, 45, 46)),
 }
 
@@ -144,5 +148,8 @@ def settings_of(profile: Profile, **extra) -> dict:
     d.pop("batch_size")  # does not change results
     d.pop("n_test_extraction")  # experiments that use these pass them explicitly
     d.pop("n_test_isolation")
+    d.pop("n_test_compression")
+    d.pop("n_random_compression")
+    d.pop("n_test_compression_shots")
     d.update(extra)
     return d
