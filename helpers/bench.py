@@ -1,6 +1,7 @@
 """Benchmarks (commands, not tests): how much faster is answering from the anchors alone?
 
     python -m helpers.bench compression --model gemma-3-270m
+    python -m helpers.bench forward-cost --model gemma-3-270m   # why batch 1 stays below the token ceiling
 
 For each task (seed 42, one demonstration per class, the same test examples for every mode) three ways of answering
 each query are timed, in one process, one thread, at batch 1 (as the paper's timing) and with batches of 8 queries
@@ -163,6 +164,34 @@ def bench_compression(model: str, tasks, n: int, reps: int, sweep_tasks, sweep_s
     return result
 
 
+def forward_cost(model: str, lengths=(1, 4, 16, 64, 256), reps: int = 5, out: Path | None = None) -> dict:
+    """Time of one forward pass (batch 1, next-token logits at the last position only) against its length T,
+    repetitions interleaved over the lengths, fitted as a + b·T by least squares on the medians.
+
+    ``a / b`` is the fixed cost of a pass in "token equivalents": with it, the best speed-up a query over a short
+    cache can reach is (a + b·L_full) / (a + b·L_x), not L_full / L_x.
+    """
+    torch.set_num_threads(1)
+    lm = load_model(model)
+    g = torch.Generator().manual_seed(0)
+    ids = {t: torch.randint(100, 1000, (1, t), generator=g) for t in lengths}
+    times: dict[int, list[float]] = {t: [] for t in lengths}
+    with torch.no_grad():
+        for t in lengths:  # warm-up
+            lm.model(input_ids=ids[t], logits_to_keep=1, use_cache=False)
+        for r in range(reps):
+            for t in (lengths if r % 2 == 0 else lengths[::-1]):
+                times[t].append(_time(lambda: lm.model(input_ids=ids[t], logits_to_keep=1, use_cache=False)))
+    med = np.array([statistics.median(times[t]) for t in lengths])
+    b, a = np.polyfit(np.array(lengths, dtype=float), med, 1)
+    result = {"model": model, "lengths": list(lengths), "times_s": {str(t): v for t, v in times.items()},
+              "median_s": med.tolist(), "fixed_s": float(a), "per_token_s": float(b),
+              "fixed_in_tokens": float(a / b)}
+    if out is not None:
+        _write(out, result)
+    return result
+
+
 def _write(path: Path, result: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -176,7 +205,7 @@ def bench_path(model: str) -> Path:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["compression"])
+    parser.add_argument("what", choices=["compression", "forward-cost"])
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--tasks", nargs="*", default=list(TASKS))
     parser.add_argument("--n", type=int, default=16, help="test examples per task")
@@ -188,6 +217,12 @@ def main(argv=None) -> None:
     parser.add_argument("--sweep-reps", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.what == "forward-cost":
+        path = args.out or bench_path(args.model).with_name(f"{args.model.replace('/', '--')}-forward-cost.json")
+        r = forward_cost(args.model, reps=args.reps, out=path)
+        print(f"fixed {r['fixed_s']:.3f} s + {r['per_token_s'] * 1e3:.2f} ms/token "
+              f"(fixed = {r['fixed_in_tokens']:.0f} tokens)")
+        return
     bench_compression(args.model, args.tasks, args.n, args.reps, args.sweep_tasks, args.sweep_shots, args.sweep_n,
                       args.sweep_reps, args.out or bench_path(args.model), tuple(args.batch_sizes))
 
