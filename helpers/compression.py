@@ -41,7 +41,7 @@ from .tasks import Example, Task, TaskData, sample_fixed_demonstrations, subsamp
 __all__ = [
     "PAPER_TABLE2", "PAPER_SPEEDUP", "PAPER_LENGTHS", "TABLE2_VARIANTS", "SHOTS_VARIANTS", "TOP_K_STORED", "demonstration_split", "anchor_positions",
     "labels_only_positions", "random_positions", "random_trials", "text_anchor_text", "compression_run",
-    "compression_runs", "table2_n_test", "table2_n_random", "shots_sweep", "SWEEP_SHOTS", "label_agreement", "top_k_jaccard", "best_trial", "variant_metrics", "table2",
+    "compression_runs", "table2_n_test", "table2_n_random", "table2_seeds", "shots_sweep", "SWEEP_SHOTS", "label_agreement", "top_k_jaccard", "best_trial", "variant_metrics", "table2",
 ]
 
 # The paper's numbers (Tables 2, 3 and 6; ../shared/docs/paper-spec.md §6), for side-by-side tables.
@@ -291,6 +291,13 @@ def table2_n_random(profile: Profile, model: str) -> int:
     return (profile.n_random_compression or 20) if model == DEFAULT_MODEL else 1
 
 
+def table2_seeds(profile: Profile, model: str) -> tuple[int, ...]:
+    """Seeds for Table 2: the profile's for the default model, its first two for other models (CPU budget)."""
+    from .models import DEFAULT_MODEL
+
+    return tuple(profile.seeds) if model == DEFAULT_MODEL else tuple(profile.seeds[:2])
+
+
 def compression_runs(
     lm, data: TaskData, profile: Profile, shots: int = 1, variants: Sequence[str] = TABLE2_VARIANTS,
     n_test: int | None = None, n_random: int | None = None, seeds: Sequence[int] | None = None,
@@ -298,14 +305,14 @@ def compression_runs(
 ) -> list[dict[str, np.ndarray]]:
     """One :func:`compression_run` per seed of the profile (scheme A demonstrations), cached.
 
-    Defaults: :func:`table2_n_test` examples and :func:`table2_n_random` random draws.
+    Defaults: :func:`table2_n_test` examples, :func:`table2_n_random` random draws, :func:`table2_seeds` seeds.
     """
     n_test = n_test or table2_n_test(profile, lm.name)
     n_random = n_random if n_random is not None else table2_n_random(profile, lm.name)
     if "random" not in variants:
         n_random = 0
     out = []
-    for seed in seeds or profile.seeds:
+    for seed in seeds or table2_seeds(profile, lm.name):
         def compute(seed=seed):
             prompts = make_prompts(lm, data, seed, n_test, shots, per_example=False)
             demos = [data.train[j] for j in sample_fixed_demonstrations(data, shots, seed)[0]]
