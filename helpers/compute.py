@@ -22,12 +22,14 @@ from .tasks import TASKS, load_task
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("chapter", choices=["aggregation", "extraction", "reweighting", "diagnosis"])
+    parser.add_argument("chapter", choices=["aggregation", "extraction", "reweighting", "diagnosis", "compression"])
     parser.add_argument("--profile", default="book", choices=sorted(PROFILES))
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--tasks", nargs="*", default=list(TASKS))
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--shots", type=int, nargs="*", default=[1, 2], help="extraction: shots per class")
+    parser.add_argument("--shots", type=int, nargs="*", default=None,
+                        help="shots per class (extraction: default 1 2; compression's sweep: default 1 2 4 8 16)")
+    parser.add_argument("--sweep", action="store_true", help="compression: run the shots sweep (instead of Table 2)")
     parser.add_argument("--into-committed", action="store_true",
                         help="write into the repository's committed results/ (maintainers refreshing the book)")
     parser.add_argument("--seeds", type=int, nargs="*", default=None,
@@ -64,10 +66,17 @@ def main(argv=None) -> None:
             from .diagnosis import diagnosis_runs
 
             diagnosis_runs(lm, data, profile, seeds=args.seeds)
+        elif args.chapter == "compression":
+            from .compression import compression_runs, shots_sweep
+
+            if args.sweep:
+                shots_sweep(lm, data, profile, shots=args.shots or None)
+            else:
+                compression_runs(lm, data, profile)
         else:
             from .extraction import extraction_runs
 
-            for shots in args.shots:
+            for shots in args.shots or [1, 2]:
                 extraction_runs(lm, data, profile, shots=shots)
         print(f"{args.chapter} {args.model} {name}: {time.perf_counter() - t0:.0f} s", flush=True)
 

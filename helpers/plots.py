@@ -511,3 +511,81 @@ def baseline_dots(table: Mapping[str, Mapping[str, object]], title: str = "") ->
 
 
 __all__ += ["confusion_heatmaps", "agreement_curves", "baseline_dots"]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Compression (paper §3.2)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def kept_tokens_html(tokens: Sequence[str], kept: Sequence[int], query_start: int, label_tokens: Sequence[int] = (),
+                     special: Sequence[int] = ()) -> str:
+    """One prompt as HTML: kept tokens highlighted (label words darker, added tokens boxed), the dropped demonstration
+    text greyed and struck through, the query plain."""
+    import html
+
+    kept, labels, special = set(kept), set(label_tokens), set(special)
+    out = []
+    for i, tok in enumerate(tokens):
+        text = html.escape(tok).replace("\n", "↵<br>")
+        if i in special:
+            style = "border:1px solid #333;background:#ffe08a"
+        elif i in labels:
+            style = "background:#f4a259;font-weight:bold"
+        elif i in kept:
+            style = "background:#ffe08a"
+        elif i < query_start:
+            style = "color:#999;text-decoration:line-through"
+        else:
+            style = ""
+        out.append(f'<span style="{style}">{text}</span>')
+    legend = ('<div style="font-size:85%;margin-top:6px"><span style="background:#ffe08a">kept</span> '
+              '<span style="background:#f4a259;font-weight:bold">label word</span> '
+              '<span style="color:#999;text-decoration:line-through">dropped</span> '
+              '<span style="border:1px solid #333">added by the tokenizer</span> - after the last '
+              'demonstration: the query, run over the kept cache</div>')
+    return ('<div style="font-family:monospace;font-size:90%;line-height:1.7;white-space:pre-wrap">'
+            + "".join(out) + "</div>" + legend)
+
+
+def compression_sweep(speed: Mapping[str, tuple], ceiling: tuple, memory: tuple, quality: Mapping[str, tuple],
+                      title: str = "") -> plt.Figure:
+    """Three panels over demonstrations per class: measured speed-up (median, min-max bars) with the token-count
+    ceiling; cache memory, full vs kept; label loyalty / accuracy with intervals.
+
+    ``speed``: {label: (shots, median, low, high)}; ``ceiling``: (shots, values); ``memory``: (shots, full bytes,
+    kept bytes); ``quality``: {label: (shots, value, low, high)}.
+    """
+    fig, axes = plt.subplots(1, 3, figsize=(10.5, 3.3), constrained_layout=True)
+    ax = axes[0]
+    ax.plot(ceiling[0], ceiling[1], "k--", marker="_", label="ceiling (token counts)")
+    for label, (x, med, lo, hi) in speed.items():
+        ax.errorbar(x, med, yerr=[np.subtract(med, lo), np.subtract(hi, med)], marker="o", capsize=3, label=label)
+    ax.axhline(1, color="grey", lw=0.8)
+    ax.set_ylabel("speed-up over full ICL (×)")
+    ax.set_title("speed", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left")
+    ax = axes[1]
+    x, full, kept = memory
+    ax.plot(x, np.asarray(full) / 2**20, marker="o", label="full demonstration cache")
+    ax.plot(x, np.asarray(kept) / 2**20, marker="o", label="anchors only")
+    ax.set_ylabel("key/value cache (MiB)")
+    ax.set_title("cache memory", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left")
+    ax = axes[2]
+    for label, (x, val, lo, hi) in quality.items():
+        line, = ax.plot(x, val, marker="o", label=label)
+        ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15)
+    ax.set_ylabel("%")
+    ax.set_ylim(0, 100)
+    ax.set_title("loyalty and accuracy", fontsize=10)
+    ax.legend(fontsize=8, loc="lower left")
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([1, 2, 4, 8, 16])
+        ax.set_xticklabels(["1", "2", "4", "8", "16"])
+        ax.set_xlabel("demonstrations per class")
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig

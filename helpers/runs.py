@@ -73,6 +73,9 @@ class Profile:
     n_test_isolation: int = 0  # isolation needs 11 forward passes per example: fewer on a CPU (0 = n_test)
     n_test_reweighting: int = 0  # re-weighting: six methods per example and training per seed (0 = n_test)
     n_test_diagnosis: int = 0  # diagnosis fits a PCA on the test queries: the paper's 500 (0 = n_test)
+    n_test_compression: int = 0  # compression (Table 2): test examples per (task, seed) (0 = n_test)
+    n_random_compression: int = 0  # Hidden_random-top: random draws per (task, seed) (0 = the paper's 20)
+    n_test_compression_shots: int = 0  # compression's shots sweep: test examples per (task, seed) (0 = n_test)
 
 
 class _Profiles(dict):
@@ -81,9 +84,10 @@ class _Profiles(dict):
 
 
 PROFILES: dict[str, Profile] = _Profiles({
-    "quick": Profile("quick", n_test=8, seeds=(42,), n_test_diagnosis=32),
+    "quick": Profile("quick", n_test=8, seeds=(42,), n_test_diagnosis=32, n_random_compression=5),
     "book": Profile("book", n_test=24, seeds=(42, 43, 44), n_test_extraction=32, n_test_isolation=16,
-                    n_test_reweighting=64, n_test_diagnosis=500),
+                    n_test_reweighting=64, n_test_diagnosis=500,
+                    n_test_compression=32, n_random_compression=10, n_test_compression_shots=16),
     "paper": Profile("paper", n_test=1000, seeds=(42, 43, 44, 45, 46)),
 })
 
@@ -412,5 +416,8 @@ def settings_of(profile: Profile, **extra) -> dict:
     d.pop("n_test_isolation")
     d.pop("n_test_reweighting")
     d.pop("n_test_diagnosis")
+    d.pop("n_test_compression")
+    d.pop("n_random_compression")
+    d.pop("n_test_compression_shots")
     d.update(extra)
     return d

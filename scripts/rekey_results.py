@@ -64,7 +64,7 @@ def rekey(root: Path, data_dir: Path | None, dtype: str, device: str, dry_run: b
     moved = 0
     for meta in sorted(root.glob("*/*.json")):
         info = json.loads(meta.read_text())
-        if info.get("format") == 2:
+        if info.get("format") == 2 or "experiment" not in info:  # current format, or not a run-cache result
             continue
         npz = meta.with_suffix(".npz")
         problem = None

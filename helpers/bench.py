@@ -1,0 +1,238 @@
+"""Benchmarks (commands, not tests): how much faster is answering from the anchors alone?
+
+    python -m helpers.bench compression --model gemma-3-270m
+    python -m helpers.bench forward-cost --model gemma-3-270m   # why batch 1 stays below the token ceiling
+
+For each task (seed 42, one demonstration per class, the same test examples for every mode) three ways of answering
+each query are timed, in one process, one thread, at batch 1 (as the paper's timing) and with batches of 8 queries
+(right padding; the cache is shared by the batch):
+
+* ``full`` - the full prompt (demonstrations + query), one plain forward pass per example (the paper's baseline);
+* ``anchor`` - Hidden_anchor: only the query, over the compressed cache (formatting + label + added tokens);
+* ``prefix`` - only the query, over the *uncompressed* demonstration cache (plain prefix caching, no compression).
+
+Repetitions are interleaved (the order of the modes rotates), a warm-up pass of every mode is excluded, and each
+repetition's times give ratios; we report the median and the range over repetitions. The one-off cost of building the
+caches (one forward pass over the demonstrations) is timed separately, with the number of queries after which it
+pays for itself. The ceiling is the token-count ratio (L_demo + L_x) / L_x of Table 6: what the speed-up would be if
+time were proportional to the tokens a forward pass processes.
+
+The shots sweep repeats the measurement with 1, 2, 4, 8, 16 demonstrations per class (where the context allows) on
+the chosen sweep tasks, with the cache memory of both caches. The output is a small JSON file under
+``results/compression-bench/`` that the chapter reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .compression import anchor_positions, demonstration_split
+from .models import DEFAULT_MODEL, load_model
+from .prefix import build_prefix, suffix_logits
+from .prompts import collate, target_logits
+from .runs import make_prompts, results_dir, search_dirs
+from .tasks import TASKS, load_task
+
+MODES = ("full", "anchor", "prefix")
+
+
+def _time(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def bench_task(lm, data, shots: int, n: int, reps: int, batch_size: int = 1, seed: int = 42) -> dict:
+    """Times of the three modes over the same ``n`` test examples, in batches of ``batch_size`` (right padding)."""
+    prompts = make_prompts(lm, data, seed, n, shots, per_example=False)
+    prefix_ids, suffixes = demonstration_split(prompts)
+    model = lm.model
+    pad = lm.tokenizer.pad_token_id
+    kept = anchor_positions(prompts[0])
+
+    def build():
+        full = build_prefix(model, prefix_ids)
+        return full, full.keep(kept)
+
+    with torch.no_grad():
+        build()  # warm-up
+        build_times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            full_cache, anchor_cache = build()
+            build_times.append(time.perf_counter() - t0)
+
+        def run(mode: str, items) -> None:
+            for start in range(0, len(items), batch_size):
+                chunk = items[start : start + batch_size]
+                if mode == "full" and batch_size == 1:
+                    model(input_ids=torch.tensor([chunk[0][0].input_ids]), logits_to_keep=1, use_cache=False)
+                elif mode == "full":
+                    target_logits(model, collate([p for p, _ in chunk], pad))
+                else:
+                    suffix_logits(model, anchor_cache if mode == "anchor" else full_cache, [s for _, s in chunk], pad)
+
+        items = list(zip(prompts, suffixes))
+        for mode in MODES:  # warm-up, excluded
+            run(mode, items[:2])
+        times: dict[str, list[float]] = {m: [] for m in MODES}
+        for r in range(reps):
+            order = MODES[r % 3 :] + MODES[: r % 3]
+            for mode in order:
+                times[mode].append(_time(lambda: run(mode, items)))
+
+    ratios = {
+        "full/anchor": [f / a for f, a in zip(times["full"], times["anchor"])],
+        "prefix/anchor": [p / a for p, a in zip(times["prefix"], times["anchor"])],
+        "full/prefix": [f / p for f, p in zip(times["full"], times["prefix"])],
+    }
+    n_special = sum(1 for i in prompts[0].special_positions if i < prompts[0].query_start)
+    l_demo = len(prefix_ids) - n_special
+    l_x = [len(s) for s in suffixes]
+    l_full = [len(p) for p in prompts]
+    ceiling = sum(l_full) / sum(l_x)
+    build = statistics.median(build_times)
+    per_query = {m: statistics.median(t) / n for m, t in times.items()}
+    saving = per_query["full"] - per_query["anchor"]
+    return {
+        "shots": shots,
+        "batch_size": batch_size,
+        "n": n,
+        "reps": reps,
+        "L_demo": l_demo,
+        "L_prefix": len(prefix_ids),
+        "L_x": float(np.mean(l_x)),
+        "L_full": float(np.mean(l_full)),
+        "kept": len(kept),
+        "ceiling": ceiling,
+        "times_s": times,
+        "per_query_s": per_query,
+        "ratios": {k: {"median": statistics.median(v), "min": min(v), "max": max(v), "all": v} for k, v in ratios.items()},
+        "fraction_of_ceiling": statistics.median(ratios["full/anchor"]) / ceiling,
+        "cache_build_s": build,
+        "break_even_queries": build / saving if saving > 0 else None,
+        "cache_bytes": {"full": full_cache.nbytes(), "anchor": anchor_cache.nbytes()},
+    }
+
+
+def bench_compression(model: str, tasks, n: int, reps: int, sweep_tasks, sweep_shots, sweep_n: int,
+                      sweep_reps: int, out: Path, batch_sizes=(1, 8)) -> dict:
+    torch.set_num_threads(1)
+    lm = load_model(model)
+    result = {
+        "model": model,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "note": "CPU shared with other processes; ratios are taken within one process, modes interleaved",
+        "tasks": {},
+        "sweep": {},
+    }
+    for name in tasks:
+        data = load_task(name)
+        result["tasks"][name] = {}
+        for b in batch_sizes:
+            t0 = time.perf_counter()
+            r = result["tasks"][name][str(b)] = bench_task(lm, data, shots=1, n=n, reps=reps, batch_size=b)
+            print(f"{name} batch {b}: full/anchor {r['ratios']['full/anchor']['median']:.2f}x "
+                  f"(ceiling {r['ceiling']:.2f}x), {time.perf_counter() - t0:.0f} s", flush=True)
+            _write(out, result)
+    for name in sweep_tasks:
+        data = load_task(name)
+        result["sweep"][name] = {}
+        for shots in sweep_shots:
+            for b in batch_sizes:
+                try:
+                    r = bench_task(lm, data, shots=shots, n=sweep_n, reps=sweep_reps, batch_size=b)
+                except ValueError as err:  # longer than the context
+                    print(f"{name} {shots} shots skipped: {err}")
+                    break
+                result["sweep"][name].setdefault(str(shots), {})[str(b)] = r
+                print(f"{name} {shots} shots batch {b}: full/anchor {r['ratios']['full/anchor']['median']:.2f}x "
+                      f"(ceiling {r['ceiling']:.2f}x)", flush=True)
+                _write(out, result)
+    return result
+
+
+def forward_cost(model: str, lengths=(1, 4, 16, 64, 256), reps: int = 5, out: Path | None = None) -> dict:
+    """Time of one forward pass (batch 1, next-token logits at the last position only) against its length T,
+    repetitions interleaved over the lengths, fitted as a + b·T by least squares on the medians.
+
+    ``a / b`` is the fixed cost of a pass in "token equivalents": with it, the best speed-up a query over a short
+    cache can reach is (a + b·L_full) / (a + b·L_x), not L_full / L_x.
+    """
+    torch.set_num_threads(1)
+    lm = load_model(model)
+    g = torch.Generator().manual_seed(0)
+    ids = {t: torch.randint(100, 1000, (1, t), generator=g) for t in lengths}
+    times: dict[int, list[float]] = {t: [] for t in lengths}
+    with torch.no_grad():
+        for t in lengths:  # warm-up
+            lm.model(input_ids=ids[t], logits_to_keep=1, use_cache=False)
+        for r in range(reps):
+            for t in (lengths if r % 2 == 0 else lengths[::-1]):
+                times[t].append(_time(lambda: lm.model(input_ids=ids[t], logits_to_keep=1, use_cache=False)))
+    med = np.array([statistics.median(times[t]) for t in lengths])
+    b, a = np.polyfit(np.array(lengths, dtype=float), med, 1)
+    result = {"model": model, "lengths": list(lengths), "times_s": {str(t): v for t, v in times.items()},
+              "median_s": med.tolist(), "fixed_s": float(a), "per_token_s": float(b),
+              "fixed_in_tokens": float(a / b)}
+    if out is not None:
+        _write(out, result)
+    return result
+
+
+def _write(path: Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, path)
+
+
+def bench_path(model: str, write: bool = False) -> Path:
+    """The benchmark's JSON for ``model``: for reading, the first found in the results folders (the user cache, then
+    the committed results); with ``write``, where a new run goes (the user cache, or ``$ANCHORS_RESULTS``)."""
+    rel = Path("compression-bench") / f"{model.replace('/', '--')}.json"
+    if not write:
+        for d in search_dirs():
+            if (d / rel).is_file():
+                return d / rel
+    return results_dir() / rel
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["compression", "forward-cost"])
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--tasks", nargs="*", default=list(TASKS))
+    parser.add_argument("--n", type=int, default=16, help="test examples per task")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--batch-sizes", type=int, nargs="*", default=[1, 8])
+    parser.add_argument("--sweep-tasks", nargs="*", default=["sst2"])
+    parser.add_argument("--sweep-shots", type=int, nargs="*", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--sweep-n", type=int, default=8)
+    parser.add_argument("--sweep-reps", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.what == "forward-cost":
+        path = args.out or bench_path(args.model, write=True).with_name(f"{args.model.replace('/', '--')}-forward-cost.json")
+        r = forward_cost(args.model, reps=args.reps, out=path)
+        print(f"fixed {r['fixed_s']:.3f} s + {r['per_token_s'] * 1e3:.2f} ms/token "
+              f"(fixed = {r['fixed_in_tokens']:.0f} tokens)")
+        return
+    bench_compression(args.model, args.tasks, args.n, args.reps, args.sweep_tasks, args.sweep_shots, args.sweep_n,
+                      args.sweep_reps, args.out or bench_path(args.model, write=True), tuple(args.batch_sizes))
+
+
+if __name__ == "__main__":
+    main()

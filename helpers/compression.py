@@ -1,0 +1,413 @@
+"""Anchor-only context compression (paper §3.2; ``compress.py`` and ``compress_top.py`` of the official code).
+
+If the label words, with the template's formatting tokens, hold what the model needs from the demonstrations, the
+demonstrations' input text can be dropped from the key/value cache. The demonstrations are run once
+(:func:`helpers.prefix.build_prefix`); in **every layer** only the kept positions' keys and values remain; each
+query is answered from that short cache with position ids continuing from the uncompressed length
+(:func:`helpers.prefix.suffix_logits`).
+
+Variants (Table 2 of the paper, plus two ablations of ours):
+
+* ``full`` - vanilla ICL, the reference for loyalty (computed over the uncompressed prefix cache, which gives the
+  full prompt's logits; every run re-checks that on its first batch and stores the difference);
+* ``anchor`` - Hidden_anchor: formatting tokens + every token of each label word + tokens the tokenizer added
+  (Gemma's BOS) (:func:`anchor_positions`);
+* ``anchor-nobos`` - the same without the BOS (ablation; models with an attention sink are expected to collapse);
+* ``labels-only`` - label-word tokens (+ BOS) only, the paper's footnote 6 ("label words alone" fail);
+* ``random`` - Hidden_random: each label word's first token replaced by a random token of the same demonstration's
+  text (:func:`random_positions`); 20 seeded draws, each from the anchor set afresh (the official ``compress_top.py``
+  never reset its mask, pitfall P10). Hidden_random is the first draw; Hidden_random-top the draw with the best
+  label loyalty **chosen on the test examples themselves** (optimistic, as in the paper);
+* ``text`` - Text_anchor: the demonstrations as text with their input reduced to the bare prefix
+  (``Review:\\nSentiment: Negative\\n...``, :func:`text_anchor_text`), a normal forward pass.
+
+Metrics (per example, then averaged): label loyalty (prediction equals the full-ICL prediction), word loyalty
+(Jaccard of the top-5 full-vocabulary tokens with full ICL's), accuracy (against gold).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from .prefix import PrefixCache, build_prefix, suffix_logits
+from .prompts import Prompt, label_token_ids, target_logits, collate
+from .runs import Profile, cached_run, make_prompts, settings_of
+from .stats import Estimate, mean_estimate
+from .tasks import Example, Task, TaskData, sample_fixed_demonstrations, subsample_test
+
+__all__ = [
+    "PAPER_TABLE2", "PAPER_SPEEDUP", "PAPER_LENGTHS", "TABLE2_VARIANTS", "SHOTS_VARIANTS", "TOP_K_STORED", "demonstration_split", "anchor_positions",
+    "labels_only_positions", "random_positions", "random_trials", "text_anchor_text", "compression_run",
+    "compression_runs", "table2_n_test", "table2_n_random", "table2_seeds", "shots_sweep", "SWEEP_SHOTS", "label_agreement", "top_k_jaccard", "best_trial", "variant_metrics", "table2",
+]
+
+# The paper's numbers (Tables 2, 3 and 6; ../shared/docs/paper-spec.md §6), for side-by-side tables.
+PAPER_TABLE2 = {  # model -> variant -> (label loyalty, word loyalty, accuracy), in %, averaged over 4 tasks, 5 seeds
+    "GPT2-XL": {"full": (100.00, 100.00, 51.90), "text": (51.05, 36.65, 38.77), "random": (48.96, 5.59, 39.96),
+                "random-top": (57.52, 4.49, 41.72), "anchor": (79.47, 62.17, 45.04)},
+    "GPT-J": {"full": (100.00, 100.00, 56.82), "text": (53.45, 43.85, 40.83), "random": (49.03, 2.16, 31.51),
+              "random-top": (71.10, 11.36, 52.34), "anchor": (89.06, 75.04, 55.59)},
+}
+PAPER_SPEEDUP = {  # Table 3: Hidden_anchor over full ICL, per task
+    "GPT2-XL": {"sst2": 1.1, "trec": 1.5, "agnews": 2.5, "emoc": 1.4},
+    "GPT-J": {"sst2": 1.5, "trec": 2.2, "agnews": 2.9, "emoc": 1.9},
+}
+PAPER_LENGTHS = {"sst2": (18, 19), "trec": (61, 7), "agnews": (151, 37), "emoc": (53, 12)}  # Table 6: L_demo, L_x
+
+TABLE2_VARIANTS = ("full", "anchor", "anchor-nobos", "labels-only", "random", "text")
+SHOTS_VARIANTS = ("full", "anchor", "text")
+TOP_K_STORED = 10
+_MAX_BATCH_ENTRIES = 4096  # cap on batch × cached tokens for one batched query pass (memory on a CPU)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# What is kept
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def demonstration_split(prompts: Sequence[Prompt]) -> tuple[tuple[int, ...], list[tuple[int, ...]]]:
+    """The shared demonstration prefix (tokens before the query) and each prompt's query suffix.
+
+    Raises if the prompts do not share their demonstrations token for token (scheme A shares them).
+    """
+    if not prompts:
+        raise ValueError("no prompts")
+    first = prompts[0]
+    prefix = first.input_ids[: first.query_start]
+    for p in prompts:
+        if p.input_ids[: p.query_start] != prefix:
+            raise ValueError("the prompts do not share one demonstration prefix (fixed demonstrations are needed)")
+    return prefix, [p.input_ids[p.query_start :] for p in prompts]
+
+
+def _demo_label_tokens(prompt: Prompt) -> list[int]:
+    return [i for start, end in prompt.label_spans for i in range(start, end)]
+
+
+def anchor_positions(prompt: Prompt, bos: bool = True) -> tuple[int, ...]:
+    """Hidden_anchor's kept positions: in the demonstrations, every formatting token (``Review``, ``:``, ``\\n``,
+    ``Sentiment``, ``:``, ``\\n``), every token of each label word, and (``bos``) the tokens the tokenizer added.
+
+    All from prompt construction: no token ids are searched (the official ``ContextSolver`` matched token strings).
+    """
+    kept = {p for p in prompt.format_positions if p < prompt.query_start}
+    kept |= set(_demo_label_tokens(prompt))
+    if bos:
+        kept |= set(prompt.special_positions)
+    return tuple(sorted(kept))
+
+
+def labels_only_positions(prompt: Prompt, bos: bool = True) -> tuple[int, ...]:
+    """Every token of each label word (and the added tokens): the paper's footnote-6 ablation."""
+    kept = set(_demo_label_tokens(prompt)) | (set(prompt.special_positions) if bos else set())
+    return tuple(sorted(kept))
+
+
+def random_positions(prompt: Prompt, rng: np.random.Generator) -> tuple[int, ...]:
+    """Hidden_random: the anchor set with each label word's **first** token replaced by one random token of the same
+    demonstration's input text (``compress.py`` L136-176: candidates between the previous label and this one, not
+    already kept). Further subword tokens of a label (TREC's ``bre``/``viation``) stay, as in the official code."""
+    kept = set(anchor_positions(prompt))
+    for d, first in enumerate(prompt.label_positions):
+        candidates = [i for i in prompt.text_positions[d] if i not in kept]
+        if not candidates:
+            raise ValueError(f"demonstration {d} has no text token to draw from")
+        kept.discard(first)
+        kept.add(int(rng.choice(candidates)))
+    return tuple(sorted(kept))
+
+
+def random_trials(prompt: Prompt, seed: int, n: int) -> list[tuple[int, ...]]:
+    """``n`` independent Hidden_random draws, each from the anchor set afresh, trial t seeded by (seed, t)."""
+    return [random_positions(prompt, np.random.default_rng([seed, t])) for t in range(n)]
+
+
+def text_anchor_text(task: Task, demos: Sequence[Example], query: Example | str) -> str:
+    """Text_anchor's prompt (``ContextSolver.get_empty_demo_context``): each demonstration's input line reduced to its
+    bare prefix, then the normal query, e.g. ``Review:\\nSentiment: Negative\\nReview: <query>\\nSentiment:``."""
+    text = query.text if isinstance(query, Example) else query
+    demo_part = "".join(f"{task.input_prefix}:\n{task.label_prefix}:{task.label_words[d.label]}\n" for d in demos)
+    return f"{demo_part}{task.input_prefix}: {text}\n{task.label_prefix}:"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Running the variants
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _batches(n: int, size: int):
+    for start in range(0, n, size):
+        yield range(start, min(n, start + size))
+
+
+def _over_cache(lm, cache: PrefixCache, suffixes, batch_size: int) -> torch.Tensor:
+    """Logits (N, V) of every suffix over one cache, in batches sized to the cache."""
+    size = max(1, min(batch_size, _MAX_BATCH_ENTRIES // max(1, max(cache.entries()))))
+    out = []
+    for idx in _batches(len(suffixes), size):
+        with torch.no_grad():
+            out.append(suffix_logits(lm.model, cache, [suffixes[i] for i in idx], lm.tokenizer.pad_token_id).float())
+    return torch.cat(out)
+
+
+def _last_token_logits(lm, id_lists: Sequence[Sequence[int]], batch_size: int) -> torch.Tensor:
+    """Logits (N, V) at the last token of each (complete) prompt, right-padded batches, no cache."""
+    out = []
+    device = lm.device
+    for idx in _batches(len(id_lists), batch_size):
+        rows = [list(id_lists[i]) for i in idx]
+        t = max(len(r) for r in rows)
+        ids = torch.full((len(rows), t), lm.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), t), dtype=torch.long)
+        for b, r in enumerate(rows):
+            ids[b, : len(r)] = torch.tensor(r)
+            mask[b, : len(r)] = 1
+        last = (mask.sum(1) - 1)[:, None]
+        with torch.no_grad():
+            logits = lm.model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=last.to(device),
+                              use_cache=False).logits[:, 0, :]
+        out.append(logits.float())
+    return torch.cat(out)
+
+
+def _summarise(logits: torch.Tensor, label_ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    return logits[:, label_ids].argmax(-1).cpu().numpy(), logits.topk(TOP_K_STORED, dim=-1).indices.cpu().numpy()
+
+
+def compression_run(
+    lm,
+    task: Task,
+    prompts: Sequence[Prompt],
+    text_prompts: Sequence[str] = (),
+    seed: int = 0,
+    n_random: int = 20,
+    variants: Sequence[str] = TABLE2_VARIANTS,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict[str, np.ndarray]:
+    """Predictions and top-10 tokens at q for each variant, over prompts that share their demonstrations.
+
+    Returns ``"<variant>/pred"`` (N,) and ``"<variant>/top"`` (N, 10); for ``random`` (n_random, N) and
+    (n_random, N, 10); ``gold`` (N,); ``kept/<variant>`` (cached tokens per layer, for ``random`` per trial);
+    ``lengths/demo`` (demonstration tokens, added tokens excluded), ``lengths/prefix`` (with them),
+    ``lengths/query`` (N,); ``cache_bytes/full`` and ``cache_bytes/anchor``; ``check/full_prompt_max_diff``: the
+    largest |logit difference| between the cached full-ICL path and a plain forward pass of the full prompts of
+    the first batch.
+    """
+    from tqdm.auto import tqdm
+
+    unknown = set(variants) - set(TABLE2_VARIANTS)
+    if unknown:
+        raise ValueError(f"unknown variants {sorted(unknown)}; choose from {TABLE2_VARIANTS}")
+    if "text" in variants and len(text_prompts) != len(prompts):
+        raise ValueError("Text_anchor needs one text prompt per prompt")
+    label_ids = list(label_token_ids(task, lm.tokenizer))
+    prefix_ids, suffixes = demonstration_split(prompts)
+    p0 = prompts[0]
+    n_special = sum(1 for i in p0.special_positions if i < p0.query_start)
+    out: dict[str, np.ndarray] = {
+        "gold": np.array([p.label for p in prompts]),
+        "lengths/prefix": np.array(len(prefix_ids)),
+        "lengths/demo": np.array(len(prefix_ids) - n_special),
+        "lengths/query": np.array([len(s) for s in suffixes]),
+    }
+    steps = [v for v in variants if v != "random"] + (["random"] * n_random if "random" in variants else [])
+    bar = tqdm(total=len(steps), desc=f"compression {task.name}", disable=not progress)
+    full = build_prefix(lm.model, prefix_ids)
+    out["cache_bytes/full"] = np.array(full.nbytes())
+
+    def over(positions) -> tuple[np.ndarray, np.ndarray, int, int]:
+        cache = full.keep(positions)
+        pred, top = _summarise(_over_cache(lm, cache, suffixes, batch_size), label_ids)
+        return pred, top, max(cache.entries()), cache.nbytes()
+
+    trials_pred, trials_top, trials_kept = [], [], []
+    random_sets = random_trials(p0, seed, n_random) if "random" in variants else []
+    for step, variant in enumerate(steps):
+        if variant == "full":
+            logits = _over_cache(lm, full, suffixes, batch_size)
+            pred, top = _summarise(logits, label_ids)
+            kept = max(full.entries())
+            first = list(prompts[: min(len(prompts), batch_size)])
+            with torch.no_grad():
+                plain = target_logits(lm.model, collate(first, lm.tokenizer.pad_token_id)).float()
+            out["check/full_prompt_max_diff"] = np.array((plain - logits[: len(first)]).abs().max().item())
+        elif variant == "anchor":
+            pred, top, kept, nbytes = over(anchor_positions(p0))
+            out["cache_bytes/anchor"] = np.array(nbytes)
+        elif variant == "anchor-nobos":
+            if not p0.special_positions:
+                bar.update()
+                continue  # identical to "anchor" when the tokenizer adds nothing
+            pred, top, kept, _ = over(anchor_positions(p0, bos=False))
+        elif variant == "labels-only":
+            pred, top, kept, _ = over(labels_only_positions(p0))
+        elif variant == "text":
+            ids = [lm.tokenizer(t).input_ids for t in text_prompts]
+            pred, top = _summarise(_last_token_logits(lm, ids, batch_size), label_ids)
+            kept = -1  # a text prompt: no cache
+            out["lengths/text"] = np.array([len(i) for i in ids])
+        else:  # one Hidden_random trial
+            t = len(trials_pred)
+            pred, top, kept, _ = over(random_sets[t])
+            trials_pred.append(pred)
+            trials_top.append(top)
+            trials_kept.append(kept)
+            bar.update()
+            continue
+        out[f"{variant}/pred"], out[f"{variant}/top"], out[f"kept/{variant}"] = pred, top, np.array(kept)
+        bar.update()
+    bar.close()
+    if trials_pred:
+        out["random/pred"] = np.stack(trials_pred)
+        out["random/top"] = np.stack(trials_top)
+        out["kept/random"] = np.array(trials_kept)
+    return out
+
+
+def _experiment(lm, data: TaskData, settings: dict, compute):
+    """The one place this module caches a run (Table 2 and the shots sweep alike)."""
+    return cached_run("compression", lm, data, settings, compute)
+
+
+def table2_n_test(profile: Profile, model: str) -> int:
+    """Test examples per (task, seed) for Table 2: the profile's, a quarter of it (at least 8) for models other than
+    the default (a second model is run for comparison only, and e.g. Qwen2.5-0.5B costs ~2.7x Gemma-3-270M on a
+    CPU)."""
+    from .models import DEFAULT_MODEL
+
+    n = profile.n_test_compression or profile.n_test
+    return n if model == DEFAULT_MODEL else max(min(n, 8), n // 4)
+
+
+def table2_n_random(profile: Profile, model: str) -> int:
+    """Hidden_random draws per (task, seed): the profile's (0 = the paper's 20) for the default model; a single draw
+    (Hidden_random only, no Hidden_random-top) for other models (CPU budget)."""
+    from .models import DEFAULT_MODEL
+
+    return (profile.n_random_compression or 20) if model == DEFAULT_MODEL else 1
+
+
+def table2_seeds(profile: Profile, model: str) -> tuple[int, ...]:
+    """Seeds for Table 2: the profile's for the default model, its first two for other models (CPU budget)."""
+    from .models import DEFAULT_MODEL
+
+    return tuple(profile.seeds) if model == DEFAULT_MODEL else tuple(profile.seeds[:2])
+
+
+def compression_runs(
+    lm, data: TaskData, profile: Profile, shots: int = 1, variants: Sequence[str] = TABLE2_VARIANTS,
+    n_test: int | None = None, n_random: int | None = None, seeds: Sequence[int] | None = None,
+    progress: bool = True,
+) -> list[dict[str, np.ndarray]]:
+    """One :func:`compression_run` per seed of the profile (scheme A demonstrations), cached.
+
+    Defaults: :func:`table2_n_test` examples, :func:`table2_n_random` random draws, :func:`table2_seeds` seeds.
+    """
+    n_test = n_test or table2_n_test(profile, lm.name)
+    n_random = n_random if n_random is not None else table2_n_random(profile, lm.name)
+    if "random" not in variants:
+        n_random = 0
+    out = []
+    for seed in seeds or table2_seeds(profile, lm.name):
+        def compute(seed=seed):
+            prompts = make_prompts(lm, data, seed, n_test, shots, per_example=False)
+            demos = [data.train[j] for j in sample_fixed_demonstrations(data, shots, seed)[0]]
+            test = [data.test[i] for i in subsample_test(data, seed, n_test)]
+            texts = [text_anchor_text(data.task, demos, q) for q in test]
+            return compression_run(lm, data.task, prompts, texts, seed=seed, n_random=n_random, variants=variants,
+                                   batch_size=profile.batch_size, progress=progress)
+
+        settings = settings_of(profile, seed=seed, shots=shots, n_test=n_test, n_random=n_random,
+                               variants=list(variants))
+        out.append(_experiment(lm, data, settings, compute))
+    return out
+
+
+SWEEP_SHOTS = (1, 2, 4, 8, 16)
+
+
+def shots_sweep(
+    lm, data: TaskData, profile: Profile, shots: Sequence[int] | None = None, progress: bool = True,
+) -> dict[int, list[dict[str, np.ndarray]]]:
+    """Full ICL, Hidden_anchor and Text_anchor with 1, 2, 4, 8, 16 demonstrations per class, on the profile's
+    first seed only (CPU budget), cached.
+
+    A shot count whose prompts do not fit the model's context is skipped (absent from the result).
+    """
+    out = {}
+    n_test = profile.n_test_compression_shots or profile.n_test
+    for k in shots or SWEEP_SHOTS:
+        try:
+            out[k] = compression_runs(lm, data, profile, shots=k, variants=SHOTS_VARIANTS, n_test=n_test,
+                                      seeds=profile.seeds[:1], progress=progress)
+        except ValueError as err:  # the prompt is longer than the context
+            if "context" not in str(err):
+                raise
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def label_agreement(pred: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Per example: 1 if the prediction equals full ICL's (label loyalty is its mean)."""
+    return (np.asarray(pred) == np.asarray(reference)).astype(float)
+
+
+def top_k_jaccard(top: np.ndarray, reference_top: np.ndarray, k: int = 5) -> np.ndarray:
+    """Per example: Jaccard similarity of the top-k token sets (word loyalty is its mean; the paper's k = 5)."""
+    if k > top.shape[-1]:
+        raise ValueError(f"only the top {top.shape[-1]} tokens are stored, asked for k={k}")
+    out = []
+    for a, b in zip(top[:, :k], reference_top[:, :k]):
+        sa, sb = set(a.tolist()), set(b.tolist())
+        out.append(len(sa & sb) / len(sa | sb))
+    return np.array(out)
+
+
+def best_trial(run: dict[str, np.ndarray]) -> int:
+    """Hidden_random-top: the random draw with the highest label loyalty on these very test examples (optimistic)."""
+    loyalty = [label_agreement(p, run["full/pred"]).mean() for p in run["random/pred"]]
+    return int(np.argmax(loyalty))
+
+
+def variant_metrics(run: dict[str, np.ndarray], variant: str, k: int = 5) -> dict[str, np.ndarray]:
+    """Per-example label agreement, top-k Jaccard and correctness of one variant of one run.
+
+    ``variant``: a stored variant, ``random`` (the first draw) or ``random-top`` (the best draw by label loyalty).
+    """
+    if variant in ("random", "random-top"):
+        t = 0 if variant == "random" else best_trial(run)
+        pred, top = run["random/pred"][t], run["random/top"][t]
+    else:
+        pred, top = run[f"{variant}/pred"], run[f"{variant}/top"]
+    return {
+        "label": label_agreement(pred, run["full/pred"]),
+        "word": top_k_jaccard(top, run["full/top"], k),
+        "acc": (pred == run["gold"]).astype(float),
+    }
+
+
+def table2(runs: dict[str, Sequence[dict[str, np.ndarray]]], variants: Sequence[str], k: int = 5,
+           ) -> dict[str, dict[str, Estimate]]:
+    """Table 2: each metric (in %) per variant, averaged over seeds and tasks, with a bootstrap interval.
+
+    ``runs``: {task: [run per seed]}. Every (task, seed) is one stratum of the bootstrap, so the value is the mean
+    over tasks of the mean over seeds (equal seeds per task) and n = examples × (tasks × seeds).
+    """
+    out: dict[str, dict[str, Estimate]] = {}
+    for variant in variants:
+        per = [variant_metrics(r, variant, k) for task_runs in runs.values() for r in task_runs
+               if (variant == "random" and "random/pred" in r)
+               or (variant == "random-top" and "random/pred" in r and len(r["random/pred"]) > 1)
+               or f"{variant}/pred" in r]
+        if not per:
+            continue
+        out[variant] = {m: mean_estimate([p[m] for p in per]).scaled(100) for m in ("label", "word", "acc")}
+    return out
