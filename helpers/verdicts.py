@@ -382,7 +382,8 @@ def register(finding_id: str, compute: Callable[[str, Profile], Measured | None]
     old = FINDINGS[finding_id]
     FINDINGS[finding_id] = replace(old, compute=compute, rule=rule or old.rule or above_zero,
                                    chapter=chapter if chapter is not None else old.chapter,
-                                   anchor=anchor if anchor is not None else old.anchor)
+                                   anchor=anchor if anchor is not None else old.anchor,
+                                   planned="" if chapter is not None else old.planned)
     return FINDINGS[finding_id]
 
 

@@ -351,16 +351,16 @@ def test_methods_are_named():
 def test_committed_reweighting_slice(data_dir):
     import helpers.reweighting as rw
     from helpers import load_model
-    from helpers.runs import PROFILES, load_result, result_path
+    from helpers.runs import PROFILES
 
     lm = load_model("gemma-3-270m")
     data = load_task("sst2", data_dir)
     profile = PROFILES["book"]
 
     def committed(method):
-        path = result_path(rw.EXPERIMENT, lm, data, rw._settings(profile, 42, method, rw.TrainConfig()))
-        assert path.exists(), f"committed results missing or stale (settings/version changed?): {path}"
-        return load_result(path)
+        found = rw._cached(lm, data, rw._settings(profile, 42, method, rw.TrainConfig()), None)
+        assert found is not None, f"committed {method} results missing or stale (settings/version changed?)"
+        return found
 
     s = rw.seed_setup(lm, data, 42, rw.n_test_of(profile))
     icl, many, anchor = committed("icl-1"), committed("icl-5"), committed("anchor")
