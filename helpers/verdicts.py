@@ -366,10 +366,44 @@ def reweighting_vs_controls(model: str, profile: Profile) -> Measured | None:
                          "the test examples), mean of 4 tasks")
 
 
+def diagnosis_trec(model: str, profile: Profile) -> Measured | None:
+    """Spearman ρ between predicted (anchor keys, query PCA, M = 10, two thirds of the depth) and real confusion on
+    TREC, over the seeds cached; the exact permutation p-value per seed goes into the note and the rule."""
+    from . import diagnosis as dg
+
+    lm = ModelKey.of(model)
+    data = load_task("trec")
+    cached = {seed: dg.diagnosis_runs(lm, data, profile, seeds=[seed], lookup_only=True)[0] for seed in profile.seeds}
+    seeds = [seed for seed, r in cached.items() if r is not None]
+    if not seeds:
+        return None
+    runs = [cached[seed] for seed in seeds]
+    n_layers = runs[0]["khat"].shape[0]
+    layer = dg.default_layer(n_layers)
+    s = dg.summary(runs, layer, 10)
+    p = max(s["p"])
+    names = TASKS["trec"].class_names
+    pair = lambda ij: f"{names[ij[0]]}–{names[ij[1]]}"  # noqa: E731
+    pred, real = pair(s["pairs"][0]["predicted"]), pair(s["pairs"][0]["real"])
+    return Measured(s["rho"], digits=2, n_text=f"{s['rho'].n} (15 class pairs)",
+                    note=f"Spearman ρ over class pairs, layer {layer + 1} of {n_layers}, M = 10; exact permutation "
+                         f"p = {p:.3f}; most confused pair predicted {pred}, real {real} (seed {seeds[0]})",
+                    support={"p": p})
+
+
+def confusion_rule(m: Measured) -> str:
+    """Reproduced: ρ's interval above 0 and the permutation test significant (p < 0.05) in every seed; partly: ρ's
+    interval above 0 (or its point) without significance; not reproduced otherwise."""
+    if m.estimate.low > 0 and m.support.get("p", 1.0) < 0.05:
+        return REPRODUCED
+    return PARTLY if m.estimate.value > 0 else NOT_REPRODUCED
+
+
 _CHAPTER_FINDINGS = {  # plugged in below, once register() exists
     "reweighting-gain": dict(compute=reweighting_gain, rule=None, chapter="book/reweighting", anchor=""),
     "reweighting-vs-controls": dict(compute=reweighting_vs_controls, rule=None, chapter="book/reweighting",
                                     anchor=""),
+    "diagnosis": dict(compute=diagnosis_trec, rule=confusion_rule, chapter="book/diagnosis", anchor=""),
 }
 
 
