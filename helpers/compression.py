@@ -268,9 +268,10 @@ def compression_run(
     return out
 
 
-def _experiment(lm, data: TaskData, settings: dict, compute):
-    """The one place this module caches a run (Table 2 and the shots sweep alike)."""
-    return cached_run("compression", lm, data, settings, compute)
+def _experiment(lm, data: TaskData, settings: dict, compute, lookup_only: bool = False):
+    """The one place this module caches a run (Table 2 and the shots sweep alike); ``lookup_only``: None if not
+    cached, never compute."""
+    return cached_run("compression", lm, data, settings, compute, lookup_only=lookup_only)
 
 
 def table2_n_test(profile: Profile, model: str) -> int:
@@ -301,8 +302,8 @@ def table2_seeds(profile: Profile, model: str) -> tuple[int, ...]:
 def compression_runs(
     lm, data: TaskData, profile: Profile, shots: int = 1, variants: Sequence[str] = TABLE2_VARIANTS,
     n_test: int | None = None, n_random: int | None = None, seeds: Sequence[int] | None = None,
-    progress: bool = True,
-) -> list[dict[str, np.ndarray]]:
+    progress: bool = True, lookup_only: bool = False,
+) -> list[dict[str, np.ndarray] | None]:
     """One :func:`compression_run` per seed of the profile (scheme A demonstrations), cached.
 
     Defaults: :func:`table2_n_test` examples, :func:`table2_n_random` random draws, :func:`table2_seeds` seeds.
@@ -323,7 +324,7 @@ def compression_runs(
 
         settings = settings_of(profile, seed=seed, shots=shots, n_test=n_test, n_random=n_random,
                                variants=list(variants))
-        out.append(_experiment(lm, data, settings, compute))
+        out.append(_experiment(lm, data, settings, compute, lookup_only))
     return out
 
 
