@@ -556,7 +556,8 @@ def compression_sweep(speed: Mapping[str, tuple], ceiling: tuple, memory: tuple,
     ``speed``: {label: (shots, median, low, high)}; ``ceiling``: (shots, values); ``memory``: (shots, full bytes,
     kept bytes); ``quality``: {label: (shots, value, low, high)}.
     """
-    fig, axes = plt.subplots(1, 3, figsize=(10.5, 3.3), constrained_layout=True)
+    fig, axes = plt.subplots(1, 3, figsize=(11.5, 3.9), constrained_layout=True)
+    fig.get_layout_engine().set(wspace=0.08)
     ax = axes[0]
     ax.plot(ceiling[0], ceiling[1], "k--", marker="_", label="ceiling (token counts)")
     for label, (x, med, lo, hi) in speed.items():
@@ -579,7 +580,7 @@ def compression_sweep(speed: Mapping[str, tuple], ceiling: tuple, memory: tuple,
     ax.set_ylabel("%")
     ax.set_ylim(0, 100)
     ax.set_title("loyalty and accuracy", fontsize=10)
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2)
     for ax in axes:
         ax.set_xscale("log", base=2)
         ax.set_xticks([1, 2, 4, 8, 16])
