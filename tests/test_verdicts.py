@@ -70,3 +70,26 @@ def test_committed_results_give_the_published_verdicts():
         pytest.skip("book-profile isolation results are not committed for gemma-3-270m")
     assert measured.estimate.low <= measured.estimate.value <= measured.estimate.high
     assert "tasks" in measured.n and verdict in verdicts.VERDICTS
+
+
+def test_rules_of_the_application_chapters():
+    m = verdicts.Measured
+    assert verdicts.faster(m(_est(1.8, 1.2, 2.0))) == verdicts.REPRODUCED
+    assert verdicts.faster(m(_est(1.1, 0.9, 1.3))) == verdicts.PARTLY
+    assert verdicts.faster(m(_est(0.9, 0.8, 1.0))) == verdicts.NOT_REPRODUCED
+    better = {"vs random": _est(20, 15, 25)}
+    assert verdicts.keeps_most(m(_est(86, 83, 90), support=better)) == verdicts.REPRODUCED
+    assert verdicts.keeps_most(m(_est(78, 69, 86), support=better)) == verdicts.PARTLY
+    assert verdicts.keeps_most(m(_est(40, 30, 50), support={"vs random": _est(0, -5, 5)})) == verdicts.NOT_REPRODUCED
+    assert verdicts.confusion_rule(m(_est(0.6, 0.3, 0.8), support={"p": 0.01})) == verdicts.REPRODUCED
+    assert verdicts.confusion_rule(m(_est(0.44, 0.27, 0.55), support={"p": 0.107})) == verdicts.PARTLY
+    assert verdicts.confusion_rule(m(_est(-0.1, -0.4, 0.2), support={"p": 0.6})) == verdicts.NOT_REPRODUCED
+
+
+def test_application_findings_read_the_committed_results():
+    """The re-weighting, compression and diagnosis rows are computed from results/ (not typed), and they exist."""
+    for fid in ["reweighting-gain", "compression-loyalty", "compression-speedup", "diagnosis"]:
+        f = verdicts.FINDINGS[fid]
+        assert f.chapter and not f.planned
+        measured, verdict = verdicts.evaluate(f, "gemma-3-270m")
+        assert measured is not None and verdict != verdicts.NOT_YET_RUN, fid
