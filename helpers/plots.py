@@ -35,6 +35,14 @@ TASK_COLORS = {"sst2": "#1f77b4", "trec": "#ff7f0e", "agnews": "#2ca02c", "emoc"
 GLOBAL_STYLE = {"color": "#bbbbbb", "lw": 6, "alpha": 0.35, "zorder": 0}
 
 
+def _grid(n: int, width: float = 3.4, height: float = 2.8):
+    """``n`` panels side by side, scaled down to the page's width when they would be wider."""
+    scale = min(1.0, PAGE_WIDTH / (width * n))
+    fig, axes = plt.subplots(1, n, figsize=(width * n * scale, height * max(scale, 0.8)), squeeze=False,
+                             constrained_layout=True)
+    return fig, axes[0]
+
+
 def layer_ticks(n_layers: int) -> list[int]:
     """Integer layer ticks numbered from 1: 1, then every 3rd (every ~L/8th for deep models), always ending at L."""
     step = 3 if n_layers <= 30 else max(1, round(n_layers / 8))
@@ -349,9 +357,8 @@ def attention_example(attention: np.ndarray, probs: np.ndarray, class_names: Seq
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Re-weighting chapter
+# Re-weighting chapter (paper §3.1)
 # --------------------------------------------------------------------------------------------------------------------
-
 
 def beta_heatmaps(betas: Mapping[str, np.ndarray], title: str = "", vmax: float | None = None) -> plt.Figure:
     """Learned beta per task: one panel per task, layers (rows) × heads grouped by class (columns).
@@ -380,14 +387,46 @@ def beta_heatmaps(betas: Mapping[str, np.ndarray], title: str = "", vmax: float 
     axes[0, 0].set_ylabel("layer")
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label=r"$\beta$ (heads within each class block)")
 
+def training_curves(curves: Mapping[str, Mapping[str, np.ndarray]], title: str = "") -> plt.Figure:
+    """Training loss per epoch: ``curves[task][method]`` is (seeds, epochs); mean line and min-max band over seeds."""
+    fig, axes = _grid(len(curves), width=2.7, height=2.6)
+    for ax, (task, per_method) in zip(axes, curves.items()):
+        for method, arr in per_method.items():
+            arr = np.atleast_2d(arr)
+            epochs = np.arange(1, arr.shape[1] + 1)
+            line, = ax.plot(epochs, arr.mean(0), marker=".", label=method)
+            ax.fill_between(epochs, arr.min(0), arr.max(0), color=line.get_color(), alpha=0.2, lw=0)
+        ax.set_title(get_task(task).title, fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.set_xticks(epochs[:: max(1, len(epochs) // 5)])
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("training loss")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), fontsize=9)
+
+def difference_forest(estimates: Mapping[str, object], title: str = "", xlabel: str = "") -> plt.Figure:
+    """Point and 95% interval of each estimate (an :class:`~helpers.stats.Estimate`), one row each, with a 0 line."""
+    labels = list(estimates)
+    fig, ax = plt.subplots(figsize=(6.8, 0.32 * len(labels) + 1.0), constrained_layout=True)
+    for i, key in enumerate(labels):
+        e = estimates[key]
+        color = "#2ca02c" if e.low > 0 else ("#d62728" if e.high < 0 else "#555555")
+        ax.errorbar(e.value, i, xerr=[[e.value - e.low], [e.high - e.value]], fmt="o", color=color, capsize=3)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_yticks(range(len(labels)), labels, fontsize=9)
+    ax.invert_yaxis()
+    ax.set_xlabel(xlabel)
+    ax.grid(axis="x", alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return fig
+
 
 # --------------------------------------------------------------------------------------------------------------------
-# Diagnosis (paper §3.3, Figure 6)
+# Diagnosis chapter (paper §3.3, Figure 6)
 # --------------------------------------------------------------------------------------------------------------------
-
 
 TASK_COLORS = {"trec": "#1f77b4", "agnews": "#ff7f0e", "emoc": "#2ca02c", "sst2": "#9467bd"}
-
 
 def confusion_heatmaps(predicted: np.ndarray, real: np.ndarray, class_names: Sequence[str], title: str = "",
                        labels: tuple[str, str] = ("predicted: anchor distance", "real: AUC-ROC")) -> plt.Figure:
@@ -416,26 +455,6 @@ def confusion_heatmaps(predicted: np.ndarray, real: np.ndarray, class_names: Seq
         fig.suptitle(title, fontsize=10)
     return fig
 
-
-def training_curves(curves: Mapping[str, Mapping[str, np.ndarray]], title: str = "") -> plt.Figure:
-    """Training loss per epoch: ``curves[task][method]`` is (seeds, epochs); mean line and min-max band over seeds."""
-    fig, axes = _grid(len(curves), width=2.7, height=2.6)
-    for ax, (task, per_method) in zip(axes, curves.items()):
-        for method, arr in per_method.items():
-            arr = np.atleast_2d(arr)
-            epochs = np.arange(1, arr.shape[1] + 1)
-            line, = ax.plot(epochs, arr.mean(0), marker=".", label=method)
-            ax.fill_between(epochs, arr.min(0), arr.max(0), color=line.get_color(), alpha=0.2, lw=0)
-        ax.set_title(get_task(task).title, fontsize=10)
-        ax.set_xlabel("epoch")
-        ax.set_xticks(epochs[:: max(1, len(epochs) // 5)])
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("training loss")
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), fontsize=9)
-
-
-# --------------------------------------------------------------------------------------------------------------------
 def agreement_curves(curves: Mapping[str, Mapping[str, object]], marks: Mapping[str, int] | None = None,
                      title: str = "") -> plt.Figure:
     """Spearman's ρ (predicted vs real confusion) per layer with its interval: one panel per model, a line per task.
@@ -465,26 +484,6 @@ def agreement_curves(curves: Mapping[str, Mapping[str, object]], marks: Mapping[
         fig.suptitle(title, fontsize=10)
     return fig
 
-
-def difference_forest(estimates: Mapping[str, object], title: str = "", xlabel: str = "") -> plt.Figure:
-    """Point and 95% interval of each estimate (an :class:`~helpers.stats.Estimate`), one row each, with a 0 line."""
-    labels = list(estimates)
-    fig, ax = plt.subplots(figsize=(6.8, 0.32 * len(labels) + 1.0), constrained_layout=True)
-    for i, key in enumerate(labels):
-        e = estimates[key]
-        color = "#2ca02c" if e.low > 0 else ("#d62728" if e.high < 0 else "#555555")
-        ax.errorbar(e.value, i, xerr=[[e.value - e.low], [e.high - e.value]], fmt="o", color=color, capsize=3)
-    ax.axvline(0, color="k", lw=0.8)
-    ax.set_yticks(range(len(labels)), labels, fontsize=9)
-    ax.invert_yaxis()
-    ax.set_xlabel(xlabel)
-    ax.grid(axis="x", alpha=0.3)
-    if title:
-        ax.set_title(title, fontsize=10)
-    return fig
-
-
-# --------------------------------------------------------------------------------------------------------------------
 def baseline_dots(table: Mapping[str, Mapping[str, object]], title: str = "") -> plt.Figure:
     """ρ with its interval for each predictor (rows) and each task (one marker per task). ``table[predictor][task]``
     is a scalar :class:`helpers.stats.Estimate`."""
@@ -509,14 +508,12 @@ def baseline_dots(table: Mapping[str, Mapping[str, object]], title: str = "") ->
         ax.set_title(title, fontsize=10)
     return fig
 
-
 __all__ += ["confusion_heatmaps", "agreement_curves", "baseline_dots"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Compression (paper §3.2)
+# Compression chapter (paper §3.2)
 # --------------------------------------------------------------------------------------------------------------------
-
 
 def kept_tokens_html(tokens: Sequence[str], kept: Sequence[int], query_start: int, label_tokens: Sequence[int] = (),
                      special: Sequence[int] = ()) -> str:
@@ -546,7 +543,6 @@ def kept_tokens_html(tokens: Sequence[str], kept: Sequence[int], query_start: in
               'demonstration: the query, run over the kept cache</div>')
     return ('<div style="font-family:monospace;font-size:90%;line-height:1.7;white-space:pre-wrap">'
             + "".join(out) + "</div>" + legend)
-
 
 def compression_sweep(speed: Mapping[str, tuple], ceiling: tuple, memory: tuple, quality: Mapping[str, tuple],
                       title: str = "") -> plt.Figure:

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_FAMILIES, build_tiny_model
+from conftest import TINY_FAMILIES
 
 from helpers import attention
 from helpers.attention import Record, Reweight, intervene
-from helpers.prompts import Prompt, build_prompt, collate, label_token_ids, target_logits
+from helpers.prompts import Prompt, collate, label_token_ids, target_logits
 from helpers.reweighting import (
     METHODS, TrainConfig, bias_calibration, cached_step, class_positions, contextual_calibration,
     continued_label_logits, evaluate, full_step, label_head, many_shots, n_parameters, prefix_kv, prefix_states,
