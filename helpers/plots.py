@@ -367,7 +367,7 @@ def beta_heatmaps(betas: Mapping[str, np.ndarray], title: str = "", vmax: float 
     """
     n = len(betas)
     widths = [max(b.shape[1] * b.shape[2], 4) for b in betas.values()]
-    fig, axes = plt.subplots(1, n, figsize=(min(2.2 + 0.14 * sum(widths), 11), 4.6), squeeze=False,
+    fig, axes = plt.subplots(1, n, figsize=(PAGE_WIDTH, 4.8), squeeze=False,
                              gridspec_kw={"width_ratios": widths}, constrained_layout=True)
     vmax = vmax or float(max(np.abs(b).max() for b in betas.values())) or 1.0
     image = None
@@ -552,8 +552,9 @@ def compression_sweep(speed: Mapping[str, tuple], ceiling: tuple, memory: tuple,
     ``speed``: {label: (shots, median, low, high)}; ``ceiling``: (shots, values); ``memory``: (shots, full bytes,
     kept bytes); ``quality``: {label: (shots, value, low, high)}.
     """
-    fig, axes = plt.subplots(1, 3, figsize=(11.5, 3.9), constrained_layout=True)
-    fig.get_layout_engine().set(wspace=0.08)
+    fig = plt.figure(figsize=(PAGE_WIDTH, 7.2), constrained_layout=True)
+    mosaic = fig.subplot_mosaic([["speed", "memory"], ["quality", "quality"]])
+    axes = [mosaic["speed"], mosaic["memory"], mosaic["quality"]]
     ax = axes[0]
     ax.plot(ceiling[0], ceiling[1], "k--", marker="_", label="ceiling (token counts)")
     for label, (x, med, lo, hi) in speed.items():
@@ -576,7 +577,7 @@ def compression_sweep(speed: Mapping[str, tuple], ceiling: tuple, memory: tuple,
     ax.set_ylabel("%")
     ax.set_ylim(0, 100)
     ax.set_title("loyalty and accuracy", fontsize=10)
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2)
+    ax.legend(fontsize=9, loc="center left", bbox_to_anchor=(1.02, 0.5))
     for ax in axes:
         ax.set_xscale("log", base=2)
         ax.set_xticks([1, 2, 4, 8, 16])

@@ -546,7 +546,8 @@ def to_html(rows: list[dict], models: Sequence[str] = MODELS, link_prefix: str =
     for sym in ("S_wp", "S_pq", "S_ww", "R_l"):  # subscripts, as in the chapters
         base, sub = sym.split("_")
         text = text.replace(sym, f"{base}<sub>{sub}</sub>")
-    return text.replace('<table class="verdicts">', '<table class="verdicts" style="vertical-align:top">')
+    text = text.replace('<table class="verdicts">', '<table class="verdicts" style="vertical-align:top">')
+    return f'<div style="overflow-x:auto">{text}</div>'  # a phone scrolls the table instead of clipping it
 
 
 def summary_counts(rows: list[dict], models: Sequence[str] = MODELS) -> dict[str, dict[str, int]]:
