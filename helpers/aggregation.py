@@ -104,25 +104,30 @@ def crossover_layer(curves: np.ndarray) -> int | None:
     return int(over[0]) if len(over) else None
 
 
-def loyalty_table(per_seed: Sequence[dict[str, np.ndarray]], ks: Sequence[int] = KS) -> dict[str, dict[str, float]]:
-    """Label loyalty and word loyalty (top-5 and top-10), in %, per condition, averaged over seeds."""
-    table = {}
+def _conditions(per_seed: Sequence[dict[str, np.ndarray]], ks: Sequence[int]):
+    """The isolation conditions (label|random, first|last, k) present in the runs, in the tables' order."""
     for k in ks:
         for where in ("first", "last"):
             for what in ("label", "random"):
                 name = condition_name(what, where, k)
-                if f"{name}/pred" not in per_seed[0]:
-                    continue
-                rows = [
-                    (
-                        label_loyalty(r[f"{name}/pred"], r["none/pred"]),
-                        word_loyalty(r[f"{name}/top"], r["none/top"], 5),
-                        word_loyalty(r[f"{name}/top"], r["none/top"], 10),
-                    )
-                    for r in per_seed
-                ]
-                lab, w5, w10 = (100 * float(np.mean(c)) for c in zip(*rows))
-                table[name] = {"label loyalty": lab, "word loyalty@5": w5, "word loyalty@10": w10}
+                if f"{name}/pred" in per_seed[0]:
+                    yield name
+
+
+def loyalty_table(per_seed: Sequence[dict[str, np.ndarray]], ks: Sequence[int] = KS) -> dict[str, dict[str, float]]:
+    """Label loyalty and word loyalty (top-5 and top-10), in %, per condition, averaged over seeds."""
+    table = {}
+    for name in _conditions(per_seed, ks):
+        rows = [
+            (
+                label_loyalty(r[f"{name}/pred"], r["none/pred"]),
+                word_loyalty(r[f"{name}/top"], r["none/top"], 5),
+                word_loyalty(r[f"{name}/top"], r["none/top"], 10),
+            )
+            for r in per_seed
+        ]
+        lab, w5, w10 = (100 * float(np.mean(c)) for c in zip(*rows))
+        table[name] = {"label loyalty": lab, "word loyalty@5": w5, "word loyalty@10": w10}
     return table
 
 
@@ -182,14 +187,9 @@ def loyalty_estimates(per_seed: Sequence[dict[str, np.ndarray]], ks: Sequence[in
     over tasks.
     """
     out = {}
-    for k in ks:
-        for where in ("first", "last"):
-            for what in ("label", "random"):
-                name = condition_name(what, where, k)
-                if f"{name}/pred" not in per_seed[0]:
-                    continue
-                per_example = [loyalty_per_example(r, name) for r in per_seed]
-                out[name] = {m: mean_estimate([x[m] for x in per_example], n_boot=n_boot) for m in LOYALTY_METRICS}
+    for name in _conditions(per_seed, ks):
+        per_example = [loyalty_per_example(r, name) for r in per_seed]
+        out[name] = {m: mean_estimate([x[m] for x in per_example], n_boot=n_boot) for m in LOYALTY_METRICS}
     return out
 
 
