@@ -361,9 +361,13 @@ def reweighting_vs_controls(model: str, profile: Profile) -> Measured | None:
 
     best = rw.best_control(runs)
     diff = rw.difference(runs, "anchor", best)
+    per_task = {t: rw.difference(runs, "anchor", best, task=t) for t in TASK_NAMES}
+    ahead = [get_task(t).title for t, e in per_task.items() if e.low > 0]
+    behind = [get_task(t).title for t, e in per_task.items() if e.high < 0]
     return Measured(diff, unit=" points", digits=1, n_text=f"{diff.n} seeds × 4 tasks",
                     note=f"paired: re-weighting minus the best control ({rw.METHOD_TITLES.get(best, best)}, chosen on "
-                         "the test examples), mean of 4 tasks")
+                         f"the test examples), mean of 4 tasks; ahead on {', '.join(ahead) or 'no task'}, behind on "
+                         f"{', '.join(behind) or 'no task'}, indistinguishable elsewhere")
 
 
 def diagnosis_trec(model: str, profile: Profile) -> Measured | None:
