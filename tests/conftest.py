@@ -140,6 +140,23 @@ def build_tiny_model(family: str, seed: int = 0, vocab_size: int = VOCAB):
     return model
 
 
+def tiny_loaded_model(family: str, tokenizer, name: str):
+    """A tiny random model of ``family`` sized for a real ``tokenizer``, wrapped as ``load_model`` would return it
+    (anchors attention, frozen)."""
+    from transformers import AutoModelForCausalLM
+
+    from helpers.attention import enable
+    from helpers.models import LoadedModel, model_facts
+
+    cfg = _tiny_config(family, vocab_size=len(tokenizer))
+    cfg.max_position_embeddings = 1024
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=torch.float32).eval()
+    model.requires_grad_(False)
+    model = enable(model, "anchors")
+    return LoadedModel(name=name, model=model, tokenizer=tokenizer, **model_facts(model, tokenizer))
+
+
 @pytest.fixture(scope="session")
 def tiny_models():
     """``tiny_models(family)``: one cached tiny model per family (stock eager attention when first built)."""

@@ -307,20 +307,9 @@ def test_record_qk_changes_nothing(tiny_models):
 @pytest.fixture(scope="module")
 def tiny_gqa_lm(offline_tokenizers):
     """A tiny random Qwen2 (4 heads, 2 kv heads) with SmolLM2's real tokenizer, wrapped as load_model would."""
-    from conftest import _tiny_config
-    from transformers import AutoModelForCausalLM
+    from conftest import tiny_loaded_model
 
-    from helpers.attention import enable
-    from helpers.models import LoadedModel, model_facts
-
-    tok = offline_tokenizers["smollm2-135m"]
-    cfg = _tiny_config("qwen2", vocab_size=len(tok))
-    cfg.max_position_embeddings = 1024
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=torch.float32).eval()
-    model.requires_grad_(False)
-    model = enable(model, "anchors")
-    return LoadedModel(name="tiny-qwen2", model=model, tokenizer=tok, **model_facts(model, tok))
+    return tiny_loaded_model("qwen2", offline_tokenizers["smollm2-135m"], "tiny-qwen2")
 
 
 @pytest.fixture(scope="module")

@@ -69,20 +69,9 @@ def test_cumulative_contribution_definition():
 @pytest.fixture(scope="module")
 def tiny_lm(offline_tokenizers):
     """A tiny random Llama with SmolLM2's real tokenizer, wrapped as load_model would return it."""
-    from conftest import _tiny_config
-    from transformers import AutoModelForCausalLM
+    from conftest import tiny_loaded_model
 
-    from helpers.attention import enable
-    from helpers.models import LoadedModel, model_facts
-
-    tok = offline_tokenizers["smollm2-135m"]
-    cfg = _tiny_config("llama", vocab_size=len(tok))
-    cfg.max_position_embeddings = 1024
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=torch.float32).eval()
-    model.requires_grad_(False)
-    model = enable(model, "anchors")
-    return LoadedModel(name="tiny-llama", model=model, tokenizer=tok, **model_facts(model, tok))
+    return tiny_loaded_model("llama", offline_tokenizers["smollm2-135m"], "tiny-llama")
 
 
 @pytest.fixture(scope="module")
