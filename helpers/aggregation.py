@@ -40,7 +40,7 @@ def saliency_runs(lm, data: TaskData, profile: Profile, shots: int = 1, **kw) ->
             prompts = make_prompts(lm, data, seed, profile.n_test, shots, per_example=True)
             return {"flows": saliency_flow(lm, data.task, prompts, batch_size=max(1, profile.batch_size // 2))}
 
-        settings = settings_of(profile, seed=seed, shots=shots)
+        settings = settings_of(profile, seed=seed, shots=shots, n_test=profile.n_test)
         result = cached_run("saliency", lm, data, settings, compute, **kw)
         out.append(None if result is None else result["flows"])  # None: lookup-only and not cached
     return out

@@ -296,7 +296,8 @@ def table2_seeds(profile: Profile, model: str) -> tuple[int, ...]:
     """Seeds for Table 2: the profile's for the default model, its first two for other models (CPU budget)."""
     from .models import DEFAULT_MODEL
 
-    return tuple(profile.seeds) if model == DEFAULT_MODEL else tuple(profile.seeds[:2])
+    seeds = profile.seeds_for(profile.n_seeds_compression)
+    return seeds if model == DEFAULT_MODEL else seeds[:2]
 
 
 def compression_runs(

@@ -45,9 +45,9 @@ def main(argv=None) -> None:
     lm = load_model(args.model)
     profile = PROFILES[args.profile]
     if args.chapter == "reweighting":  # seed-major, so that whole seeds finish first
-        from .reweighting import reweighting_runs
+        from .reweighting import reweighting_runs, reweighting_seeds
 
-        for seed in args.seeds or profile.seeds:
+        for seed in args.seeds or reweighting_seeds(profile):
             for name in args.tasks:
                 t0 = time.perf_counter()
                 reweighting_runs(lm, load_task(name), profile, seeds=[seed])

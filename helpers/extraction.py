@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from .attention import Record, intervene
-from .prompts import Prompt, check_prompts, collate, label_token_ids, target_logits
+from .prefix import SharedPrefix, build_prefix, split_prompts, suffix_logits, to_original_positions
+from .prompts import Prompt, check_prompts, collate, label_token_ids, target_label_logits
 from .runs import Profile, cached_run, make_prompts, settings_of
 from .stats import N_BOOT, Estimate, bootstrap_weighted, mean_estimate
 from .tasks import Task, TaskData
@@ -36,40 +37,73 @@ LAYOUT = ("example", "layer", "class")
 
 
 def label_attention(lm, task: Task, prompts: Sequence[Prompt], batch_size: int = 8,
-                    progress: bool = True) -> dict[str, np.ndarray]:
+                    progress: bool = True, shared_prefix: bool = True) -> dict[str, np.ndarray]:
     """Run the prompts once, recording the target row of every layer's attention.
 
     Returns ``attention`` (N, L, C) as in the module docstring, ``first_token`` (N, L) the target's attention to
     position 0 (the attention sink) summed over heads, ``probs`` (N, C) the label probabilities, ``pred`` (N,),
-    ``gold`` (N,).
+    ``gold`` (N,), ``shared_prefix`` (N,): 1 where the example ran as a suffix over the shared demonstrations.
+
+    ``shared_prefix`` (one fixed demonstration set): the demonstrations run once
+    (:func:`helpers.prefix.build_prefix`), each query as a suffix over them with q's row recorded there, and only
+    the label words' logits computed (:func:`helpers.prompts.label_head`); equal to full prompts (tested).
     """
     from tqdm.auto import tqdm
 
     check_prompts(lm, prompts, task)
     label_ids = list(label_token_ids(task, lm.tokenizer))
     n_classes = task.n_classes
-    att, sink, probs = [], [], []
-    for start in tqdm(range(0, len(prompts), batch_size), desc=f"attention {task.name}", disable=not progress):
-        chunk = list(prompts[start : start + batch_size])
-        batch = collate(chunk, lm.tokenizer.pad_token_id)
+    n = len(prompts)
+    split = split_prompts(prompts) if shared_prefix else SharedPrefix((), (), tuple(range(n)))
+    att = np.zeros((n, lm.n_layers, n_classes), dtype=np.float32)
+    sink = np.zeros((n, lm.n_layers), dtype=np.float32)
+    logits_all = np.zeros((n, n_classes), dtype=np.float32)
+
+    def store(idx, rows, logits):  # rows: (L, B, S) heads summed, at original positions
+        for b, i in enumerate(idx):
+            p = prompts[i]
+            att[i] = torch.stack([rows[:, b, list(p.positions_of_class(c))].sum(dim=-1) for c in range(n_classes)],
+                                 dim=-1).numpy()
+            sink[i] = rows[:, b, 0].numpy()
+        logits_all[idx] = logits.float().cpu().numpy()
+
+    shared = list(split.shared)
+    prefix = build_prefix(lm.model, split.ids) if shared else None
+    bar = tqdm(total=-(-len(shared) // batch_size) + -(-len(split.apart) // batch_size),
+               desc=f"attention {task.name}", disable=not progress)
+    for start in range(0, len(shared), batch_size):
+        idx = shared[start : start + batch_size]
+        suffixes = [split.suffix(prompts[i]) for i in idx]
+        t = max(len(x) for x in suffixes)
+        record = Record(rows=torch.tensor([len(x) - 1 for x in suffixes]))
+        with torch.no_grad(), intervene(record):
+            logits = suffix_logits(lm.model, prefix, suffixes, lm.tokenizer.pad_token_id, label_ids=label_ids)
+        rows = torch.stack([
+            to_original_positions(prefix, layer, record.attentions[layer][:, :, 0, :].sum(dim=1).float().cpu(), t)
+            for layer in sorted(record.attentions)
+        ])  # (L, B, N + T)
+        store(idx, rows, logits)
+        bar.update()
+    apart = list(split.apart)
+    for start in range(0, len(apart), batch_size):
+        idx = apart[start : start + batch_size]
+        batch = collate([prompts[i] for i in idx], lm.tokenizer.pad_token_id)
         record = Record(rows=batch.target)
         with torch.no_grad(), intervene(record):
-            logits = target_logits(lm.model, batch)[:, label_ids].float()
-        rows = record.stacked()[:, :, :, 0, :].sum(dim=2).float().cpu()  # (L, B, S): heads summed
-        for b, p in enumerate(chunk):
-            per_class = torch.stack(
-                [rows[:, b, list(p.positions_of_class(c))].sum(dim=-1) for c in range(n_classes)], dim=-1
-            )  # (L, C)
-            att.append(per_class.numpy())
-            sink.append(rows[:, b, 0].numpy())
-        probs.append(torch.softmax(logits, dim=-1).cpu().numpy())
-    probs_arr = np.concatenate(probs)
+            logits = target_label_logits(lm.model, batch, label_ids)
+        store(idx, record.stacked()[:, :, :, 0, :].sum(dim=2).float().cpu(), logits)  # (L, B, S): heads summed
+        bar.update()
+    bar.close()
+    probs = torch.softmax(torch.from_numpy(logits_all), dim=-1).numpy()
+    flags = np.zeros(n, dtype=np.int64)
+    flags[shared] = 1
     return {
-        "attention": np.stack(att),
-        "first_token": np.stack(sink),
-        "probs": probs_arr,
-        "pred": probs_arr.argmax(-1),
+        "attention": att,
+        "first_token": sink,
+        "probs": probs,
+        "pred": probs.argmax(-1),
         "gold": np.array([p.label for p in prompts]),
+        "shared_prefix": flags,
     }
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .attention import Isolate, intervene
+from .prefix import SharedPrefix, build_prefix, split_prompts, suffix_logits
 from .prompts import Prompt, check_prompts, collate, label_token_ids, target_logits
 from .tasks import Task
 
@@ -65,14 +66,22 @@ def run_isolation(
     batch_size: int = 8,
     progress: bool = True,
     random_ks: Sequence[int] | None = None,
+    shared_prefix: bool = True,
 ) -> dict[str, np.ndarray]:
     """Predictions and top-10 tokens at q with no isolation and under every (label|random, first|last, k) condition.
 
     Label words are isolated for every k in ``ks``; the random control for every k in ``random_ks`` (default: all of
     ``ks``; the book profile runs it at k = 5 only, to save compute on a CPU).
 
+    ``shared_prefix`` (prompts with one fixed demonstration set): the "none" and label conditions run the
+    demonstrations once per condition, with the label words isolated while that prefix is computed
+    (:func:`helpers.prefix.build_prefix`), and each query as a suffix over it: the same numbers as full prompts
+    (tested), a fraction of the work. The random control draws positions in the query too and differs per example:
+    it always runs full prompts, as do prompts whose demonstration tokens differ (``split_prompts``).
+
     Returns arrays keyed ``"none/pred"``, ``"none/top"`` and ``"<what>-<where>-<k>/pred"``, ``.../top``: predicted
-    class (N,) and the ids of the top-10 full-vocabulary tokens (N, 10), plus ``"gold"`` (N,).
+    class (N,) and the ids of the top-10 full-vocabulary tokens (N, 10), plus ``"gold"`` (N,) and ``"shared_prefix"``
+    (N,) - 1 where the example ran as a suffix over the shared demonstrations, 0 where it ran as a full prompt.
     """
     from tqdm.auto import tqdm
 
@@ -82,29 +91,64 @@ def run_isolation(
     conditions = [("none", "", 0)] + [
         (w, p, k) for k in ks for p in ("first", "last") for w in ("label", "random") if w == "label" or k in random_ks
     ]
-    preds: dict[str, list] = {}
-    tops: dict[str, list] = {}
-    steps = range(0, len(prompts), batch_size)
-    for start in tqdm(steps, desc=f"isolation {task.name}", disable=not progress):
-        chunk = list(prompts[start : start + batch_size])
-        batch = collate(chunk, lm.tokenizer.pad_token_id)
-        for what, where, k in conditions:
-            name = "none" if what == "none" else condition_name(what, where, k)
-            hooks = []
-            if what == "label":
-                hooks = [Isolate([p.label_positions for p in chunk], isolated_layers(lm.n_layers, k, where))]
-            elif what == "random":
-                layers = isolated_layers(lm.n_layers, k, where)
-                per_example = [random_positions(p, layers, seed, start + b) for b, p in enumerate(chunk)]
-                hooks = [Isolate({layer: [r[layer] for r in per_example] for layer in layers})]
-            with torch.no_grad(), intervene(*hooks):
-                logits = target_logits(lm.model, batch).float()
-            preds.setdefault(name, []).append(logits[:, label_ids].argmax(-1).cpu().numpy())
-            tops.setdefault(name, []).append(logits.topk(TOP_K_STORED, dim=-1).indices.cpu().numpy())
+    n = len(prompts)
+    split = split_prompts(prompts) if shared_prefix else SharedPrefix((), (), tuple(range(n)))
+    preds = {("none" if w == "none" else condition_name(w, p, k)): np.zeros(n, dtype=np.int64) for w, p, k in conditions}
+    tops = {name: np.zeros((n, TOP_K_STORED), dtype=np.int64) for name in preds}
+
+    def store(name, idx, logits):
+        logits = logits.float()
+        preds[name][idx] = logits[:, label_ids].argmax(-1).cpu().numpy()
+        tops[name][idx] = logits.topk(TOP_K_STORED, dim=-1).indices.cpu().numpy()
+
+    def full_hooks(what, where, k, chunk, idx):
+        if what == "label":
+            return [Isolate([p.label_positions for p in chunk], isolated_layers(lm.n_layers, k, where))]
+        if what == "random":
+            layers = isolated_layers(lm.n_layers, k, where)
+            per_example = [random_positions(p, layers, seed, i) for i, p in zip(idx, chunk)]
+            return [Isolate({layer: [r[layer] for r in per_example] for layer in layers})]
+        return []
+
+    shared = list(split.shared)
+    if shared:
+        labels = {prompts[i].label_positions for i in shared}
+        if len(labels) != 1:
+            raise ValueError("prompts sharing their demonstration tokens have different label positions")
+        label_positions = list(next(iter(labels)))
+    full_runs = [(c, list(range(n)) if c[0] == "random" else list(split.apart)) for c in conditions]
+    prefix_runs = [c for c in conditions if c[0] != "random"] if shared else []
+    total = sum(-(-len(i) // batch_size) for _, i in full_runs) + len(prefix_runs) * -(-len(shared) // batch_size)
+    bar = tqdm(total=total, desc=f"isolation {task.name}", disable=not progress)
+    for what, where, k in prefix_runs:
+        name = "none" if what == "none" else condition_name(what, where, k)
+        hooks = [Isolate([label_positions], isolated_layers(lm.n_layers, k, where))] if what == "label" else []
+        prefix = build_prefix(lm.model, split.ids, hooks)
+        for start in range(0, len(shared), batch_size):
+            idx = shared[start : start + batch_size]
+            with torch.no_grad():
+                logits = suffix_logits(lm.model, prefix, [split.suffix(prompts[i]) for i in idx],
+                                       lm.tokenizer.pad_token_id)
+            store(name, idx, logits)
+            bar.update()
+    for (what, where, k), indices in full_runs:
+        name = "none" if what == "none" else condition_name(what, where, k)
+        for start in range(0, len(indices), batch_size):
+            idx = indices[start : start + batch_size]
+            chunk = [prompts[i] for i in idx]
+            batch = collate(chunk, lm.tokenizer.pad_token_id)
+            with torch.no_grad(), intervene(*full_hooks(what, where, k, chunk, idx)):
+                logits = target_logits(lm.model, batch)
+            store(name, idx, logits)
+            bar.update()
+    bar.close()
     out = {"gold": np.array([p.label for p in prompts])}
     for name in preds:
-        out[f"{name}/pred"] = np.concatenate(preds[name])
-        out[f"{name}/top"] = np.concatenate(tops[name])
+        out[f"{name}/pred"] = preds[name]
+        out[f"{name}/top"] = tops[name]
+    flags = np.zeros(n, dtype=np.int64)
+    flags[shared] = 1
+    out["shared_prefix"] = flags
     return out
 
 

@@ -23,8 +23,19 @@ padding of the queries is masked. The cache is built from plain ``DynamicLayer``
 could see through its window are removed by :meth:`PrefixCache.keep` (as the uncompressed model would never see
 them either).
 
-With nothing removed, :func:`suffix_logits` gives the full prompt's logits (tested to 1e-4 on tiny GPT-2, GPT-J,
-Llama, Qwen2 and Gemma 3 models).
+With nothing removed, :func:`suffix_logits` gives the full prompt's logits (tested to 1e-5 on tiny GPT-2, GPT-J,
+Llama, Qwen2 and Gemma 3 models and on a real offline model).
+
+**Shared-prefix execution** (every experiment with one fixed demonstration set per seed: isolation, extraction,
+re-weighting, compression's full-ICL baseline). :func:`split_prompts` cuts a seed's prompts at the query (a position
+known from prompt construction, :attr:`helpers.prompts.Prompt.query_start`) and checks that the demonstration tokens
+are identical in every prompt *as tokenised*; a prompt whose tokens differ there (a token straddling the boundary)
+is returned apart, to be run as a full prompt, and counted. Hooks then act where their positions are:
+
+* an intervention on demonstration positions (isolating the label words) is active while the prefix is built
+  (``build_prefix(model, ids, hooks=[Isolate(...)])``), so every query continues the intervened prefix;
+* a hook on query rows (recording q's attention) is active during :func:`suffix_logits`, with rows counted within
+  the suffix; :func:`key_positions` maps its key columns back to the original positions.
 """
 
 from __future__ import annotations
@@ -34,7 +45,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PrefixCache", "build_prefix", "suffix_logits", "layer_windows"]
+__all__ = ["PrefixCache", "build_prefix", "suffix_logits", "layer_windows", "split_prompts", "SharedPrefix",
+           "key_positions", "to_original_positions"]
 
 
 def layer_windows(model) -> tuple[tuple[str, ...], tuple[int | None, ...]]:
@@ -105,9 +117,18 @@ class PrefixCache:
         return PrefixCache(tuple(keys), tuple(values), tuple(pos), self.length, self.layer_types, self.windows)
 
 
-def build_prefix(model, input_ids: Sequence[int]) -> PrefixCache:
-    """Run the prefix once and keep every layer's keys and values (the one-off cost of a shared prefix)."""
+def build_prefix(model, input_ids: Sequence[int], hooks: Sequence = ()) -> PrefixCache:
+    """Run the prefix once and keep every layer's keys and values (the one-off cost of a shared prefix).
+
+    ``hooks``: :mod:`helpers.attention` hooks active while the prefix runs (batch of one, positions as in the full
+    prompt), e.g. ``Isolate([label_positions], layers)``: every query answered from this cache then sees the
+    intervened demonstrations, exactly as in a full forward pass with the same hook.
+    """
+    import contextlib
+
     from transformers import DynamicCache
+
+    from .attention import intervene
 
     if len(input_ids) == 0:
         raise ValueError("the prefix is empty")
@@ -115,8 +136,8 @@ def build_prefix(model, input_ids: Sequence[int]) -> PrefixCache:
     device = next(model.parameters()).device
     cache = DynamicCache()  # no config: plain DynamicLayer everywhere, so sliding-window layers keep every entry
     ids = torch.tensor([list(input_ids)], device=device)
-    with torch.no_grad():
-        model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    with torch.no_grad(), (intervene(*hooks) if hooks else contextlib.nullcontext()):
+        model.base_model(input_ids=ids, past_key_values=cache, use_cache=True)
     if len(cache.layers) != len(types):
         raise RuntimeError(f"the cache has {len(cache.layers)} layers, the model {len(types)}")
     n = len(input_ids)
@@ -161,13 +182,18 @@ def suffix_logits(
     suffixes: Sequence[Sequence[int]],
     pad_id: int = 0,
     restart_positions: bool = False,
+    label_ids: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Full-vocabulary next-token logits at the last token of each suffix, run as one right-padded batch over the
-    shared prefix cache: (B, V).
+    shared prefix cache: (B, V); with ``label_ids``, only those words' logits, float32 (B, C)
+    (:func:`helpers.prompts.label_head`: no full-vocabulary output layer).
 
     Position ids continue from ``prefix.length`` (or restart at 0 with ``restart_positions``, the official GPT-2
-    quirk). The prefix cache is not modified.
+    quirk). The prefix cache is not modified. Hooks active around the call act on the suffix's rows (row r is the
+    suffix's r-th token; its keys are the cached entries then the suffix, see :func:`key_positions`).
     """
+    from .prompts import check_finite_logits, label_head
+
     from transformers import DynamicCache
 
     if not suffixes or any(len(s) == 0 for s in suffixes):
@@ -194,6 +220,11 @@ def suffix_logits(
         [(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in zip(prefix.keys, prefix.values)]
     )
     last = (valid.sum(1) - 1)[:, None]
+    if label_ids is not None:
+        hidden = model.base_model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids,
+                                  past_key_values=cache, use_cache=True).last_hidden_state
+        rows = hidden[torch.arange(b, device=device), last[:, 0]]
+        return check_finite_logits(label_head(model, rows, label_ids), model)
     out = model(
         input_ids=ids,
         attention_mask=attention_mask,
@@ -202,4 +233,57 @@ def suffix_logits(
         use_cache=True,
         logits_to_keep=last,
     )
-    return out.logits[:, 0, :]
+    return check_finite_logits(out.logits[:, 0, :], model)
+
+
+def key_positions(prefix: PrefixCache, layer: int, suffix_length: int) -> torch.Tensor:
+    """The original position of every key column a suffix's attention has in ``layer``: the cached entries'
+    positions, then N, N+1, ... for the suffix (T = ``suffix_length`` columns)."""
+    p = prefix.positions[layer]
+    return torch.cat([p.cpu(), prefix.length + torch.arange(suffix_length)])
+
+
+def to_original_positions(prefix: PrefixCache, layer: int, rows: torch.Tensor, suffix_length: int) -> torch.Tensor:
+    """Attention rows recorded over a suffix, (..., K_l + T), put at their original positions: (..., N + T).
+
+    Entries the cache does not hold (dropped by compression or beyond a sliding window) get 0: the full prompt's
+    attention there is 0 too (masked), or - for compression - there is nothing to attend to.
+    """
+    cols = key_positions(prefix, layer, suffix_length)
+    if rows.shape[-1] != cols.numel():
+        raise ValueError(f"rows have {rows.shape[-1]} key columns, layer {layer} of the cache + suffix has {cols.numel()}")
+    out = rows.new_zeros(*rows.shape[:-1], prefix.length + suffix_length)
+    out[..., cols.to(rows.device)] = rows
+    return out
+
+
+@dataclass(frozen=True)
+class SharedPrefix:
+    """A seed's prompts cut at the query: the demonstration tokens they share, and who shares them."""
+
+    ids: tuple[int, ...]  # the shared demonstration tokens (prefix)
+    shared: tuple[int, ...]  # indices of the prompts that start with exactly these tokens (run as suffixes)
+    apart: tuple[int, ...]  # indices of the prompts that do not (run as full prompts): the fallback count
+
+    def suffix(self, prompt) -> tuple[int, ...]:
+        return tuple(prompt.input_ids[len(self.ids):])
+
+
+def split_prompts(prompts: Sequence) -> SharedPrefix:
+    """Cut prompts with one fixed demonstration set at the query (``Prompt.query_start``, from construction).
+
+    The shared prefix is the most common demonstration-token sequence; prompts whose tokens before their query
+    differ from it (as tokenised: a token can straddle the demonstration/query boundary) are listed in ``apart``.
+    Each shared prompt's target lies in its suffix.
+    """
+    from collections import Counter
+
+    if not prompts:
+        raise ValueError("no prompts")
+    heads = [tuple(p.input_ids[: p.query_start]) for p in prompts]
+    ids, _ = Counter(heads).most_common(1)[0]
+    shared = tuple(i for i, h in enumerate(heads) if h == ids and prompts[i].target >= len(ids))
+    apart = tuple(i for i in range(len(prompts)) if i not in set(shared))
+    if not ids:
+        return SharedPrefix((), (), tuple(range(len(prompts))))
+    return SharedPrefix(ids, shared, apart)

@@ -27,7 +27,8 @@ import torch
 from .tasks import Example, Task, get_task
 
 __all__ = ["Segment", "Prompt", "Batch", "label_token_ids", "build_prompt", "collate", "target_logits",
-           "tokenizer_fingerprint", "check_prompts"]
+           "target_label_logits", "label_head", "check_finite_logits", "length_batches", "tokenizer_fingerprint",
+           "check_prompts"]
 
 _ROLE_PRIORITY = {"text": 0, "format": 1, "label": 2}
 
@@ -273,12 +274,27 @@ def collate(prompts: Sequence[Prompt], pad_id: int) -> Batch:
     return Batch(tuple(prompts), ids, mask, torch.tensor([p.target for p in prompts]))
 
 
+def check_finite_logits(logits: torch.Tensor, model) -> torch.Tensor:
+    """Raise ``FloatingPointError`` if a logit is NaN or infinite (once per batch); return the logits."""
+    finite = torch.isfinite(logits.detach())
+    if not bool(finite.all()):
+        rows = (~finite.all(dim=-1)).nonzero().flatten().tolist()
+        dtype = next(model.parameters()).dtype
+        raise FloatingPointError(
+            f"non-finite logits for examples {rows} of this batch (model dtype {str(dtype).removeprefix('torch.')})"
+            + (": float16 overflows in this model; load it with dtype=torch.bfloat16 or torch.float32"
+               if dtype == torch.float16 else "")
+        )
+    return logits
+
+
 def target_logits(model, batch: Batch) -> torch.Tensor:
     """Full-vocabulary next-token logits at each prompt's target position q: (B, V).
 
     Only the q rows go through the output layer (``logits_to_keep``), which matters for Gemma's 262k vocabulary.
     Gradients flow if the caller enables them. The label-restricted logits of the paper (§1.5) are
-    ``target_logits(...)[:, label_token_ids(task, tokenizer)]``; their argmax is the prediction.
+    ``target_logits(...)[:, label_token_ids(task, tokenizer)]``; their argmax is the prediction
+    (:func:`target_label_logits` computes only those columns).
 
     Raises ``FloatingPointError`` if a logit is NaN or infinite (checked once per batch, so no experiment can carry
     a silent NaN; a float16 model is told to use bfloat16 or float32).
@@ -290,14 +306,59 @@ def target_logits(model, batch: Batch) -> torch.Tensor:
         logits_to_keep=batch.target.to(device)[:, None],
         use_cache=False,
     )
-    logits = out.logits[:, 0, :]
-    finite = torch.isfinite(logits.detach())
-    if not bool(finite.all()):
-        rows = (~finite.all(dim=-1)).nonzero().flatten().tolist()
-        dtype = next(model.parameters()).dtype
-        raise FloatingPointError(
-            f"non-finite logits for examples {rows} of this batch (model dtype {str(dtype).removeprefix('torch.')})"
-            + (": float16 overflows in this model; load it with dtype=torch.bfloat16 or torch.float32"
-               if dtype == torch.float16 else "")
-        )
-    return logits
+    return check_finite_logits(out.logits[:, 0, :], model)
+
+
+def label_head(model, hidden: torch.Tensor, label_ids: Sequence[int]) -> torch.Tensor:
+    """The model's output layer restricted to the label words' rows: (..., D) final hidden states -> (..., C) logits.
+
+    Equal to the full-vocabulary logits at ``label_ids`` (tied embeddings read through ``get_output_embeddings``, an
+    output bias, and final-logit soft-capping where a model has them; tested), without the cost of the full
+    vocabulary (a 262k-row product for Gemma) where only the label words' logits are needed.
+    """
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for attr in ("logit_scale", "logits_scaling", "output_multiplier_scale"):
+        if getattr(cfg, attr, None) not in (None, 1, 1.0):
+            raise NotImplementedError(f"{cfg.model_type}: the output logits are scaled by {attr}")
+    head = model.get_output_embeddings()
+    ids = torch.as_tensor(list(label_ids), device=hidden.device)
+    logits = hidden @ head.weight[ids].T
+    if getattr(head, "bias", None) is not None:
+        logits = logits + head.bias[ids]
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits.float()
+
+
+def target_label_logits(model, batch: Batch, label_ids: Sequence[int]) -> torch.Tensor:
+    """The label words' logits at each prompt's target q: (B, C), float32; equal to
+    ``target_logits(model, batch)[:, label_ids]`` (tested) without the full-vocabulary output layer."""
+    device = next(model.parameters()).device
+    hidden = model.base_model(
+        input_ids=batch.input_ids.to(device),
+        attention_mask=batch.attention_mask.to(device),
+        use_cache=False,
+    ).last_hidden_state
+    rows = hidden[torch.arange(hidden.shape[0], device=device), batch.target.to(device)]
+    return check_finite_logits(label_head(model, rows, label_ids), model)
+
+
+def length_batches(lengths: Sequence[int], token_budget: int, max_batch: int | None = None) -> list[list[int]]:
+    """Length-aware batches: indices sorted by length (stable), cut so that each batch's padded size
+    (examples × longest) stays within ``token_budget`` (a longer example still gets a batch of its own) and at most
+    ``max_batch`` examples. Run the batches, then put the results back with the indices (input order)."""
+    if token_budget < 1:
+        raise ValueError(f"token_budget must be positive, got {token_budget}")
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        longest = lengths[i]  # sorted: the newcomer is the longest
+        if current and ((len(current) + 1) * longest > token_budget or (max_batch and len(current) >= max_batch)):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches

@@ -50,11 +50,12 @@ import torch
 import torch.nn.functional as F
 
 from .attention import Reweight, intervene
-from .prompts import Prompt, build_prompt, collate, label_token_ids, target_logits
+from .prompts import Prompt, build_prompt, collate, label_head, label_token_ids, target_logits
 from .runs import Profile, cached_run, settings_of
 from .tasks import Task, TaskData, sample_fixed_demonstrations, subsample_test
 
 __all__ = [
+    "reweighting_seeds",
     "EXPERIMENT", "METHODS", "METHOD_TITLES", "CONTENT_FREE", "TrainConfig", "many_shots", "n_parameters",
     "class_positions", "random_positions", "positions_tensor", "evaluate", "prefix_states", "cached_step",
     "full_step", "label_head", "shared_prefix_length", "prefix_kv", "continued_label_logits", "train_beta", "train_bias", "contextual_calibration", "bias_calibration", "SeedSetup",
@@ -139,27 +140,6 @@ def positions_tensor(prompts: Sequence[Prompt], positions: Callable[[Prompt], li
 # --------------------------------------------------------------------------------------------------------------------
 # Evaluation (batched) and the training step
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def label_head(model, hidden: torch.Tensor, label_ids: Sequence[int]) -> torch.Tensor:
-    """The model's output layer restricted to the label words' rows: (..., D) final hidden states -> (..., C) logits.
-
-    Equal to the full-vocabulary logits at ``label_ids`` (including a bias and Gemma 2's final soft-capping; tested),
-    without the cost of a 262k-row product for Gemma at every training step.
-    """
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    for attr in ("logit_scale", "logits_scaling", "output_multiplier_scale"):
-        if getattr(cfg, attr, None) not in (None, 1, 1.0):
-            raise NotImplementedError(f"{cfg.model_type}: the output logits are scaled by {attr}")
-    head = model.get_output_embeddings()
-    ids = torch.as_tensor(list(label_ids), device=hidden.device)
-    logits = hidden @ head.weight[ids].T
-    if getattr(head, "bias", None) is not None:
-        logits = logits + head.bias[ids]
-    cap = getattr(cfg, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits.float()
 
 
 def shared_prefix_length(prompts: Sequence[Prompt]) -> int:
@@ -532,10 +512,15 @@ def _cached(lm, data: TaskData, settings: dict, compute: Callable[[], dict[str, 
     return cached_run(EXPERIMENT, lm, data, settings, compute, **kw)
 
 
+def reweighting_seeds(profile: Profile) -> tuple[int, ...]:
+    """The seeds re-weighting runs in a profile (training per seed: the ``book`` profile's first 3 of 5)."""
+    return profile.seeds_for(profile.n_seeds_reweighting)
+
+
 def available_seeds(lm, data: TaskData, profile: Profile, methods: Sequence[str] = METHODS,
                     config: TrainConfig = TrainConfig()) -> tuple[int, ...]:
     """The profile's seeds whose results for every method are in the cache (what a chapter can show unchanged)."""
-    return tuple(seed for seed in profile.seeds
+    return tuple(seed for seed in reweighting_seeds(profile)
                  if all(_cached(lm, data, _settings(profile, seed, m, config), None) is not None for m in methods))
 
 
@@ -641,9 +626,11 @@ def reweighting_runs(lm, data: TaskData, profile: Profile, methods: Sequence[str
                      config: TrainConfig = TrainConfig(), seeds: Sequence[int] | None = None, progress: bool = True,
                      **kw) -> dict[str, list[dict[str, np.ndarray]]]:
     """Every method on every seed of the profile (or on ``seeds``, a subset): ``{method: [result per seed]}``."""
-    seeds = profile.seeds if seeds is None else tuple(seeds)
-    if not set(seeds) <= set(profile.seeds):
-        raise ValueError(f"seeds {sorted(set(seeds) - set(profile.seeds))} are not in the {profile.name} profile")
+    allowed = reweighting_seeds(profile)
+    seeds = allowed if seeds is None else tuple(seeds)
+    if not set(seeds) <= set(allowed):
+        raise ValueError(f"seeds {sorted(set(seeds) - set(allowed))} are not re-weighting seeds of the {profile.name} "
+                         f"profile {allowed}")
     out: dict[str, list[dict[str, np.ndarray]]] = {m: [] for m in methods}
     for seed in seeds:
         # the prompts are built once per seed, and only if some run of this seed is not cached yet

@@ -76,6 +76,12 @@ class Profile:
     n_test_compression: int = 0  # compression (Table 2): test examples per (task, seed) (0 = n_test)
     n_random_compression: int = 0  # Hidden_random-top: random draws per (task, seed) (0 = the paper's 20)
     n_test_compression_shots: int = 0  # compression's shots sweep: test examples per (task, seed) (0 = n_test)
+    n_seeds_reweighting: int = 0  # re-weighting trains per seed: its first n seeds (0 = all)
+    n_seeds_compression: int = 0  # compression's Table 2: its first n seeds (0 = all)
+
+    def seeds_for(self, n: int) -> tuple[int, ...]:
+        """The first ``n`` seeds of the profile (all of them for n = 0)."""
+        return tuple(self.seeds[:n]) if n else tuple(self.seeds)
 
 
 class _Profiles(dict):
@@ -85,9 +91,12 @@ class _Profiles(dict):
 
 PROFILES: dict[str, Profile] = _Profiles({
     "quick": Profile("quick", n_test=8, seeds=(42,), n_test_diagnosis=32, n_random_compression=5),
-    "book": Profile("book", n_test=24, seeds=(42, 43, 44), n_test_extraction=32, n_test_isolation=16,
+    # The paper's five seeds. Saliency 48, isolation 64, extraction 128 examples per (task, seed): 2x, 4x and 4x the
+    # sizes before shared-prefix execution (issue 12); the training and compression chapters keep 3 seeds.
+    "book": Profile("book", n_test=48, seeds=(42, 43, 44, 45, 46), n_test_extraction=128, n_test_isolation=64,
                     n_test_reweighting=64, n_test_diagnosis=500,
-                    n_test_compression=32, n_random_compression=10, n_test_compression_shots=16),
+                    n_test_compression=32, n_random_compression=10, n_test_compression_shots=16,
+                    n_seeds_reweighting=3, n_seeds_compression=3),
     "paper": Profile("paper", n_test=1000, seeds=(42, 43, 44, 45, 46)),
 })
 
@@ -408,10 +417,21 @@ def make_prompts(
 
 
 def settings_of(profile: Profile, **extra) -> dict:
-    """The settings dict that keys a run: the profile's sizes plus experiment-specific ones."""
+    """The settings dict that keys a run: the experiment-specific settings (seed, n_test, shots, ...).
+
+    The profile's seed list and sizes are not in it: a run is one (task, seed) with its own ``n_test``, so adding
+    seeds to a profile, or changing another experiment's size, leaves every cached run valid. Every experiment
+    passes the ``n_test`` it uses.
+    """
+    if "n_test" not in extra:
+        raise ValueError("settings_of needs the run's n_test (each experiment passes the size it uses)")
     d = asdict(profile)
     d.pop("name")
     d.pop("batch_size")  # does not change results
+    d.pop("seeds")  # one run is one seed (in ``extra``)
+    d.pop("n_test")
+    d.pop("n_seeds_reweighting")
+    d.pop("n_seeds_compression")
     d.pop("n_test_extraction")  # experiments that use these pass them explicitly
     d.pop("n_test_isolation")
     d.pop("n_test_reweighting")

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import Saliency, intervene
-from .prompts import Batch, Prompt, check_prompts, collate, label_token_ids, target_logits
+from .prompts import Batch, Prompt, check_prompts, collate, label_token_ids, length_batches, target_label_logits
 from .tasks import Task
 
 __all__ = ["MEASURES", "saliency_matrices", "flow_measures", "flows_at", "saliency_flow", "normalise_per_layer"]
@@ -36,13 +36,14 @@ MEASURES = ("S_wp", "S_pq", "S_ww")
 def saliency_matrices(model, batch: Batch, label_ids: Sequence[int]) -> torch.Tensor:
     """I_l for every layer and example: (L, B, T, T), float32 on the CPU, diagonal not yet zeroed.
 
-    The loss is summed over the batch, so each example's saliency equals what a batch of one gives.
+    The loss is summed over the batch, so each example's saliency equals what a batch of one gives. Only the label
+    words' logits are computed (:func:`helpers.prompts.target_label_logits`): the loss needs no other.
     """
     if any(p.label is None for p in batch.prompts):
         raise ValueError("saliency needs the gold label of every query")
     hook = Saliency()
     with torch.enable_grad(), intervene(hook):
-        logits = target_logits(model, batch)[:, list(label_ids)]
+        logits = target_label_logits(model, batch, label_ids)
         loss = F.cross_entropy(logits.float(), batch.labels.to(logits.device), reduction="sum")
     loss.backward()
     grads = hook.per_layer()  # (L, B, H, T, T) = A ⊙ dL/dA
@@ -76,19 +77,29 @@ def saliency_flow(
     prompts: Sequence[Prompt],
     batch_size: int = 4,
     progress: bool = True,
+    token_budget: int | None = None,
 ) -> np.ndarray:
-    """(N, 3, L): S_wp, S_pq, S_ww per layer for each prompt (not normalised)."""
+    """(N, 3, L): S_wp, S_pq, S_ww per layer for each prompt (not normalised), in the input order.
+
+    Prompts are batched by length (:func:`helpers.prompts.length_batches`): sorted, at most ``batch_size`` per
+    batch and at most ``token_budget`` padded tokens (default: ``batch_size`` × the median length), so that little
+    time goes to padding. Each example's result equals a batch of one (tested).
+    """
     from tqdm.auto import tqdm
 
     check_prompts(lm, prompts, task)
     label_ids = label_token_ids(task, lm.tokenizer)
-    out = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc=f"saliency {task.name}", disable=not progress):
-        chunk = prompts[start : start + batch_size]
+    lengths = [len(p) for p in prompts]
+    if token_budget is None:
+        token_budget = batch_size * int(np.median(lengths)) if lengths else 1
+    out: list[np.ndarray | None] = [None] * len(prompts)
+    for idx in tqdm(length_batches(lengths, token_budget, batch_size), desc=f"saliency {task.name}",
+                    disable=not progress):
+        chunk = [prompts[i] for i in idx]
         mats = saliency_matrices(lm.model, collate(chunk, lm.tokenizer.pad_token_id), label_ids)
-        for b, prompt in enumerate(chunk):
+        for b, (i, prompt) in enumerate(zip(idx, chunk)):
             t = len(prompt)
-            out.append(flow_measures(mats[:, b, :t, :t], prompt))
+            out[i] = flow_measures(mats[:, b, :t, :t], prompt)
     return np.stack(out)
 
 

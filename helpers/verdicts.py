@@ -332,12 +332,12 @@ def _reweighting_runs(model: str, profile: Profile) -> dict | None:
 
     lm = ModelKey.of(model)
     data = {t: load_task(t) for t in TASK_NAMES}
-    seeds = set(profile.seeds)
+    seeds = set(rw.reweighting_seeds(profile))
     for d in data.values():
         seeds &= set(rw.available_seeds(lm, d, profile))
     if not seeds:
         return None
-    seeds = tuple(s for s in profile.seeds if s in seeds)
+    seeds = tuple(s for s in rw.reweighting_seeds(profile) if s in seeds)
     return {t: rw.reweighting_runs(lm, d, profile, seeds=seeds, progress=False) for t, d in data.items()}
 
 

@@ -122,6 +122,44 @@ def rekey(root: Path, data_dir: Path | None, dtype: str, device: str, dry_run: b
     return 1 if left else 0
 
 
+def drop_setting(root: Path, name: str, dry_run: bool) -> int:
+    """Current-format results: remove ``settings[name]`` and give the file the key without it.
+
+    For a setting that stopped being part of the key (``seeds``: the profile's seed list, dropped from
+    ``helpers.runs.settings_of`` when a run became one (task, seed) with its own ``n_test``). Nothing else in the
+    key changes; the ``.npz`` moves unchanged. Re-runnable.
+    """
+    moved = left = 0
+    for meta in sorted(root.glob("*/*.json")):
+        info = json.loads(meta.read_text())
+        if info.get("format") != 2 or name not in info.get("settings", {}):
+            continue
+        npz = meta.with_suffix(".npz")
+        fields = {k: info[k] for k in ("experiment", "model", "dtype", "device", "task", "data", "settings", "versions")}
+        if not npz.is_file() or _hash_fields(fields) != info["key"]:
+            print(f"LEFT {meta}: {'no .npz beside it' if not npz.is_file() else 'its key does not match its fields'}")
+            left += 1
+            continue
+        fields["settings"] = {k: v for k, v in fields["settings"].items() if k != name}
+        target = root / _relative_path(fields)
+        new_info = {**info, **fields, "key": _hash_fields(fields)}
+        new_info.setdefault("dropped_settings", {})[name] = info["settings"][name]
+        if target.exists() and target != npz and target.read_bytes() != npz.read_bytes():
+            print(f"LEFT {meta}: {target} exists with other content")
+            left += 1
+            continue
+        print(f"{'would move' if dry_run else 'moved'} {npz.relative_to(root)} -> {target.relative_to(root)}")
+        moved += 1
+        if dry_run:
+            continue
+        npz.replace(target)
+        target.with_suffix(".json").write_text(json.dumps(new_info, indent=1, sort_keys=True, default=str) + "\n")
+        if meta != target.with_suffix(".json"):
+            meta.unlink()
+    print(f"{moved} re-keyed without {name!r}, {left} left alone")
+    return 1 if left else 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", type=Path, help="a results folder (results/<experiment>/<files>)")
@@ -131,7 +169,11 @@ def main(argv=None) -> int:
     parser.add_argument("--dry-run", action="store_true")
     parser.add_argument("--allow-nan", action="append", default=[], metavar="EXPERIMENT:FIELD",
                         help="a field where NaN is legitimate (as the experiment's cached_run(allow_nan=...)); repeatable")
+    parser.add_argument("--drop-setting", default=None, metavar="NAME",
+                        help="current-format results: remove this setting from their key (e.g. seeds)")
     args = parser.parse_args(argv)
+    if args.drop_setting:
+        return drop_setting(args.folder, args.drop_setting, args.dry_run)
     allow_nan: dict[str, set[str]] = {}
     for item in args.allow_nan:
         experiment, _, field = item.partition(":")

@@ -232,7 +232,23 @@ def test_unknown_profile_lists_the_profiles():
 
 def test_settings_ignore_batch_size():
     p = PROFILES["book"]
-    assert settings_of(p, seed=1) == settings_of(type(p)(**{**p.__dict__, "batch_size": 1}), seed=1)
+    assert settings_of(p, seed=1, n_test=4) == settings_of(type(p)(**{**p.__dict__, "batch_size": 1}), seed=1, n_test=4)
+
+
+def test_settings_key_one_run_not_the_profile():
+    """Adding seeds or changing another experiment's size leaves a run's key unchanged; its own n_test changes it."""
+    p = PROFILES["book"]
+    more = type(p)(**{**p.__dict__, "seeds": p.seeds + (99,), "n_test": 7, "n_test_isolation": 3})
+    assert settings_of(p, seed=42, n_test=16) == settings_of(more, seed=42, n_test=16)
+    assert settings_of(p, seed=42, n_test=16) != settings_of(p, seed=42, n_test=17)
+    with pytest.raises(ValueError, match="n_test"):
+        settings_of(p, seed=42)
+
+
+def test_profile_seeds_for():
+    p = PROFILES["book"]
+    assert p.seeds == (42, 43, 44, 45, 46)
+    assert p.seeds_for(3) == (42, 43, 44) and p.seeds_for(0) == p.seeds
 
 
 def test_isolated_layers():
