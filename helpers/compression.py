@@ -32,7 +32,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .prefix import PrefixCache, build_prefix, suffix_logits
+from .prefix import PrefixCache, build_prefix, split_prompts, suffix_logits
 from .prompts import Prompt, label_token_ids, target_logits, collate
 from .runs import Profile, cached_run, make_prompts, settings_of
 from .stats import Estimate, mean_estimate
@@ -69,18 +69,19 @@ _MAX_BATCH_ENTRIES = 4096  # cap on batch × cached tokens for one batched query
 
 
 def demonstration_split(prompts: Sequence[Prompt]) -> tuple[tuple[int, ...], list[tuple[int, ...]]]:
-    """The shared demonstration prefix (tokens before the query) and each prompt's query suffix.
+    """The shared demonstration prefix (tokens before the query) and each prompt's query suffix
+    (:func:`helpers.prefix.split_prompts`, the one shared-prefix mechanism of every fixed-demonstration experiment).
 
-    Raises if the prompts do not share their demonstrations token for token (scheme A shares them).
+    Raises if the prompts do not share their demonstrations token for token (scheme A shares them): compression
+    compares caches of one demonstration set, so a prompt that differs cannot be answered from them.
     """
     if not prompts:
         raise ValueError("no prompts")
-    first = prompts[0]
-    prefix = first.input_ids[: first.query_start]
-    for p in prompts:
-        if p.input_ids[: p.query_start] != prefix:
-            raise ValueError("the prompts do not share one demonstration prefix (fixed demonstrations are needed)")
-    return prefix, [p.input_ids[p.query_start :] for p in prompts]
+    split = split_prompts(prompts)
+    if split.apart:
+        raise ValueError("the prompts do not share one demonstration prefix (fixed demonstrations are needed); "
+                         f"prompts {list(split.apart)[:5]} differ")
+    return split.ids, [split.suffix(p) for p in prompts]
 
 
 def _demo_label_tokens(prompt: Prompt) -> list[int]:

@@ -117,12 +117,18 @@ class PrefixCache:
         return PrefixCache(tuple(keys), tuple(values), tuple(pos), self.length, self.layer_types, self.windows)
 
 
-def build_prefix(model, input_ids: Sequence[int], hooks: Sequence = ()) -> PrefixCache:
+def build_prefix(model, input_ids: Sequence[int], hooks: Sequence = (), start: PrefixCache | None = None,
+                 drop_unreachable: bool = True) -> PrefixCache:
     """Run the prefix once and keep every layer's keys and values (the one-off cost of a shared prefix).
 
     ``hooks``: :mod:`helpers.attention` hooks active while the prefix runs (batch of one, positions as in the full
     prompt), e.g. ``Isolate([label_positions], layers)``: every query answered from this cache then sees the
     intervened demonstrations, exactly as in a full forward pass with the same hook.
+
+    ``start``: continue an uncompressed cache (``input_ids`` are the tokens after it; e.g. re-weighting's training
+    example after the shared demonstrations). ``drop_unreachable=False`` keeps entries a sliding-window layer can no
+    longer see (the masks exclude them anyway): then a key's column is its original position in every layer, which
+    hooks that index keys by position (:class:`helpers.attention.Reweight`) rely on.
     """
     import contextlib
 
@@ -134,13 +140,22 @@ def build_prefix(model, input_ids: Sequence[int], hooks: Sequence = ()) -> Prefi
         raise ValueError("the prefix is empty")
     types, windows = layer_windows(model)
     device = next(model.parameters()).device
-    cache = DynamicCache()  # no config: plain DynamicLayer everywhere, so sliding-window layers keep every entry
+    past = 0
+    if start is not None:
+        past = start.length
+        if any(p.numel() != past or not torch.equal(p.cpu(), torch.arange(past)) for p in start.positions):
+            raise ValueError("only an uncompressed cache (every position kept) can be continued")
+        cache = DynamicCache([(k, v) for k, v in zip(start.keys, start.values)])  # DynamicCache.update never
+        # writes into these tensors: it concatenates into new ones, so ``start`` stays as it was
+    else:
+        cache = DynamicCache()  # no config: plain DynamicLayer everywhere, so sliding-window layers keep every entry
     ids = torch.tensor([list(input_ids)], device=device)
+    position_ids = torch.arange(past, past + ids.shape[1], device=device)[None]
     with torch.no_grad(), (intervene(*hooks) if hooks else contextlib.nullcontext()):
-        model.base_model(input_ids=ids, past_key_values=cache, use_cache=True)
+        model.base_model(input_ids=ids, past_key_values=cache, use_cache=True, position_ids=position_ids)
     if len(cache.layers) != len(types):
         raise RuntimeError(f"the cache has {len(cache.layers)} layers, the model {len(types)}")
-    n = len(input_ids)
+    n = past + len(input_ids)
     full = PrefixCache(
         tuple(layer.keys for layer in cache.layers),
         tuple(layer.values for layer in cache.layers),
@@ -149,7 +164,7 @@ def build_prefix(model, input_ids: Sequence[int], hooks: Sequence = ()) -> Prefi
         types,
         windows,
     )
-    return full.keep(range(n))  # drops what sliding-window layers can no longer see
+    return full.keep(range(n)) if drop_unreachable else full  # keep(): drops what sliding windows can no longer see
 
 
 def _masks(prefix: PrefixCache, valid: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:

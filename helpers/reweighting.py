@@ -50,7 +50,8 @@ import torch
 import torch.nn.functional as F
 
 from .attention import Reweight, intervene
-from .prompts import Prompt, build_prompt, collate, label_head, label_token_ids, target_logits
+from .prefix import PrefixCache, build_prefix, split_prompts, suffix_logits
+from .prompts import Prompt, build_prompt, collate, label_head, label_token_ids, target_label_logits, target_logits
 from .runs import Profile, cached_run, settings_of
 from .tasks import Task, TaskData, sample_fixed_demonstrations, subsample_test
 
@@ -58,7 +59,7 @@ __all__ = [
     "reweighting_seeds",
     "EXPERIMENT", "METHODS", "METHOD_TITLES", "CONTENT_FREE", "TrainConfig", "many_shots", "n_parameters",
     "class_positions", "random_positions", "positions_tensor", "evaluate", "prefix_states", "cached_step",
-    "full_step", "label_head", "shared_prefix_length", "prefix_kv", "continued_label_logits", "train_beta", "train_bias", "contextual_calibration", "bias_calibration", "SeedSetup",
+    "full_step", "label_head", "demonstration_prefix", "continued_label_logits", "train_beta", "train_bias", "contextual_calibration", "bias_calibration", "SeedSetup",
     "seed_setup", "reweighting_run", "reweighting_runs", "n_test_of", "measure", "PAPER_TABLE1", "correctness", "available_seeds",
     "accuracy", "difference", "best_control", "cost_table",
 ]
@@ -142,66 +143,26 @@ def positions_tensor(prompts: Sequence[Prompt], positions: Callable[[Prompt], li
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def shared_prefix_length(prompts: Sequence[Prompt]) -> int:
-    """Length of the token prefix that all ``prompts`` share (their demonstrations), kept before every target."""
-    first = prompts[0].input_ids
-    n = min(p.target for p in prompts)  # at least the target itself is left to run
-    for p in prompts[1:]:
-        ids = p.input_ids
-        k = 0
-        while k < n and ids[k] == first[k]:
-            k += 1
-        n = k
-    return n
+def demonstration_prefix(model, prompts: Sequence[Prompt]) -> tuple[PrefixCache, list[int]]:
+    """The demonstrations the prompts share, run once (:func:`helpers.prefix.build_prefix`, every entry kept so that
+    a key's column is its position), and the indices of the prompts that continue it (the others run in full)."""
+    split = split_prompts(prompts)
+    if not split.shared:
+        return None, []
+    return build_prefix(model, split.ids, drop_unreachable=False), list(split.shared)
 
 
-KV = list[tuple[torch.Tensor, torch.Tensor]]
-
-
-def prefix_kv(model, input_ids: Sequence[int], start: KV | None = None) -> KV:
-    """Keys and values of every layer for ``input_ids`` (batch 1, no gradient), continuing ``start`` if given.
-
-    The cache has only full (non-sliding) layers, so keys stay at their absolute positions (the model's mask still
-    applies its sliding windows).
-    """
-    from transformers import DynamicCache
-
-    device = next(model.parameters()).device
-    cache = DynamicCache(ddp_cache_data=start) if start else DynamicCache()
-    past = start[0][0].shape[-2] if start else 0
-    ids = torch.tensor([list(input_ids)], device=device)
-    with torch.no_grad():
-        model.base_model(input_ids=ids, past_key_values=cache, use_cache=True,
-                         position_ids=torch.arange(past, past + ids.shape[1], device=device)[None])
-    return [(layer.keys.detach(), layer.values.detach()) for layer in cache.layers]
-
-
-def continued_label_logits(model, prompts: Sequence[Prompt], start: KV, label_ids: Sequence[int],
-                           hook: Reweight | None = None) -> torch.Tensor:
-    """Label logits (B, C) at each target, running only the tokens after the shared prefix ``start`` (batched).
-
-    The prompts' remaining tokens are padded on the right; the cache of the shared prefix is expanded to the batch.
-    """
-    from transformers import DynamicCache
-
-    device = next(model.parameters()).device
-    n0 = start[0][0].shape[-2]
+def continued_label_logits(model, prompts: Sequence[Prompt], start: PrefixCache, label_ids: Sequence[int],
+                           hook: Reweight | None = None, pad_id: int = 0) -> torch.Tensor:
+    """Label logits (B, C) at each target, running only the tokens after the cached ``start`` (one batch over
+    :func:`helpers.prefix.suffix_logits`), with ``hook`` active on those tokens."""
+    n0 = start.length
     if any(p.target < n0 for p in prompts):
         raise ValueError(f"a target lies inside the cached prefix of {n0} tokens: nothing left to run")
-    rest = [p.input_ids[n0:] for p in prompts]
-    b, t = len(prompts), max(len(r) for r in rest)
-    ids = torch.zeros(b, t, dtype=torch.long)
-    mask = torch.ones(b, n0 + t, dtype=torch.long)
-    for i, r in enumerate(rest):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, n0 + len(r):] = 0
-    cache = DynamicCache(ddp_cache_data=[(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in start])
-    position_ids = torch.arange(n0, n0 + t, device=device)[None].expand(b, -1)
+    if any(p.target != len(p) - 1 for p in prompts):
+        raise ValueError("a prompt does not end at its target q")
     with intervene(hook) if hook is not None else contextlib.nullcontext():
-        hidden = model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device), past_key_values=cache,
-                                  use_cache=True, position_ids=position_ids).last_hidden_state
-    rows = torch.tensor([p.target - n0 for p in prompts], device=device)
-    return label_head(model, hidden[torch.arange(b, device=device), rows], label_ids)
+        return suffix_logits(model, start, [p.input_ids[n0:] for p in prompts], pad_id, label_ids=label_ids)
 
 
 def evaluate(lm, task: Task, prompts: Sequence[Prompt], beta: torch.Tensor | None = None,
@@ -219,31 +180,34 @@ def evaluate(lm, task: Task, prompts: Sequence[Prompt], beta: torch.Tensor | Non
         raise ValueError("beta needs the positions it acts on")
     label_ids = list(label_token_ids(task, lm.tokenizer))
     model = lm.model
-    start = prefix_kv(model, prompts[0].input_ids[: shared_prefix_length(prompts)]) if shared_prefix else None
-    out = []
-    for first in tqdm(range(0, len(prompts), batch_size), desc=desc or f"evaluate {task.name}",
-                      disable=not progress, leave=False):
-        chunk = list(prompts[first : first + batch_size])
+    start, shared = demonstration_prefix(model, prompts) if shared_prefix else (None, [])
+    apart = [i for i in range(len(prompts)) if i not in set(shared)]
+    out = np.zeros((len(prompts), len(label_ids)), dtype=np.float32)
+    runs = [(True, shared[i : i + batch_size]) for i in range(0, len(shared), batch_size)]
+    runs += [(False, apart[i : i + batch_size]) for i in range(0, len(apart), batch_size)]
+    for cached, idx in tqdm(runs, desc=desc or f"evaluate {task.name}", disable=not progress, leave=False):
+        chunk = [prompts[i] for i in idx]
         targets = torch.tensor([p.target for p in chunk])
         hook = None if beta is None else Reweight(beta.detach(), targets, positions_tensor(chunk, positions))
         with torch.no_grad():
-            if shared_prefix:
-                logits = continued_label_logits(model, chunk, start, label_ids, hook)
+            if cached:
+                logits = continued_label_logits(model, chunk, start, label_ids, hook, lm.tokenizer.pad_token_id)
             else:
                 batch = collate(chunk, lm.tokenizer.pad_token_id)
                 with intervene(hook) if hook is not None else contextlib.nullcontext():
-                    logits = target_logits(model, batch)[:, label_ids]
-        out.append(logits.float().cpu().numpy())
-    return np.concatenate(out)
+                    logits = target_label_logits(model, batch, label_ids)
+        out[idx] = logits.float().cpu().numpy()
+    return out
 
 
-def prefix_states(model, prompt: Prompt, start: KV | None = None) -> KV:
-    """Keys and values of the prompt's tokens before q (no gradient; independent of beta), continuing ``start``."""
-    n0 = start[0][0].shape[-2] if start else 0
-    return prefix_kv(model, prompt.input_ids[n0 : prompt.target], start)
+def prefix_states(model, prompt: Prompt, start: PrefixCache | None = None) -> PrefixCache:
+    """Keys and values of the prompt's tokens before q (no gradient; independent of beta), continuing ``start``
+    (the shared demonstrations) if given: :func:`helpers.prefix.build_prefix`."""
+    n0 = start.length if start is not None else 0
+    return build_prefix(model, prompt.input_ids[n0 : prompt.target], start=start, drop_unreachable=False)
 
 
-def cached_step(model, prompt: Prompt, prefix: KV, beta: torch.Tensor, positions: list[list[int]],
+def cached_step(model, prompt: Prompt, prefix: PrefixCache, beta: torch.Tensor, positions: list[list[int]],
                 label_ids: Sequence[int]) -> torch.Tensor:
     """Label-restricted logits (C,) at q, running only token q on top of :func:`prefix_states`, beta applied.
 
@@ -294,8 +258,8 @@ def train_beta(lm, task: Task, train_prompts: Sequence[Prompt], positions: Calla
     gold = [p.label for p in train_prompts]
     pos = [positions(p) for p in train_prompts]
     t0 = time.perf_counter()
-    shared = prefix_kv(model, train_prompts[0].input_ids[: shared_prefix_length(train_prompts)])
-    prefixes = [prefix_states(model, p, shared) for p in train_prompts]
+    shared, sharing = demonstration_prefix(model, train_prompts)
+    prefixes = [prefix_states(model, p, shared if i in sharing else None) for i, p in enumerate(train_prompts)]
     prefix_s = time.perf_counter() - t0
     beta = torch.zeros(lm.n_layers, lm.n_heads, n_classes, device=next(model.parameters()).device,
                        requires_grad=True)

@@ -14,10 +14,11 @@ from conftest import TINY_FAMILIES
 from helpers import attention
 from helpers.attention import Record, Reweight, intervene
 from helpers.prompts import Prompt, collate, label_token_ids, target_logits
+from helpers.prefix import build_prefix
 from helpers.reweighting import (
     METHODS, TrainConfig, bias_calibration, cached_step, class_positions, contextual_calibration,
-    continued_label_logits, evaluate, full_step, label_head, many_shots, n_parameters, prefix_kv, prefix_states,
-    random_positions, seed_setup, shared_prefix_length, train_beta, train_bias,
+    continued_label_logits, evaluate, full_step, label_head, many_shots, n_parameters, prefix_states,
+    random_positions, seed_setup, demonstration_prefix, train_beta, train_bias,
 )
 from helpers.tasks import TASKS, load_task, sample_fixed_demonstrations, subsample_test
 
@@ -138,9 +139,8 @@ def test_cached_step_equals_full_step_loss_and_gradient(model):
     prompts = _toy_prompts()
     L, H = _dims(model)
     beta = (0.5 * torch.randn(L, H, 3, generator=torch.Generator().manual_seed(2))).requires_grad_()
-    n0 = shared_prefix_length(prompts)
-    assert n0 == 12
-    shared = prefix_kv(model, prompts[0].input_ids[:n0])
+    shared, sharing = demonstration_prefix(model, prompts)
+    assert shared.length == 12 and sharing == [0, 1, 2]
     for p in prompts:
         pos = class_positions(p, 3)
         full = full_step(model, p, beta, pos, LABELS)
@@ -174,7 +174,7 @@ def test_continued_logits_need_the_target_after_the_prefix(tiny_models):
     model = tiny_models("llama")
     attention.enable(model, "anchors")
     p = _toy_prompts()[0]
-    start = prefix_kv(model, p.input_ids[: p.target + 1])  # the target inside the cache: nothing left to run
+    start = build_prefix(model, p.input_ids[: p.target + 1])  # the target inside the cache: nothing left to run
     with pytest.raises(ValueError, match="inside the cached prefix"):
         continued_label_logits(model, [p], start, LABELS)
 
