@@ -1,7 +1,18 @@
-"""Benchmarks (commands, not tests): how much faster is answering from the anchors alone?
+"""Benchmarks (commands, not tests).
 
-    python -m helpers.bench compression --model gemma-3-270m
+    python -m helpers.bench speed --model gemma-3-270m          # shared-prefix execution vs the old path (issue 12)
+    python -m helpers.bench compression --model gemma-3-270m    # how much faster is answering from the anchors?
     python -m helpers.bench forward-cost --model gemma-3-270m   # why batch 1 stays below the token ceiling
+
+``speed``: per experiment (isolation, extraction, saliency) and task, the per-prompt cost of the current path and
+of the old one (full prompts; full-vocabulary logits; saliency in fixed batches of 4 in input order), timed in one
+process on the same prompts, one thread, repetitions interleaved (the order rotates), a warm-up excluded; median and
+min over repetitions. Each is also set against its floor: isolation and extraction against one plain forward pass
+per condition at the prompt's real length (batch 1, no hooks); saliency against one forward pass plus the backward
+pass to the input embeddings at the real length (batch 1). The results of the two paths are compared (predictions
+and top-10 identical; attention and saliency to 1e-5 relative). Output: ``results/speed-bench/<model>.json``.
+
+``compression``:
 
 For each task (seed 42, one demonstration per class, the same test examples for every mode) three ways of answering
 each query are timed, in one process, one thread, at batch 1 (as the paper's timing) and with batches of 8 queries
@@ -212,7 +223,7 @@ def bench_path(model: str, write: bool = False) -> Path:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["compression", "forward-cost"])
+    parser.add_argument("what", choices=["speed", "compression", "forward-cost"])
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--tasks", nargs="*", default=list(TASKS))
     parser.add_argument("--n", type=int, default=16, help="test examples per task")
@@ -224,6 +235,12 @@ def main(argv=None) -> None:
     parser.add_argument("--sweep-reps", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.what == "speed":
+        from .speed import bench_speed, speed_path
+
+        tasks = args.tasks if args.tasks != list(TASKS) else ["sst2", "agnews"]
+        bench_speed(args.model, tasks, n=args.n, reps=args.reps, out=args.out or speed_path(args.model, write=True))
+        return
     if args.what == "forward-cost":
         path = args.out or bench_path(args.model, write=True).with_name(f"{args.model.replace('/', '--')}-forward-cost.json")
         r = forward_cost(args.model, reps=args.reps, out=path)
