@@ -6,7 +6,6 @@ The old paths are kept here, only as the benchmark's reference: isolation and ex
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -163,14 +162,9 @@ def speed_path(model: str, write: bool = False) -> Path:
     return results_dir() / rel
 
 
-def _write(path: Path, result: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, path)
-
-
 def bench_speed(model: str, tasks, n: int, reps: int, out: Path) -> dict:
+    from .bench import _write
+
     torch.set_num_threads(1)
     lm = load_model(model)
     result = {"model": model, "threads": torch.get_num_threads(), "torch": torch.__version__,

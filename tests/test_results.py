@@ -24,9 +24,9 @@ BOOK_MODELS = {"aggregation": ("gemma-3-270m",), "extraction": ("gemma-3-270m", 
 SLICE = 4  # examples recomputed per (experiment, model, task)
 
 
-# Committed folders that are not run-cache results (the compression benchmark's timings; checked in
+# Committed folders that are not run-cache results (the benchmarks' timings; checked in tests/test_speed_bench.py and
 # tests/test_compression_results.py::test_bench_file_is_consistent).
-NOT_RUN_CACHE = {"compression-bench"}
+NOT_RUN_CACHE = {"compression-bench", "speed-bench"}
 
 
 def _infos() -> list[tuple[Path, dict]]:
