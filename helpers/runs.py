@@ -333,6 +333,15 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
             os.unlink(tmp)
 
 
+def _torch_threads() -> int | None:
+    try:
+        import torch
+
+        return torch.get_num_threads()
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return None
+
+
 def save_result(path: Path, result: dict[str, np.ndarray], info: dict) -> None:
     """Write ``path`` (.npz) and its ``.json`` atomically."""
     _atomic_write(path, lambda p: np.savez_compressed(p, **result))
@@ -390,10 +399,13 @@ def cached_run(
     if root not in _CLEANED:
         clean_stale_temporaries(root)
         _CLEANED.add(root)
+    wall, cpu = time.perf_counter(), time.process_time()
     result = {k: np.asarray(v) for k, v in compute().items()}
+    cost = {"wall_s": round(time.perf_counter() - wall, 2), "cpu_s": round(time.process_time() - cpu, 2),
+            "threads": _torch_threads()}  # what this run cost (not part of the key)
     check_finite(result, allow_nan, what=f"{experiment} result for {fields['model'].get('name')} / {fields['task']}")
     save_result(target, result, {"format": 2, "key": rel.stem.rsplit("__", 1)[1], "allow_nan": sorted(allow_nan),
-                                 **fields})
+                                 **fields, "cost": cost})
     return result
 
 
