@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["PrefixCache", "build_prefix", "suffix_logits", "layer_windows", "split_prompts", "SharedPrefix",
-           "key_positions", "to_original_positions"]
+           "key_positions", "to_original_positions", "shared_count"]
 
 
 def layer_windows(model) -> tuple[tuple[str, ...], tuple[int | None, ...]]:
@@ -302,3 +302,13 @@ def split_prompts(prompts: Sequence) -> SharedPrefix:
     if not ids:
         return SharedPrefix((), (), tuple(range(len(prompts))))
     return SharedPrefix(ids, shared, apart)
+
+
+def shared_count(results) -> str:
+    """``"1280 of 1280"``: how many examples of some runs' results (dicts with a ``shared_prefix`` flag per example)
+    ran as suffixes over their seed's shared demonstrations; the others fell back to full prompts."""
+    flags = [r["shared_prefix"] for r in results if r is not None and "shared_prefix" in r]
+    if not flags:
+        return "none recorded"
+    total = sum(len(f) for f in flags)
+    return f"{int(sum(int(f.sum()) for f in flags))} of {total}"
