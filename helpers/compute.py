@@ -10,6 +10,7 @@ repository's committed ``results/`` instead (a source checkout only), to refresh
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import time
 
@@ -33,7 +34,7 @@ def main(argv=None) -> None:
     parser.add_argument("--into-committed", action="store_true",
                         help="write into the repository's committed results/ (maintainers refreshing the book)")
     parser.add_argument("--seeds", type=int, nargs="*", default=None,
-                        help="reweighting, diagnosis: only these seeds of the profile")
+                        help="only these seeds of the profile (runs are per seed, so processes can split a chapter)")
     args = parser.parse_args(argv)
     if args.into_committed:
         committed = REPO_ROOT / "results"
@@ -44,6 +45,11 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     lm = load_model(args.model)
     profile = PROFILES[args.profile]
+    if args.seeds and args.chapter in ("aggregation", "extraction"):
+        unknown = set(args.seeds) - set(profile.seeds)
+        if unknown:
+            parser.error(f"seeds {sorted(unknown)} are not in the {profile.name} profile {profile.seeds}")
+        profile = dataclasses.replace(profile, seeds=tuple(args.seeds))  # a run's key does not hold the seed list
     if args.chapter == "reweighting":  # seed-major, so that whole seeds finish first
         from .reweighting import reweighting_runs, reweighting_seeds
 
