@@ -39,7 +39,9 @@ from .tasks import Example, Task, TaskData, get_task
 
 __all__ = ["REGIMES", "ABSTRACT_WORDS", "RANDOM_LABEL_SEED", "MeaningConfig", "CONFIGS", "with_label_words",
            "flip_permutation", "regime_task", "regime_data", "regime_of", "base_name", "attention_runs",
-           "isolation_runs", "saliency_runs", "agreement_estimates", "shown_word_rate"]
+           "isolation_runs", "saliency_runs", "agreement_estimates", "shown_word_rate", "compute_chapter",
+           "SEVERAL_SHOTS", "SIGNATURES", "isolation_gap", "loyalties", "deep_flow_gap", "crossover", "signatures",
+           "holds", "verdict"]
 
 REGIMES = ("natural", "abstract", "flipped", "random")
 ABSTRACT_WORDS = (" A", " B", " C", " D", " E", " F")
@@ -281,3 +283,86 @@ def compute_chapter(lm, datas: dict[str, TaskData], config: MeaningConfig | str,
         for r in regimes:
             step("isolation", isolation_runs, by[name, r], 1)
             step("saliency", saliency_runs, by[name, r], 1)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The anchor signatures of a regime, and a verdict: position or meaning
+# --------------------------------------------------------------------------------------------------------------------
+
+SIGNATURES = ("shallow isolation", "deep flow", "deep AUCROC")
+
+
+def isolation_gap(per_seed: Sequence[dict[str, np.ndarray]], k: int = 5) -> Estimate:
+    """Label loyalty after isolating the label words in the last k layers minus in the first k (points, paired over
+    the same examples). > 0: cutting the label words off from their text matters more in shallow layers (§2.2)."""
+    from .aggregation import loyalty_difference
+
+    return loyalty_difference(per_seed, f"label-last-{k}", f"label-first-{k}")
+
+
+def loyalties(per_seed: Sequence[dict[str, np.ndarray]], k: int = 5) -> dict[str, Estimate]:
+    """Label loyalty (%) with the label words isolated in the first k and in the last k layers."""
+    from .aggregation import loyalty_per_example
+
+    return {where: mean_estimate([loyalty_per_example(r, f"label-{where}-{k}")["label loyalty"] for r in per_seed])
+            for where in ("first", "last")}
+
+
+def deep_flow_gap(flows: Sequence[np.ndarray], share: float = 1 / 3) -> Estimate:
+    """S_pq - S_wp (normalised per layer, §2.1) averaged over the last ``share`` of the layers: > 0 where the target
+    reads from the label words more than the label words read from the text."""
+    from .aggregation import gap_over_layers
+
+    n_layers = flows[0].shape[-1]
+    first = n_layers - max(1, int(round(n_layers * share))) + 1
+    return gap_over_layers(flows, first, n_layers)
+
+
+def crossover(flows: Sequence[np.ndarray]) -> int | None:
+    """The first layer (1-based) where S_pq exceeds S_wp in the paper's aggregated curves; ``None``: never."""
+    from .aggregation import crossover_layer, flow_curves
+
+    layer = crossover_layer(flow_curves(flows))
+    return None if layer is None else layer + 1
+
+
+def signatures(attention: Sequence[dict[str, np.ndarray]] | None, isolation: Sequence[dict[str, np.ndarray]] | None,
+               flows: Sequence[np.ndarray] | None, k: int = 5) -> dict[str, Estimate]:
+    """The three anchor signatures the paper reports, each an Estimate whose null is 0 (or 0.5 for the AUC):
+    ``shallow isolation`` (:func:`isolation_gap`), ``deep flow`` (:func:`deep_flow_gap`), ``deep AUCROC`` (mean
+    AUCROC_l over the last third of the layers, :func:`helpers.extraction.deep_auc_estimate`). Missing inputs are
+    left out."""
+    from .extraction import deep_auc_estimate
+
+    out = {}
+    if isolation is not None:
+        out["shallow isolation"] = isolation_gap(isolation, k)
+    if flows is not None:
+        out["deep flow"] = deep_flow_gap(flows)
+    if attention is not None:
+        out["deep AUCROC"] = deep_auc_estimate(attention)
+    return out
+
+
+NULLS = {"shallow isolation": 0.0, "deep flow": 0.0, "deep AUCROC": 0.5}
+
+
+def holds(name: str, estimate: Estimate) -> bool:
+    """A signature holds when its whole 95% interval lies on the anchor side of its null."""
+    return bool(estimate.low > NULLS[name])
+
+
+def verdict(regime: dict[str, Estimate], natural: dict[str, Estimate]) -> str:
+    """Position or meaning, from the signatures that hold with the natural words (the reference):
+
+    * ``position`` - every signature that holds with the natural words also holds in the regime;
+    * ``meaning`` - none of them holds in the regime;
+    * ``inconclusive`` - some do, some do not, or none holds with the natural words either.
+    """
+    reference = [name for name, e in natural.items() if name in regime and holds(name, e)]
+    if not reference:
+        return "inconclusive"
+    kept = [name for name in reference if holds(name, regime[name])]
+    if len(kept) == len(reference):
+        return "position"
+    return "meaning" if not kept else "inconclusive"

@@ -279,3 +279,42 @@ def test_committed_meaning_slice(offline_model, datas):
             prompts = make_prompts(lm, data, s["seed"], s["n_test"], s["shots"], per_example=True)[:2]
             fresh = saliency_flow(lm, data.task, prompts, batch_size=2, progress=False)
             np.testing.assert_allclose(fresh, committed["flows"][:2], rtol=1e-3, atol=1e-9)
+
+
+def _est(value, low, high):
+    from helpers.stats import Estimate
+
+    return Estimate(value, low, high, 10, 1, np.array([value]))
+
+
+def test_verdict_rules():
+    from helpers.meaning import holds, verdict
+
+    yes = {"shallow isolation": _est(30, 10, 50), "deep AUCROC": _est(0.7, 0.6, 0.8)}
+    assert holds("deep AUCROC", yes["deep AUCROC"]) and not holds("deep AUCROC", _est(0.6, 0.45, 0.7))
+    no = {"shallow isolation": _est(2, -5, 9), "deep AUCROC": _est(0.5, 0.4, 0.6)}
+    mixed = {"shallow isolation": _est(30, 10, 50), "deep AUCROC": _est(0.5, 0.4, 0.6)}
+    assert verdict(yes, yes) == "position"
+    assert verdict(no, yes) == "meaning"
+    assert verdict(mixed, yes) == "inconclusive"
+    assert verdict(yes, no) == "inconclusive"  # the natural words show no signature: nothing to compare with
+    # only the signatures measured in both count
+    assert verdict({"deep AUCROC": _est(0.7, 0.6, 0.8)}, yes) == "position"
+
+
+def test_signatures_on_constructed_runs():
+    from helpers.meaning import crossover, deep_flow_gap, isolation_gap, loyalties
+
+    n = 40
+    base = np.zeros(n, dtype=int)
+    run = {"none/pred": base, "label-first-5/pred": np.r_[np.ones(n // 2, int), np.zeros(n // 2, int)],
+           "label-last-5/pred": base, "none/top": np.zeros((n, 10), int),
+           "label-first-5/top": np.zeros((n, 10), int), "label-last-5/top": np.zeros((n, 10), int)}
+    lo = loyalties([run])
+    assert lo["first"].value == 50 and lo["last"].value == 100
+    assert isolation_gap([run]).value == pytest.approx(50)
+    flows = np.ones((n, 3, 6))
+    flows[:, 0, :3] = 5  # S_wp leads in layers 1-3
+    flows[:, 1, 3:] = 5  # S_pq from layer 4
+    assert crossover([flows]) == 4
+    assert deep_flow_gap([flows]).value > 0
