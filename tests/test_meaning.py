@@ -298,6 +298,7 @@ def test_verdict_rules():
     assert verdict(no, yes) == "meaning"
     assert verdict(mixed, yes) == "inconclusive"
     assert verdict(yes, no) == "inconclusive"  # the natural words show no signature: nothing to compare with
+    assert verdict(no, yes, one_class=True) == "inconclusive"  # no in-context mapping to anchor
     # only the signatures measured in both count
     assert verdict({"deep AUCROC": _est(0.7, 0.6, 0.8)}, yes) == "position"
 
@@ -318,3 +319,14 @@ def test_signatures_on_constructed_runs():
     flows[:, 1, 3:] = 5  # S_pq from layer 4
     assert crossover([flows]) == 4
     assert deep_flow_gap([flows]).value > 0
+
+
+def test_verdict_page_row_reads_the_committed_results():
+    """The Appendix F.2 row of the verdict page is computed from committed meaning-* results, not typed."""
+    from helpers import verdicts
+
+    f = verdicts.FINDINGS["anchors-without-meaning"]
+    assert f.chapter == "book/meaningless-labels" and not f.planned
+    measured, verdict = verdicts.evaluate(f, "gemma-3-270m")
+    assert measured is not None and verdict != verdicts.NOT_YET_RUN
+    assert "83.0%" in measured.note and measured.support["accuracy"].n_seeds == 3
