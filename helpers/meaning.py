@@ -386,6 +386,10 @@ class Scope:
     tasks: tuple[str, ...] = ("sst2", "trec", "agnews", "emoc")
     analysis_tasks: tuple[str, ...] = ("sst2",)
     several_tasks: tuple[str, ...] = ("sst2",)
+    several_seeds: tuple[int, ...] | None = None  # seeds of the several-per-class runs (None: ``seeds``)
+
+    def seeds_for(self, shots: int) -> tuple[int, ...]:
+        return self.seeds if shots == 1 or self.several_seeds is None else self.several_seeds
 
 
 # The committed book results (sized to the shared 2-core CPU; see the chapter's "Differences from the paper").
@@ -426,7 +430,8 @@ def chapter_runs(model: str, datas: dict[str, TaskData], config: MeaningConfig |
     out: dict = {kind: {} for kind in functions}
     missing = []
     for kind, task, r, shots in plan:
-        got = functions[kind](key, regime_datas[task, r], config, shots=shots, seeds=scope.seeds, lookup_only=True)
+        got = functions[kind](key, regime_datas[task, r], config, shots=shots, seeds=scope.seeds_for(shots),
+                              lookup_only=True)
         if any(x is None for x in got):
             missing.append((kind, task, r, shots))
         else:
@@ -437,7 +442,7 @@ def chapter_runs(model: str, datas: dict[str, TaskData], config: MeaningConfig |
         lm = load_model(model, device=device)
         for kind, task, r, shots in missing:
             out[kind][task, r, shots] = functions[kind](lm, regime_datas[task, r], config, shots=shots,
-                                                       seeds=scope.seeds)
+                                                       seeds=scope.seeds_for(shots))
     return out
 
 
@@ -457,8 +462,11 @@ def abstract_anchor_finding(model: str, profile) -> "object | None":
     scope = scope_of(model, config)
     key = ModelKey.of(model)
     data = regime_data(load_task(MAIN_TASK), "abstract")
-    iso = isolation_runs(key, data, config, shots=SEVERAL_SHOTS, seeds=scope.seeds, lookup_only=True)
-    att = attention_runs(key, data, config, shots=SEVERAL_SHOTS, seeds=scope.seeds, lookup_only=True)
+    if MAIN_TASK not in scope.several_tasks:
+        return None
+    seeds = scope.seeds_for(SEVERAL_SHOTS)
+    iso = isolation_runs(key, data, config, shots=SEVERAL_SHOTS, seeds=seeds, lookup_only=True)
+    att = attention_runs(key, data, config, shots=SEVERAL_SHOTS, seeds=seeds, lookup_only=True)
     if any(r is None for r in iso + att):
         return None
     gap = isolation_gap(iso, config.isolation_k)
