@@ -23,7 +23,7 @@ from .tasks import TASKS, load_task
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("chapter", choices=["aggregation", "extraction", "reweighting", "diagnosis", "compression"])
+    parser.add_argument("chapter", choices=["aggregation", "extraction", "reweighting", "diagnosis", "compression", "meaning"])
     parser.add_argument("--profile", default="book", choices=sorted(PROFILES))
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--tasks", nargs="*", default=list(TASKS))
@@ -33,6 +33,8 @@ def main(argv=None) -> None:
     parser.add_argument("--sweep", action="store_true", help="compression: run the shots sweep (instead of Table 2)")
     parser.add_argument("--into-committed", action="store_true",
                         help="write into the repository's committed results/ (maintainers refreshing the book)")
+    parser.add_argument("--analyses-tasks", nargs="*", default=None,
+                        help="meaning: tasks besides SST-2 that also get isolation and saliency")
     parser.add_argument("--seeds", type=int, nargs="*", default=None,
                         help="only these seeds of the profile (runs are per seed, so processes can split a chapter)")
     args = parser.parse_args(argv)
@@ -50,6 +52,17 @@ def main(argv=None) -> None:
         if unknown:
             parser.error(f"seeds {sorted(unknown)} are not in the {profile.name} profile {profile.seeds}")
         profile = dataclasses.replace(profile, seeds=tuple(args.seeds))  # a run's key does not hold the seed list
+    if args.chapter == "meaning":  # importance-major (see helpers.meaning.compute_chapter); its own sizes
+        from dataclasses import replace
+
+        from .meaning import CONFIGS, compute_chapter
+
+        config = CONFIGS[args.profile]
+        if args.seeds:  # a subset of the seeds (the keys of each seed's runs do not depend on the others)
+            config = replace(config, seeds=tuple(args.seeds))
+        compute_chapter(lm, {name: load_task(name) for name in args.tasks}, config,
+                        analyses_tasks=args.analyses_tasks, log=lambda s: print(s, flush=True))
+        return
     if args.chapter == "reweighting":  # seed-major, so that whole seeds finish first
         from .reweighting import reweighting_runs, reweighting_seeds
 

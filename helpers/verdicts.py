@@ -464,6 +464,12 @@ def confusion_rule(m: Measured) -> str:
     return PARTLY if m.estimate.value > 0 else NOT_REPRODUCED
 
 
+def _meaning_finding(model: str, profile: Profile) -> Measured | None:
+    from .meaning import abstract_anchor_finding
+
+    return abstract_anchor_finding(model, profile)
+
+
 _CHAPTER_FINDINGS = {  # plugged in below, once register() exists
     "reweighting-gain": dict(compute=reweighting_gain, rule=None, chapter="book/reweighting", anchor=""),
     "reweighting-vs-controls": dict(compute=reweighting_vs_controls, rule=None, chapter="book/reweighting",
@@ -471,6 +477,8 @@ _CHAPTER_FINDINGS = {  # plugged in below, once register() exists
     "compression-speedup": dict(compute=compression_speedup, rule=faster, chapter="book/compression", anchor=""),
     "compression-loyalty": dict(compute=compression_loyalty, rule=keeps_most, chapter="book/compression", anchor=""),
     "diagnosis": dict(compute=diagnosis_trec, rule=confusion_rule, chapter="book/diagnosis", anchor=""),
+    "anchors-without-meaning": dict(compute=lambda model, profile: _meaning_finding(model, profile), rule=None,
+                                    chapter="book/meaningless-labels", anchor="fig-meaning-iso"),
 }
 
 
