@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import Reweight, intervene
-from .prefix import PrefixCache, build_prefix, split_prompts, suffix_logits
+from .prefix import PrefixCache, build_prefix, layer_windows, split_prompts, suffix_logits
 from .prompts import Prompt, build_prompt, collate, label_head, label_token_ids, target_label_logits, target_logits
 from .runs import Profile, cached_run, settings_of
 from .tasks import Task, TaskData, sample_fixed_demonstrations, subsample_test
@@ -59,7 +59,7 @@ __all__ = [
     "reweighting_seeds",
     "EXPERIMENT", "METHODS", "METHOD_TITLES", "CONTENT_FREE", "TrainConfig", "many_shots", "n_parameters",
     "class_positions", "random_positions", "positions_tensor", "evaluate", "prefix_states", "cached_step",
-    "full_step", "label_head", "demonstration_prefix", "continued_label_logits", "train_beta", "train_bias", "contextual_calibration", "bias_calibration", "SeedSetup",
+    "full_step", "label_head", "demonstration_prefix", "shared_prefix_length", "prefix_kv", "KV", "continued_label_logits", "train_beta", "train_bias", "contextual_calibration", "bias_calibration", "SeedSetup",
     "seed_setup", "reweighting_run", "reweighting_runs", "n_test_of", "measure", "PAPER_TABLE1", "correctness", "available_seeds",
     "accuracy", "difference", "best_control", "cost_table",
 ]
@@ -141,6 +141,36 @@ def positions_tensor(prompts: Sequence[Prompt], positions: Callable[[Prompt], li
 # --------------------------------------------------------------------------------------------------------------------
 # Evaluation (batched) and the training step
 # --------------------------------------------------------------------------------------------------------------------
+
+
+def shared_prefix_length(prompts: Sequence[Prompt]) -> int:
+    """Length of the token prefix that all ``prompts`` share, kept before every target."""
+    first = prompts[0].input_ids
+    n = min(p.target for p in prompts)  # at least the target itself is left to run
+    for p in prompts[1:]:
+        k = 0
+        while k < n and p.input_ids[k] == first[k]:
+            k += 1
+        n = k
+    return n
+
+
+KV = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def prefix_kv(model, input_ids: Sequence[int], start: KV | None = None) -> KV:
+    """Keys and values of every layer for ``input_ids`` (batch 1, no gradient), continuing the plain (key, value)
+    list ``start`` if given (e.g. a learned prefix, :mod:`helpers.tuning`): :func:`helpers.prefix.build_prefix`
+    with every entry kept, returned as a list of (key, value) per layer."""
+    cache = None
+    if start:
+        n0 = start[0][0].shape[-2]
+        types, windows = layer_windows(model)
+        device = start[0][0].device
+        cache = PrefixCache(tuple(k for k, _ in start), tuple(v for _, v in start),
+                            tuple(torch.arange(n0, device=device) for _ in start), n0, types, windows)
+    out = build_prefix(model, input_ids, start=cache, drop_unreachable=False)
+    return [(k.detach(), v.detach()) for k, v in zip(out.keys, out.values)]
 
 
 def demonstration_prefix(model, prompts: Sequence[Prompt]) -> tuple[PrefixCache, list[int]]:

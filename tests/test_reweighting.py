@@ -411,3 +411,18 @@ def test_accuracy_and_paired_difference_on_constructed_runs():
     runs["trec"]["random"] = [res([0, 0, 0, 0], [1, 2, 3, 9])]
     with pytest.raises(ValueError, match="same test examples"):
         correctness(runs, "random", "trec")
+
+
+def test_prefix_kv_continues_a_plain_key_value_list(model):
+    """prefix_kv (plain (key, value) lists, as the tuning chapter's learned prefixes use) equals one pass over the
+    whole sequence: the continued keys are those of the full sequence."""
+    from helpers.reweighting import prefix_kv
+
+    ids = _toy_prompts()[0].input_ids
+    whole = prefix_kv(model, ids)
+    start = prefix_kv(model, ids[:7])
+    continued = prefix_kv(model, ids[7:], start=start)
+    assert len(continued) == len(whole)
+    for (k1, v1), (k2, v2) in zip(continued, whole):
+        torch.testing.assert_close(k1, k2, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(v1, v2, rtol=1e-5, atol=1e-5)
