@@ -22,7 +22,7 @@ from .tasks import TASKS, load_task
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("chapter", choices=["aggregation", "extraction", "reweighting", "diagnosis", "compression"])
+    parser.add_argument("chapter", choices=["aggregation", "extraction", "reweighting", "diagnosis", "compression", "tuning"])
     parser.add_argument("--profile", default="book", choices=sorted(PROFILES))
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--tasks", nargs="*", default=list(TASKS))
@@ -34,6 +34,8 @@ def main(argv=None) -> None:
                         help="write into the repository's committed results/ (maintainers refreshing the book)")
     parser.add_argument("--seeds", type=int, nargs="*", default=None,
                         help="reweighting, diagnosis: only these seeds of the profile")
+    parser.add_argument("--methods", nargs="*", default=None,
+                        help="tuning: only these methods (icl-1, anchor, prompt-m, prefix-m, pez-m), in this order")
     args = parser.parse_args(argv)
     if args.into_committed:
         committed = REPO_ROOT / "results"
@@ -44,6 +46,19 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     lm = load_model(args.model)
     profile = PROFILES[args.profile]
+    if args.chapter == "tuning":  # its own sizes (helpers.tuning.SIZES), seed-major, one file per method
+        from .tuning import SIZES, methods_of, tuning_run
+
+        config = SIZES[args.profile] if args.profile in SIZES else SIZES["book"]
+        for seed in args.seeds or config.seeds:
+            for name in args.tasks:
+                data = load_task(name)
+                for method in args.methods or methods_of(config):
+                    t0 = time.perf_counter()
+                    tuning_run(lm, data, config, seed, method)
+                    print(f"tuning {args.model} {name} seed {seed} {method}: {time.perf_counter() - t0:.0f} s",
+                          flush=True)
+        return
     if args.chapter == "reweighting":  # seed-major, so that whole seeds finish first
         from .reweighting import reweighting_runs
 
