@@ -545,3 +545,54 @@ def tuning_runs(lm, data: TaskData, config: TuningConfig, methods: Sequence[str]
 
 def config_dict(config: TuningConfig) -> dict:
     return asdict(config)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# What the chapter reports (read from the cache; nothing is recomputed with ``compute=False``)
+# --------------------------------------------------------------------------------------------------------------------
+
+Runs = dict  # {method: {seed: result}}
+
+
+def collect(lm, data: TaskData, config: TuningConfig, methods: Sequence[str] | None = None,
+            compute: bool = False, progress: bool = False) -> Runs:
+    """``{method: {seed: result}}``: every (method, seed) in the cache (``compute=False``: never computes; what is
+    missing is absent), or all of them computed."""
+    methods = methods_of(config) if methods is None else tuple(methods)
+    out: Runs = {}
+    for seed in config.seeds:
+        for method in methods:
+            r = tuning_run(lm, data, config, seed, method, progress=progress, lookup_only=not compute)
+            if r is not None:
+                out.setdefault(method, {})[seed] = r
+    return out
+
+
+def accuracy_of(runs: Runs, method: str):
+    """Accuracy in % with its bootstrap interval over the seeds present (an :class:`~helpers.stats.Estimate`)."""
+    from .stats import mean_estimate
+
+    return mean_estimate([np.asarray(r["correct"], float) for _, r in sorted(runs[method].items())]).scaled(100)
+
+
+def gain_over_icl(runs: Runs, method: str):
+    """Paired accuracy difference method - ICL 1-shot in points, on the seeds both have (same test examples)."""
+    from .stats import paired_difference
+
+    seeds = sorted(set(runs[method]) & set(runs["icl-1"]))
+    for s in seeds:
+        if not np.array_equal(runs[method][s]["test_index"], runs["icl-1"][s]["test_index"]):
+            raise ValueError(f"{method} seed {s} was evaluated on other test examples than icl-1")
+    return paired_difference([runs[method][s]["correct"] for s in seeds],
+                             [runs["icl-1"][s]["correct"] for s in seeds]).scaled(100)
+
+
+def first_layer_deviation(runs: Runs, method: str) -> float:
+    """The largest change, over seeds, examples, heads and content positions, of q's first-layer attention
+    renormalised over the content (the theorem's quantity: 0 up to float error for a prefix)."""
+    return float(max(r["att_maxdiff"][:, 0].max() for r in runs[method].values()))
+
+
+def per_layer(runs: Runs, method: str, field: str) -> np.ndarray:
+    """(seeds x examples, L) of an attention-report field averaged over heads."""
+    return np.concatenate([r[f"att_{field}"].mean(-1) for _, r in sorted(runs[method].items())])
