@@ -41,6 +41,7 @@ DEDICATED = {
     "reweighting": ("test_reweighting.py", "test_committed_reweighting_slice"),
     "diagnosis": ("test_results_diagnosis.py", "test_diagnosis_slice"),
     "compression": ("test_compression_results.py", "test_table2_slice"),
+    "tuning": ("test_tuning_results.py", "test_committed_tuning_slice"),
 }
 
 
