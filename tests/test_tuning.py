@@ -282,3 +282,23 @@ def test_peft_prefix_tuning_gives_the_same_logits(tiny_models):
         out = pm(input_ids=torch.tensor([list(p.input_ids)]), output_hidden_states=True)
     theirs = out.logits[0, p.target, LABELS]
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_soft_tokens_after_bos_move_the_first_layer_only_through_positions(tiny_models):
+    """After BOS the content (but BOS) moves m positions away from BOS: rotary attention sees it. With the same
+    soft tokens before everything (a uniform shift) the first layer is exact again (test above)."""
+    model = tiny_models("llama")
+    attention.enable(model, "anchors")
+    lm = SimpleNamespace(model=model)
+    p = _toy_prompt([1, 50, 23, 40], (), (), 3, bos=True)
+    soft = 6 * torch.randn(3, _dims(model)[4], generator=torch.Generator().manual_seed(6))
+    base, _ = tu.attention_at_target(lm, p, "icl-1")
+    att, content = tu.attention_at_target(lm, p, "prompt-3", {"soft": soft.numpy()})
+    assert content == [0, 4, 5, 6]
+    change = (_renormalised(att[0], content) - base[0] / base[0].sum(-1, keepdim=True)).abs().max()
+    assert change > 1e-4
+    # the same prompt without the BOS role: soft tokens first, a uniform shift, exact
+    q = _toy_prompt([1, 50, 23, 40], (), (), 3, bos=False)
+    att, content = tu.attention_at_target(lm, q, "prompt-3", {"soft": soft.numpy()})
+    torch.testing.assert_close(_renormalised(att[0], content), base[0] / base[0].sum(-1, keepdim=True), rtol=0,
+                               atol=2e-6)
