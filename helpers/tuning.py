@@ -575,16 +575,19 @@ def accuracy_of(runs: Runs, method: str):
     return mean_estimate([np.asarray(r["correct"], float) for _, r in sorted(runs[method].items())]).scaled(100)
 
 
-def gain_over_icl(runs: Runs, method: str):
-    """Paired accuracy difference method - ICL 1-shot in points, on the seeds both have (same test examples)."""
+def gain_over_icl(runs: Runs, method: str, other: str = "icl-1"):
+    """Paired accuracy difference method - other (default ICL 1-shot) in points, on the seeds both have (the same
+    test examples)."""
     from .stats import paired_difference
 
-    seeds = sorted(set(runs[method]) & set(runs["icl-1"]))
+    seeds = sorted(set(runs[method]) & set(runs[other]))
+    if not seeds:
+        raise ValueError(f"{method} and {other} share no seed")
     for s in seeds:
-        if not np.array_equal(runs[method][s]["test_index"], runs["icl-1"][s]["test_index"]):
-            raise ValueError(f"{method} seed {s} was evaluated on other test examples than icl-1")
+        if not np.array_equal(runs[method][s]["test_index"], runs[other][s]["test_index"]):
+            raise ValueError(f"{method} seed {s} was evaluated on other test examples than {other}")
     return paired_difference([runs[method][s]["correct"] for s in seeds],
-                             [runs["icl-1"][s]["correct"] for s in seeds]).scaled(100)
+                             [runs[other][s]["correct"] for s in seeds]).scaled(100)
 
 
 def first_layer_deviation(runs: Runs, method: str) -> float:
