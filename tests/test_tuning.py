@@ -302,3 +302,17 @@ def test_soft_tokens_after_bos_move_the_first_layer_only_through_positions(tiny_
     att, content = tu.attention_at_target(lm, q, "prompt-3", {"soft": soft.numpy()})
     torch.testing.assert_close(_renormalised(att[0], content), base[0] / base[0].sum(-1, keepdim=True), rtol=0,
                                atol=2e-6)
+
+
+def test_accuracy_and_paired_gain_on_constructed_runs():
+    idx = np.arange(4)
+    runs = {"icl-1": {42: {"correct": np.array([0, 0, 1, 1]), "test_index": idx},
+                      43: {"correct": np.array([1, 0, 0, 0]), "test_index": idx}},
+            "prefix-4": {42: {"correct": np.array([1, 1, 1, 1]), "test_index": idx}}}
+    e = tu.accuracy_of(runs, "icl-1")
+    assert e.value == pytest.approx(37.5) and e.n == "4 × 2"
+    g = tu.gain_over_icl(runs, "prefix-4")  # only seed 42 is shared: 100 - 50
+    assert g.value == pytest.approx(50.0) and g.n == "4 × 1"
+    runs["prefix-4"][42]["test_index"] = idx + 1
+    with pytest.raises(ValueError, match="other test examples"):
+        tu.gain_over_icl(runs, "prefix-4")
