@@ -487,7 +487,7 @@ def prefix_theorem(model: str, profile: Profile) -> Measured | None:
     est = mean_estimate(per_seed).scaled(1e6)
     anchor = mean_estimate([r["att_maxdiff"][:, 0].max(-1) for _, r in sorted(runs["anchor"].items())]).scaled(1e6)
     return Measured(est, unit=" × 1e-6", digits=2, support={"anchor": anchor},
-                    n_text=f"{est.n_examples} prompts × {est.n_seeds} seeds, SST-2",
+                    n_text=f"{config.n_attention} prompts × {len(prefixes)} prefix lengths × {est.n_seeds} seeds, SST-2",
                     note=f"largest first-layer change per prompt, prefix lengths {', '.join(p[7:] for p in prefixes)}; "
                          f"anchor re-weighting: {anchor.fmt(0)} × 1e-6")
 
