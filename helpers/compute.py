@@ -23,7 +23,8 @@ from .tasks import TASKS, load_task
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("chapter", choices=["aggregation", "extraction", "reweighting", "diagnosis", "compression", "meaning"])
+    parser.add_argument("chapter", choices=["aggregation", "extraction", "reweighting", "diagnosis", "compression",
+                                            "meaning", "tuning"])
     parser.add_argument("--profile", default="book", choices=sorted(PROFILES))
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--tasks", nargs="*", default=list(TASKS))
@@ -37,6 +38,8 @@ def main(argv=None) -> None:
                         help="meaning: tasks besides SST-2 that also get isolation and saliency")
     parser.add_argument("--seeds", type=int, nargs="*", default=None,
                         help="only these seeds of the profile (runs are per seed, so processes can split a chapter)")
+    parser.add_argument("--methods", nargs="*", default=None,
+                        help="tuning: only these methods (icl-1, anchor, prompt-m, prefix-m, pez-m), in this order")
     args = parser.parse_args(argv)
     if args.into_committed:
         committed = REPO_ROOT / "results"
@@ -47,6 +50,19 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     lm = load_model(args.model)
     profile = PROFILES[args.profile]
+    if args.chapter == "tuning":  # its own sizes (helpers.tuning.SIZES), seed-major, one file per method
+        from .tuning import SIZES, methods_of, tuning_run
+
+        config = SIZES[args.profile] if args.profile in SIZES else SIZES["book"]
+        for seed in args.seeds or config.seeds:
+            for name in args.tasks:
+                data = load_task(name)
+                for method in args.methods or methods_of(config):
+                    t0 = time.perf_counter()
+                    tuning_run(lm, data, config, seed, method)
+                    print(f"tuning {args.model} {name} seed {seed} {method}: {time.perf_counter() - t0:.0f} s",
+                          flush=True)
+        return
     if args.seeds and args.chapter in ("aggregation", "extraction"):
         unknown = set(args.seeds) - set(profile.seeds)
         if unknown:

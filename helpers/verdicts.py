@@ -315,6 +315,9 @@ FINDINGS: dict[str, Finding] = {f.id: f for f in [
             "label loyalty 79.47 (GPT2-XL), 89.06 (GPT-J); Table 2", "§3.2", None, planned="Compression"),
     Finding("diagnosis", "Distances between the label words' keys predict which categories the model confuses.",
             "most confused pair Description–Entity (TREC, Figure 6)", "§3.3", None, planned="Diagnosis"),
+    Finding("prefix-theorem", "(beyond the paper) A trained prefix leaves q's first-layer attention over the prompt, "
+            "renormalised over the prompt, unchanged (Petrov, Torr & Bibi 2024); anchor re-weighting changes it.",
+            "a theorem (exact), not in the paper", "§3.1 vs prefix-tuning", None, planned="Tuning the context"),
     Finding("anchors-without-meaning", "Label words without meaning ('A'/'B') still act as anchors.",
             "LLaMA-33B, SST-2, 8 per class: 83.0% accuracy (Figures 12, 13)", "Appendix F.2", None,
             planned="Anchors without meaning"),
@@ -470,7 +473,42 @@ def _meaning_finding(model: str, profile: Profile) -> Measured | None:
     return abstract_anchor_finding(model, profile)
 
 
+def prefix_theorem(model: str, profile: Profile) -> Measured | None:
+    """Mean over SST-2 test prompts of the largest first-layer change (over heads and positions) of q's renormalised
+    content attention under every trained prefix (all lengths), in units of 1e-6, from the tuning chapter's cached
+    runs; anchor re-weighting's in the support. The chapter has its own sizes (``helpers.tuning.SIZES``)."""
+    from . import tuning as tu
+    from .stats import mean_estimate
+
+    config = tu.SIZES["book"]
+    methods = [m for m in tu.methods_of(config) if m.startswith("prefix-")] + ["anchor"]
+    runs = tu.collect(ModelKey.of(model), load_task("sst2"), config, methods=methods)
+    prefixes = [m for m in runs if m.startswith("prefix-")]
+    if not prefixes or "anchor" not in runs:
+        return None
+    seeds = sorted(set.intersection(*(set(runs[m]) for m in prefixes)))
+    if not seeds:
+        return None
+    per_seed = [np.concatenate([runs[m][s]["att_maxdiff"][:, 0].max(-1) for m in prefixes]) for s in seeds]
+    est = mean_estimate(per_seed).scaled(1e6)
+    anchor = mean_estimate([r["att_maxdiff"][:, 0].max(-1) for _, r in sorted(runs["anchor"].items())]).scaled(1e6)
+    return Measured(est, unit=" × 1e-6", digits=2, support={"anchor": anchor},
+                    n_text=f"{config.n_attention} prompts × {len(prefixes)} prefix lengths × {est.n_seeds} seeds, SST-2",
+                    note=f"largest first-layer change per prompt, prefix lengths {', '.join(p[7:] for p in prefixes)}; "
+                         f"anchor re-weighting: {anchor.fmt(0)} × 1e-6")
+
+
+def float_error(m: Measured) -> str:
+    """Reproduced: the prefix's change is float error (< 1e-5) and re-weighting's is not (> 1e-4); partly: only the
+    first; not reproduced otherwise."""
+    exact = m.estimate.high < 10
+    anchor = m.support.get("anchor")
+    moves = anchor is not None and anchor.low > 100
+    return REPRODUCED if exact and moves else PARTLY if exact else NOT_REPRODUCED
+
+
 _CHAPTER_FINDINGS = {  # plugged in below, once register() exists
+    "prefix-theorem": dict(compute=prefix_theorem, rule=float_error, chapter="book/tuning", anchor="fig-tuning-theorem"),
     "reweighting-gain": dict(compute=reweighting_gain, rule=None, chapter="book/reweighting", anchor=""),
     "reweighting-vs-controls": dict(compute=reweighting_vs_controls, rule=None, chapter="book/reweighting",
                                     anchor=""),

@@ -44,6 +44,7 @@ DEDICATED = {
     "meaning-attention": ("test_meaning.py", "test_committed_meaning_slice"),
     "meaning-isolation": ("test_meaning.py", "test_committed_meaning_slice"),
     "meaning-saliency": ("test_meaning.py", "test_committed_meaning_slice"),
+    "tuning": ("test_tuning_results.py", "test_committed_tuning_slice"),
 }
 
 
