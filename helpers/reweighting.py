@@ -56,7 +56,7 @@ from .runs import Profile, cached_run, settings_of
 from .tasks import Task, TaskData, sample_fixed_demonstrations, subsample_test
 
 __all__ = [
-    "reweighting_seeds",
+    "reweighting_seeds", "adam_epochs",
     "EXPERIMENT", "METHODS", "METHOD_TITLES", "CONTENT_FREE", "TrainConfig", "many_shots", "n_parameters",
     "class_positions", "random_positions", "positions_tensor", "evaluate", "prefix_states", "cached_step",
     "full_step", "label_head", "demonstration_prefix", "shared_prefix_length", "prefix_kv", "KV", "continued_label_logits", "train_beta", "train_bias", "contextual_calibration", "bias_calibration", "SeedSetup",
@@ -268,6 +268,32 @@ def _loss(logits: torch.Tensor, gold: int) -> torch.Tensor:
     return F.cross_entropy(logits[None], torch.tensor([gold], device=logits.device))
 
 
+def adam_epochs(params: list[torch.Tensor], step: Callable[[int], torch.Tensor], n: int, seed: int,
+                config: TrainConfig, lr: float, desc: str = "", progress: bool = True) -> tuple[list[float], list[float]]:
+    """The training loop of §3.1, shared by every trained method (re-weighting here, the tuning chapter's prompts
+    and prefixes): Adam on ``params``, batch 1, ``config.epochs`` epochs in a seeded order (:func:`_epoch_orders`);
+    ``step(i)`` returns example i's loss. Returns the mean loss seen in each epoch and the time of every step."""
+    from tqdm.auto import tqdm
+
+    optimiser = torch.optim.Adam(params, lr=lr, betas=config.betas)
+    epoch_loss, times = [], []
+    bar = tqdm(total=config.epochs * n, desc=desc, disable=not progress, leave=False)
+    for order in _epoch_orders(n, config.epochs, seed):
+        seen = []
+        for i in order:
+            s0 = time.perf_counter()
+            optimiser.zero_grad()
+            loss = step(i)
+            loss.backward()
+            optimiser.step()
+            times.append(time.perf_counter() - s0)
+            seen.append(loss.item())
+            bar.update()
+        epoch_loss.append(float(np.mean(seen)))
+    bar.close()
+    return epoch_loss, times
+
+
 def train_beta(lm, task: Task, train_prompts: Sequence[Prompt], positions: Callable[[Prompt], list[list[int]]],
                seed: int, config: TrainConfig = TrainConfig(), progress: bool = True) -> dict[str, np.ndarray]:
     """Learn beta (L, H, C) on ``train_prompts`` (paper §3.1). Returns the arrays of the module docstring.
@@ -278,8 +304,6 @@ def train_beta(lm, task: Task, train_prompts: Sequence[Prompt], positions: Calla
     time of the whole training including the prefix passes; ``prefix_s``: of those passes; ``step_s``: mean time of
     one step (forward + backward + Adam).
     """
-    from tqdm.auto import tqdm
-
     model = lm.model
     if any(p.requires_grad for p in model.parameters()):
         raise ValueError("the model's parameters must be frozen (load_model(freeze=True)): only beta is trained")
@@ -293,29 +317,15 @@ def train_beta(lm, task: Task, train_prompts: Sequence[Prompt], positions: Calla
     prefix_s = time.perf_counter() - t0
     beta = torch.zeros(lm.n_layers, lm.n_heads, n_classes, device=next(model.parameters()).device,
                        requires_grad=True)
-    optimiser = torch.optim.Adam([beta], lr=config.lr, betas=config.betas)
 
     def full_loss() -> float:
         with torch.no_grad():
             return float(np.mean([_loss(cached_step(model, p, pre, beta, ps, label_ids), y).item()
                                   for p, pre, ps, y in zip(train_prompts, prefixes, pos, gold)]))
 
-    epoch_loss, steps = [], []
-    bar = tqdm(total=config.epochs * len(train_prompts), desc=f"train beta {task.name}", disable=not progress,
-               leave=False)
-    for order in _epoch_orders(len(train_prompts), config.epochs, seed):
-        seen = []
-        for i in order:
-            s0 = time.perf_counter()
-            optimiser.zero_grad()
-            loss = _loss(cached_step(model, train_prompts[i], prefixes[i], beta, pos[i], label_ids), gold[i])
-            loss.backward()
-            optimiser.step()
-            steps.append(time.perf_counter() - s0)
-            seen.append(loss.item())
-            bar.update()
-        epoch_loss.append(float(np.mean(seen)))
-    bar.close()
+    epoch_loss, steps = adam_epochs(
+        [beta], lambda i: _loss(cached_step(model, train_prompts[i], prefixes[i], beta, pos[i], label_ids), gold[i]),
+        len(train_prompts), seed, config, config.lr, f"train beta {task.name}", progress)
     train_s = time.perf_counter() - t0
     loss_end = full_loss()
     with torch.no_grad():

@@ -45,7 +45,7 @@ import torch
 
 from .attention import Record, Reweight, intervene
 from .prompts import Prompt, label_token_ids
-from .reweighting import (KV, TrainConfig, _epoch_orders, _loss, class_positions, evaluate, label_head, prefix_kv,
+from .reweighting import (KV, TrainConfig, _loss, adam_epochs, class_positions, evaluate, label_head, prefix_kv,
                           seed_setup, shared_prefix_length, train_beta)
 from .runs import cached_run
 from .tasks import TaskData
@@ -296,25 +296,9 @@ def evaluate_prefix(lm, task, prompts: Sequence[Prompt], kv: KV, batch_size: int
 
 def _train(params: list[torch.Tensor], step, n: int, seed: int, config: TrainConfig, lr: float,
            desc: str, progress: bool) -> dict[str, np.ndarray]:
-    from tqdm.auto import tqdm
-
-    optimiser = torch.optim.Adam(params, lr=lr, betas=config.betas)
-    epoch_loss, times = [], []
-    bar = tqdm(total=config.epochs * n, desc=desc, disable=not progress, leave=False)
+    """Re-weighting's loop (:func:`helpers.reweighting.adam_epochs`) with its timings as arrays."""
     t0 = time.perf_counter()
-    for order in _epoch_orders(n, config.epochs, seed):
-        seen = []
-        for i in order:
-            s0 = time.perf_counter()
-            optimiser.zero_grad()
-            loss = step(i)
-            loss.backward()
-            optimiser.step()
-            times.append(time.perf_counter() - s0)
-            seen.append(loss.item())
-            bar.update()
-        epoch_loss.append(float(np.mean(seen)))
-    bar.close()
+    epoch_loss, times = adam_epochs(params, step, n, seed, config, lr, desc, progress)
     return {"epoch_loss": np.array(epoch_loss), "train_s": np.array(time.perf_counter() - t0),
             "step_s": np.array(np.mean(times)), "n_steps": np.array(len(times))}
 
