@@ -298,7 +298,8 @@ def split_prompts(prompts: Sequence) -> SharedPrefix:
     heads = [tuple(p.input_ids[: p.query_start]) for p in prompts]
     ids, _ = Counter(heads).most_common(1)[0]
     shared = tuple(i for i, h in enumerate(heads) if h == ids and prompts[i].target >= len(ids))
-    apart = tuple(i for i in range(len(prompts)) if i not in set(shared))
+    sharing = set(shared)
+    apart = tuple(i for i in range(len(prompts)) if i not in sharing)
     if not ids:
         return SharedPrefix((), (), tuple(range(len(prompts))))
     return SharedPrefix(ids, shared, apart)

@@ -211,7 +211,8 @@ def evaluate(lm, task: Task, prompts: Sequence[Prompt], beta: torch.Tensor | Non
     label_ids = list(label_token_ids(task, lm.tokenizer))
     model = lm.model
     start, shared = demonstration_prefix(model, prompts) if shared_prefix else (None, [])
-    apart = [i for i in range(len(prompts)) if i not in set(shared)]
+    sharing = set(shared)
+    apart = [i for i in range(len(prompts)) if i not in sharing]
     out = np.zeros((len(prompts), len(label_ids)), dtype=np.float32)
     runs = [(True, shared[i : i + batch_size]) for i in range(0, len(shared), batch_size)]
     runs += [(False, apart[i : i + batch_size]) for i in range(0, len(apart), batch_size)]

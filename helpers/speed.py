@@ -21,7 +21,7 @@ from .attention import Saliency, intervene
 from .extraction import label_attention
 from .isolation import run_isolation
 from .models import load_model
-from .prompts import collate, label_token_ids, target_label_logits, target_logits
+from .prompts import collate, label_head, label_token_ids, target_logits
 from .runs import make_prompts, results_dir, search_dirs
 from .saliency import flow_measures, saliency_flow
 from .tasks import load_task
@@ -70,8 +70,6 @@ def _gradient_floor(lm, task, prompts) -> None:
         x = emb(torch.tensor([p.input_ids])).detach().requires_grad_()
         with torch.enable_grad():
             hidden = lm.model.base_model(inputs_embeds=x, use_cache=False).last_hidden_state[:, -1]
-            from .prompts import label_head
-
             loss = F.cross_entropy(label_head(lm.model, hidden, ids), torch.tensor([p.label]))
         loss.backward()
 
