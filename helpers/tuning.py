@@ -54,7 +54,7 @@ __all__ = [
     "EXPERIMENT", "TuningConfig", "SIZES", "methods_of", "method_kind", "n_trained", "insert_slot",
     "random_init_ids", "embed_scale", "project_to_vocab", "unit_vocab", "soft_logits", "prefix_logits", "init_prefix",
     "evaluate_soft", "evaluate_prefix", "train_soft", "train_prefix", "train_pez", "attention_at_target",
-    "attention_report", "tuning_run", "tuning_runs", "METHOD_TITLES",
+    "attention_report", "tuning_run", "tuning_runs", "METHOD_TITLES", "task_average",
 ]
 
 EXPERIMENT = "tuning"
@@ -583,3 +583,34 @@ def first_layer_deviation(runs: Runs, method: str) -> float:
 def per_layer(runs: Runs, method: str, field: str) -> np.ndarray:
     """(seeds x examples, L) of an attention-report field averaged over heads."""
     return np.concatenate([r[f"att_{field}"].mean(-1) for _, r in sorted(runs[method].items())])
+
+
+def task_average(by_task: dict[str, Runs], method: str, other: str | None = None,
+                 seeds: Sequence[int] | None = None):
+    """Accuracy of ``method`` in % averaged over tasks, or (``other`` given) its paired difference from ``other`` in
+    points: the estimators of :func:`helpers.reweighting.accuracy` / :func:`~helpers.reweighting.difference`, which
+    resample the i-th test example of every task together and average the task accuracies (equal weight per task).
+
+    Every task must have ``method`` (and ``other``) on the same seeds (or on every seed of ``seeds``, which then
+    restricts the average to them), evaluated on the same test examples as its 1-shot ICL run; a missing task or seed
+    raises instead of averaging over a different set.
+    """
+    from .reweighting import accuracy, difference
+
+    if not by_task:
+        raise ValueError("no task to average over")
+    wanted = ["icl-1", method] + ([other] if other else [])
+    chosen = None if seeds is None else sorted(set(seeds))
+    for task, runs in by_task.items():
+        for m in wanted:
+            if m not in runs:
+                raise ValueError(f"{m} was not run on {task}: no average over tasks")
+            if chosen is None:
+                chosen = sorted(runs[m])
+            if seeds is None and sorted(runs[m]) != chosen:
+                raise ValueError(f"{m} on {task} has seeds {sorted(runs[m])}, not {chosen}: the average needs the "
+                                 "same seeds")
+            if missing := sorted(set(chosen) - set(runs[m])):
+                raise ValueError(f"{m} on {task} lacks seeds {missing}")
+    adapted = {t: {m: [runs[m][s] for s in chosen] for m in wanted} for t, runs in by_task.items()}
+    return accuracy(adapted, method) if other is None else difference(adapted, method, other)

@@ -316,3 +316,27 @@ def test_accuracy_and_paired_gain_on_constructed_runs():
     runs["prefix-4"][42]["test_index"] = idx + 1
     with pytest.raises(ValueError, match="other test examples"):
         tu.gain_over_icl(runs, "prefix-4")
+
+
+def test_task_average_weights_tasks_equally_and_refuses_mismatched_seeds():
+    idx = np.arange(4)
+
+    def run(c):
+        return {"correct": np.array(c), "test_index": idx}
+
+    by_task = {"a": {"icl-1": {42: run([0, 0, 0, 0])}, "anchor": {42: run([1, 1, 1, 1])}},
+               "b": {"icl-1": {42: run([0, 0, 1, 1])}, "anchor": {42: run([0, 0, 1, 1])}}}
+    assert tu.task_average(by_task, "anchor").value == pytest.approx(75.0)  # (100 + 50) / 2
+    g = tu.task_average(by_task, "anchor", "icl-1")
+    assert g.value == pytest.approx(50.0) and g.low <= 50.0 <= g.high  # (100 + 0) / 2, paired
+    by_task["b"]["anchor"] = {43: run([1, 1, 1, 1])}
+    with pytest.raises(ValueError, match="same seeds"):
+        tu.task_average(by_task, "anchor")
+    del by_task["b"]["anchor"]
+    with pytest.raises(ValueError, match="was not run on b"):
+        tu.task_average(by_task, "anchor")
+    by_task["b"]["anchor"] = {42: run([1, 1, 1, 1]), 43: run([0, 0, 0, 0])}
+    by_task["b"]["icl-1"][43] = run([0, 0, 0, 0])
+    assert tu.task_average(by_task, "anchor", seeds=[42]).value == pytest.approx(100.0)  # seed 43 left out
+    with pytest.raises(ValueError, match="lacks seeds"):
+        tu.task_average(by_task, "anchor", seeds=[42, 43])
