@@ -39,7 +39,8 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=int, nargs="*", default=None,
                         help="only these seeds of the profile (runs are per seed, so processes can split a chapter)")
     parser.add_argument("--methods", nargs="*", default=None,
-                        help="tuning: only these methods (icl-1, anchor, prompt-m, prefix-m, pez-m), in this order")
+                        help="tuning: only these methods (icl-1, anchor, prompt-m, prefix-m, pez-m, position-shift-floor), "
+                             "in this order")
     args = parser.parse_args(argv)
     if args.into_committed:
         committed = REPO_ROOT / "results"
@@ -51,15 +52,18 @@ def main(argv=None) -> None:
     lm = load_model(args.model)
     profile = PROFILES[args.profile]
     if args.chapter == "tuning":  # its own sizes (helpers.tuning.SIZES), seed-major, one file per method
-        from .tuning import SIZES, methods_of, tuning_run
+        from .tuning import FLOOR, SIZES, methods_of, shift_floor_run, tuning_run
 
         config = SIZES[args.profile] if args.profile in SIZES else SIZES["book"]
         for seed in args.seeds or config.seeds:
             for name in args.tasks:
                 data = load_task(name)
-                for method in args.methods or methods_of(config):
+                for method in args.methods or methods_of(config) + (FLOOR,):
                     t0 = time.perf_counter()
-                    tuning_run(lm, data, config, seed, method)
+                    if method == FLOOR:  # the float-error floor of the theorem check (positions shifted, nothing added)
+                        shift_floor_run(lm, data, config, seed)
+                    else:
+                        tuning_run(lm, data, config, seed, method)
                     print(f"tuning {args.model} {name} seed {seed} {method}: {time.perf_counter() - t0:.0f} s",
                           flush=True)
         return

@@ -54,7 +54,8 @@ __all__ = [
     "EXPERIMENT", "TuningConfig", "SIZES", "methods_of", "method_kind", "n_trained", "insert_slot",
     "random_init_ids", "embed_scale", "project_to_vocab", "unit_vocab", "soft_logits", "prefix_logits", "init_prefix",
     "evaluate_soft", "evaluate_prefix", "train_soft", "train_prefix", "train_pez", "attention_at_target",
-    "attention_report", "tuning_run", "tuning_runs", "METHOD_TITLES", "task_average",
+    "attention_report", "tuning_run", "tuning_runs", "METHOD_TITLES", "task_average", "FLOOR", "shift_floor",
+    "shift_floor_run", "collect_floor",
 ]
 
 EXPERIMENT = "tuning"
@@ -512,6 +513,50 @@ def tuning_run(lm, data: TaskData, config: TuningConfig, seed: int, method: str,
     return cached_run(EXPERIMENT, lm, data, _settings(config, seed, method), compute, **kw)
 
 
+FLOOR = "position-shift-floor"
+
+
+def shift_floor(lm, prompts: Sequence[Prompt], shifts: Sequence[int]) -> np.ndarray:
+    """(B, len(shifts), L, H): the largest change of q's renormalised content attention when every position of the
+    prompt is shifted by m and *nothing* is added, relative to the unshifted prompt.
+
+    A rotary model's attention depends only on distances, so in exact arithmetic this is 0; in float32 the rotations
+    at other absolute positions round differently. A prefix of length m shifts the prompt by exactly m, so this is
+    the float-error floor the theorem check (:func:`attention_report`) can reach: large query/key norms (Qwen2's
+    biases) raise it well above 1e-6. It is the same statistic as ``att_maxdiff``.
+    """
+    device = next(lm.model.parameters()).device
+    out = []
+    for p in prompts:
+        base, _ = attention_at_target(lm, p, "icl-1")
+        base = base.double() / base.double().sum(-1, keepdim=True)
+        per = []
+        for m in shifts:
+            rec = Record(rows=torch.tensor([p.target]))
+            ids = torch.tensor([list(p.input_ids)], device=device)
+            with torch.no_grad(), intervene(rec):
+                lm.model.base_model(input_ids=ids, use_cache=False,
+                                    position_ids=torch.arange(m, m + len(p), device=device)[None])
+            att = rec.stacked()[:, 0, :, 0, :].double()
+            per.append((att / att.sum(-1, keepdim=True) - base).abs().amax(-1).numpy())
+        out.append(np.stack(per))
+    return np.stack(out)
+
+
+def shift_floor_run(lm, data: TaskData, config: TuningConfig, seed: int, **kw) -> dict[str, np.ndarray] | None:
+    """:func:`shift_floor` on the attention analysis's prompts of one seed (the first ``n_attention`` test
+    prompts), for every prefix length, cached: ``maxdiff`` (B, len(prefix_lengths), L, H) and ``shifts``."""
+    shifts = tuple(config.prefix_lengths)
+
+    def compute() -> dict[str, np.ndarray]:
+        s = seed_setup(lm, data, seed, config.n_test, config.train)
+        return {"maxdiff": shift_floor(lm, s.test_prompts[: config.n_attention], shifts), "shifts": np.array(shifts)}
+
+    settings = {"seed": seed, "method": FLOOR, "n_test": config.n_test, "n_attention": config.n_attention,
+                "shots": 1, "shifts": list(shifts)}
+    return cached_run(EXPERIMENT, lm, data, settings, compute, **kw)
+
+
 def tuning_runs(lm, data: TaskData, config: TuningConfig, methods: Sequence[str] | None = None,
                 seeds: Sequence[int] | None = None, progress: bool = False, **kw) -> dict[str, list[dict]]:
     """``{method: [result per seed]}`` for the configured methods and seeds."""
@@ -549,6 +594,16 @@ def collect(lm, data: TaskData, config: TuningConfig, methods: Sequence[str] | N
             r = tuning_run(lm, data, config, seed, method, progress=progress, lookup_only=not compute)
             if r is not None:
                 out.setdefault(method, {})[seed] = r
+    return out
+
+
+def collect_floor(lm, data: TaskData, config: TuningConfig, compute: bool = False) -> dict[int, dict]:
+    """``{seed: shift_floor_run result}`` for the seeds cached (``compute=False``) or all of them computed."""
+    out = {}
+    for seed in config.seeds:
+        r = shift_floor_run(lm, data, config, seed, lookup_only=not compute)
+        if r is not None:
+            out[seed] = r
     return out
 
 

@@ -340,3 +340,20 @@ def test_task_average_weights_tasks_equally_and_refuses_mismatched_seeds():
     assert tu.task_average(by_task, "anchor", seeds=[42]).value == pytest.approx(100.0)  # seed 43 left out
     with pytest.raises(ValueError, match="lacks seeds"):
         tu.task_average(by_task, "anchor", seeds=[42, 43])
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_position_shift_floor_is_float_error_for_rotary_models_only(tiny_models, family):
+    """Shifting every position by m (what a prefix of length m does to the prompt) leaves a rotary model's relative
+    attention unchanged up to float error, so the floor is tiny; GPT-2's learned absolute positions move it, which
+    shows the measure detects a real change."""
+    model = tiny_models(family)
+    attention.enable(model, "anchors")
+    lm = SimpleNamespace(model=model)
+    floor = tu.shift_floor(lm, _toy_prompts()[:2], (1, 4))
+    L, H = _dims(model)[:2]
+    assert floor.shape == (2, 2, L, H)
+    if family == "gpt2":
+        assert floor[:, :, 0].max() > 1e-3
+    else:
+        assert floor.max() < 1e-5

@@ -93,3 +93,19 @@ def test_application_findings_read_the_committed_results():
         assert f.chapter and not f.planned
         measured, verdict = verdicts.evaluate(f, "gemma-3-270m")
         assert measured is not None and verdict != verdicts.NOT_YET_RUN, fid
+
+
+def test_float_error_rule_uses_the_position_shift_floor():
+    """A prefix's first-layer change counts as float error below 1e-5, or up to twice the float floor (positions
+    shifted, nothing added); re-weighting must move the attention well above both."""
+    anchor = _est(1700.0, 1600.0, 1800.0)
+    assert verdicts.float_error(verdicts.Measured(_est(1.0, 0.5, 1.5), support={"anchor": anchor})) == \
+        verdicts.REPRODUCED
+    qwen_like = _est(60.0, 50.0, 70.0)  # above 1e-5 ...
+    assert verdicts.float_error(verdicts.Measured(qwen_like, support={"anchor": anchor})) == verdicts.NOT_REPRODUCED
+    floor = _est(55.0, 48.0, 62.0)  # ... but at the floor that shifting the positions alone gives
+    assert verdicts.float_error(verdicts.Measured(qwen_like, support={"anchor": anchor, "floor": floor})) == \
+        verdicts.REPRODUCED
+    low_anchor = _est(300.0, 250.0, 350.0)  # re-weighting's change not ten times the tolerance
+    assert verdicts.float_error(verdicts.Measured(qwen_like, support={"anchor": low_anchor, "floor": floor})) == \
+        verdicts.PARTLY
