@@ -50,7 +50,7 @@ from .compression import anchor_positions, demonstration_split
 from .models import DEFAULT_MODEL, load_model
 from .prefix import build_prefix, suffix_logits
 from .prompts import collate, target_logits
-from .runs import make_prompts, results_dir, search_dirs
+from .runs import bench_file, make_prompts
 from .tasks import TASKS, load_task
 
 MODES = ("full", "anchor", "prefix")
@@ -213,12 +213,7 @@ def _write(path: Path, result: dict) -> None:
 def bench_path(model: str, write: bool = False) -> Path:
     """The benchmark's JSON for ``model``: for reading, the first found in the results folders (the user cache, then
     the committed results); with ``write``, where a new run goes (the user cache, or ``$ANCHORS_RESULTS``)."""
-    rel = Path("compression-bench") / f"{model.replace('/', '--')}.json"
-    if not write:
-        for d in search_dirs():
-            if (d / rel).is_file():
-                return d / rel
-    return results_dir() / rel
+    return bench_file("compression-bench", model, write)
 
 
 def main(argv=None) -> None:

@@ -148,6 +148,17 @@ def search_dirs(directory: str | os.PathLike | None = None) -> list[Path]:
     return dirs
 
 
+
+def bench_file(folder: str, model: str, write: bool = False) -> Path:
+    """A benchmark's JSON for ``model`` in ``folder``: for reading, the first found in :func:`search_dirs` (the user
+    cache, then the committed results); with ``write``, where a new run goes (:func:`results_dir`)."""
+    rel = Path(folder) / f"{model.replace('/', '--')}.json"
+    if not write:
+        for d in search_dirs():
+            if (d / rel).is_file():
+                return d / rel
+    return results_dir() / rel
+
 def _site_packages() -> list[Path]:
     paths = {sysconfig.get_paths()[k] for k in ("purelib", "platlib")}
     try:

@@ -22,7 +22,7 @@ from .extraction import label_attention
 from .isolation import run_isolation
 from .models import load_model
 from .prompts import collate, label_head, label_token_ids, target_logits
-from .runs import make_prompts, results_dir, search_dirs
+from .runs import bench_file, make_prompts
 from .saliency import flow_measures, saliency_flow
 from .tasks import load_task
 
@@ -156,12 +156,7 @@ def bench_task(lm, data, n: int, reps: int, seed: int = 42) -> dict:
 
 
 def speed_path(model: str, write: bool = False) -> Path:
-    rel = Path("speed-bench") / f"{model.replace('/', '--')}.json"
-    if not write:
-        for d in search_dirs():
-            if (d / rel).is_file():
-                return d / rel
-    return results_dir() / rel
+    return bench_file("speed-bench", model, write)
 
 
 def bench_speed(model: str, tasks, n: int, reps: int, out: Path) -> dict:

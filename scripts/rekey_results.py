@@ -39,6 +39,15 @@ from helpers.runs import RESULTS_VERSION, _hash_fields, _relative_path, _version
 from helpers.tasks import default_data_dir, load_task  # noqa: E402
 
 
+
+def _move(npz: Path, meta: Path, target: Path, new_info: dict) -> None:
+    """Move a result's .npz to ``target`` and write its new .json beside it (removing the old one)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    npz.replace(target)
+    target.with_suffix(".json").write_text(json.dumps(new_info, indent=1, sort_keys=True, default=str) + "\n")
+    if meta != target.with_suffix(".json"):
+        meta.unlink()
+
 def old_key(info: dict) -> str:
     """The key before the change: experiment, model name, task, settings, {results, transformers major}."""
     blob = json.dumps({k: info[k] for k in ("experiment", "model", "task", "settings", "versions")}, sort_keys=True,
@@ -111,13 +120,8 @@ def rekey(root: Path, data_dir: Path | None, dtype: str, device: str, dry_run: b
             continue
         print(f"{'would move' if dry_run else 'moved'} {npz.relative_to(root)} -> {rel}")
         moved += 1
-        if dry_run:
-            continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        npz.replace(target)
-        target.with_suffix(".json").write_text(json.dumps(new_info, indent=1, sort_keys=True, default=str) + "\n")
-        if meta != target.with_suffix(".json"):
-            meta.unlink()
+        if not dry_run:
+            _move(npz, meta, target, new_info)
     print(f"{moved} re-keyed, {left} left alone")
     return 1 if left else 0
 
@@ -150,12 +154,8 @@ def drop_setting(root: Path, name: str, dry_run: bool) -> int:
             continue
         print(f"{'would move' if dry_run else 'moved'} {npz.relative_to(root)} -> {target.relative_to(root)}")
         moved += 1
-        if dry_run:
-            continue
-        npz.replace(target)
-        target.with_suffix(".json").write_text(json.dumps(new_info, indent=1, sort_keys=True, default=str) + "\n")
-        if meta != target.with_suffix(".json"):
-            meta.unlink()
+        if not dry_run:
+            _move(npz, meta, target, new_info)
     print(f"{moved} re-keyed without {name!r}, {left} left alone")
     return 1 if left else 0
 
