@@ -1,7 +1,7 @@
 # Two commands for a fresh machine (see README):
 #   make book   - set up, then build the book on the default offline model
 #   make test   - set up, then run the tests
-# ANCHORS_DATA: folder with the four datasets. Its default is one rule in code (helpers.tasks.default_data_dir):
+# ANCHORS_DATA: folder with the four datasets. Its default is one rule in code (helpers.core.tasks.default_data_dir):
 # $ANCHORS_DATA, else ../shared/data next to the repository if it exists, else the Hugging Face hub.
 
 PYTHON ?= python3
@@ -30,7 +30,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
 demo: $(STAMP)
-	$(BIN)/python -m helpers.demo
+	$(BIN)/python -m helpers.cli.demo
 
 book: $(STAMP)
 	# The verdict page reads every chapter's committed results, which Sphinx does not see as its dependencies:

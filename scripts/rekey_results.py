@@ -6,12 +6,12 @@ dtype, device and data) the current key.
 
 Old-format files are recognised by their ``.json`` (no ``"format": 2``). For each, the new key is recomputed from its
 experiment, model, task and settings under these ASSUMPTIONS, which held for every result computed before the change
-(``helpers.compute`` and the chapters always loaded the models this way on this project's CPU machines):
+(``helpers.cli.compute`` and the chapters always loaded the models this way on this project's CPU machines):
 
 * the model was loaded in float32 (``--dtype``) on the CPU (``--device``);
 * the model's identity is the one installed now: for an offline name, the installed versions of its packages (so
   run this in the environment the results were computed in); for a local folder, its current content hash;
-* the data are the task's files in ``--data`` (default: ``helpers.tasks.default_data_dir()``), now;
+* the data are the task's files in ``--data`` (default: ``helpers.core.tasks.default_data_dir()``), now;
 * transformers' major.minor is the installed one (the old key only recorded the major version).
 
 The ``.npz`` is checked (readable, finite) and moved unchanged; its ``.json`` is rewritten with every field of the
@@ -34,9 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from helpers.models import model_identity  # noqa: E402
-from helpers.runs import RESULTS_VERSION, _hash_fields, _relative_path, _versions, check_finite, load_result  # noqa: E402
-from helpers.tasks import default_data_dir, load_task  # noqa: E402
+from helpers.core.models import model_identity  # noqa: E402
+from helpers.core.runs import RESULTS_VERSION, _hash_fields, _relative_path, _versions, check_finite, load_result  # noqa: E402
+from helpers.core.tasks import default_data_dir, load_task  # noqa: E402
 
 
 
@@ -130,7 +130,7 @@ def drop_setting(root: Path, name: str, dry_run: bool) -> int:
     """Current-format results: remove ``settings[name]`` and give the file the key without it.
 
     For a setting that stopped being part of the key (``seeds``: the profile's seed list, dropped from
-    ``helpers.runs.settings_of`` when a run became one (task, seed) with its own ``n_test``). Nothing else in the
+    ``helpers.core.runs.settings_of`` when a run became one (task, seed) with its own ``n_test``). Nothing else in the
     key changes; the ``.npz`` moves unchanged. Re-runnable.
     """
     moved = left = 0

@@ -145,8 +145,8 @@ def tiny_loaded_model(family: str, tokenizer, name: str):
     (anchors attention, frozen)."""
     from transformers import AutoModelForCausalLM
 
-    from helpers.attention import enable
-    from helpers.models import LoadedModel, model_facts
+    from helpers.core.attention import enable
+    from helpers.core.models import LoadedModel, model_facts
 
     cfg = _tiny_config(family, vocab_size=len(tokenizer))
     cfg.max_position_embeddings = 1024
@@ -183,7 +183,7 @@ def offline_tokenizers() -> dict:
     """The three offline models' tokenizers only (no weights), set up as ``load_model`` does."""
     from transformers import AutoTokenizer
 
-    from helpers import models
+    from helpers.core import models
 
     out = {}
     for name in OFFLINE_NAMES:

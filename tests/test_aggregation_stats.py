@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from helpers.aggregation import (flow_curves, flow_estimate, flow_gap_estimate, lead_layers, loyalty_difference,
+from helpers.experiments.aggregation import (flow_curves, flow_estimate, flow_gap_estimate, lead_layers, loyalty_difference,
                                  loyalty_estimates, loyalty_table)
-from helpers.stats import Estimate
+from helpers.core.stats import Estimate
 
 
 def _flows(rng, n=20, layers=6):
@@ -58,7 +58,7 @@ def test_loyalty_estimates_match_the_table_and_differences_are_paired():
 
 
 def test_gap_over_layers_and_ww_share():
-    from helpers.aggregation import gap_over_layers, ww_smallest_share
+    from helpers.experiments.aggregation import gap_over_layers, ww_smallest_share
 
     rng = np.random.default_rng(4)
     runs = [_flows(rng) for _ in range(3)]

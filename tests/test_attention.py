@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY_FAMILIES, build_tiny_model
 
-from helpers import attention
-from helpers.attention import Hook, Isolate, Record, Reweight, Saliency, intervene
-from helpers.prompts import Prompt, collate, target_logits
-from helpers.saliency import flow_measures, normalise_per_layer, saliency_flow, saliency_matrices
+from helpers.core import attention
+from helpers.core.attention import Hook, Isolate, Record, Reweight, Saliency, intervene
+from helpers.core.prompts import Prompt, collate, target_logits
+from helpers.core.saliency import flow_measures, normalise_per_layer, saliency_flow, saliency_matrices
 
 B, T, PAD_FROM = 2, 12, 9
 LENGTHS = (T, PAD_FROM)  # non-padded length of each row
@@ -626,8 +626,8 @@ def test_saliency_flow_with_a_real_tokenizer(data_dir, offline_tokenizers, tiny_
     """End to end on real SST-2 prompts (smollm2 tokenizer, a tiny Llama with its vocabulary): batching is exact."""
     from types import SimpleNamespace
 
-    from helpers.prompts import build_prompt, label_token_ids
-    from helpers.tasks import load_task, sample_demonstrations_per_example, subsample_test
+    from helpers.core.prompts import build_prompt, label_token_ids
+    from helpers.core.tasks import load_task, sample_demonstrations_per_example, subsample_test
 
     tok = offline_tokenizers["smollm2-135m"]
     model = tiny_models("llama", vocab_size=len(tok))

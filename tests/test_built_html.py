@@ -62,7 +62,7 @@ def test_every_figure_is_numbered_and_states_n():
 
 
 def test_verdict_page_has_a_row_per_finding():
-    from helpers.verdicts import FINDINGS
+    from helpers.pages.verdicts import FINDINGS
 
     page = HTML / "book" / "verdicts.html"
     if not page.exists():

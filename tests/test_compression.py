@@ -19,15 +19,15 @@ import pytest
 import torch
 from conftest import OFFLINE_NAMES, TINY_FAMILIES, build_tiny_model
 
-from helpers import attention
-from helpers.compression import (
+from helpers.core import attention
+from helpers.experiments.compression import (
     anchor_positions, demonstration_split, label_agreement, labels_only_positions, random_positions, random_trials,
     text_anchor_text, top_k_jaccard,
 )
-from helpers.isolation import label_loyalty, word_loyalty
-from helpers.prefix import build_prefix, layer_windows, suffix_logits
-from helpers.prompts import build_prompt
-from helpers.tasks import TASKS, Example, get_task, load_task, sample_fixed_demonstrations, subsample_test
+from helpers.experiments.isolation import label_loyalty, word_loyalty
+from helpers.core.prefix import build_prefix, layer_windows, suffix_logits
+from helpers.core.prompts import build_prompt
+from helpers.core.tasks import TASKS, Example, get_task, load_task, sample_fixed_demonstrations, subsample_test
 
 TOL = 1e-4
 N_PREFIX = 25  # longer than the tiny Gemma models' sliding window (4): the window really cuts the cache
@@ -152,7 +152,7 @@ def test_kept_positions_are_formatting_labels_and_added_tokens(offline_tokenizer
     expected = "".join(f"{task.input_prefix}:\n{task.label_prefix}:{task.label_words[d.label]}\n" for d in demos)
     pieces = [tok.decode([p.input_ids[i]], skip_special_tokens=True) for i in kept]
     # a token that merges the end of the input text with the newline (Qwen's "?\n") is a formatting token by
-    # priority (helpers.prompts) and is kept: only its newline belongs to the template
+    # priority (helpers.core.prompts) and is kept: only its newline belongs to the template
     pieces = ["\n" if s.endswith("\n") and s.rstrip("\n").strip() else s for s in pieces]
     assert squash("".join(pieces)) == squash(expected)
     # the added tokens (Gemma's BOS) are kept, and only they are dropped without bos

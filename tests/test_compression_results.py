@@ -25,13 +25,13 @@ def sst2(data_dir):
 
 
 def test_table2_slice(lm, sst2):
-    from helpers.compression import compression_run, table2_n_test, text_anchor_text, top_k_jaccard
-    from helpers.runs import PROFILES, ModelKey, cached_run, make_prompts, settings_of
-    from helpers.tasks import sample_fixed_demonstrations, subsample_test
+    from helpers.experiments.compression import compression_run, table2_n_test, text_anchor_text, top_k_jaccard
+    from helpers.core.runs import PROFILES, ModelKey, cached_run, make_prompts, settings_of
+    from helpers.core.tasks import sample_fixed_demonstrations, subsample_test
 
     profile = PROFILES["book"]
     n, n_random = table2_n_test(profile, MODEL), profile.n_random_compression
-    from helpers.compression import TABLE2_VARIANTS
+    from helpers.experiments.compression import TABLE2_VARIANTS
 
     settings = settings_of(profile, seed=42, shots=1, n_test=n, n_random=n_random, variants=list(TABLE2_VARIANTS))
     committed = cached_run("compression", ModelKey.of(MODEL), sst2, settings, None)
@@ -51,9 +51,9 @@ def test_table2_slice(lm, sst2):
 
 
 def test_bench_file_is_consistent(lm, sst2):
-    from helpers.bench import bench_path
-    from helpers.compression import anchor_positions, demonstration_split
-    from helpers.runs import make_prompts
+    from helpers.cli.bench import bench_path
+    from helpers.experiments.compression import anchor_positions, demonstration_split
+    from helpers.core.runs import make_prompts
 
     path = bench_path(MODEL)
     assert path.exists(), path

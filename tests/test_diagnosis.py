@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.attention import RecordQK, intervene
-from helpers.diagnosis import (anchor_projection, default_layer, flatten_heads, most_confused, normalised_distances,
+from helpers.core.attention import RecordQK, intervene
+from helpers.experiments.diagnosis import (anchor_projection, default_layer, flatten_heads, most_confused, normalised_distances,
                                pair_names, pair_spearman, pair_values, pairwise_auc, permutation_test,
                                predicted_confusion, real_confusion)
 
@@ -164,7 +164,7 @@ def test_flatten_heads_repeats_key_heads_like_the_attention():
 
 
 def _run_record(model, ids, rows, key_positions):
-    from helpers.attention import enable
+    from helpers.core.attention import enable
 
     enable(model, "anchors")
     try:
@@ -288,7 +288,7 @@ def test_record_qk_changes_nothing(tiny_models):
     ids = torch.randint(3, 100, (1, 6))
     with torch.no_grad():
         plain = model(input_ids=ids).logits
-    from helpers.attention import enable
+    from helpers.core.attention import enable
 
     enable(model, "anchors")
     try:
@@ -314,16 +314,16 @@ def tiny_gqa_lm(offline_tokenizers):
 
 @pytest.fixture(scope="module")
 def agnews_prompts(tiny_gqa_lm, data_dir):
-    from helpers.runs import make_prompts
-    from helpers.tasks import load_task
+    from helpers.core.runs import make_prompts
+    from helpers.core.tasks import load_task
 
     data = load_task("agnews", data_dir)
     return data.task, make_prompts(tiny_gqa_lm, data, seed=42, n_test=12, shots_per_class=1)
 
 
 def test_record_qk_shapes_and_keys_on_real_prompts(tiny_gqa_lm, agnews_prompts):
-    from helpers.diagnosis import record_qk
-    from helpers.prompts import collate
+    from helpers.experiments.diagnosis import record_qk
+    from helpers.core.prompts import collate
 
     lm, (task, prompts) = tiny_gqa_lm, agnews_prompts
     out = record_qk(lm, task, prompts, batch_size=5, progress=False)
@@ -347,7 +347,7 @@ def test_record_qk_shapes_and_keys_on_real_prompts(tiny_gqa_lm, agnews_prompts):
 
 
 def test_diagnose_outputs(tiny_gqa_lm, agnews_prompts):
-    from helpers.diagnosis import diagnose, record_qk
+    from helpers.experiments.diagnosis import diagnose, record_qk
 
     lm, (task, prompts) = tiny_gqa_lm, agnews_prompts
     out = diagnose(lm, task, prompts, batch_size=6, progress=False)
@@ -362,7 +362,7 @@ def test_diagnose_outputs(tiny_gqa_lm, agnews_prompts):
     layer = 1
     ref = anchor_projection(rec["queries"][:, layer], flatten_heads(rec["keys"][layer], lm.n_heads), m)
     np.testing.assert_allclose(predicted_confusion(out["khat"][layer]), predicted_confusion(ref["khat"]), atol=1e-4)
-    from helpers.prompts import label_token_ids
+    from helpers.core.prompts import label_token_ids
 
     emb = lm.model.get_input_embeddings().weight[list(label_token_ids(task, lm.tokenizer))]
     assert out["embedding_dist"][0, 1] == pytest.approx(float((emb[0] - emb[1]).norm()), rel=1e-4)
@@ -386,7 +386,7 @@ def _fake_result(rng, n=80, c=4, layers=3, m=6, d=10):
 
 
 def test_spearman_estimate_value_is_the_mean_over_seeds_of_pair_spearman():
-    from helpers.diagnosis import predictors, spearman_estimate
+    from helpers.experiments.diagnosis import predictors, spearman_estimate
 
     rng = np.random.default_rng(7)
     runs = [_fake_result(rng) for _ in range(3)]
@@ -403,7 +403,7 @@ def test_spearman_estimate_value_is_the_mean_over_seeds_of_pair_spearman():
 
 
 def test_predictors_are_normalised_distances():
-    from helpers.diagnosis import BASELINES, predictors
+    from helpers.experiments.diagnosis import BASELINES, predictors
 
     r = _fake_result(np.random.default_rng(8))
     out = predictors(r, 2, 5)

@@ -8,11 +8,11 @@ import json
 import pytest
 import torch
 
-from helpers import models
-from helpers.models import OFFLINE_MODELS, load_model
-from helpers.prompts import build_prompt, collate
-from helpers.saliency import saliency_matrices
-from helpers.tasks import (
+from helpers.core import models
+from helpers.core.models import OFFLINE_MODELS, load_model
+from helpers.core.prompts import build_prompt, collate
+from helpers.core.saliency import saliency_matrices
+from helpers.core.tasks import (
     Example,
     get_task,
     load_task,
@@ -164,7 +164,7 @@ def test_collate_nothing():
 
 
 def test_saliency_without_gold_label(tok, tiny_models):
-    from helpers import attention
+    from helpers.core import attention
 
     model = tiny_models("llama", vocab_size=len(tok))
     attention.enable(model, "anchors")
@@ -175,7 +175,7 @@ def test_saliency_without_gold_label(tok, tiny_models):
 
 
 def test_saliency_per_layer_before_backward():
-    from helpers.attention import Saliency
+    from helpers.core.attention import Saliency
 
     with pytest.raises(RuntimeError, match="backward"):
         Saliency().per_layer()

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.extraction import LAYOUT, auc_per_layer, cumulative_contribution, label_attention, layer_passing
+from helpers.experiments.extraction import LAYOUT, auc_per_layer, cumulative_contribution, label_attention, layer_passing
 
 
 def test_auc_binary_perfect_and_inverted():
@@ -76,8 +76,8 @@ def tiny_lm(offline_tokenizers):
 
 @pytest.fixture(scope="module")
 def sst2_prompts(tiny_lm, data_dir):
-    from helpers.runs import make_prompts
-    from helpers.tasks import load_task
+    from helpers.core.runs import make_prompts
+    from helpers.core.tasks import load_task
 
     data = load_task("sst2", data_dir)
     return data.task, make_prompts(tiny_lm, data, seed=42, n_test=3, shots_per_class=2)
@@ -90,7 +90,7 @@ def test_label_attention_layout_matches_recorded_attention(tiny_lm, sst2_prompts
     n, L, C = out["attention"].shape
     assert (n, L, C) == (len(prompts), lm.n_layers, 2)
     # independent reference: stock eager attention of the same model, one prompt at a time
-    from helpers.attention import enable
+    from helpers.core.attention import enable
 
     enable(lm.model, "eager")
     try:
@@ -112,7 +112,7 @@ def test_label_attention_layout_matches_recorded_attention(tiny_lm, sst2_prompts
 
 
 def test_attention_shares_average_over_examples_seeds_and_heads():
-    from helpers.extraction import attention_shares
+    from helpers.experiments.extraction import attention_shares
 
     a = {"first_token": np.array([[2.0, 4.0]]), "attention": np.array([[[0.5, 0.5], [1.0, 1.0]]])}
     b = {"first_token": np.array([[4.0, 0.0]]), "attention": np.array([[[1.5, 0.5], [0.0, 0.0]]])}
@@ -123,8 +123,8 @@ def test_attention_shares_average_over_examples_seeds_and_heads():
 
 @pytest.mark.parametrize("n_classes,renormalise", [(2, False), (2, True), (3, False), (4, False), (6, False)])
 def test_weighted_auc_equals_auc_on_the_resampled_examples(n_classes, renormalise):
-    from helpers.extraction import auc_per_layer_weighted
-    from helpers.stats import resample_counts
+    from helpers.experiments.extraction import auc_per_layer_weighted
+    from helpers.core.stats import resample_counts
 
     rng = np.random.default_rng(n_classes)
     n = 24
@@ -144,7 +144,7 @@ def test_weighted_auc_equals_auc_on_the_resampled_examples(n_classes, renormalis
 
 
 def test_weighted_auc_is_nan_with_one_predicted_class():
-    from helpers.extraction import auc_per_layer_weighted
+    from helpers.experiments.extraction import auc_per_layer_weighted
 
     w = np.array([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]])
     out = auc_per_layer_weighted(np.random.default_rng(0).random((3, 2, 2)), np.array([0, 0, 1]), w)
@@ -152,7 +152,7 @@ def test_weighted_auc_is_nan_with_one_predicted_class():
 
 
 def test_auc_estimates_interval_contains_the_point_curve():
-    from helpers.extraction import auc_curves, auc_estimates
+    from helpers.experiments.extraction import auc_curves, auc_estimates
 
     rng = np.random.default_rng(5)
     runs = []

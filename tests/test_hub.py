@@ -9,8 +9,8 @@ import gzip
 import pytest
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 
-from helpers import tasks
-from helpers.tasks import TASKS, Example, TaskData, load_task
+from helpers.core import tasks
+from helpers.core.tasks import TASKS, Example, TaskData, load_task
 
 # What each hub dataset looks like (split names, text and label columns, ClassLabel names), as the paper's code
 # (datasets 2.10) and the parquet exports have them.

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 
 from helpers import TASKS, load_task
-from helpers.meaning import (ABSTRACT_WORDS, REGIMES, agreement_estimates, attention_runs, base_name,
+from helpers.experiments.meaning import (ABSTRACT_WORDS, REGIMES, agreement_estimates, attention_runs, base_name,
                              flip_permutation, isolation_runs, regime_data, regime_of, regime_task, saliency_runs,
                              with_label_words, MeaningConfig)
-from helpers.prompts import build_prompt, label_token_ids
-from helpers.runs import make_prompts, run_key
-from helpers.tasks import sample_fixed_demonstrations
+from helpers.core.prompts import build_prompt, label_token_ids
+from helpers.core.runs import make_prompts, run_key
+from helpers.core.tasks import sample_fixed_demonstrations
 
 OFFLINE = ("gemma-3-270m", "qwen2.5-coder-0.5b", "smollm2-135m")
 TINY = MeaningConfig("tiny", seeds=(42,), n_test=3, n_test_isolation=2, n_test_saliency=2, isolation_k=1, batch_size=2)
@@ -231,7 +231,7 @@ def _committed_cases():
 
 def test_committed_meaning_results_are_current(datas):
     """Every committed meaning-* file is keyed by the current code, data and regime (no stale key)."""
-    from helpers.runs import ModelKey, _hash_fields, key_fields
+    from helpers.core.runs import ModelKey, _hash_fields, key_fields
 
     for exp in ("meaning-attention", "meaning-isolation", "meaning-saliency"):
         for meta in sorted((COMMITTED / exp).glob("*.json")):
@@ -245,10 +245,10 @@ def test_committed_meaning_results_are_current(datas):
 
 @pytest.mark.slow
 def test_committed_meaning_slice(offline_model, datas):
-    from helpers.extraction import label_attention
-    from helpers.isolation import run_isolation
-    from helpers.runs import load_result
-    from helpers.saliency import saliency_flow
+    from helpers.experiments.extraction import label_attention
+    from helpers.experiments.isolation import run_isolation
+    from helpers.core.runs import load_result
+    from helpers.core.saliency import saliency_flow
 
     cases = _committed_cases()
     if not cases:
@@ -282,13 +282,13 @@ def test_committed_meaning_slice(offline_model, datas):
 
 
 def _est(value, low, high):
-    from helpers.stats import Estimate
+    from helpers.core.stats import Estimate
 
     return Estimate(value, low, high, 10, 1, np.array([value]))
 
 
 def test_verdict_rules():
-    from helpers.meaning import holds, verdict
+    from helpers.experiments.meaning import holds, verdict
 
     yes = {"shallow isolation": _est(30, 10, 50), "deep AUCROC": _est(0.7, 0.6, 0.8)}
     assert holds("deep AUCROC", yes["deep AUCROC"]) and not holds("deep AUCROC", _est(0.6, 0.45, 0.7))
@@ -304,7 +304,7 @@ def test_verdict_rules():
 
 
 def test_signatures_on_constructed_runs():
-    from helpers.meaning import crossover, deep_flow_gap, isolation_gap, loyalties
+    from helpers.experiments.meaning import crossover, deep_flow_gap, isolation_gap, loyalties
 
     n = 40
     base = np.zeros(n, dtype=int)
@@ -323,13 +323,13 @@ def test_signatures_on_constructed_runs():
 
 def test_verdict_page_row_reads_the_committed_results():
     """The Appendix F.2 row of the verdict page is computed from committed meaning-* results, not typed."""
-    from helpers import verdicts
+    from helpers.pages import verdicts
 
     f = verdicts.FINDINGS["anchors-without-meaning"]
     assert f.chapter == "book/meaningless-labels" and not f.planned
     measured, verdict = verdicts.evaluate(f, "gemma-3-270m")
     assert measured is not None and verdict != verdicts.NOT_YET_RUN
-    from helpers.meaning import BOOK_SCOPES, SEVERAL_SHOTS
+    from helpers.experiments.meaning import BOOK_SCOPES, SEVERAL_SHOTS
 
     seeds = BOOK_SCOPES["gemma-3-270m"].seeds_for(SEVERAL_SHOTS)
     assert "83.0%" in measured.note and measured.support["accuracy"].n_seeds == len(seeds)

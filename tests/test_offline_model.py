@@ -10,11 +10,11 @@ import pytest
 import torch
 from conftest import OFFLINE_NAMES
 
-from helpers import attention
-from helpers.attention import Record, intervene
-from helpers.prompts import build_prompt, collate, label_token_ids, target_logits
-from helpers.saliency import flow_measures, saliency_matrices
-from helpers.tasks import load_task, sample_fixed_demonstrations, subsample_test
+from helpers.core import attention
+from helpers.core.attention import Record, intervene
+from helpers.core.prompts import build_prompt, collate, label_token_ids, target_logits
+from helpers.core.saliency import flow_measures, saliency_matrices
+from helpers.core.tasks import load_task, sample_fixed_demonstrations, subsample_test
 
 pytestmark = pytest.mark.slow
 

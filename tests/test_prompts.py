@@ -12,8 +12,8 @@ import pytest
 import torch
 from conftest import OFFLINE_NAMES
 
-from helpers.prompts import build_prompt, collate, label_token_ids
-from helpers.tasks import TASKS, Example, get_task, load_task, sample_fixed_demonstrations, subsample_test
+from helpers.core.prompts import build_prompt, collate, label_token_ids
+from helpers.core.tasks import TASKS, Example, get_task, load_task, sample_fixed_demonstrations, subsample_test
 
 TASK_NAMES = tuple(TASKS)
 
@@ -32,7 +32,7 @@ FORMATS = {
 
 
 def template(task, demos, query_text: str) -> str:
-    """The paper's prompt, written out independently of helpers.prompts."""
+    """The paper's prompt, written out independently of helpers.core.prompts."""
     fmt = FORMATS[task.name]
     blocks = [fmt.format(text=d.text, label=task.label_words[d.label]) for d in demos]
     return "\n".join(blocks + [fmt.format(text=query_text, label="")])

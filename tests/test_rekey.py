@@ -10,9 +10,9 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from helpers.models import model_identity
-from helpers.runs import cached_run, find_result, load_result
-from helpers.tasks import load_task
+from helpers.core.models import model_identity
+from helpers.core.runs import cached_run, find_result, load_result
+from helpers.core.tasks import load_task
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("rekey_results", ROOT / "scripts" / "rekey_results.py")

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import runs
+from helpers.core import runs
 
 COMMITTED = Path(runs.REPO_ROOT) / "results"
 BOOK_MODELS = {"aggregation": ("gemma-3-270m",), "extraction": ("gemma-3-270m", "qwen2.5-coder-0.5b")}
@@ -55,7 +55,7 @@ def _cases(dedicated: bool = False) -> list[tuple[str, str, str]]:
 
 def _stand_in(name: str):
     """What the cache key reads from a model loaded by the chapters (float32, CPU), without its weights."""
-    from helpers.runs import ModelKey
+    from helpers.core.runs import ModelKey
 
     return ModelKey.of(name)
 
@@ -90,8 +90,8 @@ def test_every_committed_experiment_is_covered():
 
 def test_the_book_finds_every_committed_result(all_data, only_committed):
     """The chapters' own calls, book profile, on the models they load: nothing may need computing."""
-    from helpers.aggregation import isolation_runs, saliency_examples, saliency_runs
-    from helpers.extraction import extraction_runs
+    from helpers.experiments.aggregation import isolation_runs, saliency_examples, saliency_runs
+    from helpers.experiments.extraction import extraction_runs
 
     profile = runs.PROFILES["book"]
     for name in BOOK_MODELS["aggregation"]:
@@ -109,7 +109,7 @@ def test_the_book_finds_every_committed_result(all_data, only_committed):
 
 
 def test_committed_files_are_current(all_data):
-    from helpers.runs import _hash_fields, key_fields
+    from helpers.core.runs import _hash_fields, key_fields
 
     models = {}
     for meta, info in _infos():
@@ -121,8 +121,8 @@ def test_committed_files_are_current(all_data):
         name = info["model"]["name"]
         lm = models.setdefault(name, _stand_in(name))
         data = all_data.get(info["task"])
-        if data is None:  # a label-word regime's task ("sst2+flipped", helpers.meaning): its own data value
-            from helpers.meaning import base_name, regime_data, regime_of
+        if data is None:  # a label-word regime's task ("sst2+flipped", helpers.experiments.meaning): its own data value
+            from helpers.experiments.meaning import base_name, regime_data, regime_of
 
             data = regime_data(all_data[base_name(info["task"])], regime_of(info["task"]))
         assert fields == key_fields(info["experiment"], lm, data, info["settings"]), meta
@@ -142,7 +142,7 @@ def _seed42(experiment: str, model: str, task: str) -> tuple[Path, dict]:
 @pytest.mark.slow
 @pytest.mark.parametrize("experiment,model,task", _cases())
 def test_committed_slice_equals_recomputation(experiment, model, task, offline_model, all_data, tmp_path):
-    from helpers.runs import load_result, make_prompts
+    from helpers.core.runs import load_result, make_prompts
 
     meta, info = _seed42(experiment, model, task)
     committed = load_result(meta.with_suffix(".npz"))
@@ -150,13 +150,13 @@ def test_committed_slice_equals_recomputation(experiment, model, task, offline_m
     lm = offline_model(model)
     data = all_data[task]
     if experiment == "saliency":
-        from helpers.saliency import saliency_flow
+        from helpers.core.saliency import saliency_flow
 
         prompts = make_prompts(lm, data, s["seed"], s["n_test"], s["shots"], per_example=True)[:2]
         fresh = saliency_flow(lm, data.task, prompts, batch_size=2, progress=False)
         np.testing.assert_allclose(fresh, committed["flows"][:2], rtol=1e-3, atol=1e-9)
     elif experiment == "isolation":
-        from helpers.isolation import run_isolation
+        from helpers.experiments.isolation import run_isolation
 
         prompts = make_prompts(lm, data, s["seed"], s["n_test"], s["shots"])[:SLICE]
         k = s["random_ks"][0]
@@ -167,7 +167,7 @@ def test_committed_slice_equals_recomputation(experiment, model, task, offline_m
         for key in results:
             np.testing.assert_array_equal(fresh[key], committed[key][:SLICE], err_msg=key)
     elif experiment == "extraction":
-        from helpers.extraction import label_attention
+        from helpers.experiments.extraction import label_attention
 
         prompts = make_prompts(lm, data, s["seed"], s["n_test"], s["shots"])[:SLICE]
         fresh = label_attention(lm, data.task, prompts, batch_size=SLICE, progress=False)
@@ -176,7 +176,7 @@ def test_committed_slice_equals_recomputation(experiment, model, task, offline_m
         np.testing.assert_array_equal(fresh["pred"], committed["pred"][:SLICE])
         np.testing.assert_array_equal(fresh["gold"], committed["gold"][:SLICE])
     elif experiment == "saliency-examples":
-        from helpers.aggregation import saliency_examples
+        from helpers.experiments.aggregation import saliency_examples
 
         fresh = saliency_examples(lm, data, n=s["n"], seed=s["seed"], pool=s["pool"], directory=tmp_path)
         for key in ("lengths", "label_positions", "target", "input_ids"):

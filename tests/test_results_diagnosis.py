@@ -21,8 +21,8 @@ CASES = sorted({(i["model"]["name"], i["task"]) for i in (json.loads(p.read_text
 
 
 def _committed(model, data):
-    from helpers.diagnosis import M_MAX, n_test_of
-    from helpers.runs import PROFILES, ModelKey, cached_run, settings_of
+    from helpers.experiments.diagnosis import M_MAX, n_test_of
+    from helpers.core.runs import PROFILES, ModelKey, cached_run, settings_of
 
     profile = PROFILES["book"]
     n = n_test_of(profile)
@@ -38,8 +38,8 @@ _MODELS = {}
 @pytest.mark.parametrize("model,task", CASES)
 def test_diagnosis_slice(model, task, data_dir):
     from helpers import load_model, load_task
-    from helpers.diagnosis import record_qk
-    from helpers.runs import make_prompts
+    from helpers.experiments.diagnosis import record_qk
+    from helpers.core.runs import make_prompts
 
     lm = _MODELS.get(model) or _MODELS.setdefault(model, load_model(model))
     data = load_task(task, data_dir)
@@ -55,8 +55,8 @@ def test_diagnosis_slice(model, task, data_dir):
 
 def test_diagnosis_full_trec_gemma(data_dir):
     from helpers import load_model, load_task
-    from helpers.diagnosis import diagnose, predicted_confusion
-    from helpers.runs import make_prompts
+    from helpers.experiments.diagnosis import diagnose, predicted_confusion
+    from helpers.core.runs import make_prompts
 
     data = load_task("trec", data_dir)
     committed, n = _committed("gemma-3-270m", data)

@@ -11,16 +11,16 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY_FAMILIES
 
-from helpers import attention
-from helpers.attention import Record, Reweight, intervene
-from helpers.prompts import Prompt, collate, label_token_ids, target_logits
-from helpers.prefix import build_prefix
-from helpers.reweighting import (
+from helpers.core import attention
+from helpers.core.attention import Record, Reweight, intervene
+from helpers.core.prompts import Prompt, collate, label_token_ids, target_logits
+from helpers.core.prefix import build_prefix
+from helpers.experiments.reweighting import (
     METHODS, TrainConfig, bias_calibration, cached_step, class_positions, contextual_calibration,
     continued_label_logits, evaluate, full_step, label_head, many_shots, n_parameters, prefix_states,
     random_positions, seed_setup, demonstration_prefix, train_beta, train_bias,
 )
-from helpers.tasks import TASKS, load_task, sample_fixed_demonstrations, subsample_test
+from helpers.core.tasks import TASKS, load_task, sample_fixed_demonstrations, subsample_test
 
 LABELS = [5, 9, 17]  # label "token ids" of a 3-class toy task in the tiny vocabulary
 
@@ -153,7 +153,7 @@ def test_cached_step_equals_full_step_loss_and_gradient(model):
 
 
 def test_shared_prefix_evaluation_equals_full_forward(model, monkeypatch):
-    import helpers.reweighting as rw
+    import helpers.experiments.reweighting as rw
 
     monkeypatch.setattr(rw, "label_token_ids", lambda task, tok: LABELS)
     prompts = _toy_prompts()
@@ -349,9 +349,9 @@ def test_methods_are_named():
 
 @pytest.mark.slow
 def test_committed_reweighting_slice(data_dir):
-    import helpers.reweighting as rw
+    import helpers.experiments.reweighting as rw
     from helpers import load_model
-    from helpers.runs import PROFILES
+    from helpers.core.runs import PROFILES
 
     lm = load_model("gemma-3-270m")
     data = load_task("sst2", data_dir)
@@ -388,7 +388,7 @@ def test_committed_reweighting_slice(data_dir):
 
 
 def test_accuracy_and_paired_difference_on_constructed_runs():
-    from helpers.reweighting import accuracy, best_control, correctness, difference
+    from helpers.experiments.reweighting import accuracy, best_control, correctness, difference
 
     def res(correct, index):
         return {"correct": np.array(correct, dtype=np.int8), "test_index": np.array(index)}
@@ -416,7 +416,7 @@ def test_accuracy_and_paired_difference_on_constructed_runs():
 def test_prefix_kv_continues_a_plain_key_value_list(model):
     """prefix_kv (plain (key, value) lists, as the tuning chapter's learned prefixes use) equals one pass over the
     whole sequence: the continued keys are those of the full sequence."""
-    from helpers.reweighting import prefix_kv
+    from helpers.experiments.reweighting import prefix_kv
 
     ids = _toy_prompts()[0].input_ids
     whole = prefix_kv(model, ids)

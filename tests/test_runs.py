@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import runs
-from helpers.isolation import isolated_layers, label_loyalty, random_positions, word_loyalty
-from helpers.prompts import Prompt
-from helpers.runs import (
+from helpers.core import runs
+from helpers.experiments.isolation import isolated_layers, label_loyalty, random_positions, word_loyalty
+from helpers.core.prompts import Prompt
+from helpers.core.runs import (
     PROFILES,
     MissingResultError,
     NonFiniteResultError,
@@ -24,7 +24,7 @@ from helpers.runs import (
     run_key,
     settings_of,
 )
-from helpers.tasks import TASKS, Example, TaskData
+from helpers.core.tasks import TASKS, Example, TaskData
 
 
 _COMMITTED = runs.committed_results_dir  # before the fixture below replaces it
@@ -288,7 +288,7 @@ def test_loyalties():
 
 
 def test_per_example_loyalties_average_to_the_aggregates():
-    from helpers.isolation import label_loyalty_per_example, word_loyalty_per_example
+    from helpers.experiments.isolation import label_loyalty_per_example, word_loyalty_per_example
 
     pred, ref = np.array([0, 1, 1, 0]), np.array([0, 1, 0, 0])
     np.testing.assert_array_equal(label_loyalty_per_example(pred, ref), [1, 1, 0, 1])
@@ -302,7 +302,7 @@ def test_per_example_loyalties_average_to_the_aggregates():
 
 
 def test_lookup_only_returns_none_for_a_missing_run_and_never_computes(tmp_path):
-    from helpers.runs import cached_run
+    from helpers.core.runs import cached_run
 
     def boom():
         raise AssertionError("computed in lookup-only mode")
@@ -317,7 +317,7 @@ def test_lookup_only_returns_none_for_a_missing_run_and_never_computes(tmp_path)
 
 
 def test_model_key_stands_for_the_loaded_model_in_the_key():
-    from helpers.runs import ModelKey
+    from helpers.core.runs import ModelKey
 
     key = ModelKey.of("gemma-3-270m")
     assert key.dtype == torch.float32 and key.device.type == "cpu" and key.identity["name"] == "gemma-3-270m"

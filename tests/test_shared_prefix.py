@@ -14,13 +14,13 @@ import pytest
 import torch
 from conftest import TINY_FAMILIES, tiny_loaded_model
 
-from helpers.extraction import label_attention
-from helpers.isolation import run_isolation
-from helpers.prefix import build_prefix, split_prompts, suffix_logits, to_original_positions
-from helpers.prompts import collate, label_token_ids, length_batches, target_label_logits, target_logits
-from helpers.runs import make_prompts
-from helpers.saliency import saliency_flow
-from helpers.tasks import load_task
+from helpers.experiments.extraction import label_attention
+from helpers.experiments.isolation import run_isolation
+from helpers.core.prefix import build_prefix, split_prompts, suffix_logits, to_original_positions
+from helpers.core.prompts import collate, label_token_ids, length_batches, target_label_logits, target_logits
+from helpers.core.runs import make_prompts
+from helpers.core.saliency import saliency_flow
+from helpers.core.tasks import load_task
 
 
 @pytest.fixture(scope="module", params=TINY_FAMILIES)
@@ -79,7 +79,7 @@ def test_isolation_shared_prefix_equals_full_prompts(family_lm, sst2):
 
 def test_isolated_prefix_equals_isolated_full_prompt_logits(family_lm, sst2):
     """The logits themselves (not only the argmax and top-10): isolation acting while the prefix is computed."""
-    from helpers.attention import Isolate, intervene
+    from helpers.core.attention import Isolate, intervene
 
     prompts = _prompts(family_lm, sst2, n=3)
     split = split_prompts(prompts)

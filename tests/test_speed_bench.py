@@ -1,4 +1,4 @@
-"""The committed output of ``python -m helpers.bench speed`` (issue 12): complete and self-consistent.
+"""The committed output of ``python -m helpers.cli.bench speed`` (issue 12): complete and self-consistent.
 
 Not a timed test: the timings were taken once, by the command, and are only read here. What is checked is that the
 file holds every experiment and task the README and the closing note quote, that its ratios follow from its own
@@ -12,7 +12,7 @@ import statistics
 
 import pytest
 
-from helpers.speed import speed_path
+from helpers.cli.speed import speed_path
 
 EXPERIMENTS = ("isolation", "extraction", "saliency")
 
@@ -21,7 +21,7 @@ EXPERIMENTS = ("isolation", "extraction", "saliency")
 def bench():
     path = speed_path("gemma-3-270m")
     if not path.is_file():
-        pytest.fail(f"the committed speed benchmark {path} is missing (python -m helpers.bench speed)")
+        pytest.fail(f"the committed speed benchmark {path} is missing (python -m helpers.cli.bench speed)")
     return json.loads(path.read_text())
 
 

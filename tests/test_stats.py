@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from helpers.stats import Estimate, bootstrap, mean_estimate, paired_difference
+from helpers.core.stats import Estimate, bootstrap, mean_estimate, paired_difference
 
 
 def test_constant_data_gives_a_point_interval():
@@ -70,7 +70,7 @@ def test_bad_input():
 
 
 def test_weighted_bootstrap_matches_the_resampling_bootstrap_for_a_mean():
-    from helpers.stats import bootstrap_weighted
+    from helpers.core.stats import bootstrap_weighted
 
     rng = np.random.default_rng(3)
     per_seed = [rng.random(50), rng.random(40)]
@@ -82,7 +82,7 @@ def test_weighted_bootstrap_matches_the_resampling_bootstrap_for_a_mean():
 
 
 def test_weighted_bootstrap_then_is_applied_to_the_seed_mean():
-    from helpers.stats import bootstrap_weighted
+    from helpers.core.stats import bootstrap_weighted
 
     per_seed = [np.array([[1.0, 3.0]] * 4), np.array([[3.0, 5.0]] * 4)]
     est = bootstrap_weighted(per_seed, lambda x, weights: weights @ x / weights.sum(1, keepdims=True),

@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from helpers.tasks import (
+from helpers.core.tasks import (
     TASKS,
     get_task,
     load_task,

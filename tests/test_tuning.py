@@ -10,11 +10,11 @@ import pytest
 import torch
 from conftest import TINY_FAMILIES
 
-from helpers import attention
-from helpers import tuning as tu
-from helpers.prompts import Prompt
-from helpers.reweighting import TrainConfig, label_head
-from helpers.tasks import load_task
+from helpers.core import attention
+from helpers.experiments import tuning as tu
+from helpers.core.prompts import Prompt
+from helpers.experiments.reweighting import TrainConfig, label_head
+from helpers.core.tasks import load_task
 
 LABELS = [5, 9, 17]
 ROTARY = tuple(f for f in TINY_FAMILIES if f != "gpt2")  # GPT-2's absolute positions move with a prefix
@@ -232,7 +232,7 @@ def sst2_lm(data_dir, offline_tokenizers, tiny_models):
 
 
 def test_parameter_counts_match_what_is_trained(sst2_lm):
-    from helpers.reweighting import seed_setup
+    from helpers.experiments.reweighting import seed_setup
 
     lm, data = sst2_lm
     s = seed_setup(lm, data, 42, 2)

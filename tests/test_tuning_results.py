@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.tasks import load_task
+from helpers.core.tasks import load_task
 
 
 @pytest.mark.slow
 def test_committed_tuning_slice(data_dir):
     from helpers import load_model
-    from helpers import tuning as tu
-    from helpers.reweighting import evaluate, seed_setup
+    from helpers.experiments import tuning as tu
+    from helpers.experiments.reweighting import evaluate, seed_setup
 
     lm = load_model("gemma-3-270m")
     data = load_task("sst2", data_dir)

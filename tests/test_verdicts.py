@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from helpers import verdicts
-from helpers.stats import Estimate
+from helpers.pages import verdicts
+from helpers.core.stats import Estimate
 
 
 def _est(value, low, high):
@@ -22,7 +22,7 @@ def test_every_finding_is_complete_and_planned_ones_are_not_yet_run():
 
 
 def test_missing_results_give_not_yet_run_without_computing(tmp_path, monkeypatch):
-    from helpers import runs
+    from helpers.core import runs
 
     monkeypatch.setenv("ANCHORS_RESULTS", str(tmp_path))  # an empty user cache and no committed results
     monkeypatch.setattr(runs, "committed_results_dir", lambda: tmp_path / "committed")

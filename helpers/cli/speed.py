@@ -1,4 +1,4 @@
-"""The speed benchmark of shared-prefix execution (``python -m helpers.bench speed``; see :mod:`helpers.bench`).
+"""The speed benchmark of shared-prefix execution (``python -m helpers.cli.bench speed``; see :mod:`helpers.cli.bench`).
 
 The old paths are kept here, only as the benchmark's reference: isolation and extraction with full prompts
 (``shared_prefix=False`` of the functions themselves) and saliency with full-vocabulary logits in fixed batches.
@@ -16,15 +16,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .aggregation import KS, RANDOM_KS
-from .attention import Saliency, intervene
-from .extraction import label_attention
-from .isolation import run_isolation
-from .models import load_model
-from .prompts import collate, label_head, label_token_ids, target_logits
-from .runs import bench_file, make_prompts
-from .saliency import flow_measures, saliency_flow
-from .tasks import load_task
+from ..experiments.aggregation import KS, RANDOM_KS
+from ..core.attention import Saliency, intervene
+from ..experiments.extraction import label_attention
+from ..experiments.isolation import run_isolation
+from ..core.models import load_model
+from ..core.prompts import collate, label_head, label_token_ids, target_logits
+from ..core.runs import bench_file, make_prompts, write_json
+from ..core.saliency import flow_measures, saliency_flow
+from ..core.tasks import load_task
 
 __all__ = ["bench_speed", "speed_path", "old_saliency_flow", "TARGETS"]
 
@@ -160,7 +160,6 @@ def speed_path(model: str, write: bool = False) -> Path:
 
 
 def bench_speed(model: str, tasks, n: int, reps: int, out: Path) -> dict:
-    from .bench import _write
 
     torch.set_num_threads(1)
     lm = load_model(model)
@@ -172,7 +171,7 @@ def bench_speed(model: str, tasks, n: int, reps: int, out: Path) -> dict:
     for name in tasks:
         t0 = time.perf_counter()
         r = result["tasks"][name] = bench_task(lm, load_task(name), n=n, reps=reps)
-        _write(out, result)
+        write_json(out, result)
         print(f"{name}: isolation {r['isolation']['old/new']['median']:.2f}x, extraction "
               f"{r['extraction']['old/new']['median']:.2f}x, saliency {r['saliency']['old/new']['median']:.2f}x "
               f"(new/floor {r['saliency']['new/floor']['median']:.2f}); {time.perf_counter() - t0:.0f} s", flush=True)

@@ -1,9 +1,9 @@
 """Tuning the context or tuning the anchors: prompt tuning, prefix-tuning, PEZ and anchor re-weighting side by side.
 
-Every method is trained on anchor re-weighting's data (:func:`helpers.reweighting.seed_setup`: the same one
+Every method is trained on anchor re-weighting's data (:func:`helpers.experiments.reweighting.seed_setup`: the same one
 demonstration per class, the 4 extra examples per class wrapped with those demonstrations, the same seeds and test
 examples), with its gold-label cross-entropy on the label-restricted logits, Adam and its epochs and per-epoch order
-(:class:`helpers.reweighting.TrainConfig`), the model frozen. What differs is *what* is trained:
+(:class:`helpers.experiments.reweighting.TrainConfig`), the model frozen. What differs is *what* is trained:
 
 * **prompt tuning** (Lester et al., 2021): m input embeddings P (m x d) inserted after the BOS token (at the very
   start for a model without BOS), initialised with the embeddings of m random vocabulary tokens (seeded);
@@ -15,9 +15,9 @@ examples), with its gold-label cross-entropy on the label-restricted logits, Ada
 * **PEZ** (Wen et al., 2023, "Hard prompts made easy"): m *real* tokens. A continuous P is kept; every step the
   forward pass uses its projection onto the nearest vocabulary embeddings (L2), and the gradient at the projection
   updates P. The result is the projected token ids; they are evaluated as ordinary tokens;
-* **anchor re-weighting** (the paper's Eq. 9): :func:`helpers.reweighting.train_beta`, unchanged.
+* **anchor re-weighting** (the paper's Eq. 9): :func:`helpers.experiments.reweighting.train_beta`, unchanged.
 
-All of them run through the one attention function of :mod:`helpers.attention`, so the hooks (``Record`` below) see
+All of them run through the one attention function of :mod:`helpers.core.attention`, so the hooks (``Record`` below) see
 the soft tokens and the prefix like any other key. PEFT's ``PrefixTuningConfig`` also runs on our models and our
 attention function (a test compares its logits with ours), but its forward pass always rebuilds the prefix and runs
 the whole prompt: our evaluation continues one key/value cache of the shared demonstrations over all test queries,
@@ -43,12 +43,12 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from .attention import Record, Reweight, intervene
-from .prompts import Prompt, label_token_ids
+from ..core.attention import Record, Reweight, intervene
+from ..core.prompts import Prompt, label_token_ids
 from .reweighting import (KV, TrainConfig, _loss, adam_epochs, class_positions, evaluate, label_head, prefix_kv,
                           seed_setup, shared_prefix_length, train_beta)
-from .runs import cached_run
-from .tasks import TaskData
+from ..core.runs import cached_run
+from ..core.tasks import TaskData
 
 __all__ = [
     "EXPERIMENT", "TuningConfig", "SIZES", "methods_of", "method_kind", "n_trained", "insert_slot",
@@ -297,7 +297,7 @@ def evaluate_prefix(lm, task, prompts: Sequence[Prompt], kv: KV, batch_size: int
 
 def _train(params: list[torch.Tensor], step, n: int, seed: int, config: TrainConfig, lr: float,
            desc: str, progress: bool) -> dict[str, np.ndarray]:
-    """Re-weighting's loop (:func:`helpers.reweighting.adam_epochs`) with its timings as arrays."""
+    """Re-weighting's loop (:func:`helpers.experiments.reweighting.adam_epochs`) with its timings as arrays."""
     t0 = time.perf_counter()
     epoch_loss, times = adam_epochs(params, step, n, seed, config, lr, desc, progress)
     return {"epoch_loss": np.array(epoch_loss), "train_s": np.array(time.perf_counter() - t0),
@@ -608,8 +608,8 @@ def collect_floor(lm, data: TaskData, config: TuningConfig, compute: bool = Fals
 
 
 def accuracy_of(runs: Runs, method: str):
-    """Accuracy in % with its bootstrap interval over the seeds present (an :class:`~helpers.stats.Estimate`)."""
-    from .stats import mean_estimate
+    """Accuracy in % with its bootstrap interval over the seeds present (an :class:`~helpers.core.stats.Estimate`)."""
+    from ..core.stats import mean_estimate
 
     return mean_estimate([np.asarray(r["correct"], float) for _, r in sorted(runs[method].items())]).scaled(100)
 
@@ -617,7 +617,7 @@ def accuracy_of(runs: Runs, method: str):
 def gain_over_icl(runs: Runs, method: str, other: str = "icl-1"):
     """Paired accuracy difference method - other (default ICL 1-shot) in points, on the seeds both have (the same
     test examples)."""
-    from .stats import paired_difference
+    from ..core.stats import paired_difference
 
     seeds = sorted(set(runs[method]) & set(runs[other]))
     if not seeds:
@@ -643,7 +643,7 @@ def per_layer(runs: Runs, method: str, field: str) -> np.ndarray:
 def task_average(by_task: dict[str, Runs], method: str, other: str | None = None,
                  seeds: Sequence[int] | None = None):
     """Accuracy of ``method`` in % averaged over tasks, or (``other`` given) its paired difference from ``other`` in
-    points: the estimators of :func:`helpers.reweighting.accuracy` / :func:`~helpers.reweighting.difference`, which
+    points: the estimators of :func:`helpers.experiments.reweighting.accuracy` / :func:`~helpers.experiments.reweighting.difference`, which
     resample the i-th test example of every task together and average the task accuracies (equal weight per task).
 
     Every task must have ``method`` (and ``other``) on the same seeds (or on every seed of ``seeds``, which then

@@ -104,7 +104,7 @@ def check_prompts(lm, prompts: Sequence[Prompt], task: Task | None = None) -> No
     """Raise ``ValueError`` for an empty prompt list, prompts built with another tokenizer than ``lm``'s, or (with
     ``task``) a query label outside the task's classes."""
     if len(prompts) == 0:
-        raise ValueError("no prompts: pass at least one (e.g. from helpers.runs.make_prompts)")
+        raise ValueError("no prompts: pass at least one (e.g. from helpers.core.runs.make_prompts)")
     expected = tokenizer_fingerprint(lm.tokenizer)
     other = sorted({p.tokenizer for p in prompts} - {expected})
     if other:
@@ -154,7 +154,7 @@ def build_prompt(
     """Build the ICL prompt of ``demos`` then ``query`` and record every position while building it.
 
     Raises ``ValueError`` for an empty demonstration list, a label out of range, or a prompt longer than
-    ``max_length`` tokens (pass the model's :attr:`~helpers.models.LoadedModel.max_length`).
+    ``max_length`` tokens (pass the model's :attr:`~helpers.core.models.LoadedModel.max_length`).
     """
     task = get_task(task)
     if len(demos) == 0:

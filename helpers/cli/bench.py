@@ -1,8 +1,8 @@
 """Benchmarks (commands, not tests).
 
-    python -m helpers.bench speed --model gemma-3-270m          # shared-prefix execution vs the old path (issue 12)
-    python -m helpers.bench compression --model gemma-3-270m    # how much faster is answering from the anchors?
-    python -m helpers.bench forward-cost --model gemma-3-270m   # why batch 1 stays below the token ceiling
+    python -m helpers.cli.bench speed --model gemma-3-270m          # shared-prefix execution vs the old path (issue 12)
+    python -m helpers.cli.bench compression --model gemma-3-270m    # how much faster is answering from the anchors?
+    python -m helpers.cli.bench forward-cost --model gemma-3-270m   # why batch 1 stays below the token ceiling
 
 ``speed``: per experiment (isolation, extraction, saliency) and task, the per-prompt cost of the current path and
 of the old one (full prompts; full-vocabulary logits; saliency in fixed batches of 4 in input order), timed in one
@@ -46,12 +46,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .compression import anchor_positions, demonstration_split
-from .models import DEFAULT_MODEL, load_model
-from .prefix import build_prefix, suffix_logits
-from .prompts import collate, target_logits
-from .runs import bench_file, make_prompts
-from .tasks import TASKS, load_task
+from ..experiments.compression import anchor_positions, demonstration_split
+from ..core.models import DEFAULT_MODEL, load_model
+from ..core.prefix import build_prefix, suffix_logits
+from ..core.prompts import collate, target_logits
+from ..core.runs import bench_file, make_prompts, write_json
+from ..core.tasks import TASKS, load_task
 
 MODES = ("full", "anchor", "prefix")
 
@@ -157,7 +157,7 @@ def bench_compression(model: str, tasks, n: int, reps: int, sweep_tasks, sweep_s
             r = result["tasks"][name][str(b)] = bench_task(lm, data, shots=1, n=n, reps=reps, batch_size=b)
             print(f"{name} batch {b}: full/anchor {r['ratios']['full/anchor']['median']:.2f}x "
                   f"(ceiling {r['ceiling']:.2f}x), {time.perf_counter() - t0:.0f} s", flush=True)
-            _write(out, result)
+            write_json(out, result)
     for name in sweep_tasks:
         data = load_task(name)
         result["sweep"][name] = {}
@@ -171,7 +171,7 @@ def bench_compression(model: str, tasks, n: int, reps: int, sweep_tasks, sweep_s
                 result["sweep"][name].setdefault(str(shots), {})[str(b)] = r
                 print(f"{name} {shots} shots batch {b}: full/anchor {r['ratios']['full/anchor']['median']:.2f}x "
                       f"(ceiling {r['ceiling']:.2f}x)", flush=True)
-                _write(out, result)
+                write_json(out, result)
     return result
 
 
@@ -199,15 +199,8 @@ def forward_cost(model: str, lengths=(1, 4, 16, 64, 256), reps: int = 5, out: Pa
               "median_s": med.tolist(), "fixed_s": float(a), "per_token_s": float(b),
               "fixed_in_tokens": float(a / b)}
     if out is not None:
-        _write(out, result)
+        write_json(out, result)
     return result
-
-
-def _write(path: Path, result: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, path)
 
 
 def bench_path(model: str, write: bool = False) -> Path:

@@ -18,9 +18,9 @@ unchanged, and the cache keys differ by construction (the task's name and the da
   test examples keep their gold labels.
 
 The three analyses are re-run per regime with the book's functions: accuracy and AUCROC_l / R_l from one forward
-pass with the target's attention recorded (:func:`helpers.extraction.label_attention`), the saliency flow
-(:func:`helpers.saliency.saliency_flow`) and label-word isolation in the first / last k layers
-(:func:`helpers.isolation.run_isolation`). Their sizes are this chapter's own (:class:`MeaningConfig`).
+pass with the target's attention recorded (:func:`helpers.experiments.extraction.label_attention`), the saliency flow
+(:func:`helpers.core.saliency.saliency_flow`) and label-word isolation in the first / last k layers
+(:func:`helpers.experiments.isolation.run_isolation`). Their sizes are this chapter's own (:class:`MeaningConfig`).
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ import numpy as np
 
 from .extraction import label_attention
 from .isolation import run_isolation
-from .runs import cached_run, make_prompts
-from .saliency import saliency_flow
-from .stats import Estimate, mean_estimate
-from .tasks import Example, Task, TaskData, get_task
+from ..core.runs import cached_run, make_prompts
+from ..core.saliency import saliency_flow
+from ..core.stats import Estimate, mean_estimate
+from ..core.tasks import Example, Task, TaskData, get_task
 
 __all__ = ["REGIMES", "ABSTRACT_WORDS", "RANDOM_LABEL_SEED", "MeaningConfig", "CONFIGS", "with_label_words",
            "flip_permutation", "regime_task", "regime_data", "regime_of", "base_name", "attention_runs",
@@ -159,7 +159,7 @@ def _config(config: MeaningConfig | str) -> MeaningConfig:
 
 def attention_runs(lm, data: TaskData, config: MeaningConfig | str, shots: int = 1, seeds=None,
                    **kw) -> list[dict[str, np.ndarray]]:
-    """Per seed: :func:`helpers.extraction.label_attention` on ``data`` (already a regime's data), scheme A
+    """Per seed: :func:`helpers.experiments.extraction.label_attention` on ``data`` (already a regime's data), scheme A
     demonstrations (one set per seed), cached as ``meaning-attention``."""
     config = _config(config)
     out = []
@@ -242,7 +242,7 @@ def config_fields(config: MeaningConfig | str) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Filling the cache (python -m helpers.compute meaning)
+# Filling the cache (python -m helpers.cli.compute meaning)
 # --------------------------------------------------------------------------------------------------------------------
 
 SEVERAL_SHOTS = 4  # "several demonstrations per class" on SST-2 (the paper's F.2 used 8 per class on LLaMA-33B)
@@ -330,7 +330,7 @@ def signatures(attention: Sequence[dict[str, np.ndarray]] | None, isolation: Seq
                flows: Sequence[np.ndarray] | None, k: int = 5) -> dict[str, Estimate]:
     """The three anchor signatures the paper reports, each an Estimate whose null is 0 (or 0.5 for the AUC):
     ``shallow isolation`` (:func:`isolation_gap`), ``deep flow`` (:func:`deep_flow_gap`), ``deep AUCROC`` (mean
-    AUCROC_l over the last third of the layers, :func:`helpers.extraction.deep_auc_estimate`). Missing inputs are
+    AUCROC_l over the last third of the layers, :func:`helpers.experiments.extraction.deep_auc_estimate`). Missing inputs are
     left out."""
     from .extraction import deep_auc_estimate
 
@@ -410,9 +410,9 @@ def scope_of(model: str, config: MeaningConfig | str) -> Scope:
 def chapter_runs(model: str, datas: dict[str, TaskData], config: MeaningConfig | str = "book",
                  regimes: Sequence[str] = REGIMES, device=None, scope: Scope | None = None) -> dict:
     """Every run the chapter shows for ``model``: ``{"attention" | "isolation" | "saliency": {(task, regime, shots):
-    per-seed list}}``. Reads the cache first without loading the model (a :class:`~helpers.runs.ModelKey` keys it);
+    per-seed list}}``. Reads the cache first without loading the model (a :class:`~helpers.core.runs.ModelKey` keys it);
     loads the model and computes only what is missing (then it takes time: see the chapter's run-time note)."""
-    from .runs import ModelKey
+    from ..core.runs import ModelKey
 
     config = _config(config)
     scope = scope or scope_of(model, config)
@@ -437,7 +437,7 @@ def chapter_runs(model: str, datas: dict[str, TaskData], config: MeaningConfig |
         else:
             out[kind][task, r, shots] = got
     if missing:
-        from .models import load_model
+        from ..core.models import load_model
 
         lm = load_model(model, device=device)
         for kind, task, r, shots in missing:
@@ -451,9 +451,9 @@ def abstract_anchor_finding(model: str, profile) -> "object | None":
     labels on SST-2 and :data:`SEVERAL_SHOTS` demonstrations per class (the paper: "A"/"B", 8 per class), label
     loyalty after isolating the label words in the last k layers minus in the first k (points; > 0: the meaningless
     label words still gather the demonstrations in shallow layers). ``None`` until the runs are cached."""
-    from .runs import ModelKey
-    from .tasks import load_task
-    from .verdicts import Measured
+    from ..core.runs import ModelKey
+    from ..core.tasks import load_task
+    from ..pages.verdicts import Measured
 
     name = getattr(profile, "name", profile)
     if name not in CONFIGS:

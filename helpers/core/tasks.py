@@ -41,7 +41,7 @@ __all__ = [
 ]
 
 DATA_ENV = "ANCHORS_DATA"
-_REPO_ROOT = Path(__file__).resolve().parents[1]
+_REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ def saliency_matrices(model, batch: Batch, label_ids: Sequence[int]) -> torch.Te
     """I_l for every layer and example: (L, B, T, T), float32 on the CPU, diagonal not yet zeroed.
 
     The loss is summed over the batch, so each example's saliency equals what a batch of one gives. Only the label
-    words' logits are computed (:func:`helpers.prompts.target_label_logits`): the loss needs no other.
+    words' logits are computed (:func:`helpers.core.prompts.target_label_logits`): the loss needs no other.
     """
     if any(p.label is None for p in batch.prompts):
         raise ValueError("saliency needs the gold label of every query")
@@ -81,7 +81,7 @@ def saliency_flow(
 ) -> np.ndarray:
     """(N, 3, L): S_wp, S_pq, S_ww per layer for each prompt (not normalised), in the input order.
 
-    Prompts are batched by length (:func:`helpers.prompts.length_batches`): sorted, at most ``batch_size`` per
+    Prompts are batched by length (:func:`helpers.core.prompts.length_batches`): sorted, at most ``batch_size`` per
     batch and at most ``token_budget`` padded tokens (default: ``batch_size`` × the median length), so that little
     time goes to padding. Each example's result equals a batch of one (tested).
     """

@@ -6,7 +6,7 @@
 * :func:`isolation_runs` - predictions and top-10 tokens with and without isolation (scheme A), per seed;
 * :func:`flow_curves`, :func:`crossover_layer`, :func:`loyalty_table` - the numbers the chapter shows;
 * :func:`flow_estimate`, :func:`flow_gap_estimate`, :func:`lead_layers`, :func:`loyalty_estimates`,
-  :func:`loyalty_difference` - the same numbers with bootstrap intervals (:mod:`helpers.stats`).
+  :func:`loyalty_difference` - the same numbers with bootstrap intervals (:mod:`helpers.core.stats`).
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ import numpy as np
 
 from .isolation import (condition_name, label_loyalty, label_loyalty_per_example, run_isolation, word_loyalty,
                         word_loyalty_per_example)
-from .prompts import collate, label_token_ids
-from .runs import Profile, cached_run, make_prompts, settings_of
-from .saliency import normalise_per_layer, saliency_flow, saliency_matrices
-from .stats import N_BOOT, Estimate, bootstrap, mean_estimate, paired_difference
-from .tasks import TaskData
+from ..core.prompts import collate, label_token_ids
+from ..core.runs import Profile, cached_run, make_prompts, settings_of
+from ..core.saliency import normalise_per_layer, saliency_flow, saliency_matrices
+from ..core.stats import N_BOOT, Estimate, bootstrap, mean_estimate, paired_difference
+from ..core.tasks import TaskData
 
 __all__ = ["saliency_runs", "saliency_examples", "isolation_runs", "flow_curves", "crossover_layer",
            "loyalty_table", "flow_estimate", "flow_gap_estimate", "lead_layers", "loyalty_per_example",
@@ -78,7 +78,7 @@ def saliency_examples(lm, data: TaskData, n: int = 3, seed: int = 42, pool: int 
 
 def isolation_runs(lm, data: TaskData, profile: Profile, ks: Sequence[int] = KS, shots: int = 1,
                    random_ks: Sequence[int] = RANDOM_KS, **kw) -> list[dict[str, np.ndarray]]:
-    """One :func:`helpers.isolation.run_isolation` result per seed."""
+    """One :func:`helpers.experiments.isolation.run_isolation` result per seed."""
     out = []
     n_test = profile.n_test_isolation or profile.n_test
     for seed in profile.seeds:

@@ -1,7 +1,7 @@
 """Compute (and cache) a chapter's results ahead of the book build.
 
-    python -m helpers.compute aggregation --profile book --model gemma-3-270m                   # the user cache
-    python -m helpers.compute aggregation --profile book --model gemma-3-270m --into-committed  # results/ (maintainers)
+    python -m helpers.cli.compute aggregation --profile book --model gemma-3-270m                   # the user cache
+    python -m helpers.cli.compute aggregation --profile book --model gemma-3-270m --into-committed  # results/ (maintainers)
 
 Results go to the user cache (``$ANCHORS_RESULTS`` or ``~/.cache/anchors/results``). ``--into-committed`` writes the
 repository's committed ``results/`` instead (a source checkout only), to refresh the book's published numbers.
@@ -16,9 +16,9 @@ import time
 
 import torch
 
-from .models import DEFAULT_MODEL, load_model
-from .runs import PROFILES, REPO_ROOT, RESULTS_ENV
-from .tasks import TASKS, load_task
+from ..core.models import DEFAULT_MODEL, load_model
+from ..core.runs import PROFILES, REPO_ROOT, RESULTS_ENV
+from ..core.tasks import TASKS, load_task
 
 
 def main(argv=None) -> None:
@@ -51,8 +51,8 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     lm = load_model(args.model)
     profile = PROFILES[args.profile]
-    if args.chapter == "tuning":  # its own sizes (helpers.tuning.SIZES), seed-major, one file per method
-        from .tuning import FLOOR, SIZES, methods_of, shift_floor_run, tuning_run
+    if args.chapter == "tuning":  # its own sizes (helpers.experiments.tuning.SIZES), seed-major, one file per method
+        from ..experiments.tuning import FLOOR, SIZES, methods_of, shift_floor_run, tuning_run
 
         config = SIZES[args.profile] if args.profile in SIZES else SIZES["book"]
         for seed in args.seeds or config.seeds:
@@ -72,10 +72,10 @@ def main(argv=None) -> None:
         if unknown:
             parser.error(f"seeds {sorted(unknown)} are not in the {profile.name} profile {profile.seeds}")
         profile = dataclasses.replace(profile, seeds=tuple(args.seeds))  # a run's key does not hold the seed list
-    if args.chapter == "meaning":  # importance-major (see helpers.meaning.compute_chapter); its own sizes
+    if args.chapter == "meaning":  # importance-major (see helpers.experiments.meaning.compute_chapter); its own sizes
         from dataclasses import replace
 
-        from .meaning import CONFIGS, compute_chapter
+        from ..experiments.meaning import CONFIGS, compute_chapter
 
         config = CONFIGS[args.profile]
         if args.seeds:  # a subset of the seeds (the keys of each seed's runs do not depend on the others)
@@ -84,7 +84,7 @@ def main(argv=None) -> None:
                         analyses_tasks=args.analyses_tasks, log=lambda s: print(s, flush=True))
         return
     if args.chapter == "reweighting":  # seed-major, so that whole seeds finish first
-        from .reweighting import reweighting_runs, reweighting_seeds
+        from ..experiments.reweighting import reweighting_runs, reweighting_seeds
 
         for seed in args.seeds or reweighting_seeds(profile):
             for name in args.tasks:
@@ -96,24 +96,24 @@ def main(argv=None) -> None:
         data = load_task(name)
         t0 = time.perf_counter()
         if args.chapter == "aggregation":
-            from .aggregation import isolation_runs, saliency_examples, saliency_runs
+            from ..experiments.aggregation import isolation_runs, saliency_examples, saliency_runs
 
             saliency_runs(lm, data, profile)
             saliency_examples(lm, data)
             isolation_runs(lm, data, profile)
         elif args.chapter == "diagnosis":
-            from .diagnosis import diagnosis_runs
+            from ..experiments.diagnosis import diagnosis_runs
 
             diagnosis_runs(lm, data, profile, seeds=args.seeds)
         elif args.chapter == "compression":
-            from .compression import compression_runs, shots_sweep
+            from ..experiments.compression import compression_runs, shots_sweep
 
             if args.sweep:
                 shots_sweep(lm, data, profile, shots=args.shots or None)
             else:
                 compression_runs(lm, data, profile)
         else:
-            from .extraction import extraction_runs
+            from ..experiments.extraction import extraction_runs
 
             for shots in args.shots or [1, 2]:
                 extraction_runs(lm, data, profile, shots=shots)

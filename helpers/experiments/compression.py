@@ -2,9 +2,9 @@
 
 If the label words, with the template's formatting tokens, hold what the model needs from the demonstrations, the
 demonstrations' input text can be dropped from the key/value cache. The demonstrations are run once
-(:func:`helpers.prefix.build_prefix`); in **every layer** only the kept positions' keys and values remain; each
+(:func:`helpers.core.prefix.build_prefix`); in **every layer** only the kept positions' keys and values remain; each
 query is answered from that short cache with position ids continuing from the uncompressed length
-(:func:`helpers.prefix.suffix_logits`).
+(:func:`helpers.core.prefix.suffix_logits`).
 
 Variants (Table 2 of the paper, plus two ablations of ours):
 
@@ -32,11 +32,11 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .prefix import PrefixCache, build_prefix, split_prompts, suffix_logits
-from .prompts import Prompt, label_token_ids, target_logits, collate
-from .runs import Profile, cached_run, make_prompts, settings_of
-from .stats import Estimate, mean_estimate
-from .tasks import Example, Task, TaskData, sample_fixed_demonstrations, subsample_test
+from ..core.prefix import PrefixCache, build_prefix, split_prompts, suffix_logits
+from ..core.prompts import Prompt, label_token_ids, target_logits, collate
+from ..core.runs import Profile, cached_run, make_prompts, settings_of
+from ..core.stats import Estimate, mean_estimate
+from ..core.tasks import Example, Task, TaskData, sample_fixed_demonstrations, subsample_test
 
 __all__ = [
     "PAPER_TABLE2", "PAPER_SPEEDUP", "PAPER_LENGTHS", "TABLE2_VARIANTS", "SHOTS_VARIANTS", "TOP_K_STORED", "demonstration_split", "anchor_positions",
@@ -70,7 +70,7 @@ _MAX_BATCH_ENTRIES = 4096  # cap on batch × cached tokens for one batched query
 
 def demonstration_split(prompts: Sequence[Prompt]) -> tuple[tuple[int, ...], list[tuple[int, ...]]]:
     """The shared demonstration prefix (tokens before the query) and each prompt's query suffix
-    (:func:`helpers.prefix.split_prompts`, the one shared-prefix mechanism of every fixed-demonstration experiment).
+    (:func:`helpers.core.prefix.split_prompts`, the one shared-prefix mechanism of every fixed-demonstration experiment).
 
     Raises if the prompts do not share their demonstrations token for token (scheme A shares them): compression
     compares caches of one demonstration set, so a prompt that differs cannot be answered from them.
@@ -279,7 +279,7 @@ def table2_n_test(profile: Profile, model: str) -> int:
     """Test examples per (task, seed) for Table 2: the profile's, a quarter of it (at least 8) for models other than
     the default (a second model is run for comparison only, and e.g. Qwen2.5-0.5B costs ~2.7x Gemma-3-270M on a
     CPU)."""
-    from .models import DEFAULT_MODEL
+    from ..core.models import DEFAULT_MODEL
 
     n = profile.n_test_compression or profile.n_test
     return n if model == DEFAULT_MODEL else max(min(n, 8), n // 4)
@@ -288,14 +288,14 @@ def table2_n_test(profile: Profile, model: str) -> int:
 def table2_n_random(profile: Profile, model: str) -> int:
     """Hidden_random draws per (task, seed): the profile's (0 = the paper's 20) for the default model; a single draw
     (Hidden_random only, no Hidden_random-top) for other models (CPU budget)."""
-    from .models import DEFAULT_MODEL
+    from ..core.models import DEFAULT_MODEL
 
     return (profile.n_random_compression or 20) if model == DEFAULT_MODEL else 1
 
 
 def table2_seeds(profile: Profile, model: str) -> tuple[int, ...]:
     """Seeds for Table 2: the profile's for the default model, its first two for other models (CPU budget)."""
-    from .models import DEFAULT_MODEL
+    from ..core.models import DEFAULT_MODEL
 
     seeds = profile.seeds_for(profile.n_seeds_compression)
     return seeds if model == DEFAULT_MODEL else seeds[:2]

@@ -5,7 +5,7 @@ post-softmax attention from the target q to class i's label word (paper Eq. 9 an
 
     A_{l,h}(q, p_i)  <-  exp(beta_{l,h,i}) * A_{l,h}(q, p_i)          (no renormalisation)
 
-through the one attention function of :mod:`helpers.attention` (hook :class:`~helpers.attention.Reweight`). With K
+through the one attention function of :mod:`helpers.core.attention` (hook :class:`~helpers.core.attention.Reweight`). With K
 demonstrations per class all K label words of class i share beta_{l,h,i}, so there are always L x H x C parameters.
 Training is the paper's (``icl/analysis/reweighting.py``; ``../shared/docs/paper-spec.md`` §5): the 4 extra
 examples per class of scheme A, each wrapped with the *same* demonstrations as the test queries; gold-label
@@ -49,11 +49,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .attention import Reweight, intervene
-from .prefix import PrefixCache, build_prefix, layer_windows, split_prompts, suffix_logits
-from .prompts import Prompt, build_prompt, collate, label_head, label_token_ids, target_label_logits, target_logits
-from .runs import Profile, cached_run, settings_of
-from .tasks import Task, TaskData, sample_fixed_demonstrations, subsample_test
+from ..core.attention import Reweight, intervene
+from ..core.prefix import PrefixCache, build_prefix, layer_windows, split_prompts, suffix_logits
+from ..core.prompts import Prompt, build_prompt, collate, label_head, label_token_ids, target_label_logits, target_logits
+from ..core.runs import Profile, cached_run, settings_of
+from ..core.tasks import Task, TaskData, sample_fixed_demonstrations, subsample_test
 
 __all__ = [
     "reweighting_seeds", "adam_epochs",
@@ -160,7 +160,7 @@ KV = list[tuple[torch.Tensor, torch.Tensor]]
 
 def prefix_kv(model, input_ids: Sequence[int], start: KV | None = None) -> KV:
     """Keys and values of every layer for ``input_ids`` (batch 1, no gradient), continuing the plain (key, value)
-    list ``start`` if given (e.g. a learned prefix, :mod:`helpers.tuning`): :func:`helpers.prefix.build_prefix`
+    list ``start`` if given (e.g. a learned prefix, :mod:`helpers.experiments.tuning`): :func:`helpers.core.prefix.build_prefix`
     with every entry kept, returned as a list of (key, value) per layer."""
     cache = None
     if start:
@@ -174,7 +174,7 @@ def prefix_kv(model, input_ids: Sequence[int], start: KV | None = None) -> KV:
 
 
 def demonstration_prefix(model, prompts: Sequence[Prompt]) -> tuple[PrefixCache, list[int]]:
-    """The demonstrations the prompts share, run once (:func:`helpers.prefix.build_prefix`, every entry kept so that
+    """The demonstrations the prompts share, run once (:func:`helpers.core.prefix.build_prefix`, every entry kept so that
     a key's column is its position), and the indices of the prompts that continue it (the others run in full)."""
     split = split_prompts(prompts)
     if not split.shared:
@@ -185,7 +185,7 @@ def demonstration_prefix(model, prompts: Sequence[Prompt]) -> tuple[PrefixCache,
 def continued_label_logits(model, prompts: Sequence[Prompt], start: PrefixCache, label_ids: Sequence[int],
                            hook: Reweight | None = None, pad_id: int = 0) -> torch.Tensor:
     """Label logits (B, C) at each target, running only the tokens after the cached ``start`` (one batch over
-    :func:`helpers.prefix.suffix_logits`), with ``hook`` active on those tokens."""
+    :func:`helpers.core.prefix.suffix_logits`), with ``hook`` active on those tokens."""
     n0 = start.length
     if any(p.target < n0 for p in prompts):
         raise ValueError(f"a target lies inside the cached prefix of {n0} tokens: nothing left to run")
@@ -233,7 +233,7 @@ def evaluate(lm, task: Task, prompts: Sequence[Prompt], beta: torch.Tensor | Non
 
 def prefix_states(model, prompt: Prompt, start: PrefixCache | None = None) -> PrefixCache:
     """Keys and values of the prompt's tokens before q (no gradient; independent of beta), continuing ``start``
-    (the shared demonstrations) if given: :func:`helpers.prefix.build_prefix`."""
+    (the shared demonstrations) if given: :func:`helpers.core.prefix.build_prefix`."""
     n0 = start.length if start is not None else 0
     return build_prefix(model, prompt.input_ids[n0 : prompt.target], start=start, drop_unreachable=False)
 
@@ -513,7 +513,7 @@ def _scored_setup(logits: np.ndarray, s: SeedSetup) -> dict[str, np.ndarray]:
 
 
 def _cached(lm, data: TaskData, settings: dict, compute: Callable[[], dict[str, np.ndarray]], **kw):
-    """The one place this chapter calls the run cache (keep the call form; see helpers.runs.cached_run)."""
+    """The one place this chapter calls the run cache (keep the call form; see helpers.core.runs.cached_run)."""
     return cached_run(EXPERIMENT, lm, data, settings, compute, **kw)
 
 
@@ -683,19 +683,19 @@ def correctness(runs: Runs, method: str, task: str | None = None) -> list[np.nda
 
 
 def accuracy(runs: Runs, method: str, task: str | None = None):
-    """Accuracy in % (an :class:`~helpers.stats.Estimate`): one task, or the average over tasks (``task=None``).
+    """Accuracy in % (an :class:`~helpers.core.stats.Estimate`): one task, or the average over tasks (``task=None``).
 
     The average over tasks is bootstrapped by resampling the i-th test example of every task together (each task
     has the same number of examples per seed); the statistic is the mean of the task accuracies.
     """
-    from .stats import bootstrap
+    from ..core.stats import bootstrap
 
     return bootstrap(correctness(runs, method, task), lambda a: np.mean(a)).scaled(100)
 
 
 def difference(runs: Runs, a: str, b: str, task: str | None = None):
     """Paired accuracy difference a - b in points, over the same test examples within seeds (an Estimate)."""
-    from .stats import bootstrap
+    from ..core.stats import bootstrap
 
     pairs = [x - y for x, y in zip(correctness(runs, a, task), correctness(runs, b, task), strict=True)]
     return bootstrap(pairs, lambda d: np.mean(d)).scaled(100)

@@ -6,11 +6,11 @@ whose results are missing for a model shows "not yet run".
 
 **Registry.** :data:`FINDINGS` maps an id to a frozen :class:`Finding`: the paper's claim in one sentence, the
 paper's number as text, the chapter and section anchor that shows it, a ``compute(model, profile)`` that returns a
-:class:`Measured` (an :class:`~helpers.stats.Estimate` and a note) or ``None`` when results are missing, and a
+:class:`Measured` (an :class:`~helpers.core.stats.Estimate` and a note) or ``None`` when results are missing, and a
 ``rule`` turning that into a verdict. Findings of chapters that do not exist yet have ``compute=None``; a chapter's
 helper module plugs its function in with :func:`register` (or the :func:`computes` decorator)::
 
-    from helpers.verdicts import computes
+    from helpers.pages.verdicts import computes
 
     @computes("reweighting-gain")
     def reweighting_gain(model, profile):      # -> Measured | None
@@ -35,9 +35,9 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from .runs import PROFILES, ModelKey, Profile
-from .stats import Estimate
-from .tasks import TASKS, get_task, load_task
+from ..core.runs import PROFILES, ModelKey, Profile
+from ..core.stats import Estimate
+from ..core.tasks import TASKS, get_task, load_task
 
 __all__ = ["Finding", "Measured", "FINDINGS", "VERDICTS", "REPRODUCED", "PARTLY", "NOT_REPRODUCED", "NOT_YET_RUN",
            "register", "computes", "evaluate", "verdict_rows", "lookup", "MODELS"]
@@ -86,7 +86,7 @@ class Finding:
 
 
 def lookup(run_function, model: str, task: str, profile: Profile, **kw) -> list | None:
-    """The per-seed results of ``run_function`` (e.g. :func:`helpers.aggregation.isolation_runs`) from the cache, or
+    """The per-seed results of ``run_function`` (e.g. :func:`helpers.experiments.aggregation.isolation_runs`) from the cache, or
     ``None`` if any seed is missing. No model is loaded: only its name keys the cache."""
     lm = ModelKey.of(model)  # float32 on the CPU, as the chapters load it
     data = load_task(task)  # its fingerprint keys the cache
@@ -159,14 +159,14 @@ SHALLOW_K = 5  # the paper's k for "shallow" / "deep" in §2.2, used for the flo
 
 
 def _flows(model, profile):
-    from .aggregation import saliency_runs
+    from ..experiments.aggregation import saliency_runs
 
     runs = _all_tasks(saliency_runs, model, profile)
     return None if runs is None else [f for t in TASK_NAMES for f in runs[t]]
 
 
 def flow_shallow(model: str, profile: Profile) -> Measured | None:
-    from .aggregation import gap_over_layers
+    from ..experiments.aggregation import gap_over_layers
 
     flows = _flows(model, profile)
     if flows is None:
@@ -177,7 +177,7 @@ def flow_shallow(model: str, profile: Profile) -> Measured | None:
 
 
 def flow_deep(model: str, profile: Profile) -> Measured | None:
-    from .aggregation import flow_gap_estimate, gap_over_layers, lead_layers, saliency_runs
+    from ..experiments.aggregation import flow_gap_estimate, gap_over_layers, lead_layers, saliency_runs
 
     flows = _flows(model, profile)
     if flows is None:
@@ -192,7 +192,7 @@ def flow_deep(model: str, profile: Profile) -> Measured | None:
 
 
 def flow_ww(model: str, profile: Profile) -> Measured | None:
-    from .aggregation import ww_smallest_share
+    from ..experiments.aggregation import ww_smallest_share
 
     flows = _flows(model, profile)
     if flows is None:
@@ -203,7 +203,7 @@ def flow_ww(model: str, profile: Profile) -> Measured | None:
 
 
 def _iso(model, profile):
-    from .aggregation import isolation_runs
+    from ..experiments.aggregation import isolation_runs
 
     runs = _all_tasks(isolation_runs, model, profile)
     return None if runs is None else [r for t in TASK_NAMES for r in runs[t]]
@@ -211,8 +211,8 @@ def _iso(model, profile):
 
 def _loyalty(condition: str, metric: str = "label loyalty"):
     def compute(model: str, profile: Profile) -> Measured | None:
-        from .aggregation import loyalty_difference, loyalty_per_example
-        from .stats import mean_estimate
+        from ..experiments.aggregation import loyalty_difference, loyalty_per_example
+        from ..core.stats import mean_estimate
 
         runs = _iso(model, profile)
         if runs is None:
@@ -231,13 +231,13 @@ def _loyalty(condition: str, metric: str = "label loyalty"):
 
 
 def _extraction(model, profile, shots=1):
-    from .extraction import extraction_runs
+    from ..experiments.extraction import extraction_runs
 
     return _all_tasks(extraction_runs, model, profile, shots=shots)
 
 
 def deep_auc(model: str, profile: Profile) -> Measured | None:
-    from .extraction import deep_auc_estimate
+    from ..experiments.extraction import deep_auc_estimate
 
     runs = _extraction(model, profile)
     if runs is None:
@@ -253,8 +253,8 @@ def deep_auc(model: str, profile: Profile) -> Measured | None:
 
 def _r_mid(shots: int):
     def compute(model: str, profile: Profile) -> Measured | None:
-        from .extraction import auc_per_layer_weighted, cumulative_contribution, layer_passing
-        from .stats import bootstrap_weighted
+        from ..experiments.extraction import auc_per_layer_weighted, cumulative_contribution, layer_passing
+        from ..core.stats import bootstrap_weighted
 
         runs = _extraction(model, profile, shots)
         if runs is None:
@@ -331,7 +331,7 @@ FINDINGS: dict[str, Finding] = {f.id: f for f in [
 
 def _reweighting_runs(model: str, profile: Profile) -> dict | None:
     """``{task: {method: [run per seed]}}`` over the seeds cached for every task and method, or None."""
-    from . import reweighting as rw
+    from ..experiments import reweighting as rw
 
     lm = ModelKey.of(model)
     data = {t: load_task(t) for t in TASK_NAMES}
@@ -348,7 +348,7 @@ def reweighting_gain(model: str, profile: Profile) -> Measured | None:
     runs = _reweighting_runs(model, profile)
     if runs is None:
         return None
-    from . import reweighting as rw
+    from ..experiments import reweighting as rw
 
     gain = rw.difference(runs, "anchor", "icl-1")
     icl, anchor = rw.accuracy(runs, "icl-1"), rw.accuracy(runs, "anchor")
@@ -360,7 +360,7 @@ def reweighting_vs_controls(model: str, profile: Profile) -> Measured | None:
     runs = _reweighting_runs(model, profile)
     if runs is None:
         return None
-    from . import reweighting as rw
+    from ..experiments import reweighting as rw
 
     best = rw.best_control(runs)
     diff = rw.difference(runs, "anchor", best)
@@ -376,7 +376,7 @@ def reweighting_vs_controls(model: str, profile: Profile) -> Measured | None:
 def diagnosis_trec(model: str, profile: Profile) -> Measured | None:
     """Spearman ρ between predicted (anchor keys, query PCA, M = 10, two thirds of the depth) and real confusion on
     TREC, over the seeds cached; the exact permutation p-value per seed goes into the note and the rule."""
-    from . import diagnosis as dg
+    from ..experiments import diagnosis as dg
 
     lm = ModelKey.of(model)
     data = load_task("trec")
@@ -401,8 +401,8 @@ def diagnosis_trec(model: str, profile: Profile) -> Measured | None:
 def compression_loyalty(model: str, profile: Profile) -> Measured | None:
     """Hidden_anchor's label loyalty (% of full-ICL predictions kept), mean of 4 tasks, with the paired difference to
     Hidden_random (one random text token per demonstration kept instead) on the same examples."""
-    from . import compression as cp
-    from .stats import mean_estimate, paired_difference
+    from ..experiments import compression as cp
+    from ..core.stats import mean_estimate, paired_difference
 
     lm = ModelKey.of(model)
     runs = {t: cp.compression_runs(lm, load_task(t), profile, lookup_only=True) for t in TASK_NAMES}
@@ -419,14 +419,14 @@ def compression_loyalty(model: str, profile: Profile) -> Measured | None:
 
 
 def compression_speedup(model: str, profile: Profile, batch_size: str = "8") -> Measured | None:
-    """Full ICL time / Hidden_anchor time from the committed benchmark (``python -m helpers.bench compression``), mean
+    """Full ICL time / Hidden_anchor time from the committed benchmark (``python -m helpers.cli.bench compression``), mean
     over the 4 tasks of the per-task median; the range is the mean of the per-task min and max over the interleaved
     repetitions (a timing spread, not a bootstrap)."""
     import json
 
-    from .bench import bench_path
+    from ..core.runs import bench_file
 
-    path = bench_path(model)
+    path = bench_file("compression-bench", model)
     if not path.is_file():
         return None
     tasks = json.loads(path.read_text())["tasks"]
@@ -468,7 +468,7 @@ def confusion_rule(m: Measured) -> str:
 
 
 def _meaning_finding(model: str, profile: Profile) -> Measured | None:
-    from .meaning import abstract_anchor_finding
+    from ..experiments.meaning import abstract_anchor_finding
 
     return abstract_anchor_finding(model, profile)
 
@@ -476,9 +476,9 @@ def _meaning_finding(model: str, profile: Profile) -> Measured | None:
 def prefix_theorem(model: str, profile: Profile) -> Measured | None:
     """Mean over SST-2 test prompts of the largest first-layer change (over heads and positions) of q's renormalised
     content attention under every trained prefix (all lengths), in units of 1e-6, from the tuning chapter's cached
-    runs; anchor re-weighting's in the support. The chapter has its own sizes (``helpers.tuning.SIZES``)."""
-    from . import tuning as tu
-    from .stats import mean_estimate
+    runs; anchor re-weighting's in the support. The chapter has its own sizes (``helpers.experiments.tuning.SIZES``)."""
+    from ..experiments import tuning as tu
+    from ..core.stats import mean_estimate
 
     config = tu.SIZES["book"]
     methods = [m for m in tu.methods_of(config) if m.startswith("prefix-")] + ["anchor"]
@@ -621,7 +621,7 @@ def landing_figure(model: str = MODELS[0], task: str = "sst2", profile: Profile 
     import matplotlib.pyplot as plt
 
     from . import plots
-    from .aggregation import flow_estimate, saliency_runs
+    from ..experiments.aggregation import flow_estimate, saliency_runs
 
     profile = PROFILES[profile] if isinstance(profile, str) else profile
     runs = lookup(saliency_runs, model, task, profile)

@@ -1,7 +1,7 @@
 """Shallow-layer isolation of label words (paper §2.2; ``shallow_layer.py`` and ``shallow_layer_non_label.py``).
 
 Isolating a position p in a layer blocks the flow from every earlier token into p in that layer (a pre-softmax
--1e4 on S[p, j<p], :class:`helpers.attention.Isolate`). The paper isolates the label words in the first k or the
+-1e4 on S[p, j<p], :class:`helpers.core.attention.Isolate`). The paper isolates the label words in the first k or the
 last k layers, and, as a control, the same number of random non-label positions. It then measures how much the
 model's output stays the same:
 
@@ -22,10 +22,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .attention import Isolate, intervene
-from .prefix import SharedPrefix, build_prefix, split_prompts, suffix_logits
-from .prompts import Prompt, check_prompts, collate, label_token_ids, target_logits
-from .tasks import Task
+from ..core.attention import Isolate, intervene
+from ..core.prefix import SharedPrefix, build_prefix, split_prompts, suffix_logits
+from ..core.prompts import Prompt, check_prompts, collate, label_token_ids, target_logits
+from ..core.tasks import Task
 
 __all__ = ["TOP_K_STORED", "isolated_layers", "random_positions", "condition_name", "run_isolation",
            "label_loyalty", "word_loyalty", "label_loyalty_per_example", "word_loyalty_per_example"]
@@ -75,7 +75,7 @@ def run_isolation(
 
     ``shared_prefix`` (prompts with one fixed demonstration set): the "none" and label conditions run the
     demonstrations once per condition, with the label words isolated while that prefix is computed
-    (:func:`helpers.prefix.build_prefix`), and each query as a suffix over it: the same numbers as full prompts
+    (:func:`helpers.core.prefix.build_prefix`), and each query as a suffix over it: the same numbers as full prompts
     (tested), a fraction of the work. The random control draws positions in the query too and differs per example:
     it always runs full prompts, as do prompts whose demonstration tokens differ (``split_prompts``).
 
@@ -154,7 +154,7 @@ def run_isolation(
 
 def label_loyalty_per_example(pred: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """1.0 where the prediction equals the un-isolated prediction, else 0.0: shape (N,). Its mean is the label
-    loyalty; keeping it per example lets :mod:`helpers.stats` put an interval on that mean."""
+    loyalty; keeping it per example lets :mod:`helpers.core.stats` put an interval on that mean."""
     pred, reference = np.asarray(pred), np.asarray(reference)
     if pred.shape != reference.shape:
         raise ValueError(f"predictions {pred.shape} and reference {reference.shape} must match")

@@ -2,7 +2,7 @@
 together, seen from the directions the target's queries vary in, get confused by the model?
 
 **Recording.** One forward pass per prompt through the book's one attention function, with the
-:class:`~helpers.attention.RecordQK` hook: at every layer, the query vector at the target q and the key vectors at
+:class:`~helpers.core.attention.RecordQK` hook: at every layer, the query vector at the target q and the key vectors at
 the label-word positions p_i, exactly as the attention receives them (after the model's rotary embedding and q/k
 norms, before the scaling). Heads are flattened into one vector per token, as the paper does for GPT2-XL
 (25 × 64 = 1600 dimensions).
@@ -42,10 +42,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .attention import RecordQK, intervene
-from .prompts import Prompt, collate, label_token_ids, target_logits
-from .runs import Profile, cached_run, make_prompts, settings_of
-from .tasks import Task, TaskData
+from ..core.attention import RecordQK, intervene
+from ..core.prompts import Prompt, collate, label_token_ids, target_logits
+from ..core.runs import Profile, cached_run, make_prompts, settings_of
+from ..core.tasks import Task, TaskData
 
 __all__ = ["M_MAX", "MS", "N_QUERY_PCS", "default_layer", "flatten_heads", "record_qk", "anchor_projection",
            "normalised_distances", "predicted_confusion", "real_confusion", "pairwise_auc", "pair_values",
@@ -392,14 +392,14 @@ def spearman_estimate(per_seed: Sequence[dict[str, np.ndarray]], matrices: Seque
     """Spearman's ρ between predicted and real confusion, averaged over seeds, with a bootstrap interval.
 
     ``matrices``: per seed, one predicted (C, C) matrix or a stack (K, C, C) of them (e.g. one per layer): the
-    statistic is then a curve of K values. The bootstrap (:func:`helpers.stats.bootstrap`) resamples the test
+    statistic is then a curve of K values. The bootstrap (:func:`helpers.core.stats.bootstrap`) resamples the test
     examples within each seed and recomputes the real confusion; the predicted matrices are held fixed (the PCA is not
     refitted), so the interval covers the test examples' noise in the real confusion only. The real confusion of a
     resample is cached (the bootstrap's resamples are the same in every call), which makes many estimates cheap.
     """
     import hashlib
 
-    from .stats import bootstrap
+    from ..core.stats import bootstrap
 
     ranks = [_rank_rows(np.stack([pair_values(m) for m in np.reshape(mat, (-1, *np.shape(mat)[-2:]))]))
              for mat in matrices]
@@ -425,7 +425,7 @@ def spearman_estimate(per_seed: Sequence[dict[str, np.ndarray]], matrices: Seque
 
 def layer_curve(per_seed: Sequence[dict[str, np.ndarray]], m: int = 10, predictor: str = "anchor keys, query PCA",
                 **kw):
-    """ρ at every layer (an :class:`~helpers.stats.Estimate` over layers) for one predictor."""
+    """ρ at every layer (an :class:`~helpers.core.stats.Estimate` over layers) for one predictor."""
     n_layers = per_seed[0]["khat"].shape[0]
     stacks = [np.stack([predictors(r, layer, m)[predictor] for layer in range(n_layers)]) for r in per_seed]
     return spearman_estimate(per_seed, stacks, **kw)
@@ -435,7 +435,7 @@ def summary(per_seed: Sequence[dict[str, np.ndarray]], layer: int, m: int = 10,
             predictor: str = "anchor keys, query PCA", **kw) -> dict:
     """The chapter's numbers for one (model, task) at one layer and M.
 
-    ``rho``: the :class:`~helpers.stats.Estimate` of ρ (mean over seeds, bootstrap interval); ``p``: the exact
+    ``rho``: the :class:`~helpers.core.stats.Estimate` of ρ (mean over seeds, bootstrap interval); ``p``: the exact
     permutation p-value per seed; ``pairs``: :func:`most_confused` per seed; ``accuracy``: per seed.
     """
     mats = [predictors(r, layer, m)[predictor] for r in per_seed]

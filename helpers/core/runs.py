@@ -3,9 +3,9 @@
 **The key.** A run is identified by a hash of everything that changes its numbers (:func:`key_fields`):
 
 * the experiment's name and its settings (profile sizes, seed, shots, ...);
-* the model's identity (:func:`helpers.models.model_identity`: the PyPI package versions of an offline model, a
+* the model's identity (:func:`helpers.core.models.model_identity`: the PyPI package versions of an offline model, a
   content hash of a local folder, the resolved commit of a hub id), its dtype and its device type (cpu, cuda, mps);
-* the data: a content hash of the task's examples (:attr:`helpers.tasks.TaskData.fingerprint`);
+* the data: a content hash of the task's examples (:attr:`helpers.core.tasks.TaskData.fingerprint`);
 * this package's ``RESULTS_VERSION`` (bumped whenever a computation changes) and transformers' major.minor
   version. Not the patch version: patch releases fix bugs without changing these models' numerics, and keying on
   them would make the committed results stale at every patch upgrade. The package pins transformers' minor series
@@ -16,7 +16,7 @@
 then the committed results, read-only (``results/`` in a source checkout; the same files shipped inside the package
 as ``helpers/_results`` in a non-editable install). New results are written to the user cache only, never into
 site-packages. To refresh the committed results, point ``ANCHORS_RESULTS`` at them on purpose
-(``python -m helpers.compute <chapter> --into-committed`` does that).
+(``python -m helpers.cli.compute <chapter> --into-committed`` does that).
 
 **Safety.** Results are a flat dict of numpy arrays saved as ``.npz`` (no pickles) next to a ``.json`` with the key's
 fields, both written atomically (a temporary ``.tmp-*`` file, then ``os.replace``; those of killed runs are removed
@@ -54,13 +54,13 @@ from .tasks import TaskData, sample_demonstrations_per_example, sample_fixed_dem
 __all__ = ["ModelKey", "Profile", "PROFILES", "RESULTS_VERSION", "RESULTS_ENV", "results_dir", "committed_results_dir",
            "search_dirs", "key_fields", "run_key", "result_path", "find_result", "load_result", "cached_run",
            "make_prompts", "settings_of", "NonFiniteResultError", "UnreadableResultError", "MissingResultError",
-           "check_finite", "clean_stale_temporaries", "transformers_version"]
+           "check_finite", "clean_stale_temporaries", "transformers_version", "write_json", "bench_file"]
 
 RESULTS_VERSION = "1"
 RESULTS_ENV = "ANCHORS_RESULTS"
 REQUIRE_CACHED_ENV = "ANCHORS_REQUIRE_CACHED"
 STALE_TEMP_SECONDS = 15 * 60  # a temporary file older than this belongs to a killed run
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,7 @@ def results_dir() -> Path:
 def committed_results_dir() -> Path | None:
     """The committed (``book``-profile) results, read-only: ``helpers/_results`` when the package is installed
     (package data, see ``pyproject.toml``), ``results/`` at the repository root in a source checkout."""
-    shipped = Path(__file__).resolve().parent / "_results"
+    shipped = Path(__file__).resolve().parents[1] / "_results"
     if shipped.is_dir():
         return shipped
     checkout = REPO_ROOT / "results"
@@ -344,6 +344,12 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
             os.unlink(tmp)
 
 
+def write_json(path: str | os.PathLike, obj) -> None:
+    """Write ``obj`` as indented JSON to ``path``, atomically (a benchmark's result; a killed run leaves no half
+    file)."""
+    _atomic_write(Path(path), lambda p: p.write_text(json.dumps(obj, indent=1) + "\n"))
+
+
 def _torch_threads() -> int | None:
     try:
         import torch
@@ -379,8 +385,8 @@ def cached_run(
 
     Args:
         experiment: the experiment's name (the results sub-folder).
-        lm: the :class:`~helpers.models.LoadedModel` (its identity, dtype and device enter the key).
-        data: the :class:`~helpers.tasks.TaskData` (its fingerprint enters the key).
+        lm: the :class:`~helpers.core.models.LoadedModel` (its identity, dtype and device enter the key).
+        data: the :class:`~helpers.core.tasks.TaskData` (its fingerprint enters the key).
         settings: what else changes the numbers (JSON-serialisable).
         compute: returns a flat dict of numpy arrays.
         directory: read and write only there (default: :func:`search_dirs`, writing to :func:`results_dir`).

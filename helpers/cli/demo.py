@@ -1,6 +1,6 @@
 """Smoke demo: per-layer saliency flow (S_wp, S_pq, S_ww) on a few real SST-2 prompts.
 
-    python -m helpers.demo [--model gemma-3-270m] [--task sst2] [--n 8] [--seed 42]
+    python -m helpers.cli.demo [--model gemma-3-270m] [--task sst2] [--n 8] [--seed 42]
 """
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import time
 
 import numpy as np
 
-from .models import DEFAULT_MODEL, load_model
-from .prompts import build_prompt
-from .saliency import MEASURES, normalise_per_layer, saliency_flow
-from .tasks import load_task, sample_demonstrations_per_example, subsample_test
+from ..core.models import DEFAULT_MODEL, load_model
+from ..core.prompts import build_prompt
+from ..core.saliency import MEASURES, normalise_per_layer, saliency_flow
+from ..core.tasks import load_task, sample_demonstrations_per_example, subsample_test
 
 
 def main(argv=None) -> None:

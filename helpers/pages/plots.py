@@ -2,7 +2,7 @@
 
 Conventions (the book's pages are ~700 px wide): figures at most :data:`PAGE_WIDTH` inches wide, fonts >= 9 pt
 (:data:`BOOK_RC`), integer layer ticks numbered from 1 (:func:`layer_ticks`), legends outside the data, 95% bootstrap
-bands or error bars wherever an :class:`helpers.stats.Estimate` is given, and the sample size ``n`` in the title.
+bands or error bars wherever an :class:`helpers.core.stats.Estimate` is given, and the sample size ``n`` in the title.
 Gemma 3's global-attention layers can be marked (:func:`global_layers`, :func:`mark_layers`).
 """
 
@@ -13,9 +13,9 @@ from collections.abc import Mapping, Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 
-from .saliency import MEASURES
-from .stats import Estimate
-from .tasks import get_task
+from ..core.saliency import MEASURES
+from ..core.stats import Estimate
+from ..core.tasks import get_task
 
 __all__ = ["flow_panels", "loyalty_bars", "loyalty_sweep", "saliency_matrix", "saliency_strip", "saliency_explorer",
            "auc_panels", "attention_example", "layer_ticks", "global_layers", "mark_layers", "BOOK_RC",
@@ -248,7 +248,7 @@ def saliency_explorer(examples: Mapping[str, Mapping[str, np.ndarray]], tokenize
     see the saliency matrix and that example's flows."""
     import ipywidgets as widgets
 
-    from .saliency import flows_at
+    from ..core.saliency import flows_at
 
     task_w = widgets.Dropdown(options=list(examples), description="task")
     example_w = widgets.IntSlider(1, 1, 3, description="example")
@@ -405,7 +405,7 @@ def training_curves(curves: Mapping[str, Mapping[str, np.ndarray]], title: str =
     fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), fontsize=9)
 
 def difference_forest(estimates: Mapping[str, object], title: str = "", xlabel: str = "") -> plt.Figure:
-    """Point and 95% interval of each estimate (an :class:`~helpers.stats.Estimate`), one row each, with a 0 line."""
+    """Point and 95% interval of each estimate (an :class:`~helpers.core.stats.Estimate`), one row each, with a 0 line."""
     labels = list(estimates)
     fig, ax = plt.subplots(figsize=(6.8, 0.32 * len(labels) + 1.0), constrained_layout=True)
     for i, key in enumerate(labels):
@@ -459,7 +459,7 @@ def agreement_curves(curves: Mapping[str, Mapping[str, object]], marks: Mapping[
                      title: str = "") -> plt.Figure:
     """Spearman's ρ (predicted vs real confusion) per layer with its interval: one panel per model, a line per task.
 
-    ``curves[model][task]`` is a :class:`helpers.stats.Estimate` over layers; ``marks[model]`` a layer (0-based) to
+    ``curves[model][task]`` is a :class:`helpers.core.stats.Estimate` over layers; ``marks[model]`` a layer (0-based) to
     mark (the paper's two-thirds depth).
     """
     fig, axes = _grid(len(curves), width=3.6, height=3.6)
@@ -486,7 +486,7 @@ def agreement_curves(curves: Mapping[str, Mapping[str, object]], marks: Mapping[
 
 def baseline_dots(table: Mapping[str, Mapping[str, object]], title: str = "") -> plt.Figure:
     """ρ with its interval for each predictor (rows) and each task (one marker per task). ``table[predictor][task]``
-    is a scalar :class:`helpers.stats.Estimate`."""
+    is a scalar :class:`helpers.core.stats.Estimate`."""
     predictors_ = list(table)
     tasks = list(next(iter(table.values())))
     fig, ax = plt.subplots(figsize=(7.0, 0.55 * len(predictors_) + 1.2), constrained_layout=True)

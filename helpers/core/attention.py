@@ -414,7 +414,7 @@ def intervene(*hooks: Hook, strict: bool = True) -> Iterator[tuple[Hook, ...]]:
     """Activate hooks for the forward passes run inside the block.
 
     With ``strict`` (the default), leaving the block raises ``RuntimeError`` if a hook never acted on a layer it was
-    meant for: the model does not run the ``"anchors"`` attention (load it with :func:`helpers.models.load_model`,
+    meant for: the model does not run the ``"anchors"`` attention (load it with :func:`helpers.core.models.load_model`,
     or call :func:`enable`).
     """
     for hook in hooks:
@@ -429,7 +429,7 @@ def intervene(*hooks: Hook, strict: bool = True) -> Iterator[tuple[Hook, ...]]:
             if not hook.seen:
                 raise RuntimeError(
                     f"{type(hook).__name__} never ran: the model does not use the '{NAME}' attention. "
-                    "Load it with helpers.load_model or call helpers.attention.enable(model)."
+                    "Load it with helpers.load_model or call helpers.core.attention.enable(model)."
                 )
             if hook.layers is not None and not hook.layers <= hook.seen:
                 raise RuntimeError(

@@ -22,12 +22,12 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .attention import Record, intervene
-from .prefix import SharedPrefix, build_prefix, split_prompts, suffix_logits, to_original_positions
-from .prompts import Prompt, check_prompts, collate, label_token_ids, target_label_logits
-from .runs import Profile, cached_run, make_prompts, settings_of
-from .stats import N_BOOT, Estimate, bootstrap_weighted, mean_estimate
-from .tasks import Task, TaskData
+from ..core.attention import Record, intervene
+from ..core.prefix import SharedPrefix, build_prefix, split_prompts, suffix_logits, to_original_positions
+from ..core.prompts import Prompt, check_prompts, collate, label_token_ids, target_label_logits
+from ..core.runs import Profile, cached_run, make_prompts, settings_of
+from ..core.stats import N_BOOT, Estimate, bootstrap_weighted, mean_estimate
+from ..core.tasks import Task, TaskData
 
 __all__ = ["LAYOUT", "label_attention", "auc_per_layer", "auc_per_layer_weighted", "cumulative_contribution",
            "extraction_runs", "auc_curves", "auc_estimates", "deep_auc_estimate", "accuracy_estimate", "layer_passing",
@@ -45,8 +45,8 @@ def label_attention(lm, task: Task, prompts: Sequence[Prompt], batch_size: int =
     ``gold`` (N,), ``shared_prefix`` (N,): 1 where the example ran as a suffix over the shared demonstrations.
 
     ``shared_prefix`` (one fixed demonstration set): the demonstrations run once
-    (:func:`helpers.prefix.build_prefix`), each query as a suffix over them with q's row recorded there, and only
-    the label words' logits computed (:func:`helpers.prompts.label_head`); equal to full prompts (tested).
+    (:func:`helpers.core.prefix.build_prefix`), each query as a suffix over them with q's row recorded there, and only
+    the label words' logits computed (:func:`helpers.core.prompts.label_head`); equal to full prompts (tested).
     """
     from tqdm.auto import tqdm
 
@@ -250,7 +250,7 @@ def auc_estimates(per_seed: Sequence[dict[str, np.ndarray]], n_boot: int = N_BOO
                   renormalise_binary: bool = False) -> tuple[Estimate, Estimate]:
     """AUCROC_l and R_l (of the seed-mean AUCROC_l curve, as :func:`auc_curves`) with bootstrap intervals.
 
-    Stratified bootstrap over examples within seeds (:func:`helpers.stats.bootstrap_weighted`); R_l is recomputed
+    Stratified bootstrap over examples within seeds (:func:`helpers.core.stats.bootstrap_weighted`); R_l is recomputed
     from each replicate's mean AUC curve, so its interval includes the instability of the normalisation.
     """
     data = [(r["attention"], r["pred"]) for r in per_seed]

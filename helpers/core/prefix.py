@@ -28,7 +28,7 @@ Llama, Qwen2 and Gemma 3 models and on a real offline model).
 
 **Shared-prefix execution** (every experiment with one fixed demonstration set per seed: isolation, extraction,
 re-weighting, compression's full-ICL baseline). :func:`split_prompts` cuts a seed's prompts at the query (a position
-known from prompt construction, :attr:`helpers.prompts.Prompt.query_start`) and checks that the demonstration tokens
+known from prompt construction, :attr:`helpers.core.prompts.Prompt.query_start`) and checks that the demonstration tokens
 are identical in every prompt *as tokenised*; a prompt whose tokens differ there (a token straddling the boundary)
 is returned apart, to be run as a full prompt, and counted. Hooks then act where their positions are:
 
@@ -121,14 +121,14 @@ def build_prefix(model, input_ids: Sequence[int], hooks: Sequence = (), start: P
                  drop_unreachable: bool = True) -> PrefixCache:
     """Run the prefix once and keep every layer's keys and values (the one-off cost of a shared prefix).
 
-    ``hooks``: :mod:`helpers.attention` hooks active while the prefix runs (batch of one, positions as in the full
+    ``hooks``: :mod:`helpers.core.attention` hooks active while the prefix runs (batch of one, positions as in the full
     prompt), e.g. ``Isolate([label_positions], layers)``: every query answered from this cache then sees the
     intervened demonstrations, exactly as in a full forward pass with the same hook.
 
     ``start``: continue an uncompressed cache (``input_ids`` are the tokens after it; e.g. re-weighting's training
     example after the shared demonstrations). ``drop_unreachable=False`` keeps entries a sliding-window layer can no
     longer see (the masks exclude them anyway): then a key's column is its original position in every layer, which
-    hooks that index keys by position (:class:`helpers.attention.Reweight`) rely on.
+    hooks that index keys by position (:class:`helpers.core.attention.Reweight`) rely on.
     """
     import contextlib
 
@@ -201,7 +201,7 @@ def suffix_logits(
 ) -> torch.Tensor:
     """Full-vocabulary next-token logits at the last token of each suffix, run as one right-padded batch over the
     shared prefix cache: (B, V); with ``label_ids``, only those words' logits, float32 (B, C)
-    (:func:`helpers.prompts.label_head`: no full-vocabulary output layer).
+    (:func:`helpers.core.prompts.label_head`: no full-vocabulary output layer).
 
     Position ids continue from ``prefix.length`` (or restart at 0 with ``restart_positions``, the official GPT-2
     quirk). The prefix cache is not modified. Hooks active around the call act on the suffix's rows (row r is the

@@ -1,6 +1,6 @@
 """Loading language models: hub names, local folders, and offline models shipped inside PyPI packages.
 
-Every model is loaded with the ``"anchors"`` attention implementation (see :mod:`helpers.attention`), so that the
+Every model is loaded with the ``"anchors"`` attention implementation (see :mod:`helpers.core.attention`), so that the
 experiments can capture, mask, re-weight and differentiate attention with one mechanism. With no intervention active
 that implementation computes exactly what the model's own eager attention computes (tested in ``tests/``).
 
