@@ -36,7 +36,6 @@ the chosen sweep tasks, with the cache memory of both caches. The output is a sm
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics

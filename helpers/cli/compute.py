@@ -1,123 +1,128 @@
-"""Compute (and cache) a chapter's results ahead of the book build.
+"""Compute (and cache) an experiment's results ahead of the book build: resumable, with a progress bar and an ETA.
 
     python -m helpers.cli.compute aggregation --profile book --model gemma-3-270m                   # the user cache
+    python -m helpers.cli.compute all --model gemma-3-270m                                           # every experiment
     python -m helpers.cli.compute aggregation --profile book --model gemma-3-270m --into-committed  # results/ (maintainers)
 
+Every experiment has the same shape (:mod:`helpers.experiments.protocol`): for each seed, for each task, its cached
+``run`` computes what is missing. A killed run loses at most the result it was computing; the next call resumes.
 Results go to the user cache (``$ANCHORS_RESULTS`` or ``~/.cache/anchors/results``). ``--into-committed`` writes the
 repository's committed ``results/`` instead (a source checkout only), to refresh the book's published numbers.
+Options an experiment does not use (``--shots`` for diagnosis, ...) are refused, not ignored.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import time
 
-import torch
-
-from ..core.models import DEFAULT_MODEL, load_model
+from ..core.models import DEFAULT_MODEL
 from ..core.runs import PROFILES, REPO_ROOT, RESULTS_ENV
-from ..core.tasks import TASKS, load_task
+from ..core.tasks import TASKS
+from ..experiments import ORDER, get
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m helpers.cli.compute", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("experiment", choices=[*ORDER, "all"])
+    p.add_argument("--profile", default="book", choices=sorted(PROFILES))
+    p.add_argument("--model", default=DEFAULT_MODEL, help="an offline model name, a hub id or a local folder")
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="only these of the experiment's seeds (runs are per seed, so processes can split the work)")
+    p.add_argument("--threads", type=_positive, default=None)
+    p.add_argument("--into-committed", action="store_true",
+                   help="write into the repository's committed results/ (maintainers refreshing the book)")
+    p.add_argument("--dry-run", action="store_true", help="list what is missing; compute nothing, load no model")
+    g = p.add_argument_group("options of single experiments")
+    g.add_argument("--shots", type=_positive, nargs="+", default=None,
+                   help="extraction: shots per class (default 1 2); compression --sweep: default 1 2 4 8 16")
+    g.add_argument("--sweep", action="store_true", default=None, help="compression: the shots sweep (not Table 2)")
+    g.add_argument("--analyses-tasks", nargs="+", default=None, choices=list(TASKS),
+                   help="meaning: tasks besides SST-2 that also get isolation and saliency")
+    g.add_argument("--methods", nargs="+", default=None,
+                   help="tuning: only these methods (icl-1, anchor, prompt-m, prefix-m, pez-m, position-shift-floor)")
+    return p
+
+
+def plan(args, model: str) -> list[tuple]:
+    """``[(experiment, config, seed, task)]`` in the order they run: experiment by experiment, seed-major (whole
+    seeds finish first)."""
+    names = ORDER if args.experiment == "all" else (args.experiment,)
+    options = dict(shots=args.shots, sweep=args.sweep, analyses_tasks=args.analyses_tasks, methods=args.methods)
+    out = []
+    for name in names:
+        exp = get(name)
+        mine = {k: v for k, v in options.items() if k in exp.options} if args.experiment == "all" else options
+        config = exp.config(args.profile, **mine)
+        seeds = tuple(exp.seeds(config, model))
+        if args.seeds:
+            unknown = sorted(set(args.seeds) - set(seeds))
+            if unknown and args.experiment != "all":
+                raise ValueError(f"seeds {unknown} are not seeds of {name} in the {args.profile} profile {seeds}")
+            seeds = tuple(s for s in seeds if s in args.seeds)
+        out += [(exp, config, seed, task) for seed in seeds for task in args.tasks if task in exp.tasks]
+    return out
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("chapter", choices=["aggregation", "extraction", "reweighting", "diagnosis", "compression",
-                                            "meaning", "tuning"])
-    parser.add_argument("--profile", default="book", choices=sorted(PROFILES))
-    parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--tasks", nargs="*", default=list(TASKS))
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--shots", type=int, nargs="*", default=None,
-                        help="shots per class (extraction: default 1 2; compression's sweep: default 1 2 4 8 16)")
-    parser.add_argument("--sweep", action="store_true", help="compression: run the shots sweep (instead of Table 2)")
-    parser.add_argument("--into-committed", action="store_true",
-                        help="write into the repository's committed results/ (maintainers refreshing the book)")
-    parser.add_argument("--analyses-tasks", nargs="*", default=None,
-                        help="meaning: tasks besides SST-2 that also get isolation and saliency")
-    parser.add_argument("--seeds", type=int, nargs="*", default=None,
-                        help="only these seeds of the profile (runs are per seed, so processes can split a chapter)")
-    parser.add_argument("--methods", nargs="*", default=None,
-                        help="tuning: only these methods (icl-1, anchor, prompt-m, prefix-m, pez-m, position-shift-floor), "
-                             "in this order")
-    args = parser.parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
     if args.into_committed:
         committed = REPO_ROOT / "results"
         if not (REPO_ROOT / "pyproject.toml").is_file() or not committed.is_dir():
-            parser.error(f"--into-committed needs a source checkout with a results/ folder (not {committed})")
+            p.error(f"--into-committed needs a source checkout with a results/ folder (not {committed})")
         os.environ[RESULTS_ENV] = str(committed)
+    try:
+        model_name = args.model
+        work = plan(args, model_name)
+    except (ValueError, KeyError) as err:
+        p.error(str(err.args[0] if err.args else err))
+    from tqdm.auto import tqdm
+
+    from ..core.runs import ModelKey
+    from ..core.tasks import load_task
+
+    datas = {task: load_task(task) for task in args.tasks}  # checked before the model loads
+    key = ModelKey.of(model_name) if model_name in _offline() else None
+    if key is not None:  # what is already cached (no model needed to know it)
+        todo = [w for w in work if w[0].missing(key, datas[w[3]], w[1], w[2])]
+    else:
+        todo = work
+    print(f"{len(work) - len(todo)} of {len(work)} (experiment, seed, task) runs cached; {len(todo)} to compute",
+          flush=True)
+    if args.dry_run or not todo:
+        for exp, _, seed, task in todo:
+            print(f"  missing: {exp.name} {task} seed {seed}")
+        return
+    import torch
+
+    from ..core.models import load_model
+
     if args.threads:
         torch.set_num_threads(args.threads)
-    lm = load_model(args.model)
-    profile = PROFILES[args.profile]
-    if args.chapter == "tuning":  # its own sizes (helpers.experiments.tuning.SIZES), seed-major, one file per method
-        from ..experiments.tuning import FLOOR, SIZES, methods_of, shift_floor_run, tuning_run
-
-        config = SIZES[args.profile] if args.profile in SIZES else SIZES["book"]
-        for seed in args.seeds or config.seeds:
-            for name in args.tasks:
-                data = load_task(name)
-                for method in args.methods or methods_of(config) + (FLOOR,):
-                    t0 = time.perf_counter()
-                    if method == FLOOR:  # the float-error floor of the theorem check (positions shifted, nothing added)
-                        shift_floor_run(lm, data, config, seed)
-                    else:
-                        tuning_run(lm, data, config, seed, method)
-                    print(f"tuning {args.model} {name} seed {seed} {method}: {time.perf_counter() - t0:.0f} s",
-                          flush=True)
-        return
-    if args.seeds and args.chapter in ("aggregation", "extraction"):
-        unknown = set(args.seeds) - set(profile.seeds)
-        if unknown:
-            parser.error(f"seeds {sorted(unknown)} are not in the {profile.name} profile {profile.seeds}")
-        profile = dataclasses.replace(profile, seeds=tuple(args.seeds))  # a run's key does not hold the seed list
-    if args.chapter == "meaning":  # importance-major (see helpers.experiments.meaning.compute_chapter); its own sizes
-        from dataclasses import replace
-
-        from ..experiments.meaning import CONFIGS, compute_chapter
-
-        config = CONFIGS[args.profile]
-        if args.seeds:  # a subset of the seeds (the keys of each seed's runs do not depend on the others)
-            config = replace(config, seeds=tuple(args.seeds))
-        compute_chapter(lm, {name: load_task(name) for name in args.tasks}, config,
-                        analyses_tasks=args.analyses_tasks, log=lambda s: print(s, flush=True))
-        return
-    if args.chapter == "reweighting":  # seed-major, so that whole seeds finish first
-        from ..experiments.reweighting import reweighting_runs, reweighting_seeds
-
-        for seed in args.seeds or reweighting_seeds(profile):
-            for name in args.tasks:
-                t0 = time.perf_counter()
-                reweighting_runs(lm, load_task(name), profile, seeds=[seed])
-                print(f"reweighting {args.model} {name} seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
-        return
-    for name in args.tasks:
-        data = load_task(name)
+    lm = load_model(model_name)
+    bar = tqdm(todo, desc="compute", unit="run")
+    for exp, config, seed, task in bar:
+        bar.set_postfix_str(f"{exp.name} {task} seed {seed}")
         t0 = time.perf_counter()
-        if args.chapter == "aggregation":
-            from ..experiments.aggregation import isolation_runs, saliency_examples, saliency_runs
+        exp.run(lm, datas[task], config, seed)
+        tqdm.write(f"{exp.name} {model_name} {task} seed {seed}: {time.perf_counter() - t0:.0f} s")
 
-            saliency_runs(lm, data, profile)
-            saliency_examples(lm, data)
-            isolation_runs(lm, data, profile)
-        elif args.chapter == "diagnosis":
-            from ..experiments.diagnosis import diagnosis_runs
 
-            diagnosis_runs(lm, data, profile, seeds=args.seeds)
-        elif args.chapter == "compression":
-            from ..experiments.compression import compression_runs, shots_sweep
+def _offline() -> set[str]:
+    from ..core.models import OFFLINE_MODELS
 
-            if args.sweep:
-                shots_sweep(lm, data, profile, shots=args.shots or None)
-            else:
-                compression_runs(lm, data, profile)
-        else:
-            from ..experiments.extraction import extraction_runs
-
-            for shots in args.shots or [1, 2]:
-                extraction_runs(lm, data, profile, shots=shots)
-        print(f"{args.chapter} {args.model} {name}: {time.perf_counter() - t0:.0f} s", flush=True)
+    return set(OFFLINE_MODELS)
 
 
 if __name__ == "__main__":

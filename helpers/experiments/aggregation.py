@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from dataclasses import dataclass, replace
+
 import numpy as np
 
 from .isolation import (condition_name, label_loyalty, label_loyalty_per_example, run_isolation, word_loyalty,
@@ -22,6 +24,11 @@ from ..core.runs import Profile, cached_run, make_prompts, settings_of
 from ..core.saliency import normalise_per_layer, saliency_flow, saliency_matrices
 from ..core.stats import N_BOOT, Estimate, bootstrap, mean_estimate, paired_difference
 from ..core.tasks import TaskData
+from ..core.findings import (Finding, Measured, TASK_NAMES, above_zero, all_tasks, barely_matters, majority, pooled_n,
+                             strongly_lowers)
+from ..core.runs import PROFILES
+from ..core.tasks import get_task
+from .protocol import Experiment
 
 __all__ = ["saliency_runs", "saliency_examples", "isolation_runs", "flow_curves", "crossover_layer",
            "loyalty_table", "flow_estimate", "flow_gap_estimate", "lead_layers", "loyalty_per_example",
@@ -217,3 +224,128 @@ def ww_smallest_share(per_seed: Sequence[np.ndarray], n_boot: int = N_BOOT) -> E
         return float(np.mean(c[2] < np.minimum(c[0], c[1])))
 
     return bootstrap(per_seed, share, n_boot=n_boot)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The verdict rows (helpers.core.findings)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+SHALLOW_K = 5  # the paper's k for "shallow" / "deep" in §2.2, used for the flow findings too
+
+
+def _flows(model, profile):
+
+    runs = all_tasks(saliency_runs, model, profile)
+    return None if runs is None else [f for t in TASK_NAMES for f in runs[t]]
+
+
+def flow_shallow(model: str, profile: Profile) -> Measured | None:
+
+    flows = _flows(model, profile)
+    if flows is None:
+        return None
+    est = gap_over_layers(flows, 1, SHALLOW_K).scaled(-1)
+    return Measured(est, note=f"S_wp − S_pq (normalised), layers 1–{SHALLOW_K}, mean of 4 tasks",
+                    n_text=pooled_n(est))
+
+
+def flow_deep(model: str, profile: Profile) -> Measured | None:
+
+    flows = _flows(model, profile)
+    if flows is None:
+        return None
+    n_layers = flows[0].shape[-1]
+    est = gap_over_layers(flows, n_layers - SHALLOW_K + 1, n_layers)
+    per_task = all_tasks(saliency_runs, model, profile)
+    flips = {t: lead_layers(flow_gap_estimate(per_task[t], n_boot=200))["flip_backs"] for t in TASK_NAMES}
+    flip_text = "; ".join(f"{get_task(t).title} {', '.join(map(str, v))}" for t, v in flips.items() if v)
+    return Measured(est, note=f"S_pq − S_wp (normalised), last {SHALLOW_K} layers, mean of 4 tasks; S_wp leads "
+                              f"again at layers: {flip_text or 'none'}", n_text=pooled_n(est))
+
+
+def flow_ww(model: str, profile: Profile) -> Measured | None:
+
+    flows = _flows(model, profile)
+    if flows is None:
+        return None
+    est = ww_smallest_share(flows).scaled(100)
+    return Measured(est, unit="%", digits=0, note="share of layers where S_ww is below both; mean of 4 tasks",
+                    n_text=pooled_n(est))
+
+
+def _iso(model, profile):
+
+    runs = all_tasks(isolation_runs, model, profile)
+    return None if runs is None else [r for t in TASK_NAMES for r in runs[t]]
+
+
+def _loyalty(condition: str, metric: str = "label loyalty"):
+    def compute(model: str, profile: Profile) -> Measured | None:
+        from ..core.stats import mean_estimate
+
+        runs = _iso(model, profile)
+        if runs is None:
+            return None
+        est = mean_estimate([loyalty_per_example(r, condition)[metric] for r in runs])
+        word = mean_estimate([loyalty_per_example(r, condition)["word loyalty@5"] for r in runs])
+        support = {}
+        note = f"label loyalty, mean of 4 tasks; word loyalty@5 {word.fmt(0)}%"
+        if condition.startswith("random"):
+            label = condition.replace("random", "label")
+            support["label words cost more"] = loyalty_difference(runs, condition, label)
+            note += f"; label words cost {support['label words cost more'].fmt(0)} points more"
+        return Measured(est, unit="%", digits=0, note=note, support=support, n_text=pooled_n(est))
+
+    return compute
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The experiment (helpers.experiments.protocol)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AggregationConfig:
+    """The aggregation chapter's sizes: a profile (saliency, isolation) and the shots per class."""
+
+    profile: Profile
+    shots: int = 1
+
+
+def configure(profile: str = "book") -> AggregationConfig:
+    return AggregationConfig(PROFILES[profile])
+
+
+def run(lm, data: TaskData, config: AggregationConfig, seed: int, lookup_only: bool = False) -> dict:
+    """One (task, seed): the saliency flows, the isolation run and, for the first seed, the worked examples."""
+    one = replace(config.profile, seeds=(seed,))  # a run's key does not hold the seed list
+    out = {"saliency": saliency_runs(lm, data, one, config.shots, lookup_only=lookup_only)[0],
+           "isolation": isolation_runs(lm, data, one, shots=config.shots, lookup_only=lookup_only)[0]}
+    if seed == config.profile.seeds[0]:
+        out["saliency examples"] = saliency_examples(lm, data, seed=seed, lookup_only=lookup_only)
+    return out
+
+
+EXPERIMENT = Experiment(
+    name="aggregation", title="Shallow layers gather, deep layers extract: saliency and isolation",
+    chapter="book/aggregation", configure=configure, seeds=lambda config, model: config.profile.seeds, run=run,
+    findings=(
+        Finding("flow-shallow", "In shallow layers the text → label-word flow S_wp dominates the label → target flow "
+                "S_pq.", "qualitative (Figures 3, 7)", "§2.1", "book/aggregation", "fig-flow", flow_shallow,
+                above_zero),
+        Finding("flow-deep", "In deep layers the label-word → target flow S_pq dominates.",
+                "qualitative (Figures 3, 7)", "§2.1", "book/aggregation", "fig-flow", flow_deep, above_zero),
+        Finding("flow-ww", "S_wp and S_pq are usually above the flow among other tokens, S_ww.",
+                "qualitative (Figures 3, 7)", "§2.1", "book/aggregation", "sec-global-layers", flow_ww, majority),
+        Finding("isolation-first", "Isolating the label words in the first 5 layers strongly lowers loyalty.",
+                "qualitative (Figure 4)", "§2.2", "book/aggregation", "fig-loyalty", _loyalty("label-first-5"),
+                strongly_lowers),
+        Finding("isolation-last", "Isolating the label words in the last 5 layers barely matters.",
+                "qualitative (Figure 4), ≈ 100%", "§2.2", "book/aggregation", "fig-loyalty",
+                _loyalty("label-last-5"), barely_matters),
+        Finding("isolation-random", "Isolating as many random non-label tokens in the first 5 layers barely "
+                "matters.", "qualitative (Figure 4), ≈ 100%", "§2.2", "book/aggregation", "sec-isolation",
+                _loyalty("random-first-5"), barely_matters),
+    ),
+)

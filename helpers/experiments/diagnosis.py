@@ -46,6 +46,10 @@ from ..core.attention import RecordQK, intervene
 from ..core.prompts import Prompt, collate, label_token_ids, target_logits
 from ..core.runs import Profile, cached_run, make_prompts, settings_of
 from ..core.tasks import Task, TaskData
+from ..core.findings import NOT_REPRODUCED, PARTLY, REPRODUCED, Finding, Measured
+from ..core.runs import PROFILES, ModelKey
+from ..core.tasks import TASKS, load_task
+from .protocol import Experiment
 
 __all__ = ["M_MAX", "MS", "N_QUERY_PCS", "default_layer", "flatten_heads", "record_qk", "anchor_projection",
            "normalised_distances", "predicted_confusion", "real_confusion", "pairwise_auc", "pair_values",
@@ -451,3 +455,61 @@ def summary(per_seed: Sequence[dict[str, np.ndarray]], layer: int, m: int = 10,
         "predicted": mats,
         "real": reals,
     }
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The verdict rows (helpers.core.findings)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def diagnosis_trec(model: str, profile: Profile) -> Measured | None:
+    """Spearman ρ between predicted (anchor keys, query PCA, M = 10, two thirds of the depth) and real confusion on
+    TREC, over the seeds cached; the exact permutation p-value per seed goes into the note and the rule."""
+
+    lm = ModelKey.of(model)
+    data = load_task("trec")
+    cached = {seed: diagnosis_runs(lm, data, profile, seeds=[seed], lookup_only=True)[0] for seed in profile.seeds}
+    seeds = [seed for seed, r in cached.items() if r is not None]
+    if not seeds:
+        return None
+    runs = [cached[seed] for seed in seeds]
+    n_layers = runs[0]["khat"].shape[0]
+    layer = default_layer(n_layers)
+    s = summary(runs, layer, 10)
+    p = max(s["p"])
+    names = TASKS["trec"].class_names
+    pair = lambda ij: f"{names[ij[0]]}–{names[ij[1]]}"  # noqa: E731
+    pred, real = pair(s["pairs"][0]["predicted"]), pair(s["pairs"][0]["real"])
+    return Measured(s["rho"], digits=2, n_text=f"{s['rho'].n} (15 class pairs)",
+                    note=f"Spearman ρ over class pairs, layer {layer + 1} of {n_layers}, M = 10; exact permutation "
+                         f"p = {p:.3f}; most confused pair predicted {pred}, real {real} (seed {seeds[0]})",
+                    support={"p": p})
+
+
+def confusion_rule(m: Measured) -> str:
+    """Reproduced: ρ's interval above 0 and the permutation test significant (p < 0.05) in every seed; partly: ρ's
+    interval above 0 (or its point) without significance; not reproduced otherwise."""
+    if m.estimate.low > 0 and m.support.get("p", 1.0) < 0.05:
+        return REPRODUCED
+    return PARTLY if m.estimate.value > 0 else NOT_REPRODUCED
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The experiment (helpers.experiments.protocol)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def run(lm, data: TaskData, config: Profile, seed: int, lookup_only: bool = False) -> dict:
+    """One (task, seed): :func:`diagnose` on the seed's prompts."""
+    return {"diagnosis": diagnosis_runs(lm, data, config, seeds=[seed], lookup_only=lookup_only)[0]}
+
+
+EXPERIMENT = Experiment(
+    name="diagnosis", title="Diagnosing confusions from the anchors' keys", chapter="book/diagnosis",
+    configure=lambda profile="book": PROFILES[profile], seeds=lambda config, model: config.seeds, run=run,
+    findings=(
+        Finding("diagnosis", "Distances between the label words' keys predict which categories the model confuses.",
+                "most confused pair Description–Entity (TREC, Figure 6)", "§3.3", "book/diagnosis", "",
+                diagnosis_trec, confusion_rule),
+    ),
+)

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from dataclasses import dataclass, replace
+
 import numpy as np
 import torch
 
@@ -28,6 +30,10 @@ from ..core.prompts import Prompt, check_prompts, collate, label_token_ids, targ
 from ..core.runs import Profile, cached_run, make_prompts, settings_of
 from ..core.stats import N_BOOT, Estimate, bootstrap_weighted, mean_estimate
 from ..core.tasks import Task, TaskData
+from ..core.findings import Finding, Measured, TASK_NAMES, all_tasks, near_point_eight, pooled_n, second_half
+from ..core.runs import PROFILES
+from ..core.tasks import get_task
+from .protocol import Experiment
 
 __all__ = ["LAYOUT", "label_attention", "auc_per_layer", "auc_per_layer_weighted", "cumulative_contribution",
            "extraction_runs", "auc_curves", "auc_estimates", "deep_auc_estimate", "accuracy_estimate", "layer_passing",
@@ -284,3 +290,96 @@ def deep_auc_estimate(per_seed: Sequence[dict[str, np.ndarray]], share: float = 
             return np.where(ok, auc, 0).sum(1) / ok.sum(1)
 
     return bootstrap_weighted([(r["attention"], r["pred"]) for r in per_seed], stat, n_boot=n_boot)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The verdict rows (helpers.core.findings)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _extraction(model, profile, shots=1):
+
+    return all_tasks(extraction_runs, model, profile, shots=shots)
+
+
+def deep_auc(model: str, profile: Profile) -> Measured | None:
+
+    runs = _extraction(model, profile)
+    if runs is None:
+        return None
+    per_task = {get_task(t).title: deep_auc_estimate(runs[t], n_boot=300) for t in TASK_NAMES}
+    est = deep_auc_estimate([r for t in TASK_NAMES for r in runs[t]])
+    low = [f"{name} {e.fmt(2)}" for name, e in per_task.items() if e.low <= 0.5]
+    note = "last third of the layers, mean of 4 tasks"
+    if low:
+        note += "; not above chance: " + ", ".join(low)
+    return Measured(est, note=note, support=per_task, n_text=pooled_n(est))
+
+
+def _r_mid(shots: int):
+    def compute(model: str, profile: Profile) -> Measured | None:
+        from ..core.stats import bootstrap_weighted
+
+        runs = _extraction(model, profile, shots)
+        if runs is None:
+            return None
+        pooled = [(r["attention"], r["pred"]) for t in TASK_NAMES for r in runs[t]]
+        n_layers = pooled[0][0].shape[1]
+        mid = n_layers // 2
+        est = bootstrap_weighted(pooled, auc_per_layer_weighted, then=cumulative_contribution)
+        r_mid = Estimate(est.value[mid - 1], est.low[mid - 1], est.high[mid - 1], est.n_examples, est.n_seeds,
+                         est.seed_values[:, mid - 1], est.level)
+        passing = layer_passing(est.value)
+        per_task = {}
+        for t in TASK_NAMES:
+            auc = np.nanmean([auc_per_layer_weighted(r["attention"], r["pred"], np.ones((1, len(r["pred"]))))[0]
+                              for r in runs[t]], axis=0)
+            p = layer_passing(cumulative_contribution(auc))
+            per_task[get_task(t).title] = None if p is None else p + 1
+        early = [f"{t} (layer {layer})" for t, layer in per_task.items() if layer is not None and layer <= mid]
+        note = (f"R_l at layer {mid} of {n_layers} (AUC averaged over 4 tasks); it reaches 0.5 at layer "
+                f"{passing + 1 if passing is not None else 'never'}")
+        if early:
+            note += "; per task, R_l reaches 0.5 in the first half on " + ", ".join(early)
+        return Measured(r_mid, note=note, support={"passing": per_task, "mid": mid}, n_text=pooled_n(r_mid))
+
+    return compute
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The experiment (helpers.experiments.protocol)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExtractionConfig:
+    """The extraction chapter's sizes: a profile and the shots per class it runs (1 and 2, Appendix F.1)."""
+
+    profile: Profile
+    shots: tuple[int, ...] = (1, 2)
+
+
+def configure(profile: str = "book", shots=None) -> ExtractionConfig:
+    return ExtractionConfig(PROFILES[profile], tuple(shots) if shots else (1, 2))
+
+
+def run(lm, data: TaskData, config: ExtractionConfig, seed: int, lookup_only: bool = False) -> dict:
+    """One (task, seed): :func:`label_attention` with each number of shots per class."""
+    one = replace(config.profile, seeds=(seed,))  # a run's key does not hold the seed list
+    return {f"{k}-shot": extraction_runs(lm, data, one, shots=k, lookup_only=lookup_only)[0] for k in config.shots}
+
+
+EXPERIMENT = Experiment(
+    name="extraction", title="Deep layers read the label words: AUCROC_l and R_l", chapter="book/extraction",
+    configure=configure, seeds=lambda config, model: config.profile.seeds, run=run, options=frozenset({"shots"}),
+    findings=(
+        Finding("deep-auc", "The target's attention to the label words predicts the output in deep layers: AUCROC ≈ "
+                "0.8.", "≈ 0.8", "§2.3, Figure 5", "book/extraction", "fig-auc", deep_auc, near_point_eight),
+        Finding("r-second-half", "The cumulative contribution R_l is small in shallow layers and rises in the middle "
+                "and late layers.", "qualitative (Figure 5)", "§2.3", "book/extraction", "fig-auc", _r_mid(1),
+                second_half),
+        Finding("two-shot", "With 2 demonstrations per class the conclusions are the same (shown here: R_l, as "
+                "above).", "qualitative (Figures 9–11)", "Appendix F.1", "book/extraction", "fig-auc2", _r_mid(2),
+                second_half),
+    ),
+)

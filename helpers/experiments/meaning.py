@@ -36,6 +36,8 @@ from ..core.runs import cached_run, make_prompts
 from ..core.saliency import saliency_flow
 from ..core.stats import Estimate, mean_estimate
 from ..core.tasks import Example, Task, TaskData, get_task
+from ..core.findings import Finding, Measured, above_zero
+from .protocol import Experiment
 
 __all__ = ["REGIMES", "ABSTRACT_WORDS", "RANDOM_LABEL_SEED", "MeaningConfig", "CONFIGS", "with_label_words",
            "flip_permutation", "regime_task", "regime_data", "regime_of", "base_name", "attention_runs",
@@ -453,7 +455,6 @@ def abstract_anchor_finding(model: str, profile) -> "object | None":
     label words still gather the demonstrations in shallow layers). ``None`` until the runs are cached."""
     from ..core.runs import ModelKey
     from ..core.tasks import load_task
-    from ..pages.verdicts import Measured
 
     name = getattr(profile, "name", profile)
     if name not in CONFIGS:
@@ -476,3 +477,53 @@ def abstract_anchor_finding(model: str, profile) -> "object | None":
             f"{config.isolation_k} layers (first {lo['first'].fmt(0)}%, last {lo['last'].fmt(0)}%); accuracy "
             f"{acc.fmt(1)}% (paper 83.0% on LLaMA-33B)")
     return Measured(gap, unit=" points", digits=0, note=note, support={"accuracy": acc, **lo})
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The experiment (helpers.experiments.protocol)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MeaningPlan:
+    """This chapter's sizes (:class:`MeaningConfig`) and the tasks besides SST-2 that also get isolation and
+    saliency."""
+
+    config: MeaningConfig
+    analyses_tasks: tuple[str, ...] = ()
+
+
+def configure(profile: str = "book", analyses_tasks=None) -> MeaningPlan:
+    return MeaningPlan(_config(profile), tuple(analyses_tasks or ()))
+
+
+def run(lm, data: TaskData, plan: MeaningPlan, seed: int, lookup_only: bool = False) -> dict:
+    """One (task, seed), every regime: accuracy and attention; on the analysis tasks (SST-2 and
+    ``analyses_tasks``) isolation and saliency; on SST-2 the same with :data:`SEVERAL_SHOTS` per class."""
+    config, name = plan.config, data.task.name
+    scope = scope_of(lm.name, config)
+    analysis = name in scope.analysis_tasks or name in plan.analyses_tasks
+    functions = {"attention": attention_runs, "isolation": isolation_runs, "saliency": saliency_runs}
+    out = {}
+    for r in REGIMES:
+        d = regime_data(data, r)
+        for shots in (1, SEVERAL_SHOTS):
+            if shots != 1 and (name not in scope.several_tasks or seed not in scope.seeds_for(shots)):
+                continue
+            for kind, fn in functions.items():
+                if kind != "attention" and not (analysis or shots != 1):
+                    continue
+                out[f"{kind} {r} {shots}-shot"] = fn(lm, d, config, shots=shots, seeds=[seed],
+                                                    lookup_only=lookup_only)[0]
+    return out
+
+
+EXPERIMENT = Experiment(
+    name="meaning", title="Anchors without meaning", chapter="book/meaningless-labels", configure=configure,
+    seeds=lambda plan, model: scope_of(model, plan.config).seeds, run=run, options=frozenset({"analyses_tasks"}),
+    findings=(
+        Finding("anchors-without-meaning", "Label words without meaning ('A'/'B') still act as anchors.",
+                "LLaMA-33B, SST-2, 8 per class: 83.0% accuracy (Figures 12, 13)", "Appendix F.2",
+                "book/meaningless-labels", "fig-meaning-iso", abstract_anchor_finding, above_zero),
+    ),
+)

@@ -49,16 +49,20 @@ from .reweighting import (KV, TrainConfig, _loss, adam_epochs, class_positions, 
                           seed_setup, shared_prefix_length, train_beta)
 from ..core.runs import cached_run
 from ..core.tasks import TaskData
+from ..core.findings import NOT_REPRODUCED, PARTLY, REPRODUCED, Finding, Measured
+from ..core.runs import ModelKey, Profile
+from ..core.tasks import load_task
+from .protocol import Experiment
 
 __all__ = [
-    "EXPERIMENT", "TuningConfig", "SIZES", "methods_of", "method_kind", "n_trained", "insert_slot",
+    "EXPERIMENT", "RESULTS_FOLDER", "TuningConfig", "SIZES", "methods_of", "method_kind", "n_trained", "insert_slot",
     "random_init_ids", "embed_scale", "project_to_vocab", "unit_vocab", "soft_logits", "prefix_logits", "init_prefix",
     "evaluate_soft", "evaluate_prefix", "train_soft", "train_prefix", "train_pez", "attention_at_target",
     "attention_report", "tuning_run", "tuning_runs", "METHOD_TITLES", "task_average", "FLOOR", "shift_floor",
     "shift_floor_run", "collect_floor",
 ]
 
-EXPERIMENT = "tuning"
+RESULTS_FOLDER = "tuning"  # the results sub-folder of its runs
 
 
 @dataclass(frozen=True)
@@ -510,7 +514,7 @@ def tuning_run(lm, data: TaskData, config: TuningConfig, seed: int, method: str,
             out.update({f"att_{k}": v for k, v in report.items()})
         return out
 
-    return cached_run(EXPERIMENT, lm, data, _settings(config, seed, method), compute, **kw)
+    return cached_run(RESULTS_FOLDER, lm, data, _settings(config, seed, method), compute, **kw)
 
 
 FLOOR = "position-shift-floor"
@@ -554,7 +558,7 @@ def shift_floor_run(lm, data: TaskData, config: TuningConfig, seed: int, **kw) -
 
     settings = {"seed": seed, "method": FLOOR, "n_test": config.n_test, "n_attention": config.n_attention,
                 "shots": 1, "shifts": list(shifts)}
-    return cached_run(EXPERIMENT, lm, data, settings, compute, **kw)
+    return cached_run(RESULTS_FOLDER, lm, data, settings, compute, **kw)
 
 
 def tuning_runs(lm, data: TaskData, config: TuningConfig, methods: Sequence[str] | None = None,
@@ -669,3 +673,98 @@ def task_average(by_task: dict[str, Runs], method: str, other: str | None = None
                 raise ValueError(f"{m} on {task} lacks seeds {missing}")
     adapted = {t: {m: [runs[m][s] for s in chosen] for m in wanted} for t, runs in by_task.items()}
     return accuracy(adapted, method) if other is None else difference(adapted, method, other)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The verdict rows (helpers.core.findings)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def prefix_theorem(model: str, profile: Profile) -> Measured | None:
+    """Mean over SST-2 test prompts of the largest first-layer change (over heads and positions) of q's renormalised
+    content attention under every trained prefix (all lengths), in units of 1e-6, from the tuning chapter's cached
+    runs; anchor re-weighting's in the support. The chapter has its own sizes (``helpers.experiments.tuning.SIZES``)."""
+    from ..core.stats import mean_estimate
+
+    config = SIZES["book"]
+    methods = [m for m in methods_of(config) if m.startswith("prefix-")] + ["anchor"]
+    runs = collect(ModelKey.of(model), load_task("sst2"), config, methods=methods)
+    prefixes = [m for m in runs if m.startswith("prefix-")]
+    if not prefixes or "anchor" not in runs:
+        return None
+    seeds = sorted(set.intersection(*(set(runs[m]) for m in prefixes)))
+    if not seeds:
+        return None
+    per_seed = [np.concatenate([runs[m][s]["att_maxdiff"][:, 0].max(-1) for m in prefixes]) for s in seeds]
+    est = mean_estimate(per_seed).scaled(1e6)
+    anchor = mean_estimate([r["att_maxdiff"][:, 0].max(-1) for _, r in sorted(runs["anchor"].items())]).scaled(1e6)
+    support = {"anchor": anchor}
+    floor_note = ""
+    floors = collect_floor(ModelKey.of(model), load_task("sst2"), config)
+    if floors:  # the same statistic with positions shifted by m and nothing added: float error in exact arithmetic
+        floor = mean_estimate([r["maxdiff"][:, :, 0].max(-1).max(-1) for _, r in sorted(floors.items())]).scaled(1e6)
+        support["floor"] = floor
+        floor_note = f"; positions shifted, nothing added (float floor): {floor.fmt(2)} × 1e-6"
+    return Measured(est, unit=" × 1e-6", digits=2, support=support,
+                    n_text=f"{config.n_attention} prompts × {len(prefixes)} prefix lengths × {est.n_seeds} seeds, SST-2",
+                    note=f"largest first-layer change per prompt, prefix lengths {', '.join(p[7:] for p in prefixes)}; "
+                         f"anchor re-weighting: {anchor.fmt(0)} × 1e-6{floor_note}")
+
+
+def float_error(m: Measured) -> str:
+    """Reproduced: the prefix's change is float error and re-weighting's is not; partly: only the first; not
+    reproduced otherwise. Float error: below 1e-5, or at most twice the float floor (the same statistic with the
+    positions shifted as by the prefix and nothing added, which is 0 in exact arithmetic; a model with large
+    query/key norms such as Qwen2 has a floor near 1e-4). "Not float error": above 1e-4 and ten times the floor."""
+    floor = m.support.get("floor")
+    tolerance = max(10.0, 2 * float(floor.high)) if floor is not None else 10.0
+    exact = m.estimate.high < tolerance
+    anchor = m.support.get("anchor")
+    moves = anchor is not None and anchor.low > max(100.0, 10 * tolerance)
+    return REPRODUCED if exact and moves else PARTLY if exact else NOT_REPRODUCED
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The experiment (helpers.experiments.protocol)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TuningPlan:
+    """The tuning chapter's sizes (:data:`SIZES`) and the methods to run, in order (default: every method, then the
+    float floor of the theorem check, :data:`FLOOR`)."""
+
+    config: TuningConfig
+    methods: tuple[str, ...]
+
+
+def configure(profile: str = "book", methods=None) -> TuningPlan:
+    config = SIZES[profile] if profile in SIZES else SIZES["book"]
+    methods = tuple(methods) if methods else methods_of(config) + (FLOOR,)
+    unknown = set(methods) - set(methods_of(config)) - {FLOOR}
+    if unknown:
+        raise ValueError(f"unknown tuning methods {sorted(unknown)}; choose from {methods_of(config) + (FLOOR,)}")
+    return TuningPlan(config, methods)
+
+
+def run(lm, data: TaskData, plan: TuningPlan, seed: int, lookup_only: bool = False) -> dict:
+    """One (task, seed): every method of the plan (and the float floor), trained and evaluated."""
+    out = {}
+    for method in plan.methods:
+        if method == FLOOR:  # the float-error floor of the theorem check (positions shifted, nothing added)
+            out[method] = shift_floor_run(lm, data, plan.config, seed, lookup_only=lookup_only)
+        else:
+            out[method] = tuning_run(lm, data, plan.config, seed, method, lookup_only=lookup_only)
+    return out
+
+
+EXPERIMENT = Experiment(
+    name="tuning", title="Tuning the context or tuning the anchors", chapter="book/tuning",
+    configure=configure, seeds=lambda plan, model: plan.config.seeds, run=run, options=frozenset({"methods"}),
+    findings=(
+        Finding("prefix-theorem", "(beyond the paper) A trained prefix leaves q's first-layer attention over the "
+                "prompt, renormalised over the prompt, unchanged (Petrov, Torr & Bibi 2024); anchor re-weighting "
+                "changes it.", "a theorem (exact), not in the paper", "§3.1 vs prefix-tuning", "book/tuning",
+                "fig-tuning-theorem", prefix_theorem, float_error),
+    ),
+)

@@ -1,0 +1,110 @@
+"""The package's layout: layers that import only downwards, no import circles, one protocol for every experiment."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LAYERS = ("core", "experiments", "pages", "cli")
+
+
+def test_the_layers_contract_holds():
+    pytest.importorskip("importlinter")
+    out = subprocess.run([sys.executable, "-c", "from importlinter.cli import lint_imports_command; "
+                          "lint_imports_command()"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "1 kept, 0 broken" in out.stdout
+
+
+def _graph():
+    grimp = pytest.importorskip("grimp")
+    g = grimp.build_graph("helpers")
+    return {m: set(g.find_modules_directly_imported_by(m)) for m in g.modules}
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[set[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = set()
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.add(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(comp)
+
+    sys.setrecursionlimit(10_000)
+    for v in list(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_the_cycle_finder_finds_a_circle():
+    assert _cycles({"a": {"b"}, "b": {"a"}, "c": {"a"}}) == [{"a", "b"}]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_circles_even_inside_functions():
+    assert _cycles(_graph()) == []
+
+
+def test_every_module_lives_in_a_layer():
+    flat = sorted(p.name for p in (ROOT / "helpers").glob("*.py") if p.name != "__init__.py")
+    assert flat == [], f"modules outside the layers: {flat}"
+    for layer in LAYERS:
+        assert (ROOT / "helpers" / layer / "__init__.py").is_file()
+
+
+def test_every_experiment_follows_the_protocol():
+    from helpers.experiments import ORDER, all_experiments, get
+    from helpers.experiments.protocol import Experiment
+
+    listed = sorted(p.stem for p in (ROOT / "helpers" / "experiments").glob("*.py")
+                    if p.stem not in ("__init__", "protocol", "isolation"))
+    assert sorted(ORDER) == listed  # isolation is a mechanism shared by aggregation and meaning, not a chapter
+    ids = []
+    for exp in all_experiments():
+        assert isinstance(exp, Experiment)
+        assert (ROOT / f"{exp.chapter}.ipynb").is_file(), exp.chapter
+        config = exp.config("quick")
+        hash(config)  # frozen
+        assert exp.seeds(config, "gemma-3-270m")
+        for f in exp.findings:
+            assert f.chapter == exp.chapter and f.compute is not None and f.rule is not None
+            ids.append(f.id)
+    assert len(ids) == len(set(ids))
+    with pytest.raises(KeyError, match="unknown experiment"):
+        get("no-such-experiment")
+
+
+def test_an_option_an_experiment_does_not_take_is_refused():
+    from helpers.experiments import get
+
+    with pytest.raises(ValueError, match="does not take shots"):
+        get("diagnosis").config("quick", shots=[2])
+    assert get("extraction").config("quick", shots=[2]).shots == (2,)
+
+
+def test_the_verdict_page_lists_the_experiments_findings_in_order():
+    from helpers.experiments import all_experiments
+    from helpers.pages import verdicts
+
+    assert list(verdicts.FINDINGS) == [f.id for exp in all_experiments() for f in exp.findings]
