@@ -222,3 +222,33 @@ def test_metrics_agree_with_isolation_loyalties():
     assert top_k_jaccard(ref_top, ref_top).min() == 1.0
     with pytest.raises(ValueError):
         top_k_jaccard(top, ref_top, 11)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_compression_run_returns_label_logits_and_can_restart_positions(offline_tokenizers, data_dir, family):
+    """Label logits agree with the stored predictions; restarting query positions at 0 (the official GPT-2 run)
+    changes the numbers over a cache, and full ICL then no longer equals a plain forward pass."""
+    from conftest import tiny_loaded_model
+
+    from helpers.core.runs import make_prompts
+    from helpers.experiments.compression import compression_run
+
+    lm = tiny_loaded_model(family, offline_tokenizers["smollm2-135m"], f"tiny-{family}")
+    data = load_task("sst2", data_dir)
+    prompts = make_prompts(lm, data, seed=42, n_test=4, shots_per_class=1)
+    variants = ("full", "anchor", "random")
+    out = compression_run(lm, data.task, prompts, seed=42, n_random=2, variants=variants, batch_size=2,
+                          progress=False)
+    assert out["full/label_logits"].shape == (4, 2) and out["random/label_logits"].shape == (2, 4, 2)
+    np.testing.assert_array_equal(out["anchor/label_logits"].argmax(-1), out["anchor/pred"])
+    np.testing.assert_array_equal(out["random/label_logits"].argmax(-1), out["random/pred"])
+    assert out["check/full_prompt_max_diff"] < 1e-4
+    bare = compression_run(lm, data.task, prompts, seed=42, n_random=2, variants=variants, batch_size=2,
+                           progress=False, label_logits=False)
+    assert not any(k.endswith("/label_logits") for k in bare)
+    np.testing.assert_array_equal(bare["anchor/pred"], out["anchor/pred"])
+    restarted = compression_run(lm, data.task, prompts, seed=42, n_random=2, variants=variants, batch_size=2,
+                                progress=False, restart_positions=True)
+    moved = np.abs(restarted["anchor/label_logits"] - out["anchor/label_logits"]).max()
+    assert moved > 1e-5  # other position ids: other numbers (absolute positions and rotary alike)
+    assert restarted["check/full_prompt_max_diff"] > 1e-5

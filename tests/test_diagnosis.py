@@ -414,3 +414,23 @@ def test_predictors_are_normalised_distances():
     np.testing.assert_allclose(out["anchor keys, query PCA"], normalised_distances(r["khat"][2, :, :5]))
     with pytest.raises(ValueError):
         predictors(r, 0, 7)
+
+
+def test_diagnose_takes_keys_from_separate_prompts(tiny_gqa_lm, agnews_prompts, data_dir):
+    """The official construction: keys from one fixed prompt, queries from prompts whose demonstrations differ."""
+    from helpers.core.runs import make_prompts
+    from helpers.core.tasks import load_task
+    from helpers.experiments.diagnosis import diagnose
+
+    lm, (task, prompts) = tiny_gqa_lm, agnews_prompts
+    default = diagnose(lm, task, prompts, batch_size=6, progress=False)
+    same = diagnose(lm, task, prompts, batch_size=6, progress=False, key_prompts=prompts[:1])
+    np.testing.assert_allclose(same["keys"], default["keys"], atol=1e-5)  # one demonstration set: the same keys
+    np.testing.assert_allclose(same["query_pc"], default["query_pc"], atol=1e-5)
+    other = make_prompts(lm, load_task("agnews", data_dir), seed=7, n_test=2, shots_per_class=1)
+    assert other[0].input_ids[: other[0].label_positions[-1]] != prompts[0].input_ids[: prompts[0].label_positions[-1]]
+    moved = diagnose(lm, task, prompts, batch_size=6, progress=False, key_prompts=other[:1])
+    assert np.abs(moved["keys"] - default["keys"]).max() > 1e-3  # other demonstrations: other keys
+    np.testing.assert_array_equal(moved["pred"], default["pred"])  # the queries' run is unchanged
+    np.testing.assert_allclose(moved["probs"], default["probs"], atol=1e-6)
+    assert not np.allclose(moved["khat"], default["khat"], atol=1e-4)  # the keys enter the projection

@@ -150,13 +150,14 @@ def _batches(n: int, size: int):
         yield range(start, min(n, start + size))
 
 
-def _over_cache(lm, cache: PrefixCache, suffixes, batch_size: int) -> torch.Tensor:
+def _over_cache(lm, cache: PrefixCache, suffixes, batch_size: int, restart_positions: bool = False) -> torch.Tensor:
     """Logits (N, V) of every suffix over one cache, in batches sized to the cache."""
     size = max(1, min(batch_size, _MAX_BATCH_ENTRIES // max(1, max(cache.entries()))))
     out = []
     for idx in _batches(len(suffixes), size):
         with torch.no_grad():
-            out.append(suffix_logits(lm.model, cache, [suffixes[i] for i in idx], lm.tokenizer.pad_token_id).float())
+            out.append(suffix_logits(lm.model, cache, [suffixes[i] for i in idx], lm.tokenizer.pad_token_id,
+                                     restart_positions=restart_positions).float())
     return torch.cat(out)
 
 
@@ -194,15 +195,23 @@ def compression_run(
     variants: Sequence[str] = TABLE2_VARIANTS,
     batch_size: int = 8,
     progress: bool = True,
+    restart_positions: bool = False,
+    label_logits: bool = True,
 ) -> dict[str, np.ndarray]:
     """Predictions and top-10 tokens at q for each variant, over prompts that share their demonstrations.
 
     Returns ``"<variant>/pred"`` (N,) and ``"<variant>/top"`` (N, 10); for ``random`` (n_random, N) and
-    (n_random, N, 10); ``gold`` (N,); ``kept/<variant>`` (cached tokens per layer, for ``random`` per trial);
+    (n_random, N, 10); with ``label_logits``, ``"<variant>/label_logits"`` (N, C) float32, for ``random``
+    (n_random, N, C); ``gold`` (N,); ``kept/<variant>`` (cached tokens per layer, for ``random`` per trial);
     ``lengths/demo`` (demonstration tokens, added tokens excluded), ``lengths/prefix`` (with them),
     ``lengths/query`` (N,); ``cache_bytes/full`` and ``cache_bytes/anchor``; ``check/full_prompt_max_diff``: the
     largest |logit difference| between the cached full-ICL path and a plain forward pass of the full prompts of
     the first batch.
+
+    ``restart_positions``: the query's position ids restart at 0 over every cache (the official GPT-2 run) instead of
+    continuing from the uncompressed prefix's length (the default: the query sees the distances of the full
+    prompt). Full ICL then differs from a plain forward pass too (``check/full_prompt_max_diff`` says by how much).
+    Used in: Anchor-only context compression.
     """
     from tqdm.auto import tqdm
 
@@ -226,52 +235,67 @@ def compression_run(
     full = build_prefix(lm.model, prefix_ids)
     out["cache_bytes/full"] = np.array(full.nbytes())
 
-    def over(positions) -> tuple[np.ndarray, np.ndarray, int, int]:
+    trials_pred, trials_top, trials_kept, trials_logits = [], [], [], []
+    logit_of: dict[str, np.ndarray] = {}
+
+    def scored(logits: torch.Tensor, variant: str) -> tuple[np.ndarray, np.ndarray]:
+        if label_logits:
+            row = logits[:, label_ids].cpu().numpy().astype(np.float32)
+            if variant == "random":
+                trials_logits.append(row)
+            else:
+                logit_of[variant] = row
+        return _summarise(logits, label_ids)
+
+    def over(positions, variant: str) -> tuple[np.ndarray, np.ndarray, int, int]:
         cache = full.keep(positions)
-        pred, top = _summarise(_over_cache(lm, cache, suffixes, batch_size), label_ids)
+        pred, top = scored(_over_cache(lm, cache, suffixes, batch_size, restart_positions), variant)
         return pred, top, max(cache.entries()), cache.nbytes()
 
-    trials_pred, trials_top, trials_kept = [], [], []
     random_sets = random_trials(p0, seed, n_random) if "random" in variants else []
     for step, variant in enumerate(steps):
         if variant == "full":
-            logits = _over_cache(lm, full, suffixes, batch_size)
-            pred, top = _summarise(logits, label_ids)
+            logits = _over_cache(lm, full, suffixes, batch_size, restart_positions)
+            pred, top = scored(logits, variant)
             kept = max(full.entries())
             first = list(prompts[: min(len(prompts), batch_size)])
             with torch.no_grad():
                 plain = target_logits(lm.model, collate(first, lm.tokenizer.pad_token_id)).float()
             out["check/full_prompt_max_diff"] = np.array((plain - logits[: len(first)]).abs().max().item())
         elif variant == "anchor":
-            pred, top, kept, nbytes = over(anchor_positions(p0))
+            pred, top, kept, nbytes = over(anchor_positions(p0), variant)
             out["cache_bytes/anchor"] = np.array(nbytes)
         elif variant == "anchor-nobos":
             if not p0.special_positions:
                 bar.update()
                 continue  # identical to "anchor" when the tokenizer adds nothing
-            pred, top, kept, _ = over(anchor_positions(p0, bos=False))
+            pred, top, kept, _ = over(anchor_positions(p0, bos=False), variant)
         elif variant == "labels-only":
-            pred, top, kept, _ = over(labels_only_positions(p0))
+            pred, top, kept, _ = over(labels_only_positions(p0), variant)
         elif variant == "text":
             ids = [lm.tokenizer(t).input_ids for t in text_prompts]
-            pred, top = _summarise(_last_token_logits(lm, ids, batch_size), label_ids)
+            pred, top = scored(_last_token_logits(lm, ids, batch_size), variant)
             kept = -1  # a text prompt: no cache
             out["lengths/text"] = np.array([len(i) for i in ids])
         else:  # one Hidden_random trial
             t = len(trials_pred)
-            pred, top, kept, _ = over(random_sets[t])
+            pred, top, kept, _ = over(random_sets[t], "random")
             trials_pred.append(pred)
             trials_top.append(top)
             trials_kept.append(kept)
             bar.update()
             continue
         out[f"{variant}/pred"], out[f"{variant}/top"], out[f"kept/{variant}"] = pred, top, np.array(kept)
+        if variant in logit_of:
+            out[f"{variant}/label_logits"] = logit_of[variant]
         bar.update()
     bar.close()
     if trials_pred:
         out["random/pred"] = np.stack(trials_pred)
         out["random/top"] = np.stack(trials_top)
         out["kept/random"] = np.array(trials_kept)
+        if trials_logits:
+            out["random/label_logits"] = np.stack(trials_logits)
     return out
 
 
@@ -327,8 +351,9 @@ def compression_runs(
             demos = [data.train[j] for j in sample_fixed_demonstrations(data, shots, seed)[0]]
             test = [data.test[i] for i in subsample_test(data, seed, n_test)]
             texts = [text_anchor_text(data.task, demos, q) for q in test]
+            # the stored results keep the fields they were computed with (label logits would need a new key)
             return compression_run(lm, data.task, prompts, texts, seed=seed, n_random=n_random, variants=variants,
-                                   batch_size=profile.batch_size, progress=progress)
+                                   batch_size=profile.batch_size, progress=progress, label_logits=False)
 
         settings = settings_of(profile, seed=seed, shots=shots, n_test=n_test, n_random=n_random,
                                variants=list(variants))

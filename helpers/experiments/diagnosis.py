@@ -109,10 +109,10 @@ def record_qk(lm, task: Task, prompts: Sequence[Prompt], batch_size: int = 8,
         with torch.no_grad(), intervene(hook):
             logits = target_logits(lm.model, batch)[:, label_ids].float()
         q = torch.stack([hook.queries[layer] for layer in layers], dim=1)  # (B, L, H, D)
-        k = torch.stack([hook.keys[layer] for layer in layers], dim=1).numpy()  # (B, L, C, H_kv, D)
+        k = torch.stack([hook.keys[layer] for layer in layers], dim=1).float().cpu().numpy()  # (B, L, C, H_kv, D)
         p = torch.softmax(logits, dim=-1).cpu().numpy()
         for b, i in enumerate(idx):
-            queries[i] = q[b].reshape(q.shape[1], -1).numpy()
+            queries[i] = q[b].reshape(q.shape[1], -1).float().cpu().numpy()
             probs[i] = p[b]
         if keys0 is None:
             keys0 = k[0]
@@ -277,8 +277,14 @@ def most_confused(predicted: np.ndarray, real: np.ndarray) -> dict:
 
 
 def diagnose(lm, task: Task, prompts: Sequence[Prompt], batch_size: int = 8, m_max: int = M_MAX,
-             progress: bool = True) -> dict[str, np.ndarray]:
+             progress: bool = True, key_prompts: Sequence[Prompt] | None = None) -> dict[str, np.ndarray]:
     """Record Q/K once for all layers and reduce them to the small arrays the chapter needs (stored results).
+
+    Queries come from ``prompts``; the label words' keys from ``key_prompts`` when given (default: ``prompts``
+    themselves, which then share one demonstration set). The official code builds it the other way round from the
+    book's default: keys from one fixed prompt, queries from prompts whose demonstrations rotate; pass that fixed
+    prompt as ``key_prompts=[prompt]`` and the rotating ones as ``prompts``. Every key prompt must share its
+    demonstrations (``key_spread`` says how far their keys differ). Used in: Diagnosing confusions.
 
     Returns, with L layers, C classes, M = min(m_max, N − 1) directions:
     ``probs`` (N, C), ``pred``, ``gold`` (N,); ``keys`` (L, C, H_kv·D) the un-repeated label keys;
@@ -289,6 +295,10 @@ def diagnose(lm, task: Task, prompts: Sequence[Prompt], batch_size: int = 8, m_m
     """
     rec = record_qk(lm, task, prompts, batch_size=batch_size, progress=progress)
     queries, keys, gold = rec["queries"], rec["keys"], rec["gold"]
+    spread = rec["key_spread"]
+    if key_prompts is not None:  # keys from other prompts (e.g. one fixed prompt, as the official code)
+        key_rec = record_qk(lm, task, key_prompts, batch_size=batch_size, progress=progress)
+        keys, spread = key_rec["keys"], key_rec["key_spread"]
     n, n_layers, _ = queries.shape
     m = min(m_max, n - 1)
     c = task.n_classes
@@ -310,7 +320,7 @@ def diagnose(lm, task: Task, prompts: Sequence[Prompt], batch_size: int = 8, m_m
         "pred": rec["pred"],
         "gold": gold,
         "keys": keys.reshape(n_layers, c, -1).astype(np.float32),
-        "key_spread": rec["key_spread"],
+        "key_spread": spread,
         "khat": np.stack(khat).astype(np.float32),
         "sigma": np.stack(sigma).astype(np.float32),
         "explained": np.stack(explained).astype(np.float32),
