@@ -108,3 +108,36 @@ def test_the_verdict_page_lists_the_experiments_findings_in_order():
     from helpers.pages import verdicts
 
     assert list(verdicts.FINDINGS) == [f.id for exp in all_experiments() for f in exp.findings]
+
+
+def test_the_readme_map_names_every_module_in_its_layer():
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Architecture", 1)[1].split("\n## ", 1)[0]
+    rows = {m.group(1): m.group(0) for m in re.finditer(r"^\| [a-z ]+ \| `helpers/(\w+)/` \|.*$", section, re.M)}
+    assert set(rows) == set(LAYERS)
+    for layer in LAYERS:
+        modules = {p.stem for p in (ROOT / "helpers" / layer).glob("*.py") if p.stem != "__init__"}
+        named = set(re.findall(r"`(\w+)`", rows[layer].split("|")[3]))
+        assert modules - {"protocol"} <= named | ({"protocol"} if layer == "experiments" else set()), \
+            f"helpers/{layer}/: {sorted(modules - named)} missing from the README's map"
+        assert named - modules <= {"Experiment", "protocol.Experiment"}, f"README names {sorted(named - modules)}"
+
+
+def test_api_page_documents_every_module():
+    api = (ROOT / "book" / "api.md").read_text()
+    for layer in LAYERS:
+        for p in (ROOT / "helpers" / layer).glob("*.py"):
+            if p.stem != "__init__":
+                assert f".. automodule:: helpers.{layer}.{p.stem}" in api, f"helpers.{layer}.{p.stem}"
+
+
+def test_used_in_lines_come_from_the_chapters():
+    from helpers.pages import api
+
+    titles = api.chapter_titles()
+    assert "reweighting" in titles and titles["reweighting"]
+    assert titles["reweighting"] in api.used_in("load_model")  # every chapter loads or keys a model
+    assert api.used_in("no_such_function_anywhere") == []
+    assert api.used_in("_private") == []
