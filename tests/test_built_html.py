@@ -70,3 +70,19 @@ def test_verdict_page_has_a_row_per_finding():
     html = _text(page)
     assert html.count("<tr>") >= len(FINDINGS) + 1
     assert "not yet run" in html
+
+
+def test_glued_values_equal_the_reference():
+    """Every value the built book glues equals ``tests/data/glued_values.json`` (the numbers a reader sees did not
+    move). After an intended change of results, rewrite the reference with ``python scripts/glued_values.py`` and
+    review its diff."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import glued_values
+
+    reference = json.loads((ROOT / "tests" / "data" / "glued_values.json").read_text())
+    built = glued_values.glued_values(ROOT / "_build")
+    diff = glued_values.differences(reference, built)
+    assert not diff, f"{len(diff)} glued values differ from the reference:\n" + "\n".join(diff[:20])
