@@ -1,0 +1,210 @@
+"""The re-weighting chapter's tables, figures and glued values (helpers.pages.reweighting), without a model: tiny
+constructed runs with the structure of the real ones, and a slice of the committed results (one seed)."""
+
+import json
+import re
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from helpers.core.runs import PROFILES  # noqa: E402
+from helpers.pages import reweighting as page  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "gemma-3-270m"
+METHODS = ("icl-1", "icl-5", "anchor", "random", "bias", "contextual")
+N_LAYERS, N_HEADS = 4, 2
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
+
+
+def _result(correct, n_classes, deep=1.0):
+    """One (task, method, seed) result with the fields the chapter reads; β is 1 in the first half of the layers and
+    ``deep`` in the second."""
+    correct = np.array(correct, dtype=np.int8)
+    n = len(correct)
+    gold = np.arange(n) % n_classes
+    pred = np.where(correct == 1, gold, (gold + 1) % n_classes)
+    train_gold = np.arange(2 * n_classes) % n_classes
+    beta = np.ones((N_LAYERS, N_HEADS, n_classes), dtype=np.float32)
+    beta[N_LAYERS // 2:] = deep
+    return {"correct": correct, "test_index": np.arange(n), "gold": gold, "pred": pred,
+            "logits": np.eye(n_classes, dtype=np.float32)[pred], "beta": beta,
+            "epoch_loss": np.linspace(1.0, 0.5, 10), "loss_start": np.array(1.0), "loss_end": np.array(0.5),
+            "train_logits": np.eye(n_classes, dtype=np.float32)[train_gold], "train_gold": train_gold,
+            "train_s": np.array(10.0), "eval_s": np.array(2.0), "step_s": np.array(0.1), "naive_step_s": np.array(0.5),
+            "train_peak_mb": np.array(2100.0), "eval_peak_mb": np.array(2000.0), "naive_extra_mb": np.array(300.0),
+            "threads": np.array(1)}
+
+
+def _runs():
+    """Two tasks, one seed, four test examples each. Accuracies (SST-2, TREC): ICL 1-shot 50/25, anchor 75/50,
+    contextual 100/0, the others 25/25."""
+    correct = {"sst2": {"icl-1": [1, 0, 0, 1], "anchor": [1, 1, 0, 1], "contextual": [1, 1, 1, 1]},
+               "trec": {"icl-1": [1, 0, 0, 0], "anchor": [1, 1, 0, 0], "contextual": [0, 0, 0, 0]}}
+    classes = {"sst2": 2, "trec": 6}
+    return {t: {m: [_result(correct[t].get(m, [0, 0, 1, 0]), classes[t], deep=3.0 if m == "anchor" else 1.0)]
+                for m in METHODS} for t in ("sst2", "trec")}
+
+
+@pytest.fixture(scope="module")
+def committed(data_dir):
+    """The committed runs of the default model, every task, seed 42 only."""
+    from helpers.core.runs import ModelKey
+    from helpers.core.tasks import TASKS, load_task
+    from helpers.experiments.reweighting import reweighting_runs
+
+    lm = ModelKey.of(MODEL)
+    runs = {t: reweighting_runs(lm, load_task(t, data_dir), PROFILES["book"], seeds=(42,), progress=False)
+            for t in TASKS}
+    assert all(len(r["anchor"]) == 1 for r in runs.values())
+    return runs
+
+
+def test_has_average_needs_every_task_with_the_same_seeds():
+    R = _runs()
+    assert not page.has_average(R)
+    four = {t: R["sst2"] for t in ("sst2", "trec", "agnews", "emoc")}
+    assert page.has_average(four)
+    four["emoc"] = {m: v * 2 for m, v in R["sst2"].items()}  # two seeds on one task
+    assert not page.has_average(four)
+
+
+def test_accuracy_table_has_the_paper_rows_and_marks_what_was_not_run():
+    table = page.accuracy_table({"m": _runs()})
+    assert list(table.index.get_level_values("model")) == ["GPT2-XL (paper)"] * 3 + ["m"] * 6
+    assert list(table.columns) == ["SST-2", "TREC", "AG News", "EmoC", "Average", "n per task"]
+    assert table.loc[("GPT2-XL (paper)", "Anchor re-weighting (1-shot per class)"), "Average"] == "68.64"
+    row = table.loc[("m", "Anchor re-weighting (1-shot per class)")]
+    assert row["SST-2"].startswith("75.0 [") and "±" not in row["SST-2"]  # one seed: no spread over seeds
+    assert row["AG News"] == "not run" and row["Average"] == "—" and row["n per task"] == "4 × 1"
+
+
+def test_headline_values():
+    v = page.headline_values(_runs(), (42,), PROFILES["book"])
+    assert v["n_test"] == 4 and v["n_seeds"] == 1 and isinstance(v["n_test"], int)
+    assert v["seeds"] == "42" and v["missing_seeds"] == "43, 44"
+    assert v["acc_anchor_v"] == "62.5" and v["acc_icl-1_v"] == "37.5" and v["acc_contextual_v"] == "50.0"
+    assert v["gain_v"] == "+25.0" and v["gain"].startswith("25.0 [")
+    assert v["best_control"] == "contextual calibration"
+    assert v["contextual_minus_icl1"].startswith("12.5 [") and v["random_minus_icl1"].startswith("-12.5 [")
+    assert v["gain_tasks"].startswith("SST-2 25.0 [") and "; TREC 25.0 [" in v["gain_tasks"]
+    assert v["n_params"] == f"SST-2 {N_LAYERS * N_HEADS * 2}, TREC {N_LAYERS * N_HEADS * 6}"
+    assert v["paper_gain"] == "+16.7" and v["paper_icl1"] == "51.90"
+    assert v["gain_verdict"] in {"above 0", "below 0", "contains 0"}
+
+
+def test_forest_figure_has_one_row_per_comparison():
+    R = _runs()
+    est = page.forest_estimates(R)
+    assert len(est) == 5 * 2  # five other methods × two tasks, no average over two tasks
+    assert est["vs ICL 1-shot: SST-2"].value == pytest.approx(25.0)
+    fig = page.forest_figure(R, "m")
+    assert isinstance(fig, plt.Figure) and len(fig.axes) == 1
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == list(est)
+    assert ax.get_title() == "m: anchor re-weighting minus each method (n = 4 × 1 per task)"
+
+
+def test_forest_on_committed_runs_includes_the_average(committed):
+    est = page.forest_estimates(committed)
+    assert len(est) == 5 * 5 and "vs contextual calibration: Average" in est
+    fig = page.forest_figure(committed, MODEL)
+    assert "(n = 64 × 1 per task)" in fig.axes[0].get_title()
+
+
+def test_beta_figure_draws_one_heatmap_per_task():
+    R = _runs()
+    fig = page.beta_figure(R, "m")
+    assert isinstance(fig, plt.Figure)
+    images = [ax.images[0] for ax in fig.axes if ax.images]
+    assert len(images) == 2 and len(fig.axes) == 3  # two tasks and the colour bar
+    assert images[1].get_array().shape == (N_LAYERS, N_HEADS * 6)
+
+
+def test_beta_layers_figure_plots_mean_abs_beta_per_layer():
+    fig = page.beta_layers_figure(_runs())
+    assert tuple(fig.get_size_inches()) == (11, 2.7) and len(fig.axes) == 2
+    anchor, random = fig.axes[0].lines
+    np.testing.assert_allclose(anchor.get_ydata(), [1, 1, 3, 3])
+    np.testing.assert_allclose(random.get_ydata(), [1, 1, 1, 1])
+    assert anchor.get_label() == "anchor re-weighting" and fig.axes[1].get_title() == "TREC"
+
+
+def test_beta_values_share_of_the_deep_layers():
+    assert page.beta_values(_runs()) == {"beta_deep_share": "75%"}  # (3 + 3) / (1 + 1 + 3 + 3)
+
+
+def test_training_figure_and_loss_table():
+    R = _runs()
+    R["sst2"]["random"][0]["train_logits"] = np.eye(2, dtype=np.float32)[[0, 0, 0, 0]]  # half right
+    fig = page.training_figure(R, "m")
+    assert isinstance(fig, plt.Figure)
+    drawn = [ax for ax in fig.axes if ax.lines]
+    assert len(drawn) == 2 and [ln.get_label() for ln in drawn[0].lines] == [page.SHORT[m] for m in page.TRAINED]
+    np.testing.assert_allclose(drawn[0].lines[0].get_ydata(), np.linspace(1.0, 0.5, 10))
+    loss = page.loss_table(R)
+    assert loss.shape == (6, 3)
+    assert loss.loc[("SST-2", "anchor re-weighting"), "train accuracy at end %"] == 100.0
+    assert loss.loc[("SST-2", "random-position re-weighting"), "train accuracy at end %"] == 50.0
+    assert loss.loc[("TREC", "learned label bias"), "loss at end"] == 0.5
+
+
+def test_prior_table_and_values():
+    R = _runs()
+    R["sst2"]["icl-1"][0]["pred"] = np.zeros(4, dtype=np.int64)
+    prior = page.prior_table(R)
+    assert list(prior.columns) == ["gold (most frequent class)"] + [page.SHORT[m] for m in page.ORDER]
+    assert prior.loc["SST-2", "ICL 1-shot"] == 100.0 and prior.loc["SST-2", "gold (most frequent class)"] == 50.0
+    assert prior.loc["TREC", "gold (most frequent class)"] == 25.0
+    v = page.prior_values(R)
+    assert v == {"majority_icl1": f"{(100.0 + prior.loc['TREC', 'ICL 1-shot']) / 2:.0f}%",
+                 "majority_anchor": f"{prior['anchor re-weighting'].mean():.0f}%", "majority_gold": "38%"}
+
+
+def test_cost_frame_and_values():
+    cost = page.cost_frame(_runs())
+    assert list(cost.index) == ["SST-2", "TREC"] and cost.loc["SST-2", "training / evaluation"] == 5.0
+    assert page.cost_values(_runs()) == {"train_ratio": "5.0-5.0", "train_s": "10-10", "step_ratio": "5.0-5.0",
+                                         "threads": "1", "peak_train": "2100", "peak_eval": "2000",
+                                         "peak_diff": "100", "naive_extra": "300-300"}
+
+
+def test_second_model_values_without_an_average():
+    v = page.second_model_values(_runs(), {"sst2": (43,), "trec": (42, 43)})
+    assert v["second_seeds"] == "42, 43" and v["second_tasks"] == "SST-2, TREC"
+    assert v["second_average_note"] == "With fewer than four tasks there is no average for this model."
+    assert v["second_ctx_tasks"].startswith("SST-2 -25.0 [") and "; TREC 50.0 [" in v["second_ctx_tasks"]
+
+
+def test_seeds_shown_reads_what_is_cached(data_dir):
+    from helpers.core.runs import ModelKey
+    from helpers.core.tasks import load_task
+
+    data = {t: load_task(t, data_dir) for t in ("sst2", "trec")}
+    shown = page.seeds_shown(ModelKey.of(MODEL), data, PROFILES["book"])
+    assert shown == {"sst2": (42, 43, 44), "trec": (42, 43, 44)}
+    assert page.seeds_shown(None, data, PROFILES["quick"]) == {"sst2": (42,), "trec": (42,)}  # computes: no lookup
+
+
+def test_glued_values_cover_every_name_the_chapter_uses(committed):
+    cells = json.loads((ROOT / "book" / "reweighting.ipynb").read_text())["cells"]
+    prose = "".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
+    used = set(re.findall(r"\{glue:text\}`([^`]+)`", prose))
+    seeds = {MODEL: {t: (42,) for t in committed}, "second": {t: (42,) for t in committed}}
+    values = page.glued_values({MODEL: committed, "second": committed}, seeds, MODEL, "second", PROFILES["book"])
+    assert used and used <= set(values), used - set(values)
+    assert values["n_test"] == 64 and values["n_seeds"] == 1 and values["missing_seeds"] == "43, 44"
+    assert values["second_average_note"].startswith("Averaged over the four tasks, anchor re-weighting minus")
+    without = page.glued_values({MODEL: committed}, seeds, MODEL, None, PROFILES["book"])
+    assert not any(k.startswith("second_") for k in without)
