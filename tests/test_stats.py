@@ -89,3 +89,36 @@ def test_weighted_bootstrap_then_is_applied_to_the_seed_mean():
                              then=lambda v: v / v.sum())
     np.testing.assert_allclose(est.value, [2 / 6, 4 / 6])
     np.testing.assert_allclose(est.seed_values, [[0.25, 0.75], [3 / 8, 5 / 8]])
+
+
+def test_hierarchical_bootstrap_includes_the_demonstration_draw():
+    """Seeds that disagree (a demonstration effect) widen the hierarchical interval, not the within-seed one."""
+    from helpers.core.stats import bootstrap, bootstrap_weighted, mean_estimate
+
+    rng = np.random.default_rng(0)
+    per_seed = [rng.normal(mu, 0.1, 200) for mu in (0.0, 1.0, 2.0)]
+    within = mean_estimate(per_seed, seeds=False)
+    both = mean_estimate(per_seed, seeds=True)
+    assert within.value == both.value == pytest.approx(np.mean([a.mean() for a in per_seed]))
+    assert within.high - within.low < 0.05
+    assert both.high - both.low > 1.0  # three seed means 0, 1, 2: the mean over seeds is uncertain by about ±0.6
+    assert both.hierarchical and not within.hierarchical
+    assert within.low <= within.weak_low <= within.value <= within.weak_high <= within.high
+    one = mean_estimate(per_seed[:1], seeds=True)  # one seed: nothing to resample between seeds
+    assert not one.hierarchical and one.high - one.low < 0.05
+
+    def stat(a, weights):
+        return (weights * a[None]).sum(1) / weights.sum(1)
+
+    w_within = bootstrap_weighted(per_seed, stat, seeds=False)
+    w_both = bootstrap_weighted(per_seed, stat, seeds=True)
+    assert w_within.high - w_within.low < 0.05 and w_both.high - w_both.low > 1.0
+    b = bootstrap(per_seed, np.mean, seeds=True)
+    assert abs((b.high - b.low) - (both.high - both.low)) < 0.3
+
+
+def test_scaling_keeps_the_weak_interval():
+    from helpers.core.stats import mean_estimate
+
+    e = mean_estimate([np.arange(10.0), np.arange(10.0) + 1]).scaled(-2)
+    assert e.low <= e.weak_low <= e.weak_high <= e.high

@@ -26,10 +26,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 __all__ = ["Estimate", "bootstrap", "bootstrap_weighted", "resample_counts", "mean_estimate", "paired_difference",
-           "N_BOOT", "LEVEL"]
+           "N_BOOT", "LEVEL", "WEAK_LEVEL", "HIERARCHICAL"]
 
 N_BOOT = 1000
 LEVEL = 0.95
+WEAK_LEVEL = 0.80  # the weaker interval a verdict's "partly" needs (stated with the rules, helpers.core.findings)
+# Resample the seeds too (a hierarchical bootstrap: seeds, then examples within each drawn seed), so an interval
+# includes which demonstrations were drawn. The default for every estimate; ``seeds=False`` gives the within-seed
+# interval alone.
+HIERARCHICAL = False
 
 PerSeed = Sequence  # a sequence over seeds; each item an array (examples first) or a tuple of such arrays
 
@@ -49,6 +54,9 @@ class Estimate:
     n_seeds: int
     seed_values: np.ndarray = field(repr=False)
     level: float = LEVEL
+    weak_low: float | np.ndarray | None = None  # the same replicates' WEAK_LEVEL interval (verdict rules' "partly")
+    weak_high: float | np.ndarray | None = None
+    hierarchical: bool = False  # whether the interval includes the demonstration draw (seeds resampled too)
 
     @property
     def n(self) -> str:
@@ -69,9 +77,14 @@ class Estimate:
     def scaled(self, factor: float) -> "Estimate":
         """The same estimate in other units (e.g. ``100`` for per cent)."""
         low, high = np.multiply(self.low, factor), np.multiply(self.high, factor)
+        weak = (None, None)
+        if self.weak_low is not None:
+            wl, wh = np.multiply(self.weak_low, factor), np.multiply(self.weak_high, factor)
+            weak = (np.minimum(wl, wh)[()], np.maximum(wl, wh)[()])
         return Estimate(  # a negative factor swaps the ends of the interval
             np.multiply(self.value, factor)[()], np.minimum(low, high)[()], np.maximum(low, high)[()],
-            self.n_examples, self.n_seeds, np.asarray(self.seed_values) * factor, self.level,
+            self.n_examples, self.n_seeds, np.asarray(self.seed_values) * factor, self.level, *weak,
+            self.hierarchical,
         )
 
     def fmt(self, digits: int = 1, interval: bool = True) -> str:
@@ -97,6 +110,22 @@ class Estimate:
         return (np.asarray(self.low) <= x) & (x <= np.asarray(self.high))
 
 
+def _intervals(reps: np.ndarray, value, level: float) -> tuple:
+    """(low, high, weak_low, weak_high): percentile intervals at ``level`` and :data:`WEAK_LEVEL`."""
+    if not np.isfinite(reps).any():
+        nan = np.full_like(np.asarray(value, dtype=float), np.nan)[()]
+        return nan, nan, nan, nan
+    alpha, weak = (1 - level) / 2, (1 - WEAK_LEVEL) / 2
+    with np.errstate(all="ignore"):
+        low, high, wl, wh = np.nanquantile(reps, [alpha, 1 - alpha, weak, 1 - weak], axis=0)
+    return np.asarray(low)[()], np.asarray(high)[()], np.asarray(wl)[()], np.asarray(wh)[()]
+
+
+def _seed_draw(rng: np.random.Generator, n_seeds: int, hierarchical: bool) -> np.ndarray:
+    """The seeds of one replicate: all of them once (within-seed bootstrap) or S drawn with replacement."""
+    return rng.integers(0, n_seeds, n_seeds) if hierarchical and n_seeds > 1 else np.arange(n_seeds)
+
+
 def _as_tuple(item) -> tuple[np.ndarray, ...]:
     return tuple(np.asarray(a) for a in item) if isinstance(item, tuple) else (np.asarray(item),)
 
@@ -107,8 +136,10 @@ def bootstrap(
     n_boot: int = N_BOOT,
     level: float = LEVEL,
     seed: int = 0,
+    seeds: bool | None = None,
 ) -> Estimate:
-    """Stratified bootstrap over examples within seeds of ``statistic`` averaged over seeds.
+    """Stratified bootstrap over examples within seeds of ``statistic`` averaged over seeds (``seeds=True``, the
+    default when :data:`HIERARCHICAL`: the seeds are resampled too, then the examples within each drawn seed).
 
     Args:
         per_seed: one item per seed; an item is an array whose axis 0 is the examples, or a tuple of arrays aligned
@@ -118,7 +149,9 @@ def bootstrap(
         n_boot: bootstrap replicates.
         level: coverage of the percentile interval.
         seed: the bootstrap's own random seed (results are reproducible).
+        seeds: resample the seeds as well (a hierarchical bootstrap); default :data:`HIERARCHICAL`.
     """
+    hierarchical = HIERARCHICAL if seeds is None else bool(seeds)
     items = [_as_tuple(x) for x in per_seed]
     if not items:
         raise ValueError("bootstrap needs at least one seed")
@@ -137,17 +170,15 @@ def bootstrap(
     reps = []
     for _ in range(n_boot):
         per = []
-        for arrays, n in zip(items, sizes):
+        for s in _seed_draw(rng, len(items), hierarchical):
+            arrays, n = items[s], sizes[s]
             idx = rng.integers(0, n, n)
             per.append(np.asarray(statistic(*(a[idx] for a in arrays)), dtype=float))
         reps.append(_nanmean0(np.array(per)))
     reps = np.array(reps)
-    alpha = (1 - level) / 2
-    with np.errstate(all="ignore"):
-        low, high = np.nanquantile(reps, [alpha, 1 - alpha], axis=0) if np.isfinite(reps).any() else (
-            np.full_like(value, np.nan), np.full_like(value, np.nan))
-    return Estimate(np.asarray(value)[()], np.asarray(low)[()], np.asarray(high)[()], min(sizes), len(items),
-                    seed_values, level)
+    low, high, wl, wh = _intervals(reps, value, level)
+    return Estimate(np.asarray(value)[()], low, high, min(sizes), len(items), seed_values, level, wl, wh,
+                    hierarchical and len(items) > 1)
 
 
 def resample_counts(n: int, n_boot: int, rng: np.random.Generator) -> np.ndarray:
@@ -163,6 +194,7 @@ def bootstrap_weighted(
     level: float = LEVEL,
     seed: int = 0,
     then: Callable[[np.ndarray], np.ndarray] | None = None,
+    seeds: bool | None = None,
 ) -> Estimate:
     """The bootstrap of :func:`bootstrap` for a statistic vectorised over replicates (fast for curves).
 
@@ -170,8 +202,11 @@ def bootstrap_weighted(
     ``statistic(*arrays, weights=W)`` gets W of shape (B, N) (rows from :func:`resample_counts`; all ones for the
     point estimate) and must return (B, ...) values, NaN where undefined. Replicates are averaged over seeds as in
     :func:`bootstrap`. ``then``, if given, is applied to the seed average (e.g. R_l = f(mean AUC curve)); the
-    point value is then ``then(mean over seeds)`` and ``seed_values`` are ``then`` of each seed's value.
+    point value is then ``then(mean over seeds)`` and ``seed_values`` are ``then`` of each seed's value. With
+    ``seeds`` (default :data:`HIERARCHICAL`) each replicate draws the seeds with replacement and, for each drawn
+    seed, one of its within-seed replicates at random.
     """
+    hierarchical = HIERARCHICAL if seeds is None else bool(seeds)
     items = [_as_tuple(x) for x in per_seed]
     if not items:
         raise ValueError("bootstrap needs at least one seed")
@@ -185,6 +220,10 @@ def bootstrap_weighted(
     point = np.array([np.asarray(statistic(*a, weights=np.ones((1, len(a[0])))), dtype=float)[0] for a in items])
     reps = np.array([np.asarray(statistic(*a, weights=resample_counts(len(a[0]), n_boot, rng)), dtype=float)
                      for a in items])  # (S, B, ...)
+    if hierarchical and len(items) > 1:  # replicate b: seeds drawn with replacement, each with a random replicate
+        drawn = rng.integers(0, len(items), (n_boot, len(items)))
+        column = rng.integers(0, n_boot, (n_boot, len(items)))
+        reps = np.swapaxes(reps[drawn, column], 0, 1)  # (S, B, ...)
     reps = _nanmean0(reps)
     value = _nanmean0(point)
     seed_values = point
@@ -192,12 +231,9 @@ def bootstrap_weighted(
         value = np.asarray(then(value))
         reps = np.array([then(r) for r in reps])
         seed_values = np.array([then(p) for p in point])
-    alpha = (1 - level) / 2
-    with np.errstate(all="ignore"):
-        low, high = np.nanquantile(reps, [alpha, 1 - alpha], axis=0) if np.isfinite(reps).any() else (
-            np.full_like(value, np.nan), np.full_like(value, np.nan))
-    return Estimate(np.asarray(value)[()], np.asarray(low)[()], np.asarray(high)[()],
-                    min(len(a[0]) for a in items), len(items), seed_values, level)
+    low, high, wl, wh = _intervals(reps, value, level)
+    return Estimate(np.asarray(value)[()], low, high, min(len(a[0]) for a in items), len(items), seed_values, level,
+                    wl, wh, hierarchical and len(items) > 1)
 
 
 def _nanmean0(x: np.ndarray) -> np.ndarray:
