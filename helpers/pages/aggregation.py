@@ -1,0 +1,262 @@
+"""The "Aggregation" chapter's tables, figures and glued values (paper §2.1 and §2.2).
+
+The chapter runs the experiments (:mod:`helpers.experiments.aggregation`) and passes their results here:
+
+* the saliency flows: :func:`flow_figure`, :func:`flow_table`, :func:`flow_values`, :func:`attention_window`;
+* one example's saliency matrices: :func:`strip_figure`, :func:`matrix_figure`;
+* isolating the label words: :func:`loyalty_figure`, :func:`loyalty_tables`, :func:`loyalty_values`,
+  :func:`sweep_figure`.
+
+``flows`` is ``{task: saliency_runs(...)}`` (one (N, 3, L) array per seed), ``flow_est`` ``{task: flow_estimate}``,
+``lead`` ``{task: lead_layers(flow_gap_estimate)}``; ``iso`` is ``{task: isolation_runs(...)}`` (one run per seed),
+``per_task`` ``{task: loyalty_estimates}`` and ``avg`` the loyalty estimates of all tasks' runs pooled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from . import plots
+from ..core.runs import Profile, make_prompts
+from ..core.tasks import TaskData, get_task
+from ..experiments.aggregation import KS, gap_over_layers, loyalty_difference, ww_smallest_share
+
+__all__ = ["SHALLOW_LAST", "CONDITIONS", "flow_figure", "flow_table", "flow_values", "attention_window",
+           "strip_figure", "matrix_figure", "isolation_n", "loyalty_figure", "loyalty_tables", "loyalty_values",
+           "sweep_figure"]
+
+SHALLOW_LAST = 5  # the flow table's "shallow layers": 1..5
+CONDITIONS = ["label-first-5", "random-first-5", "label-last-5", "random-last-5"]
+CONDITION_COLUMNS = ["label words, first 5", "random, first 5", "label words, last 5", "random, last 5"]
+TABLES = {"tbl_label": "label loyalty", "tbl_word5": "word loyalty@5", "tbl_word10": "word loyalty@10"}
+
+
+def _joined(values) -> str:
+    return ", ".join(map(str, values))
+
+
+def _n_flow(flow_est: Mapping) -> str:
+    """Examples × seeds of the flow estimates (the same for every task: the first task's)."""
+    return next(iter(flow_est.values())).n
+
+
+def _n_layers(flows: Mapping[str, Sequence[np.ndarray]]) -> int:
+    return int(next(iter(flows.values()))[0].shape[-1])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The flows
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def flow_figure(flow_est: Mapping, model: str, marked_layers: Sequence[int] = ()) -> plt.Figure:
+    """The three flows per layer, one panel per task, with 95% bands (:func:`helpers.pages.plots.flow_panels`).
+
+    Returns the figure. Used in: Aggregation (``flow_fig``).
+    """
+    return plots.flow_panels(flow_est, title=f"{model}: information flow per layer", n=f"{_n_flow(flow_est)} per task",
+                             marked_layers=marked_layers)
+
+
+def flow_table(flows: Mapping[str, Sequence[np.ndarray]], flow_est: Mapping, lead: Mapping[str, dict]):
+    """Where S_pq overtakes S_wp, one row per task: the mean gap over layers 1-5 and over the layers where S_pq leads
+    for good, the layers where it first leads, falls behind again and leads from, and whether all seeds agree.
+
+    Returns a pandas Styler with its caption. Used in: Aggregation.
+    """
+    n_layers = _n_layers(flows)
+    rows = []
+    for name, f in flows.items():
+        ld = lead[name]
+        rows.append({
+            "task": get_task(name).title,
+            f"S_pq − S_wp, layers 1–{SHALLOW_LAST}": f"{gap_over_layers(f, 1, SHALLOW_LAST).fmt(2)}",
+            "S_pq first ahead at": ld["first"],
+            "S_wp ahead again at": _joined(ld["flip_backs"]) or "–",
+            "S_pq ahead from": ld["for_good"],
+            f"S_pq − S_wp, layers {ld['for_good'] or n_layers}–{n_layers}":
+                f"{gap_over_layers(f, ld['for_good'] or n_layers, n_layers).fmt(2)}",
+            "same signs in every seed": "yes" if ld["per_seed_agree"] else "no",
+        })
+    return pd.DataFrame(rows).set_index("task").style.set_caption(
+        f"Where S_pq (label → target) overtakes S_wp (text → label); layers numbered from 1. "
+        f"Intervals: 95% bootstrap, n = {_n_flow(flow_est)} per task.")
+
+
+def flow_values(flows: Mapping[str, Sequence[np.ndarray]], flow_est: Mapping, lead: Mapping[str, dict]) -> dict:
+    """The numbers the flow section's prose quotes: sample size, number of layers, where S_pq first leads and leads
+    for good, the layers where S_wp leads again per task, how many tasks agree in every seed, the largest upper end
+    of the shallow gap, S_pq at layer 6, and how often S_ww is below the other two flows.
+
+    Returns ``{glue name: value}``. Used in: Aggregation.
+    """
+    n_layers = _n_layers(flows)
+    values = {
+        "n_flow_text": _n_flow(flow_est),
+        "n_layers": n_layers,
+        "first_lead": _joined(sorted({ld["first"] for ld in lead.values()})),
+        "for_good": _joined(sorted({ld["for_good"] for ld in lead.values()})),
+    }
+    for name, ld in lead.items():
+        values[f"flips_{name}"] = _joined(ld["flip_backs"]) or "none"
+    values["n_seed_agree"] = sum(ld["per_seed_agree"] for ld in lead.values())
+    values["shallow_gap_max"] = f"{max(gap_over_layers(f, 1, SHALLOW_LAST).high for f in flows.values()):.2f}"
+    values["pq_at_6"] = f"{min(e.value[1, 5] for e in flow_est.values()):.2f}" if n_layers >= 6 else "n/a"
+    values["ww_above_pq"] = ", ".join(f"{int((e.value[2, :5] > e.value[1, :5]).sum())} ({get_task(t).title})"
+                                      for t, e in flow_est.items())
+    ww = {name: ww_smallest_share(f) for name, f in flows.items()}
+    values["ww_share"] = ", ".join(f"{get_task(t).title} {100 * e.value:.0f}% [{100 * e.low:.0f}, {100 * e.high:.0f}]"
+                                   for t, e in ww.items())
+    return values
+
+
+def attention_window(lm, data: Mapping[str, TaskData], profile: Profile, model: str,
+                     global_layers: Sequence[int]) -> tuple[dict, pd.DataFrame]:
+    """The model's attention window beside the prompts' length: its global-attention layers, sliding window, the
+    longest prompt of the flow runs (in tokens) and the RoPE base of the local and global layers.
+
+    Returns ``({glue name: text}, a one-row DataFrame)``. Used in: Aggregation.
+    """
+    cfg = lm.model.config.get_text_config() if hasattr(lm.model.config, "get_text_config") else lm.model.config
+    max_prompt = max(len(p) for d in data.values() for seed in profile.seeds
+                     for p in make_prompts(lm, d, seed, profile.n_test, 1, per_example=True))
+    rope = getattr(cfg, "rope_parameters", None) or {}
+
+    def theta(kind):
+        value = rope.get(kind, {}).get("rope_theta")
+        return f"{float(value):,.0f}" if value is not None else "n/a"
+
+    window = getattr(cfg, "sliding_window", None)
+    values = {"global_layers": _joined(global_layers) or "none (all layers alike)", "window": str(window),
+              "max_prompt": str(max_prompt), "rope_local": theta("sliding_attention"),
+              "rope_global": theta("full_attention")}
+    table = pd.DataFrame({"global layers": [_joined(global_layers)], "sliding window": [window],
+                          "longest prompt (tokens)": [max_prompt]}, index=[model])
+    return values, table
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# One example's saliency
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _example(examples: Mapping[str, Mapping[str, np.ndarray]], task: str, i: int):
+    ex = examples[task]
+    return ex, int(ex["lengths"][i])
+
+
+def strip_figure(examples: Mapping[str, Mapping[str, np.ndarray]], marked_layers: Sequence[int] = (),
+                 task: str = "sst2", i: int = 0) -> plt.Figure:
+    """Example ``i`` of ``task``: its saliency matrix in every layer, small multiples
+    (:func:`helpers.pages.plots.saliency_strip`). ``examples`` is ``{task: saliency_examples(...)}``.
+
+    Returns the figure. Used in: Aggregation (``strip_fig``).
+    """
+    ex, n_tok = _example(examples, task, i)
+    return plots.saliency_strip(ex["matrices"][i][:, :n_tok, :n_tok], ex["label_positions"][i], int(ex["target"][i]),
+                                marked_layers, title=f"{get_task(task).title}, example {i + 1}: saliency in every layer")
+
+
+def matrix_figure(examples: Mapping[str, Mapping[str, np.ndarray]], tokenizer, layers: Sequence[int] = (1, 10),
+                  task: str = "sst2", i: int = 0) -> plt.Figure:
+    """Example ``i`` of ``task``: its saliency matrix in two layers (numbered from 1), token names on the axes.
+
+    Returns the figure. Used in: Aggregation (``matrix_fig``).
+    """
+    ex, n_tok = _example(examples, task, i)
+    tokens = tokenizer.convert_ids_to_tokens(ex["input_ids"][i][:n_tok].tolist())
+    fig, axes = plt.subplots(1, len(layers), figsize=(plots.PAGE_WIDTH, 3.9), layout="constrained")
+    for ax, layer in zip(axes, layers):
+        im = plots.saliency_matrix(ax, ex["matrices"][i][layer - 1], tokens, ex["label_positions"][i],
+                                   int(ex["target"][i]), f"layer {layer}", colorbar=False)
+    fig.colorbar(im, ax=axes, shrink=0.8, label=r"$\sqrt{I_l(i,j)\,/\,\max I_l}$")
+    return fig
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Isolating the label words
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _n_iso(avg: Mapping) -> int:
+    return avg["label-first-5"]["label loyalty"].n_examples
+
+
+def isolation_n(avg: Mapping, iso: Mapping[str, Sequence]) -> str:
+    """``"N examples × S seeds × T tasks"``: the sample behind the pooled loyalties.
+
+    Used in: Aggregation (the loyalty figures' titles and ``n_iso_text``).
+    """
+    return f"{_n_iso(avg)} examples × {len(next(iter(iso.values())))} seeds × {len(iso)} tasks"
+
+
+def loyalty_figure(avg: Mapping, iso: Mapping[str, Sequence], model: str) -> plt.Figure:
+    """The paper's Figure 4 (label and word loyalty after isolation in the first / last 5 layers, mean of the tasks)
+    with 95% intervals (:func:`helpers.pages.plots.loyalty_bars`).
+
+    Returns the figure. Used in: Aggregation (``loyalty_fig``).
+    """
+    return plots.loyalty_bars(avg, k=5, title=f"{model}: isolation in the first / last 5 layers (mean of {len(iso)} "
+                                               "tasks)", n=isolation_n(avg, iso))
+
+
+def loyalty_tables(per_task: Mapping[str, Mapping], avg: Mapping, iso: Mapping[str, Sequence]) -> dict:
+    """One table per loyalty metric (label loyalty, word loyalty@5, @10): a row per task and the average, a column
+    per isolation condition (label words / random tokens, first / last 5 layers), in % with 95% intervals.
+
+    Returns ``{glue name: pandas Styler}``. Used in: Aggregation.
+    """
+    n_seeds = len(next(iter(iso.values())))
+
+    def frame(metric):
+        rows = {get_task(t).title: {c: per_task[t][c][metric].fmt(0) for c in CONDITIONS} for t in per_task}
+        rows["average"] = {c: avg[c][metric].fmt(0) for c in CONDITIONS}
+        df = pd.DataFrame(rows).T
+        df.columns = CONDITION_COLUMNS
+        return df.style.set_caption(f"{metric} (%), 95% intervals; n = {_n_iso(avg)} examples × {n_seeds} seeds "
+                                    "per task")
+
+    return {key: frame(metric) for key, metric in TABLES.items()}
+
+
+def loyalty_values(avg: Mapping, iso: Mapping[str, Sequence]) -> dict:
+    """The numbers the isolation section's prose quotes: the sample, label and word loyalty per condition (k = 5),
+    the cost of isolating random tokens, label words against random tokens (paired differences), and label loyalty
+    for every k of the sweep.
+
+    Returns ``{glue name: text}``. Used in: Aggregation.
+    """
+    pooled = [r for runs in iso.values() for r in runs]
+    values = {"n_iso_text": isolation_n(avg, iso)}
+    for c in CONDITIONS:
+        values[f"ll_{c}"] = avg[c]["label loyalty"].fmt(0)
+        values[f"wl_{c}"] = avg[c]["word loyalty@5"].fmt(0)
+    random = avg["random-first-5"]["label loyalty"]
+    values["random_cost"] = f"{100 - random.value:.0f} [{100 - random.high:.0f}, {100 - random.low:.0f}]"
+    values["label_vs_random"] = loyalty_difference(pooled, "random-first-5", "label-first-5").fmt(0)
+    values["label_vs_random_w"] = loyalty_difference(pooled, "random-first-5", "label-first-5",
+                                                     "word loyalty@5").fmt(0)
+    for k in KS:
+        values[f"ll_first_{k}"] = avg[f"label-first-{k}"]["label loyalty"].fmt(0)
+        values[f"ll_last_{k}"] = avg[f"label-last-{k}"]["label loyalty"].fmt(0)
+    return values
+
+
+def sweep_figure(avg: Mapping, iso: Mapping[str, Sequence], model: str, ks: Sequence[int] = KS) -> plt.Figure:
+    """Label loyalty (left) and word loyalty@5 (right) against the number k of isolated layers, for label words and
+    random tokens in the first and last layers (:func:`helpers.pages.plots.loyalty_sweep`).
+
+    Returns the figure. Used in: Aggregation (``sweep_fig``).
+    """
+    fig, axes = plt.subplots(1, 2, figsize=(plots.PAGE_WIDTH, 3.5), layout="constrained")
+    plots.loyalty_sweep(avg, ks, "label loyalty", axes[0])
+    plots.loyalty_sweep(avg, ks, "word loyalty@5", axes[1])
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=2, frameon=False)
+    fig.suptitle(f"{model}: loyalty against the number k of isolated layers (mean of {len(iso)} tasks)\n"
+                 f"(n = {isolation_n(avg, iso)})")
+    return fig
