@@ -426,3 +426,25 @@ def test_prefix_kv_continues_a_plain_key_value_list(model):
     for (k1, v1), (k2, v2) in zip(continued, whole):
         torch.testing.assert_close(k1, k2, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(v1, v2, rtol=1e-5, atol=1e-5)
+
+
+def test_fitted_bias_reaches_the_optimum_of_the_convex_problem():
+    """Zero logits: the best bias is the log of the label frequencies, the loss their entropy."""
+    from helpers.experiments.reweighting import batch_calibration, fit_bias
+
+    gold = np.array([0] * 6 + [1] * 3 + [2] * 1)
+    fit = fit_bias(np.zeros((10, 3)), gold)
+    prior = np.array([0.6, 0.3, 0.1])
+    np.testing.assert_allclose(fit["bias"], np.log(prior) - np.log(prior).mean(), atol=1e-5)
+    assert float(fit["loss_end"]) == pytest.approx(-(prior * np.log(prior)).sum(), abs=1e-9)
+    assert bool(fit["converged"]) and float(fit["grad_max"]) < 1e-8
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(40, 4)) * 3
+    y = rng.integers(0, 4, 40)
+    plain, scaled = fit_bias(z, y), fit_bias(z, y, temperature=True)
+    assert float(scaled["loss_end"]) <= float(plain["loss_end"]) + 1e-12  # one more free parameter
+    assert float(plain["loss_end"]) <= float(fit_bias(z, y)["loss_start"])
+    # batch calibration: the mean predicted distribution over the batch becomes closer to uniform
+    skewed = z + np.array([3.0, 0, 0, 0])
+    p = lambda u: np.exp(u - np.logaddexp.reduce(u, axis=1, keepdims=True))  # noqa: E731
+    assert p(batch_calibration(skewed)).mean(0).std() < p(skewed).mean(0).std()

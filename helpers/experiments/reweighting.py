@@ -65,7 +65,8 @@ __all__ = [
     "class_positions", "random_positions", "positions_tensor", "evaluate", "prefix_states", "cached_step",
     "full_step", "label_head", "demonstration_prefix", "shared_prefix_length", "prefix_kv", "KV", "continued_label_logits", "train_beta", "train_bias", "contextual_calibration", "bias_calibration", "SeedSetup",
     "seed_setup", "reweighting_run", "reweighting_runs", "n_test_of", "measure", "PAPER_TABLE1", "correctness", "available_seeds",
-    "accuracy", "difference", "best_control", "cost_table",
+    "accuracy", "difference", "best_control", "cost_table", "FITTED_CONTROLS", "FITTED_TITLES", "fit_bias",
+    "batch_calibration", "fitted_control_run", "with_fitted_controls",
 ]
 
 RESULTS_FOLDER = "reweighting"  # the results sub-folder of its runs
@@ -393,6 +394,80 @@ def contextual_calibration(logits: np.ndarray, content_free_logits: np.ndarray) 
     cf = np.asarray(content_free_logits, dtype=np.float64)
     log_p_cf = cf - np.logaddexp.reduce(cf)
     return np.asarray(logits, dtype=np.float64) - log_p_cf[None]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Label-prior controls fitted to convergence (on the stored label logits; no model needed)
+# --------------------------------------------------------------------------------------------------------------------
+
+FITTED_CONTROLS = ("bias-fit", "bias-temperature", "batch")
+FITTED_TITLES = {
+    "bias-fit": "Control: label bias fitted to convergence",
+    "bias-temperature": "Control: label bias and temperature fitted to convergence",
+    "batch": "Control: batch calibration (no training)",
+}
+GTOL = 1e-9  # L-BFGS stops when every component of the gradient of the mean loss is below this
+
+
+def fit_bias(train_logits: np.ndarray, gold: np.ndarray, temperature: bool = False) -> dict[str, np.ndarray]:
+    """The label-prior control fitted to convergence: ``softmax(a·z + b)`` with b (C,) and, with ``temperature``, a
+    scale a = 1/T, minimising the mean cross-entropy on the training prompts' label logits z.
+
+    The loss is convex in (a, b) (the logits are linear in them), so L-BFGS finds the optimum; it stops when every
+    component of the gradient is below :data:`GTOL` (``grad_max`` reports where it stopped, ``converged`` whether
+    it met that rule). The bias is defined up to a constant; it is returned with mean 0. Used in: Anchor
+    re-weighting.
+    """
+    from scipy.optimize import minimize
+
+    z = np.asarray(train_logits, dtype=np.float64)
+    y = np.asarray(gold, dtype=int)
+    n, c = z.shape
+    onehot = np.eye(c)[y]
+
+    def loss_grad(theta):
+        a, b = (theta[0], theta[1:]) if temperature else (1.0, theta)
+        u = a * z + b
+        log_p = u - np.logaddexp.reduce(u, axis=1, keepdims=True)
+        loss = -np.mean(log_p[np.arange(n), y])
+        d = (np.exp(log_p) - onehot) / n  # d loss / d u
+        g_b = d.sum(0)
+        return loss, (np.concatenate([[np.sum(d * z)], g_b]) if temperature else g_b)
+
+    theta0 = np.concatenate([[1.0], np.zeros(c)]) if temperature else np.zeros(c)
+    res = minimize(loss_grad, theta0, jac=True, method="L-BFGS-B",
+                   options={"gtol": GTOL, "ftol": 0.0, "maxiter": 10_000})
+    loss, grad = loss_grad(res.x)
+    a, b = (res.x[0], res.x[1:]) if temperature else (1.0, res.x)
+    return {"bias": b - b.mean(), "scale": np.array(a), "loss_start": np.array(loss_grad(theta0)[0]),
+            "loss_end": np.array(loss), "grad_max": np.array(np.abs(grad).max()), "n_iter": np.array(res.nit),
+            "converged": np.array(bool(np.abs(grad).max() < GTOL * 10))}
+
+
+def batch_calibration(logits: np.ndarray) -> np.ndarray:
+    """Batch calibration (Zhou et al., 2024) as corrected logits: the contextual prior is the mean of the predicted
+    label distributions over the test batch, and each prediction is divided by it, z - log mean_i p_i. Uses the
+    test inputs (not their labels). Used in: Anchor re-weighting."""
+    z = np.asarray(logits, dtype=np.float64)
+    p = np.exp(z - np.logaddexp.reduce(z, axis=1, keepdims=True))
+    return z - np.log(p.mean(0))[None]
+
+
+def fitted_control_run(icl: dict[str, np.ndarray], method: str) -> dict[str, np.ndarray]:
+    """One seed's result for a fitted control (:data:`FITTED_CONTROLS`), from the stored 1-shot ICL run: the fit on
+    its training prompts' label logits, applied to its test logits (scored like every method)."""
+    if method == "batch":
+        return _scored(batch_calibration(icl["logits"]), icl["gold"], icl["test_index"])
+    fit = fit_bias(icl["train_logits"], icl["train_gold"], temperature=method == "bias-temperature")
+    corrected = fit["scale"] * np.asarray(icl["logits"], dtype=np.float64) + fit["bias"][None]
+    return {**_scored(corrected, icl["gold"], icl["test_index"]), **fit}
+
+
+def with_fitted_controls(runs: Runs) -> Runs:
+    """``runs`` (``{task: {method: [result per seed]}}``) with the fitted controls added as methods, computed from
+    each seed's 1-shot ICL run."""
+    return {t: {**by, **{m: [fitted_control_run(r, m) for r in by["icl-1"]] for m in FITTED_CONTROLS}}
+            for t, by in runs.items()}
 
 
 # --------------------------------------------------------------------------------------------------------------------
