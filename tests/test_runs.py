@@ -215,14 +215,16 @@ def test_require_cached(monkeypatch):
 def test_stale_temporary_files_are_cleaned(isolated_results, monkeypatch):
     folder = isolated_results / "user" / "exp"
     folder.mkdir(parents=True)
-    old, new = folder / ".tmp-killed.npz", folder / ".tmp-running.npz"
-    old.write_bytes(b"x")
-    new.write_bytes(b"x")
+    old, new = folder / f"{runs.TEMP_PREFIX}killed.npz", folder / f"{runs.TEMP_PREFIX}running.npz"
+    users = folder / ".tmp-draft-chapter3.tex"  # not ours: never removed, however old
+    for p in (old, new, users):
+        p.write_bytes(b"x")
     past = time.time() - runs.STALE_TEMP_SECONDS - 60
     os.utime(old, (past, past))
+    os.utime(users, (past, past))
     monkeypatch.setattr(runs, "_CLEANED", set())
     cached_run("exp", fake_lm(), fake_data(), {}, lambda: {"x": np.ones(1)})
-    assert not old.exists() and new.exists()
+    assert not old.exists() and new.exists() and users.exists()
 
 
 def test_unknown_profile_lists_the_profiles():

@@ -18,12 +18,30 @@ as ``helpers/_results`` in a non-editable install). New results are written to t
 site-packages. To refresh the committed results, point ``ANCHORS_RESULTS`` at them on purpose
 (``python -m helpers.cli.compute <chapter> --into-committed`` does that).
 
-**Safety.** Results are a flat dict of numpy arrays saved as ``.npz`` (no pickles) next to a ``.json`` with the key's
-fields, both written atomically (a temporary ``.tmp-*`` file, then ``os.replace``; those of killed runs are removed
-after :data:`STALE_TEMP_SECONDS`). A result with a NaN or an infinity is refused (:class:`NonFiniteResultError`,
-nothing cached) unless the experiment names the fields where NaN is legitimate (``allow_nan``). A cached file that
-cannot be read, or holds non-finite numbers, is reported (a warning with its path) and recomputed. With
-``ANCHORS_REQUIRE_CACHED=1`` a missing result is an error instead of a computation (a book build that must only read).
+**Where a relative folder points.** A relative ``ANCHORS_RESULTS`` is resolved once per process, at its first use
+(:func:`resolve_env_folder`): against the repository root in a source checkout (``ANCHORS_RESULTS=results`` is the
+repository's ``results/`` whether a chapter runs from the root or from ``book/``), else against the working
+directory; the absolute path is written back to the environment, so kernels and subprocesses started later agree.
+
+**Safety.** Results are a flat dict of numeric numpy arrays saved as ``.npz`` (no pickles: an object array is
+refused when computed) next to a ``.json`` with the key's fields, the ``.npz``'s sha256 and its fields' dtypes and
+shapes. Both are written atomically (a temporary ``.tmp-anchors-*`` file, then ``os.replace``); the temporaries of
+killed runs are removed after :data:`STALE_TEMP_SECONDS` from the experiment's own sub-folder, and no other file is
+ever removed, whatever its name (a results folder may be a folder the user keeps other files in). Before computing,
+the target folder is probed with a real write (:func:`check_results_folder`: a read-only file system, a full disk or
+a path that is a file is a :class:`ResultsFolderError` naming the folder, before any work); a write that fails after
+computing keeps the result: it is returned, and saved in :func:`fallback_dir` with a warning naming it.
+
+A result with a NaN or an infinity is refused (:class:`NonFiniteResultError`, nothing cached) unless the experiment
+names the fields where NaN is legitimate (``allow_nan``). A cached file is checked before it is returned
+(:func:`read_result`): its ``.json`` must describe the run asked for (every key field), and the file must be
+readable, finite and, where the ``.json`` records them, have its sha256 and its fields' shapes. In the user cache a
+file that fails is reported (a warning with its path) and recomputed; in the committed results a mismatch is a
+:class:`MismatchedResultError`. Settings are normalised (:func:`normalise_settings`: numpy scalars are Python numbers,
+a float where a count is meant, a set or an object is refused naming the setting). Names that become paths
+(experiments, tasks, benchmark folders) are checked (:func:`helpers.core.tasks.check_path_name`). With
+``ANCHORS_REQUIRE_CACHED=1`` a missing result is an error instead of a computation (a book build that must only
+read).
 
 Profiles size the runs:
 
@@ -34,9 +52,12 @@ Profiles size the runs:
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import math
 import os
+import shutil
 import re
 import sysconfig
 import tempfile
@@ -49,12 +70,16 @@ from pathlib import Path
 import numpy as np
 
 from .prompts import Prompt, build_prompt
-from .tasks import TaskData, sample_demonstrations_per_example, sample_fixed_demonstrations, subsample_test
+from .tasks import (TaskData, check_path_name, sample_demonstrations_per_example, sample_fixed_demonstrations,
+                    subsample_test)
 
 __all__ = ["ModelKey", "Profile", "PROFILES", "RESULTS_VERSION", "RESULTS_ENV", "results_dir", "committed_results_dir",
            "search_dirs", "key_fields", "run_key", "result_path", "find_result", "load_result", "cached_run",
            "make_prompts", "settings_of", "NonFiniteResultError", "UnreadableResultError", "MissingResultError",
-           "check_finite", "clean_stale_temporaries", "transformers_version", "write_json", "bench_file"]
+           "check_finite", "clean_stale_temporaries", "transformers_version", "write_json", "bench_file",
+           "MismatchedResultError", "ResultsFolderError", "UnsavedResultWarning", "KEY_FIELDS", "TEMP_PREFIX",
+           "normalise_settings", "read_result", "file_sha256", "check_arrays", "check_results_folder", "fallback_dir",
+           "resolve_env_folder"]
 
 RESULTS_VERSION = "1"
 RESULTS_ENV = "ANCHORS_RESULTS"
@@ -109,8 +134,26 @@ class UnreadableResultError(OSError):
     """A cached result file exists but cannot be read."""
 
 
+class MismatchedResultError(ValueError):
+    """A cached result is not what its ``.json`` says (another checksum, other fields or shapes), or its ``.json``
+    describes another run than the one asked for (another model, task, settings, ...)."""
+
+
 class MissingResultError(LookupError):
     """``ANCHORS_REQUIRE_CACHED=1`` and a result is not in any results folder."""
+
+
+class ResultsFolderError(OSError):
+    """The results folder cannot take a result (read-only, full, a file, no permission): raised *before* computing."""
+
+    def __init__(self, message: str, errno_: int | None = None):
+        super().__init__(message)
+        self.errno = errno_
+
+
+class UnsavedResultWarning(UserWarning):
+    """A computed result could not be written to the results folder: it was returned, and saved elsewhere if it
+    could be (the warning names where)."""
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -118,10 +161,35 @@ class MissingResultError(LookupError):
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def resolve_env_folder(env: str, anchor: Path | None = None) -> Path | None:
+    """The folder named by the environment variable ``env``, as an absolute path, or ``None`` when it is unset.
+
+    A relative value is resolved **once** per process, at its first use: against ``anchor`` (for
+    ``ANCHORS_RESULTS``, the repository root in a source checkout, so ``ANCHORS_RESULTS=results`` means the
+    repository's ``results/`` from wherever a chapter runs, ``book/`` included), else against the working directory.
+    The absolute path is written back to the environment, so a later ``os.chdir``, a notebook kernel or a
+    subprocess started from here uses the same folder.
+    """
+    value = os.environ.get(env, "").strip()
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return path.resolve()
+    path = ((anchor / path) if anchor is not None else path).resolve()
+    os.environ[env] = str(path)
+    return path
+
+
 def results_dir() -> Path:
-    """The writable results folder: ``$ANCHORS_RESULTS``, or ``~/.cache/anchors/results``."""
-    env = os.environ.get(RESULTS_ENV)
-    return Path(env).expanduser().resolve() if env else Path.home() / ".cache" / "anchors" / "results"
+    """The writable results folder: ``$ANCHORS_RESULTS``, or ``~/.cache/anchors/results``.
+
+    A relative ``$ANCHORS_RESULTS`` is resolved once (:func:`resolve_env_folder`): against the repository root in a
+    source checkout, else against the working directory.
+    """
+    checkout = REPO_ROOT if (REPO_ROOT / "pyproject.toml").is_file() else None
+    env = resolve_env_folder(RESULTS_ENV, checkout)
+    return env if env is not None else Path.home() / ".cache" / "anchors" / "results"
 
 
 def committed_results_dir() -> Path | None:
@@ -152,12 +220,13 @@ def search_dirs(directory: str | os.PathLike | None = None) -> list[Path]:
 def bench_file(folder: str, model: str, write: bool = False) -> Path:
     """A benchmark's JSON for ``model`` in ``folder``: for reading, the first found in :func:`search_dirs` (the user
     cache, then the committed results); with ``write``, where a new run goes (:func:`results_dir`)."""
-    rel = Path(folder) / f"{model.replace('/', '--')}.json"
+    rel = Path(check_path_name(folder, "a benchmark folder")) / f"{_safe_model_name(model)}.json"
     if not write:
         for d in search_dirs():
             if (d / rel).is_file():
                 return d / rel
     return results_dir() / rel
+
 
 def _site_packages() -> list[Path]:
     paths = {sysconfig.get_paths()[k] for k in ("purelib", "platlib")}
@@ -215,21 +284,80 @@ class ModelKey:
         return cls(name, model_identity(name), getattr(torch, dtype), torch.device(device))
 
 
+# Settings that count something (a seed, a size, a number of shots, ...): an int, never a float such as 42.0, which
+# would give another key than 42 for the same run.
+_INT_SETTING = re.compile(r"seeds?|n|k|ks|shots|epochs|pool|m_max|n_.+|.+_per_class|.+_ks|.+_seeds?|.+_shots")
+
+
+def _json_setting(value, where: str, name: str):
+    """One settings value as plain JSON (numpy scalars become Python numbers); ``TypeError`` naming ``where`` if it is
+    not a JSON value."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        v = float(value)
+        if not math.isfinite(v):
+            raise ValueError(f"setting {where!r} is {v}: a setting must be a finite number")
+        if _INT_SETTING.fullmatch(name):
+            raise TypeError(f"setting {where!r} is the float {value!r}; it counts something: pass an int "
+                            f"({int(v)!r} if that is what is meant)")
+        return v
+    if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_json_setting(v, f"{where}[{i}]", name) for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise TypeError(f"setting {where!r} has the key {k!r}: keys must be strings")
+            out[k] = _json_setting(v, f"{where}.{k}", k)
+        return out
+    text = repr(value)
+    text = text if len(text) <= 80 else text[:77] + "..."
+    raise TypeError(
+        f"setting {where!r} is of type {type(value).__name__} ({text}), not a JSON "
+        "value (a number, a string, a bool, None, or a list or dict of them): its text would not identify the run "
+        "(a set has no fixed order, an object no stable text). Pass a sorted list, or the numbers that define it."
+    )
+
+
+def normalise_settings(settings) -> dict:
+    """The settings as they enter the key: plain JSON, numpy scalars as Python numbers (``np.int64(42)`` and ``42``
+    are one key), tuples as lists. A float where a count is meant (``seed=42.0``), a NaN, a set or any object is
+    refused, naming the setting."""
+    if not isinstance(settings, dict):
+        raise TypeError(f"settings must be a dict, not {type(settings).__name__}")
+    out = {}
+    for name, value in settings.items():
+        if not isinstance(name, str):
+            raise TypeError(f"settings keys must be strings, got {name!r}")
+        out[name] = _json_setting(value, name, name)
+    return out
+
+
 def key_fields(experiment: str, lm, data: TaskData, settings: dict) -> dict:
     """Everything that identifies a run's numbers (the key is a hash of this; it is also saved beside the result)."""
     identity = dict(getattr(lm, "identity", None) or {})
     if not identity:
         raise ValueError(f"{lm!r} has no identity: load models with helpers.load_model")
     return {
-        "experiment": experiment,
+        "experiment": check_path_name(experiment, "an experiment name"),
         "model": identity,
         "dtype": str(lm.dtype).removeprefix("torch."),
         "device": lm.device.type,
-        "task": data.task.name,
+        "task": check_path_name(data.task.name, "a task name"),
         "data": data.fingerprint,
-        "settings": settings,
+        "settings": normalise_settings(settings),
         "versions": _versions(),
     }
+
+
+KEY_FIELDS = ("experiment", "model", "dtype", "device", "task", "data", "settings", "versions")
 
 
 def _hash_fields(fields: dict) -> str:
@@ -242,13 +370,17 @@ def run_key(experiment: str, lm, data: TaskData, settings: dict) -> str:
     return _hash_fields(key_fields(experiment, lm, data, settings))
 
 
+def _safe_model_name(name) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "--", str(name)).strip("-") or "model"
+
+
 def _file_name(fields: dict, key: str) -> str:
-    model = re.sub(r"[^A-Za-z0-9._-]+", "--", str(fields["model"].get("name", "model"))).strip("-") or "model"
-    return f"{model}__{fields['task']}__{key}.npz"
+    model = _safe_model_name(fields["model"].get("name", "model"))
+    return f"{model}__{check_path_name(fields['task'], 'a task name')}__{key}.npz"
 
 
 def _relative_path(fields: dict) -> Path:
-    return Path(fields["experiment"]) / _file_name(fields, _hash_fields(fields))
+    return Path(check_path_name(fields["experiment"], "an experiment name")) / _file_name(fields, _hash_fields(fields))
 
 
 def result_path(experiment: str, lm, data: TaskData, settings: dict, directory: Path | None = None) -> Path:
@@ -280,6 +412,28 @@ def check_finite(result: dict[str, np.ndarray], allow_nan: Collection[str] = (),
         )
 
 
+def check_arrays(result, what: str = "result") -> dict[str, np.ndarray]:
+    """``result`` as a flat dict of numeric (or string) numpy arrays; ``TypeError`` naming the field otherwise.
+
+    An object array would be pickled into the ``.npz``, which this cache refuses to read back (so the run would be
+    recomputed every time): it is refused when computed instead.
+    """
+    if not isinstance(result, dict):
+        raise TypeError(f"the {what} must be a dict of numpy arrays, not {type(result).__name__}")
+    out = {}
+    for name, value in result.items():
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"the {what} has the field name {name!r}: field names must be non-empty strings")
+        a = np.asarray(value)
+        if a.dtype.kind not in "biufcUS":
+            raise TypeError(
+                f"the {what} field {name!r} is an array of {a.dtype} ({type(value).__name__}): results must be "
+                "numeric (or string) arrays, e.g. np.asarray(values, dtype=float); nothing was cached"
+            )
+        out[name] = a
+    return out
+
+
 def load_result(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Read a cached ``.npz``; :class:`UnreadableResultError` (naming the file) if it is damaged."""
     path = Path(path)
@@ -293,18 +447,106 @@ def load_result(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise UnreadableResultError(f"cannot read the cached result {path}: {type(err).__name__}: {err}") from None
 
 
-def _read_valid(path: Path, allow_nan: Collection[str]) -> dict[str, np.ndarray] | None:
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes (hex)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _canonical(value):
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def _short(value, limit: int = 160) -> str:
+    text = json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _array_facts(result: dict[str, np.ndarray]) -> dict:
+    return {k: {"dtype": str(np.asarray(v).dtype), "shape": list(np.shape(v))} for k, v in result.items()}
+
+
+def read_result(path: str | os.PathLike, fields: dict | None = None,
+                allow_nan: Collection[str] = ()) -> dict[str, np.ndarray]:
+    """Read a cached ``.npz`` and check it against its ``.json`` and against the run asked for.
+
+    * the ``.json`` beside it must exist and be readable;
+    * its key fields (experiment, model identity, dtype, device, task, data, settings, versions) and its key must be
+      those of ``fields`` (the request), when given: a file copied or renamed from another run is not returned;
+    * the ``.npz`` must be readable and finite (outside ``allow_nan``);
+    * when the ``.json`` holds them (every result written since they were added): the file's sha256, and its fields'
+      names, dtypes and shapes.
+
+    Raises :class:`MismatchedResultError`, :class:`UnreadableResultError` or :class:`NonFiniteResultError`, each
+    naming the file.
+    """
+    path = Path(path)
+    meta = path.with_suffix(".json")
     try:
-        result = load_result(path)
-        check_finite(result, allow_nan, what=f"cached result {path}")
-    except (UnreadableResultError, NonFiniteResultError) as err:
-        warnings.warn(f"{err} -- ignoring it and recomputing", stacklevel=3)
-        return None
+        info = json.loads(meta.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MismatchedResultError(
+            f"the cached result {path} has no {meta.name} beside it (a write that failed half-way, or a file copied "
+            "alone): nothing says which run it is") from None
+    except (OSError, ValueError) as err:
+        raise MismatchedResultError(f"cannot read {meta}, the record of the cached result {path}: "
+                                    f"{type(err).__name__}: {err}") from None
+    if not isinstance(info, dict):
+        raise MismatchedResultError(f"{meta} is not a result's record (a JSON object)")
+    if fields is not None:
+        for k in KEY_FIELDS:
+            if k not in info:
+                raise MismatchedResultError(f"{meta} has no {k!r}: it is not the record of this run")
+            if _canonical(info[k]) != _canonical(fields[k]):
+                raise MismatchedResultError(
+                    f"{meta} records {k} = {_short(info[k])}, but the run asked for has {k} = {_short(fields[k])}: "
+                    f"{path.name} is another run's result (copied, renamed or edited)")
+        key = _hash_fields(fields)
+        if info.get("key") != key:
+            raise MismatchedResultError(f"{meta} records the key {info.get('key')!r}, the run asked for is {key!r}")
+    result = load_result(path)
+    check_finite(result, allow_nan, what=f"cached result {path}")
+    if "sha256" in info:
+        digest = file_sha256(path)
+        if digest != info["sha256"]:
+            raise MismatchedResultError(
+                f"the cached result {path} changed since it was written (its sha256 is {digest[:16]}..., its "
+                f"{meta.name} records {str(info['sha256'])[:16]}...)")
+    if "arrays" in info:
+        facts = _array_facts(result)
+        if facts != info["arrays"]:
+            diff = sorted(set(facts) ^ set(info["arrays"])) or sorted(
+                k for k in facts if facts[k] != info["arrays"].get(k))
+            raise MismatchedResultError(
+                f"the cached result {path} does not hold what its {meta.name} records (fields {diff}: "
+                f"{_short({k: facts.get(k) for k in diff})} in the file, "
+                f"{_short({k: info['arrays'].get(k) for k in diff})} recorded)")
     return result
 
 
+def _read_checked(path: Path, fields: dict, allow_nan: Collection[str], committed: bool):
+    """A cached result that passes :func:`read_result`, or ``None`` (with a warning naming the file) so that the
+    caller recomputes it. In the committed results a mismatch is an error: they are never silently replaced."""
+    try:
+        return read_result(path, fields, allow_nan)
+    except MismatchedResultError as err:
+        if committed:
+            raise MismatchedResultError(
+                f"{err}. This is in the committed results, which must not be edited: restore them (git checkout "
+                "results/, or reinstall the package), or recompute this run on purpose with --into-committed"
+            ) from None
+        warnings.warn(f"{err} -- ignoring it and recomputing", stacklevel=3)
+    except (UnreadableResultError, NonFiniteResultError) as err:
+        warnings.warn(f"{err} -- ignoring it and recomputing", stacklevel=3)
+    return None
+
+
 def find_result(experiment: str, lm, data: TaskData, settings: dict, directory: Path | None = None) -> Path | None:
-    """The first existing ``.npz`` of this run in :func:`search_dirs`, or ``None``."""
+    """The first existing ``.npz`` of this run in :func:`search_dirs`, or ``None`` (it is not read nor checked:
+    :func:`read_result` does that)."""
     rel = _relative_path(key_fields(experiment, lm, data, settings))
     for d in search_dirs(directory):
         if (d / rel).is_file():
@@ -312,19 +554,24 @@ def find_result(experiment: str, lm, data: TaskData, settings: dict, directory: 
     return None
 
 
+# Every temporary file this package makes starts with this; the stale-temporary sweep removes nothing else.
+TEMP_PREFIX = ".tmp-anchors-"
 _CLEANED: set[Path] = set()
 
 
 def clean_stale_temporaries(directory: Path, max_age: float = STALE_TEMP_SECONDS) -> list[Path]:
-    """Remove ``.tmp-*`` files older than ``max_age`` seconds (left by killed runs) in ``directory`` and its
-    sub-folders. Returns what was removed."""
+    """Remove this package's temporary files (``.tmp-anchors-*``) older than ``max_age`` seconds, left by killed
+    runs, directly in ``directory`` (an experiment's results sub-folder; not its sub-folders). Any other file is left
+    alone, whatever its name or age (a results folder may be a folder the user also keeps files in). Returns what
+    was removed."""
     removed = []
-    if not Path(directory).is_dir():
+    directory = Path(directory)
+    if not directory.is_dir():
         return removed
     now = time.time()
-    for p in Path(directory).glob("**/.tmp-*"):
+    for p in directory.glob(TEMP_PREFIX + "*"):
         try:
-            if p.is_file() and now - p.stat().st_mtime > max_age:
+            if p.is_file() and not p.is_symlink() and now - p.stat().st_mtime > max_age:
                 p.unlink()
                 removed.append(p)
         except FileNotFoundError:  # removed by someone else meanwhile
@@ -332,9 +579,16 @@ def clean_stale_temporaries(directory: Path, max_age: float = STALE_TEMP_SECONDS
     return removed
 
 
+def _clean_once(directory: Path) -> None:
+    directory = Path(directory)
+    if directory not in _CLEANED:
+        clean_stale_temporaries(directory)
+        _CLEANED.add(directory)
+
+
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TEMP_PREFIX, suffix=path.suffix)
     os.close(fd)
     try:
         write(Path(tmp))
@@ -346,8 +600,12 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 def write_json(path: str | os.PathLike, obj) -> None:
     """Write ``obj`` as indented JSON to ``path``, atomically (a benchmark's result; a killed run leaves no half
-    file)."""
-    _atomic_write(Path(path), lambda p: p.write_text(json.dumps(obj, indent=1) + "\n"))
+    file). In a results sub-folder, stale temporaries of killed runs are removed first."""
+    path = Path(path)
+    text = json.dumps(obj, indent=1) + "\n"  # a value that is not JSON fails here, before anything is written
+    if path.parent.parent == results_dir():
+        _clean_once(path.parent)
+    _atomic_write(path, lambda p: p.write_text(text))
 
 
 def _torch_threads() -> int | None:
@@ -360,10 +618,108 @@ def _torch_threads() -> int | None:
 
 
 def save_result(path: Path, result: dict[str, np.ndarray], info: dict) -> None:
-    """Write ``path`` (.npz) and its ``.json`` atomically."""
-    _atomic_write(path, lambda p: np.savez_compressed(p, **result))
-    _atomic_write(path.with_suffix(".json"),
-                  lambda p: p.write_text(json.dumps(info, indent=1, sort_keys=True, default=str) + "\n"))
+    """Write ``path`` (.npz) and its ``.json`` atomically; the ``.json`` also records the ``.npz``'s sha256 and its
+    fields' dtypes and shapes. If the ``.json`` cannot be written, the new ``.npz`` is removed (never one without the
+    other)."""
+    digest = {}
+
+    def write_npz(p: Path) -> None:
+        np.savez_compressed(p, **result)
+        digest["sha256"] = file_sha256(p)
+
+    _atomic_write(path, write_npz)
+    info = {**info, "sha256": digest["sha256"], "arrays": _array_facts(result)}
+    text = json.dumps(info, indent=1, sort_keys=True, default=str) + "\n"
+    try:
+        _atomic_write(path.with_suffix(".json"), lambda p: p.write_text(text))
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Before computing: can the results folder take the result? After: never lose it.
+# --------------------------------------------------------------------------------------------------------------------
+
+PROBE_BYTES = 64 * 1024  # the probe's write: a full disk fails it
+MIN_FREE_BYTES = 1 << 20  # less free space than this is a full disk
+
+
+def _why(err: OSError) -> str:
+    reasons = {
+        errno.EROFS: "it is on a read-only file system",
+        errno.ENOSPC: "the disk is full",
+        errno.EDQUOT: "the disk quota is exceeded",
+        errno.ENOTDIR: "a part of its path is a file, not a folder",
+        errno.EEXIST: "it is a file, not a folder",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "permission denied",
+    }
+    reason = reasons.get(getattr(err, "errno", None))
+    detail = f"{type(err).__name__}: {err}"
+    return f"{reason} ({detail})" if reason else detail
+
+
+def _folder_fix(directory) -> str:
+    if directory is not None:
+        return "Pass a writable folder with free space as directory=."
+    now = os.environ.get(RESULTS_ENV)
+    return (f"Set {RESULTS_ENV} to a writable folder with free space "
+            f"(it is {'now ' + repr(now) if now else 'unset, so the default ~/.cache/anchors/results is used'}).")
+
+
+def check_results_folder(folder: str | os.PathLike, fix: str = "") -> None:
+    """Make sure ``folder`` can take a result, *before* anything is computed: create it, write and remove a small
+    temporary file there (a real write, not ``os.access``: a read-only mount, a full disk, a path that is a file
+    all fail it, and so does a root user's write to a read-only file system), and check the free space.
+    :class:`ResultsFolderError` naming the folder, the cause and ``fix`` otherwise."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=TEMP_PREFIX + "probe-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(b"\0" * PROBE_BYTES)
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            os.unlink(tmp)
+        free = shutil.disk_usage(folder).free
+    except OSError as err:
+        raise ResultsFolderError(f"cannot write results to {folder}: {_why(err)}. Nothing was computed. {fix}".strip(),
+                                 getattr(err, "errno", None)) from err
+    if free < MIN_FREE_BYTES:
+        raise ResultsFolderError(f"cannot write results to {folder}: the disk is full ({free} bytes free). Nothing "
+                                 f"was computed. {fix}".strip(), errno.ENOSPC)
+
+
+def fallback_dir() -> Path:
+    """Where a result goes when its results folder refuses the write after it was computed:
+    ``<temp dir>/anchors-unsaved-results`` (same layout as a results folder)."""
+    return Path(tempfile.gettempdir()) / "anchors-unsaved-results"
+
+
+def _save_or_keep(target: Path, rel: Path, result: dict[str, np.ndarray], info: dict) -> None:
+    """Save a computed result; if that fails (e.g. the disk filled up during the run), save it in
+    :func:`fallback_dir` and warn, naming both folders. Never raises for a failed write: the caller gets the result."""
+    try:
+        save_result(target, result, info)
+        return
+    except OSError as err:
+        first = err
+    alt = fallback_dir() / rel
+    try:
+        save_result(alt, result, info)
+    except OSError as err:
+        warnings.warn(
+            f"the computed result could not be written to {target.parent} ({_why(first)}), nor to {alt.parent} "
+            f"({_why(err)}): it is returned but NOT cached; free some space or set {RESULTS_ENV} to a writable "
+            "folder before the next run", UnsavedResultWarning, stacklevel=3)
+        return
+    warnings.warn(
+        f"the computed result could not be written to {target.parent} ({_why(first)}); it is returned, and saved in "
+        f"{alt.parent} instead. To use it, move {alt.name} and {alt.with_suffix('.json').name} into {target.parent} "
+        f"(or set {RESULTS_ENV}={fallback_dir()})", UnsavedResultWarning, stacklevel=3)
 
 
 def cached_run(
@@ -383,12 +739,17 @@ def cached_run(
     none; never compute (the verdict page reads results this way, through the experiments' own run functions, with
     a :class:`ModelKey` in place of a loaded model).
 
+    A cached file is checked before it is returned (:func:`read_result`): one that fails is reported and recomputed
+    in the user cache, and is an error (:class:`MismatchedResultError`) in the committed results. Before computing,
+    the folder the result will go to is probed with a real write (:func:`check_results_folder`); if the write fails
+    anyway after computing, the result is still returned, and saved in :func:`fallback_dir` (a warning names it).
+
     Args:
         experiment: the experiment's name (the results sub-folder).
         lm: the :class:`~helpers.core.models.LoadedModel` (its identity, dtype and device enter the key).
         data: the :class:`~helpers.core.tasks.TaskData` (its fingerprint enters the key).
-        settings: what else changes the numbers (JSON-serialisable).
-        compute: returns a flat dict of numpy arrays.
+        settings: what else changes the numbers (JSON values; see :func:`normalise_settings`).
+        compute: returns a flat dict of numeric numpy arrays.
         directory: read and write only there (default: :func:`search_dirs`, writing to :func:`results_dir`).
         recompute: ignore cached results.
         allow_nan: fields of the result where NaN is legitimate (e.g. an AUC undefined in some layer).
@@ -397,9 +758,10 @@ def cached_run(
     fields = key_fields(experiment, lm, data, settings)
     rel = _relative_path(fields)
     if not recompute:
-        for d in search_dirs(directory):
+        for i, d in enumerate(search_dirs(directory)):
             if (d / rel).is_file():
-                result = _read_valid(d / rel, allow_nan)
+                # search_dirs: the user cache (or ``directory``) first, then, only by default, the committed results
+                result = _read_checked(d / rel, fields, allow_nan, committed=directory is None and i > 0)
                 if result is not None:
                     return result
     if lookup_only or compute is None:
@@ -412,17 +774,16 @@ def cached_run(
             f"(expected {rel})"
         )
     _check_writable(target.parent)
-    root = target.parents[1]
-    if root not in _CLEANED:
-        clean_stale_temporaries(root)
-        _CLEANED.add(root)
+    check_results_folder(target.parent, _folder_fix(directory))
+    _clean_once(target.parent)
     wall, cpu = time.perf_counter(), time.process_time()
-    result = {k: np.asarray(v) for k, v in compute().items()}
+    what = f"{experiment} result for {fields['model'].get('name')} / {fields['task']}"
+    result = check_arrays(compute(), what)
     cost = {"wall_s": round(time.perf_counter() - wall, 2), "cpu_s": round(time.process_time() - cpu, 2),
             "threads": _torch_threads()}  # what this run cost (not part of the key)
-    check_finite(result, allow_nan, what=f"{experiment} result for {fields['model'].get('name')} / {fields['task']}")
-    save_result(target, result, {"format": 2, "key": rel.stem.rsplit("__", 1)[1], "allow_nan": sorted(allow_nan),
-                                 **fields, "cost": cost})
+    check_finite(result, allow_nan, what=what)
+    _save_or_keep(target, rel, result, {"format": 2, "key": rel.stem.rsplit("__", 1)[1],
+                                        "allow_nan": sorted(allow_nan), **fields, "cost": cost})
     return result
 
 

@@ -18,6 +18,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -38,10 +39,24 @@ __all__ = [
     "DATA_ENV",
     "default_data_dir",
     "data_fingerprint",
+    "check_path_name",
 ]
 
 DATA_ENV = "ANCHORS_DATA"
 _REPO_ROOT = Path(__file__).resolve().parents[2]
+_PATH_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+
+
+def check_path_name(name, what: str = "name") -> str:
+    """``name`` if it is safe as one path component (a task, an experiment or a benchmark folder becomes part of a
+    results path): letters, digits and ``. _ + -``, not starting with a dot, no ``..``, no separator. Anything
+    else is a ``ValueError`` naming it (a name like ``../../x`` would otherwise write outside the results folder)."""
+    if not isinstance(name, str) or not _PATH_NAME.fullmatch(name) or ".." in name:
+        raise ValueError(
+            f"{what} {name!r} cannot be part of a file name: use letters, digits and '.', '_', '+', '-' only "
+            "(no path separator, no '..', not starting with '.')"
+        )
+    return name
 
 
 @dataclass(frozen=True)
@@ -55,6 +70,18 @@ class Task:
     label_words: tuple[str, ...]  # index = HF label id; each with its leading space
     hub: tuple[str, str | None, str, str, str, str]  # repo, config, train split, test split, text col, label col
     hub_label_names: tuple[str, ...] = ()  # the hub's ClassLabel names, in label-id order (checked when loading)
+
+    def __post_init__(self):
+        check_path_name(self.name, "a task name")  # it names the data sub-folder and every result file
+        words = tuple(self.label_words)
+        if not words:
+            raise ValueError(f"task {self.name!r} has no label words")
+        for i, w in enumerate(words):
+            if not isinstance(w, str) or not w.strip():
+                raise ValueError(f"task {self.name!r}: label word {i} is {w!r}; every label word must be a non-empty "
+                                 "string (with its leading space, e.g. ' Positive')")
+        if len(set(words)) != len(words):
+            raise ValueError(f"task {self.name!r} has the same label word twice: {list(words)}")
 
     @property
     def n_classes(self) -> int:

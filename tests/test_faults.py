@@ -1,0 +1,415 @@
+"""The fault suite: what a careful user can do to the results cache and the inputs, and what each does.
+
+Every case gives a correct result or a clear error naming the cause, the file and the fix; nothing a user owns is
+deleted and no computed result is lost on a failed write. Fast: stub models (``fake_lm``) and tiny data, no real
+model; each test is bounded in time (``_bounded``).
+
+Run it alone with ``python -m pytest tests/test_faults.py``.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from helpers.core import runs
+from helpers.core.runs import (
+    MismatchedResultError,
+    NonFiniteResultError,
+    ResultsFolderError,
+    UnsavedResultWarning,
+    cached_run,
+    find_result,
+    key_fields,
+    result_path,
+    run_key,
+)
+from helpers.core.tasks import TASKS, Example, TaskData, check_path_name, load_task
+
+ROOT = Path(__file__).resolve().parents[1]
+TIME_LIMIT_S = 20  # every test here is far below this; a hang fails instead of blocking the suite
+
+
+@pytest.fixture(autouse=True)
+def _bounded():
+    """Fail a test that runs past TIME_LIMIT_S (SIGALRM: main thread, POSIX)."""
+    if not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def timeout(signum, frame):
+        raise TimeoutError(f"a fault test ran past {TIME_LIMIT_S} s")
+
+    old = signal.signal(signal.SIGALRM, timeout)
+    signal.alarm(TIME_LIMIT_S)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def fake_lm(name="m/x", dtype=torch.float32, device="cpu", **identity):
+    ident = {"kind": "offline", "name": name, "packages": {"pkg": "1.0"}, **identity}
+    return SimpleNamespace(name=name, identity=ident, dtype=dtype, device=torch.device(device))
+
+
+def fake_data(texts=("a", "b"), task="sst2"):
+    rows = tuple(Example(t, i % 2) for i, t in enumerate(texts))
+    return TaskData(TASKS[task], rows, rows, "memory")
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    """An empty user cache, an empty 'committed' folder, a private fallback folder; never the repository's."""
+    monkeypatch.setenv("ANCHORS_RESULTS", str(tmp_path / "user"))
+    monkeypatch.setattr(runs, "committed_results_dir", lambda: tmp_path / "committed")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(runs, "_CLEANED", set())
+    monkeypatch.delenv("ANCHORS_REQUIRE_CACHED", raising=False)
+    return tmp_path
+
+
+def _never():
+    pytest.fail("computed, though the results folder could not take the result")
+
+
+@contextmanager
+def _writes_fail_under(folder: Path, code: int):
+    """Every file creation under ``folder`` fails with ``OSError(code)``: a read-only mount (EROFS) or a full disk
+    (ENOSPC), as root sees them too (chmod does not stop root)."""
+    real_open = os.open
+    folder = str(folder)
+
+    def fake_open(path, flags, *args, **kwargs):
+        if str(path).startswith(folder) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise OSError(code, os.strerror(code))  # ENOSPC comes without a path, as the kernel's does
+        return real_open(path, flags, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "open", fake_open)
+        yield
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Lost: the stale-temporary sweep, and results lost on a failed write
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_the_sweep_never_deletes_a_users_file(isolated, monkeypatch):
+    """ANCHORS_RESULTS pointed at a broad folder (a home, a project) that holds an hour-old ``.tmp-*`` of the user's."""
+    home = isolated / "home"
+    mine = [home / ".tmp-draft-chapter3.tex", home / "exp" / ".tmp-notes.md", home / "exp" / "sub" / ".tmp-x.npz",
+            home / "other" / f"{runs.TEMP_PREFIX}not-in-an-experiment-folder"]
+    ours = home / "exp" / f"{runs.TEMP_PREFIX}killed.npz"
+    past = time.time() - 3600
+    for p in mine + [ours]:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("the user's work")
+        os.utime(p, (past, past))
+    monkeypatch.setenv("ANCHORS_RESULTS", str(home))
+    cached_run("exp", fake_lm(), fake_data(), {}, lambda: {"x": np.ones(1)})
+    assert all(p.read_text() == "the user's work" for p in mine)
+    assert not ours.exists(), "a stale temporary of a killed run was left"
+
+
+def test_every_temporary_carries_the_package_prefix(isolated, monkeypatch):
+    made = []
+    real = tempfile.mkstemp
+
+    def spy(*args, **kwargs):
+        fd, name = real(*args, **kwargs)
+        made.append(Path(name).name)
+        return fd, name
+
+    monkeypatch.setattr(tempfile, "mkstemp", spy)
+    cached_run("exp", fake_lm(), fake_data(), {}, lambda: {"x": np.ones(1)})
+    runs.write_json(runs.bench_file("speed-bench", "m/x", write=True), {"a": 1})
+    assert len(made) == 4 and all(n.startswith(runs.TEMP_PREFIX) for n in made), made  # probe, .npz, .json, bench
+    assert not list(isolated.rglob(runs.TEMP_PREFIX + "*")), "a temporary was left behind"
+
+
+@pytest.mark.parametrize("code, reason", [(errno.EROFS, "read-only file system"), (errno.ENOSPC, "disk is full")])
+def test_an_unwritable_results_folder_fails_before_computing(isolated, code, reason):
+    user = isolated / "user"
+    with _writes_fail_under(user, code), pytest.raises(ResultsFolderError, match=reason) as err:
+        cached_run("exp", fake_lm(), fake_data(), {}, _never)
+    message = str(err.value)
+    assert str(user / "exp") in message and "ANCHORS_RESULTS" in message and "Nothing was computed" in message
+    assert err.value.errno == code and isinstance(err.value, OSError)
+
+
+def test_a_results_path_that_is_a_file_fails_before_computing(isolated, monkeypatch):
+    afile = isolated / "results.txt"
+    afile.write_text("not a folder")
+    monkeypatch.setenv("ANCHORS_RESULTS", str(afile))
+    with pytest.raises(ResultsFolderError, match="a part of its path is a file") as err:
+        cached_run("exp", fake_lm(), fake_data(), {}, _never)
+    assert str(afile) in str(err.value) and afile.read_text() == "not a folder"
+    monkeypatch.setenv("ANCHORS_RESULTS", str(isolated / "user"))
+    (isolated / "user").mkdir()
+    (isolated / "user" / "exp").write_text("a file where the experiment folder goes")
+    with pytest.raises(ResultsFolderError, match="is a file, not a folder"):
+        cached_run("exp", fake_lm(), fake_data(), {}, _never)
+
+
+def test_an_explicit_directory_names_its_own_fix(isolated):
+    (isolated / "d").write_text("a file")
+    with pytest.raises(ResultsFolderError, match="directory="):
+        cached_run("exp", fake_lm(), fake_data(), {}, _never, directory=isolated / "d")
+
+
+def test_almost_no_free_space_fails_before_computing(isolated, monkeypatch):
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: SimpleNamespace(total=1 << 30, used=1 << 30, free=1000))
+    with pytest.raises(ResultsFolderError, match=r"disk is full \(1000 bytes free\)"):
+        cached_run("exp", fake_lm(), fake_data(), {}, _never)
+
+
+def test_a_disk_that_fills_during_the_run_keeps_the_result(isolated):
+    """The probe passes, the disk fills while computing: the result is returned and saved in the fallback folder."""
+    user = isolated / "user"
+    lm, data = fake_lm(), fake_data()
+    stack = []
+
+    def compute():
+        stack.append(_writes_fail_under(user, errno.ENOSPC))
+        stack[-1].__enter__()
+        return {"x": np.arange(3.0)}
+
+    try:
+        with pytest.warns(UnsavedResultWarning, match="disk is full") as record:
+            out = cached_run("exp", lm, data, {"n": 1}, compute)
+    finally:
+        stack[-1].__exit__(None, None, None)
+    np.testing.assert_array_equal(out["x"], np.arange(3.0))
+    message = str(record[0].message)
+    fallback = runs.fallback_dir() / "exp"
+    assert str(user / "exp") in message and str(fallback) in message
+    saved = list(fallback.glob("*.npz"))
+    assert len(saved) == 1 and saved[0].with_suffix(".json").is_file()
+    assert not list(user.rglob("*.npz")) and not list(user.rglob(runs.TEMP_PREFIX + "*")), "half a result left"
+    # moved into the results folder as the warning says, it is the run's result
+    (user / "exp").mkdir(parents=True, exist_ok=True)
+    for p in (saved[0], saved[0].with_suffix(".json")):
+        shutil.move(p, user / "exp" / p.name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(cached_run("exp", lm, data, {"n": 1}, _never)["x"], np.arange(3.0))
+
+
+def test_a_failed_write_with_no_fallback_still_returns_the_result(isolated):
+    def compute():
+        ctx = _writes_fail_under(isolated, errno.ENOSPC)  # the results folder and the temp dir
+        ctx.__enter__()
+        compute.ctx = ctx
+        return {"x": np.ones(2)}
+
+    try:
+        with pytest.warns(UnsavedResultWarning, match="NOT cached"):
+            out = cached_run("exp", fake_lm(), fake_data(), {}, compute)
+    finally:
+        compute.ctx.__exit__(None, None, None)
+    np.testing.assert_array_equal(out["x"], np.ones(2))
+
+
+def test_a_json_that_cannot_be_written_leaves_no_npz(isolated, monkeypatch):
+    path = isolated / "r" / "e" / "m__t__0123456789abcdef.npz"
+    real = runs._atomic_write
+
+    def fail_json(target, write):
+        if target.suffix == ".json":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(target, write)
+
+    monkeypatch.setattr(runs, "_atomic_write", fail_json)
+    with pytest.raises(OSError):
+        runs.save_result(path, {"x": np.ones(1)}, {})
+    assert not list((isolated / "r").rglob("*.npz"))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# A cache that cannot lie
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _one(lm=None, data=None, settings=None, value=np.arange(4.0), **kw):
+    lm, data, settings = lm or fake_lm(), data or fake_data(), settings or {"seed": 42}
+    cached_run("exp", lm, data, settings, lambda: {"x": value}, **kw)
+    return find_result("exp", lm, data, settings, kw.get("directory"))
+
+
+def test_the_json_records_checksum_and_shapes():
+    path = _one()
+    info = json.loads(path.with_suffix(".json").read_text())
+    assert info["sha256"] == runs.file_sha256(path)
+    assert info["arrays"] == {"x": {"dtype": "float64", "shape": [4]}}
+
+
+@pytest.mark.parametrize("edit", ["other numbers", "other shape", "other field"])
+def test_a_rewritten_npz_is_reported_and_recomputed(edit):
+    path = _one()
+    np.savez_compressed(path, **{"other numbers": {"x": np.arange(4.0) + 1}, "other shape": {"x": np.arange(5.0)},
+                                 "other field": {"y": np.arange(4.0)}}[edit])
+    with pytest.warns(UserWarning, match=f"{path}.*(changed since it was written|does not hold).*recomputing"):
+        out = cached_run("exp", fake_lm(), fake_data(), {"seed": 42}, lambda: {"x": np.zeros(4)})
+    np.testing.assert_array_equal(out["x"], np.zeros(4))
+
+
+def test_a_rewritten_committed_npz_is_an_error(isolated):
+    path = _one(directory=isolated / "committed")
+    np.savez_compressed(path, x=np.arange(4.0) * 2)
+    with pytest.raises(MismatchedResultError, match="changed since it was written.*committed results.*git checkout"):
+        cached_run("exp", fake_lm(), fake_data(), {"seed": 42}, _never)
+    with pytest.raises(MismatchedResultError):  # the verdict page's lookups too
+        cached_run("exp", fake_lm(), fake_data(), {"seed": 42}, None)
+
+
+@pytest.mark.parametrize("field, value", [("settings", {"seed": 43}), ("model", {"name": "other"}),
+                                          ("task", "trec"), ("key", "0" * 16)])
+def test_an_edited_json_is_reported_and_recomputed(field, value):
+    path = _one()
+    meta = path.with_suffix(".json")
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), field: value}))
+    with pytest.warns(UserWarning, match=f"records {field}|records the key"):
+        out = cached_run("exp", fake_lm(), fake_data(), {"seed": 42}, lambda: {"x": np.zeros(4)})
+    assert out["x"][0] == 0
+
+
+def test_model_as_result_copied_under_model_bs_name_is_not_returned_for_b():
+    a, b = fake_lm("smollm2-135m"), fake_lm("gemma-3-270m")
+    src = _one(lm=a, value=np.arange(8.0))  # "8 layers"
+    dst = result_path("exp", b, fake_data(), {"seed": 42})
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(src, dst)
+    shutil.copy(src.with_suffix(".json"), dst.with_suffix(".json"))
+    with pytest.warns(UserWarning, match="smollm2-135m.*another run's result"):
+        out = cached_run("exp", b, fake_data(), {"seed": 42}, lambda: {"x": np.arange(18.0)})
+    assert out["x"].shape == (18,)
+    dst.with_suffix(".json").unlink()  # the .npz copied alone
+    with pytest.warns(UserWarning, match="no .*json beside it"):
+        cached_run("exp", b, fake_data(), {"seed": 42}, lambda: {"x": np.arange(18.0)}, recompute=False)
+
+
+def test_a_truncated_json_is_reported_and_recomputed():
+    path = _one()
+    meta = path.with_suffix(".json")
+    meta.write_text(meta.read_text()[:20])
+    with pytest.warns(UserWarning, match=f"cannot read {meta}"):
+        cached_run("exp", fake_lm(), fake_data(), {"seed": 42}, lambda: {"x": np.zeros(4)})
+
+
+def test_numpy_scalars_give_the_python_key():
+    lm, data = fake_lm(), fake_data()
+    base = run_key("e", lm, data, {"seed": 42, "lr": 0.5, "ks": [1, 2], "flag": True})
+    assert run_key("e", lm, data, {"seed": np.int64(42), "lr": np.float32(0.5), "ks": np.array([1, 2]),
+                                   "flag": np.bool_(True)}) == base
+    assert run_key("e", lm, data, {"seed": 42, "lr": 0.5, "ks": (1, 2), "flag": True}) == base
+    assert key_fields("e", lm, data, {"seed": np.int64(42)})["settings"] == {"seed": 42}
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"seed": 42.0}, "'seed' is the float 42.0.*pass an int"),
+    ({"n_test": 8.0}, "'n_test' is the float"),
+    ({"ks": [1, 2.0]}, r"'ks\[1\]' is the float"),
+    ({"labels": {0, 1}}, "'labels' is of type set.*not a JSON value"),
+    ({"model": object()}, "'model' is of type object"),
+    ({"where": Path("/x")}, "'where' is of type (Posix|Windows)Path"),
+    ({"nested": {"a": {1, 2}}}, r"'nested\.a' is of type set"),
+])
+def test_settings_that_are_not_json_values_are_refused(settings, message):
+    with pytest.raises(TypeError, match=message):
+        run_key("e", fake_lm(), fake_data(), settings)
+
+
+def test_a_nan_setting_is_refused():
+    with pytest.raises(ValueError, match="'lr' is nan"):
+        run_key("e", fake_lm(), fake_data(), {"lr": float("nan")})
+
+
+def test_an_object_array_result_is_refused_not_pickled(isolated):
+    with pytest.raises(TypeError, match="field 'names' is an array of object.*numeric"):
+        cached_run("exp", fake_lm(), fake_data(), {}, lambda: {"names": np.array([{"a": 1}, None], dtype=object)})
+    assert not list(isolated.rglob("*.npz"))
+    with pytest.raises(TypeError, match="must be a dict"):
+        cached_run("exp", fake_lm(), fake_data(), {}, lambda: [np.ones(1)])
+
+
+def test_the_committed_keys_are_unchanged_by_the_settings_rules():
+    """Every committed result's key is the hash of its recorded fields with its settings as they enter the key now
+    (the normalisation changes no committed key)."""
+    committed = ROOT / "results"
+    metas = [m for m in committed.glob("*/*.json") if "experiment" in json.loads(m.read_text())]
+    if not metas:
+        pytest.skip("no committed results in this checkout")
+    for meta in metas:
+        info = json.loads(meta.read_text())
+        fields = {k: info[k] for k in runs.KEY_FIELDS}
+        fields["settings"] = runs.normalise_settings(fields["settings"])
+        assert runs._relative_path(fields) == meta.relative_to(committed).with_suffix(".npz"), meta
+
+
+def test_the_committed_records_pass_the_read_checks():
+    """A sample of committed results (one per experiment) passes :func:`read_result` against its own fields."""
+    committed = ROOT / "results"
+    seen = set()
+    for meta in sorted(committed.glob("*/*.json")):
+        info = json.loads(meta.read_text())
+        if "experiment" not in info or info["experiment"] in seen:
+            continue
+        seen.add(info["experiment"])
+        fields = {k: info[k] for k in runs.KEY_FIELDS}
+        runs.read_result(meta.with_suffix(".npz"), fields, info.get("allow_nan", ()))
+    if not seen:
+        pytest.skip("no committed results in this checkout")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Names never become paths unchecked
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["../../../../../escaped-task", "a/b", "a\\b", "..", ".hidden", "", "x\0y"])
+def test_a_task_name_that_is_not_a_file_name_is_refused(name):
+    with pytest.raises(ValueError, match="cannot be part of a file name"):
+        replace(TASKS["sst2"], name=name)
+
+
+@pytest.mark.parametrize("name", ["../../escaped-exp", "a/b", "..", "/abs"])
+def test_an_experiment_name_that_is_not_a_file_name_is_refused(isolated, name):
+    with pytest.raises(ValueError, match="an experiment name .* cannot be part of a file name"):
+        cached_run(name, fake_lm(), fake_data(), {}, _never)
+    assert not [p for p in isolated.rglob("*") if p.is_file()]
+
+
+def test_the_regime_task_names_are_file_names():
+    for name in ("sst2+random", "agnews+abstract", "emoc+flipped", "trec"):
+        assert check_path_name(name) == name
+
+
+def test_a_relative_results_folder_is_resolved_once(monkeypatch, tmp_path):
+    monkeypatch.setenv("ANCHORS_RESULTS", "results")
+    monkeypatch.chdir(tmp_path)
+    first = runs.results_dir()
+    assert first == runs.REPO_ROOT / "results"  # the repository's results/, from any working directory
+    assert os.environ["ANCHORS_RESULTS"] == str(first)  # and so for a kernel or subprocess started from here
+    (tmp_path / "book").mkdir()
+    monkeypatch.chdir(tmp_path / "book")
+    assert runs.results_dir() == first
