@@ -20,6 +20,15 @@ that still wrote old-key results. A file whose old name does not match its own `
 ``RESULTS_VERSION`` differs, or that holds NaN/inf (except in fields named with ``--allow-nan experiment:field``,
 as the experiment's ``cached_run(allow_nan=...)`` names them), is reported and left alone. Exit status 1 if anything
 was left.
+
+The folder may have been received from someone else: a ``.json`` that cannot be read, or whose experiment, task or
+model would put the file outside the folder (``../..``, a separator), is reported and left alone; nothing is ever
+written outside ``folder``.
+
+``--add-checksums`` gives current-format results written before the cache recorded them the sha256 of their ``.npz``
+and their fields' dtypes and shapes (which :func:`helpers.core.runs.read_result` then checks), after checking that
+the ``.json``'s key matches its fields and its file name and that the ``.npz`` is readable and finite. Nothing is
+recomputed; the ``.npz`` is not touched.
 """
 
 from __future__ import annotations
@@ -35,9 +44,41 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from helpers.core.models import model_identity  # noqa: E402
-from helpers.core.runs import RESULTS_VERSION, _hash_fields, _relative_path, _versions, check_finite, load_result  # noqa: E402
+from helpers.core.runs import (  # noqa: E402
+    KEY_FIELDS,
+    RESULTS_VERSION,
+    _array_facts,
+    _atomic_write,
+    _hash_fields,
+    _relative_path,
+    _versions,
+    check_finite,
+    file_sha256,
+    load_result,
+)
 from helpers.core.tasks import default_data_dir, load_task  # noqa: E402
 
+
+def _read_info(meta: Path) -> tuple[dict | None, str | None]:
+    """A ``.json``'s content, or ``(None, why)`` naming the file when it cannot be read."""
+    try:
+        info = json.loads(meta.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        return None, f"cannot read it ({type(err).__name__}: {err})"
+    if not isinstance(info, dict):
+        return None, "not a JSON object"
+    return info, None
+
+
+def _inside(root: Path, fields: dict) -> tuple[Path | None, str | None]:
+    """Where ``fields`` put a result under ``root``, or ``(None, why)`` if that is not a path inside ``root``."""
+    try:
+        target = root / _relative_path(fields)
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
+        return None, f"its fields do not give a file name inside {root} ({err})"
+    if not target.resolve().is_relative_to(root.resolve()):
+        return None, f"its target {target} is outside {root}"
+    return target, None
 
 
 def _move(npz: Path, meta: Path, target: Path, new_info: dict) -> None:
@@ -72,7 +113,11 @@ def rekey(root: Path, data_dir: Path | None, dtype: str, device: str, dry_run: b
     left = 0
     moved = 0
     for meta in sorted(root.glob("*/*.json")):
-        info = json.loads(meta.read_text())
+        info, why = _read_info(meta)
+        if info is None:
+            print(f"LEFT {meta}: {why}")
+            left += 1
+            continue
         if info.get("format") == 2 or "experiment" not in info:  # current format, or not a run-cache result
             continue
         npz = meta.with_suffix(".npz")
@@ -81,6 +126,8 @@ def rekey(root: Path, data_dir: Path | None, dtype: str, device: str, dry_run: b
             problem = "no .npz beside it"
         elif info.get("versions", {}).get("results") != RESULTS_VERSION:
             problem = f"RESULTS_VERSION {info.get('versions', {}).get('results')} != {RESULTS_VERSION}"
+        elif not all(k in info for k in ("model", "task", "settings", "versions")):
+            problem = "its .json lacks model, task, settings or versions"
         elif not meta.stem.endswith("__" + old_key(info)):
             problem = f"its name does not match its own .json (old key {old_key(info)})"
         else:
@@ -93,10 +140,15 @@ def rekey(root: Path, data_dir: Path | None, dtype: str, device: str, dry_run: b
             left += 1
             continue
         name = info["model"]
-        if name not in models:
-            models[name] = _Model(name, dtype, device)
-        if info["task"] not in data:
-            data[info["task"]] = load_task(info["task"], data_dir)
+        try:
+            if name not in models:
+                models[name] = _Model(name, dtype, device)
+            if info["task"] not in data:
+                data[info["task"]] = load_task(info["task"], data_dir)
+        except (OSError, ValueError, TypeError, KeyError, LookupError) as err:
+            print(f"LEFT {meta}: its model {name!r} or task {info['task']!r} cannot be used ({err})")
+            left += 1
+            continue
         lm, task_data = models[name], data[info["task"]]
         fields = {
             "experiment": info["experiment"],
@@ -108,8 +160,12 @@ def rekey(root: Path, data_dir: Path | None, dtype: str, device: str, dry_run: b
             "settings": info["settings"],
             "versions": _versions(),
         }
-        rel = _relative_path(fields)
-        target = root / rel
+        target, why = _inside(root, fields)
+        if target is None:
+            print(f"LEFT {meta}: {why}")
+            left += 1
+            continue
+        rel = target.relative_to(root)
         new_info = {"format": 2, "key": _hash_fields(fields),
                     "allow_nan": sorted((allow_nan or {}).get(info["experiment"], ())), **fields,
                     "migrated_from": {"file": meta.stem, "versions": info["versions"],
@@ -135,17 +191,25 @@ def drop_setting(root: Path, name: str, dry_run: bool) -> int:
     """
     moved = left = 0
     for meta in sorted(root.glob("*/*.json")):
-        info = json.loads(meta.read_text())
+        info, why = _read_info(meta)
+        if info is None:
+            print(f"LEFT {meta}: {why}")
+            left += 1
+            continue
         if info.get("format") != 2 or name not in info.get("settings", {}):
             continue
         npz = meta.with_suffix(".npz")
-        fields = {k: info[k] for k in ("experiment", "model", "dtype", "device", "task", "data", "settings", "versions")}
-        if not npz.is_file() or _hash_fields(fields) != info["key"]:
+        fields = {k: info.get(k) for k in KEY_FIELDS}
+        if not npz.is_file() or _hash_fields(fields) != info.get("key"):
             print(f"LEFT {meta}: {'no .npz beside it' if not npz.is_file() else 'its key does not match its fields'}")
             left += 1
             continue
         fields["settings"] = {k: v for k, v in fields["settings"].items() if k != name}
-        target = root / _relative_path(fields)
+        target, why = _inside(root, fields)
+        if target is None:
+            print(f"LEFT {meta}: {why}")
+            left += 1
+            continue
         new_info = {**info, **fields, "key": _hash_fields(fields)}
         new_info.setdefault("dropped_settings", {})[name] = info["settings"][name]
         if target.exists() and target != npz and target.read_bytes() != npz.read_bytes():
@@ -160,6 +224,46 @@ def drop_setting(root: Path, name: str, dry_run: bool) -> int:
     return 1 if left else 0
 
 
+def add_checksums(root: Path, dry_run: bool) -> int:
+    """Current-format results without a recorded sha256: record it, and the fields' dtypes and shapes, in the
+    ``.json`` (rewritten atomically; the ``.npz`` is not touched). Re-runnable: files that have them are skipped."""
+    added = left = 0
+    for meta in sorted(root.glob("*/*.json")):
+        info, why = _read_info(meta)
+        if info is None:
+            print(f"LEFT {meta}: {why}")
+            left += 1
+            continue
+        if info.get("format") != 2 or "sha256" in info:
+            continue
+        npz = meta.with_suffix(".npz")
+        fields = {k: info.get(k) for k in KEY_FIELDS}
+        target, why = _inside(root, fields)
+        problem = why
+        if problem is None and not npz.is_file():
+            problem = "no .npz beside it"
+        elif problem is None and (_hash_fields(fields) != info.get("key") or target != npz):
+            problem = "its key does not match its fields or its file name"
+        if problem is None:
+            try:
+                result = load_result(npz)
+                check_finite(result, info.get("allow_nan", ()), what=f"result {npz}")
+            except (OSError, ValueError) as err:
+                problem = str(err)
+        if problem:
+            print(f"LEFT {meta}: {problem}")
+            left += 1
+            continue
+        new_info = {**info, "sha256": file_sha256(npz), "arrays": _array_facts(result)}
+        print(f"{'would add' if dry_run else 'added'} the checksum of {npz.relative_to(root)}")
+        added += 1
+        if not dry_run:
+            text = json.dumps(new_info, indent=1, sort_keys=True, default=str) + "\n"
+            _atomic_write(meta, lambda p: p.write_text(text))
+    print(f"{added} checksums added, {left} left alone")
+    return 1 if left else 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", type=Path, help="a results folder (results/<experiment>/<files>)")
@@ -171,7 +275,11 @@ def main(argv=None) -> int:
                         help="a field where NaN is legitimate (as the experiment's cached_run(allow_nan=...)); repeatable")
     parser.add_argument("--drop-setting", default=None, metavar="NAME",
                         help="current-format results: remove this setting from their key (e.g. seeds)")
+    parser.add_argument("--add-checksums", action="store_true",
+                        help="current-format results: record their .npz's sha256 and shapes in the .json")
     args = parser.parse_args(argv)
+    if args.add_checksums:
+        return add_checksums(args.folder, args.dry_run)
     if args.drop_setting:
         return drop_setting(args.folder, args.drop_setting, args.dry_run)
     allow_nan: dict[str, set[str]] = {}

@@ -413,3 +413,83 @@ def test_a_relative_results_folder_is_resolved_once(monkeypatch, tmp_path):
     (tmp_path / "book").mkdir()
     monkeypatch.chdir(tmp_path / "book")
     assert runs.results_dir() == first
+
+
+def _rekey_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("rekey_results", ROOT / "scripts" / "rekey_results.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _tiny_data_dir(tmp_path: Path) -> Path:
+    data_dir = tmp_path / "data"
+    (data_dir / "sst2").mkdir(parents=True)
+    (data_dir / "sst2" / "labels.json").write_text('{"0": "negative", "1": "positive"}')
+    for split in ("train", "test"):
+        (data_dir / "sst2" / f"{split}.jsonl").write_text('{"text": "a", "label": 0}\n{"text": "b", "label": 1}\n')
+    return data_dir
+
+
+def test_rekey_refuses_a_crafted_json_that_points_outside_its_folder(isolated, capsys):
+    """A received results folder whose .json names an experiment ``../../escaped-exp`` (old format: re-keying would
+    move the file there) or whose current-format record does (dropping a setting would)."""
+    rekey = _rekey_script()
+    root = isolated / "received"
+    info = {"experiment": "../../escaped-exp", "model": "gemma-3-270m", "task": "sst2", "settings": {"seed": 1},
+            "versions": {"results": "1", "transformers": "5"}}
+    old = root / "exp" / f"gemma-3-270m__sst2__{rekey.old_key(info)}.npz"
+    old.parent.mkdir(parents=True)
+    np.savez_compressed(old, x=np.ones(2))
+    old.with_suffix(".json").write_text(json.dumps(info))
+    assert rekey.main([str(root), "--data", str(_tiny_data_dir(isolated))]) == 1
+    out = capsys.readouterr().out
+    assert "LEFT" in out and "an experiment name '../../escaped-exp' cannot be part of a file name" in out
+    assert old.is_file()
+
+    fields = {**key_fields("exp", fake_lm(), fake_data(), {"seed": 1, "seeds": [1]}), "experiment": "../../x"}
+    crafted = root / "exp" / "m--x__sst2__crafted.npz"
+    np.savez_compressed(crafted, x=np.ones(2))
+    crafted.with_suffix(".json").write_text(json.dumps({"format": 2, "key": runs._hash_fields(fields), **fields}))
+    assert rekey.main([str(root), "--drop-setting", "seeds"]) == 1
+    out = capsys.readouterr().out
+    assert "LEFT" in out and "cannot be part of a file name" in out and crafted.is_file()
+    outside = [p for p in isolated.rglob("*") if p.is_file() and not p.is_relative_to(root)
+               and not p.is_relative_to(isolated / "data")]
+    assert not outside, outside
+
+
+def test_rekey_names_a_truncated_json(isolated, capsys):
+    rekey = _rekey_script()
+    root = isolated / "received"
+    (root / "exp").mkdir(parents=True)
+    (root / "exp" / "m__sst2__0123456789abcdef.json").write_text('{"experiment": "exp", "mo')
+    assert rekey.main([str(root), "--data", str(_tiny_data_dir(isolated))]) == 1
+    out = capsys.readouterr().out
+    assert "m__sst2__0123456789abcdef.json: cannot read it (JSONDecodeError" in out
+
+
+def test_rekey_adds_checksums_to_older_records(isolated, capsys):
+    """Current-format results from before the checksums: --add-checksums records them (nothing recomputed), and the
+    read then checks them."""
+    rekey = _rekey_script()
+    root = isolated / "r"
+    path = _one(directory=root)
+    meta = path.with_suffix(".json")
+    info = json.loads(meta.read_text())
+    older = {k: v for k, v in info.items() if k not in ("sha256", "arrays")}
+    meta.write_text(json.dumps(older))
+    before = path.read_bytes()
+    assert rekey.main([str(root), "--add-checksums", "--dry-run"]) == 0
+    assert "sha256" not in json.loads(meta.read_text())
+    assert rekey.main([str(root), "--add-checksums"]) == 0
+    assert "1 checksums added, 0 left alone" in capsys.readouterr().out
+    new = json.loads(meta.read_text())
+    assert new["sha256"] == info["sha256"] and new["arrays"] == info["arrays"] and path.read_bytes() == before
+    assert rekey.main([str(root), "--add-checksums"]) == 0  # re-runnable
+    assert "0 checksums added" in capsys.readouterr().out
+    np.savez_compressed(path, x=np.zeros(4))  # now a rewritten file is caught
+    with pytest.raises(MismatchedResultError, match="changed since it was written"):
+        runs.read_result(path, {k: new[k] for k in runs.KEY_FIELDS})
