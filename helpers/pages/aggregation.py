@@ -157,8 +157,9 @@ def strip_figure(examples: Mapping[str, Mapping[str, np.ndarray]], marked_layers
     Returns the figure. Used in: Aggregation (``strip_fig``).
     """
     ex, n_tok = _example(examples, task, i)
+    title = f"{get_task(task).title}, example {i + 1}: saliency in every layer"
     return plots.saliency_strip(ex["matrices"][i][:, :n_tok, :n_tok], ex["label_positions"][i], int(ex["target"][i]),
-                                marked_layers, title=f"{get_task(task).title}, example {i + 1}: saliency in every layer")
+                                marked_layers, title=title)
 
 
 def matrix_figure(examples: Mapping[str, Mapping[str, np.ndarray]], tokenizer, layers: Sequence[int] = (1, 10),
