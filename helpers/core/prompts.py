@@ -28,7 +28,7 @@ from .tasks import Example, Task, get_task
 
 __all__ = ["Segment", "Prompt", "Batch", "label_token_ids", "build_prompt", "collate", "target_logits",
            "target_label_logits", "label_head", "check_finite_logits", "length_batches", "tokenizer_fingerprint",
-           "check_prompts"]
+           "check_prompts", "check_context", "model_context"]
 
 _ROLE_PRIORITY = {"text": 0, "format": 1, "label": 2}
 
@@ -116,6 +116,34 @@ def check_prompts(lm, prompts: Sequence[Prompt], task: Task | None = None) -> No
         bad = sorted({p.label for p in prompts if p.label is not None and not 0 <= p.label < task.n_classes})
         if bad:
             raise ValueError(f"query labels {bad} outside 0..{task.n_classes - 1} for {task.name}")
+    check_context(prompts, getattr(lm, "max_length", None), getattr(lm, "name", None))
+
+
+def model_context(model) -> int | None:
+    """The longest input a model takes (its config's ``max_position_embeddings`` or ``n_positions``), or ``None``."""
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return None
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    n = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
+def check_context(prompts: Sequence[Prompt], max_length: int | None, model_name: str | None = None) -> None:
+    """``ValueError`` naming the prompts longer than ``max_length`` tokens (the model's context), if any.
+
+    A longer prompt fails on GPT-2 with a bare ``IndexError`` from torch and runs silently to garbage on a RoPE model
+    (it extrapolates past its trained positions): it is refused where it enters instead."""
+    if max_length is None:
+        return
+    long = [(i, len(p)) for i, p in enumerate(prompts) if len(p) > max_length]
+    if long:
+        shown = ", ".join(f"prompt {i}: {n} tokens" for i, n in long[:5]) + (" ..." if len(long) > 5 else "")
+        raise ValueError(
+            f"{len(long)} prompt(s) longer than the context of {model_name or 'the model'} ({max_length} tokens): "
+            f"{shown}. Use fewer or shorter demonstrations (build_prompt(..., max_length=lm.max_length) refuses "
+            "them when they are built)"
+        )
 
 
 def _encode(tokenizer, text: str):
@@ -130,7 +158,10 @@ def _label_token_ids(task: Task, tokenizer) -> tuple[int, ...]:
         text = f"{task.label_prefix}:{word}"
         input_ids, offsets, special = _encode(tokenizer, text)
         start = len(text) - len(word)
-        first = next(i for i, (s, e) in enumerate(offsets) if not special[i] and e > start)
+        first = next((i for i, (s, e) in enumerate(offsets) if not special[i] and e > start), None)
+        if first is None:
+            raise ValueError(f"label word {word!r} of {task.name} gives no token in this tokenizer: every label word "
+                             "must be a non-empty text (with its leading space, e.g. ' Positive')")
         if offsets[first][0] < start:
             raise ValueError(f"{word!r} merges with the preceding ':' in this tokenizer; no label position exists")
         ids.append(input_ids[first])
@@ -259,12 +290,14 @@ class Batch:
         return torch.tensor(rows)
 
 
-def collate(prompts: Sequence[Prompt], pad_id: int) -> Batch:
-    """Pad prompts on the right with ``pad_id`` into one batch."""
+def collate(prompts: Sequence[Prompt], pad_id: int, max_length: int | None = None) -> Batch:
+    """Pad prompts on the right with ``pad_id`` into one batch; with ``max_length`` (the model's context), a longer
+    prompt is a ``ValueError`` naming it (:func:`check_context`)."""
     if not prompts:
         raise ValueError("collate needs at least one prompt")
     if len({p.tokenizer for p in prompts}) > 1:
         raise ValueError("collate got prompts built with different tokenizers")
+    check_context(prompts, max_length)
     t = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), t), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), t), dtype=torch.long)
@@ -288,6 +321,14 @@ def check_finite_logits(logits: torch.Tensor, model) -> torch.Tensor:
     return logits
 
 
+def _check_batch_context(model, batch: Batch) -> None:
+    context = model_context(model)
+    if context is not None and batch.input_ids.shape[-1] > context:
+        check_context(batch.prompts, context, getattr(getattr(model, "config", None), "model_type", None))
+        raise ValueError(f"the batch is {batch.input_ids.shape[-1]} tokens long, more than the model's context of "
+                         f"{context}")
+
+
 def target_logits(model, batch: Batch) -> torch.Tensor:
     """Full-vocabulary next-token logits at each prompt's target position q: (B, V).
 
@@ -299,6 +340,7 @@ def target_logits(model, batch: Batch) -> torch.Tensor:
     Raises ``FloatingPointError`` if a logit is NaN or infinite (checked once per batch, so no experiment can carry
     a silent NaN; a float16 model is told to use bfloat16 or float32).
     """
+    _check_batch_context(model, batch)
     device = next(model.parameters()).device
     out = model(
         input_ids=batch.input_ids.to(device),
@@ -334,6 +376,7 @@ def label_head(model, hidden: torch.Tensor, label_ids: Sequence[int]) -> torch.T
 def target_label_logits(model, batch: Batch, label_ids: Sequence[int]) -> torch.Tensor:
     """The label words' logits at each prompt's target q: (B, C), float32; equal to
     ``target_logits(model, batch)[:, label_ids]`` (tested) without the full-vocabulary output layer."""
+    _check_batch_context(model, batch)
     device = next(model.parameters()).device
     hidden = model.base_model(
         input_ids=batch.input_ids.to(device),

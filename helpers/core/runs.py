@@ -795,6 +795,8 @@ def make_prompts(
     ``per_example=False``: scheme A, one demonstration set per seed (every experiment but saliency).
     ``per_example=True``: scheme B, fresh demonstrations for each test example (saliency, §2.1).
     """
+    if isinstance(n_test, bool) or not isinstance(n_test, (int, np.integer)) or n_test < 0:
+        raise ValueError(f"n_test must be an integer >= 0 (the number of test examples), got {n_test!r}")
     test = subsample_test(data, seed, n_test)
     if per_example:
         demo_sets = sample_demonstrations_per_example(data, len(test), shots_per_class, seed)

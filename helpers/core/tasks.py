@@ -17,6 +17,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import math
 import os
 import re
 import warnings
@@ -174,8 +175,10 @@ def _read_jsonl(path: Path) -> tuple[Example, ...]:
             if not isinstance(row, dict) or "text" not in row or "label" not in row:
                 raise ValueError(f"{path}, line {lineno}: expected an object with 'text' and 'label', got {line[:80]!r}")
             label = row["label"]
-            if isinstance(label, bool) or not isinstance(label, (int, float)) or int(label) != label:
-                raise ValueError(f"{path}, line {lineno}: the label must be an integer, got {label!r}")
+            if (isinstance(label, bool) or not isinstance(label, (int, float))
+                    or (isinstance(label, float) and not math.isfinite(label)) or int(label) != label):
+                raise ValueError(f"{path}, line {lineno}: the label must be an integer class id, got "
+                                 f"{json.dumps(label)}")
             if not isinstance(row["text"], str):
                 raise ValueError(f"{path}, line {lineno}: the text must be a string, got {row['text']!r}")
             out.append(Example(row["text"], int(label)))
@@ -239,9 +242,18 @@ def _load_local(task: Task, folder: str) -> TaskData:
     missing = [str(p) for p in files if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"Task {task.name!r}: missing {', '.join(missing)} in the data folder {root}")
-    # The files' sizes and modification times are part of the cache key: data edited in this process are re-read.
-    signature = tuple((p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    # The files' contents are the cache key: data edited in this process are re-read, even when the new file has
+    # the old one's size and modification time (``cp -p``, ``rsync -t``).
+    signature = tuple(_file_digest(p) for p in files)
     return _load_local_files(task, str(sub), signature)
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 @lru_cache(maxsize=8)
@@ -346,7 +358,13 @@ def _load_hub(task: Task) -> TaskData:
             check_label_names(task, names, f"{repo} [{split}] column {label_col!r}")
 
     def rows(split):
-        return tuple(Example(t, int(y)) for t, y in zip(ds[split][text_col], ds[split][label_col]))
+        out = []
+        for i, (t, y) in enumerate(zip(ds[split][text_col], ds[split][label_col])):
+            if isinstance(y, bool) or not isinstance(y, (int, np.integer)) or not isinstance(t, str):
+                raise ValueError(f"{repo} [{split}] row {i}: expected a text and an integer label, got "
+                                 f"{t!r:.80} and {y!r}")
+            out.append(Example(t, int(y)))
+        return tuple(out)
 
     train = rows(train_split)
     if task.name == "agnews":
@@ -370,8 +388,15 @@ def subsample_test(data: TaskData, seed: int, n: int = 1000) -> list[int]:
     HF's shuffle is ``np.random.default_rng(seed).permutation(len)``; we use the same, so the indices are the
     paper's. SST-2 has 872 test examples and TREC 500, so ``n=1000`` keeps all of them (in shuffled order).
     """
+    _check_size(n, "n")
     perm = np.random.default_rng(seed).permutation(len(data.test))
     return [int(i) for i in perm[: min(n, len(data.test))]]
+
+
+def _check_size(n, what: str) -> None:
+    """A size must be an integer >= 0 (a negative one would slice "all but n")."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise ValueError(f"{what} must be an integer >= 0, got {n!r}")
 
 
 def sample_fixed_demonstrations(
@@ -416,6 +441,7 @@ def sample_demonstrations_per_example(
     """
     if shots_per_class < 1:
         raise ValueError("shots_per_class must be at least 1 (an empty demonstration set is not in-context learning)")
+    _check_size(n_examples, "n_examples")
     labels = data.labels("train")
     by_class = [np.where(labels == c)[0] for c in range(data.task.n_classes)]
     rng = np.random.RandomState(seed)
