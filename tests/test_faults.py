@@ -666,3 +666,29 @@ def test_a_pickle_is_never_loaded(isolated):
 def test_dtypes_are_keyed_apart():
     keys = {run_key("e", fake_lm(dtype=d), fake_data(), {}) for d in (torch.float32, torch.float16, torch.bfloat16)}
     assert len(keys) == 3
+
+
+def test_a_partial_user_benchmark_never_shadows_the_committed_one(isolated):
+    full = {"model": "m", "tasks": {t: {"1": {"n": 8, "reps": 3, "ratios": {}}, "8": {"n": 8, "reps": 3}}
+                                    for t in ("sst2", "trec", "agnews", "emoc")}}
+    committed = isolated / "committed" / "compression-bench" / "m.json"
+    committed.parent.mkdir(parents=True)
+    committed.write_text(json.dumps(full))
+    user = runs.bench_file("compression-bench", "m", write=True)
+    user.parent.mkdir(parents=True)
+    cases = {
+        "interrupted after one task": {"model": "m", "tasks": {"sst2": full["tasks"]["sst2"]}},
+        "smaller sizes": {"model": "m", "tasks": {t: {b: {**r, "n": 2} for b, r in v.items()}
+                                                  for t, v in full["tasks"].items()}},
+    }
+    for why, partial in cases.items():
+        user.write_text(json.dumps(partial))
+        with pytest.warns(UserWarning, match="covers less than the committed"):
+            assert runs.bench_file("compression-bench", "m") == committed, why
+    user.write_text('{"model": "m", "tas')
+    with pytest.warns(UserWarning, match="cannot read the benchmark"):
+        assert runs.bench_file("compression-bench", "m") == committed
+    user.write_text(json.dumps({**full, "note": "mine, complete"}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert runs.bench_file("compression-bench", "m") == user

@@ -79,7 +79,7 @@ __all__ = ["ModelKey", "Profile", "PROFILES", "RESULTS_VERSION", "RESULTS_ENV", 
            "check_finite", "clean_stale_temporaries", "transformers_version", "write_json", "bench_file",
            "MismatchedResultError", "ResultsFolderError", "UnsavedResultWarning", "KEY_FIELDS", "TEMP_PREFIX",
            "normalise_settings", "read_result", "file_sha256", "check_arrays", "check_results_folder", "fallback_dir",
-           "resolve_env_folder"]
+           "resolve_env_folder", "bench_covers"]
 
 RESULTS_VERSION = "1"
 RESULTS_ENV = "ANCHORS_RESULTS"
@@ -219,13 +219,63 @@ def search_dirs(directory: str | os.PathLike | None = None) -> list[Path]:
 
 def bench_file(folder: str, model: str, write: bool = False) -> Path:
     """A benchmark's JSON for ``model`` in ``folder``: for reading, the first found in :func:`search_dirs` (the user
-    cache, then the committed results); with ``write``, where a new run goes (:func:`results_dir`)."""
+    cache, then the committed results); with ``write``, where a new run goes (:func:`results_dir`).
+
+    A user-cache benchmark that covers less than the committed one (a run interrupted after one task, or run with
+    smaller sizes) never shadows it: the committed one is read, with a warning saying why (:func:`bench_covers`).
+    """
     rel = Path(check_path_name(folder, "a benchmark folder")) / f"{_safe_model_name(model)}.json"
-    if not write:
-        for d in search_dirs():
-            if (d / rel).is_file():
-                return d / rel
-    return results_dir() / rel
+    if write:
+        return results_dir() / rel
+    found = [d / rel for d in search_dirs() if (d / rel).is_file()]
+    if len(found) < 2:
+        return found[0] if found else results_dir() / rel
+    user, committed = found[0], found[-1]
+    try:
+        mine = json.loads(user.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        warnings.warn(f"cannot read the benchmark {user} ({type(err).__name__}: {err}); reading the committed "
+                      f"{committed} instead", stacklevel=2)
+        return committed
+    try:
+        theirs = json.loads(committed.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return user
+    missing = bench_covers(mine, theirs)
+    if missing:
+        warnings.warn(f"the benchmark {user} covers less than the committed {committed} ({missing}); reading the "
+                      "committed one. Re-run the benchmark in full (or delete that file) to use your own",
+                      stacklevel=2)
+        return committed
+    return user
+
+
+_BENCH_SIZES = ("n", "reps", "n_prompts")
+
+
+def _bench_rows(obj, path=()) -> dict[tuple, dict]:
+    """Every dict under a benchmark's ``tasks`` and ``sweep`` (its rows), with the sizes it records."""
+    out: dict[tuple, dict] = {}
+    if not isinstance(obj, dict):
+        return out
+    if path:
+        out[path] = {k: obj[k] for k in _BENCH_SIZES if isinstance(obj.get(k), (int, float))}
+    for k, v in obj.items():
+        if isinstance(v, dict) and (path or k in ("tasks", "sweep")):
+            out.update(_bench_rows(v, path + (str(k),)))
+    return out
+
+
+def bench_covers(mine: dict, reference: dict) -> str:
+    """``""`` if the benchmark ``mine`` covers ``reference`` (every task, batch size and sweep point it has, each
+    with at least its sizes ``n``, ``reps``, ``n_prompts``); else what is missing or smaller."""
+    have, need = _bench_rows(mine), _bench_rows(reference)
+    absent = sorted("/".join(p) for p in need if p not in have)
+    if absent:
+        return f"no {', '.join(absent[:4])}{' ...' if len(absent) > 4 else ''}"
+    smaller = [f"{'/'.join(p)} {k} {have[p].get(k)} < {v}" for p, sizes in need.items() for k, v in sizes.items()
+               if not have[p].get(k, 0) >= v]
+    return ("smaller sizes: " + ", ".join(smaller[:4]) + (" ..." if len(smaller) > 4 else "")) if smaller else ""
 
 
 def _site_packages() -> list[Path]:
