@@ -160,8 +160,8 @@ def forest_figure(R: Runs, model: str) -> plt.Figure:
     Used in: Anchor re-weighting (the default model and the second model)."""
     est = forest_estimates(R)
     first = next(iter(est.values()))
-    return plots.difference_forest(est, title=f"{model}: anchor re-weighting minus each method (n = {first.n} per task)",
-                                   xlabel=FOREST_XLABEL)
+    title = f"{model}: anchor re-weighting minus each method (n = {first.n} per task)"
+    return plots.difference_forest(est, title=title, xlabel=FOREST_XLABEL)
 
 
 def _figure(drawn) -> plt.Figure:
@@ -224,7 +224,8 @@ def training_figure(R: Runs, model: str) -> plt.Figure:
 
     Used in: Anchor re-weighting."""
     curves = {name: {SHORT[m]: np.array([r["epoch_loss"] for r in R[name][m]]) for m in TRAINED} for name in R}
-    return _figure(plots.training_curves(curves, title=f"{model}: mean training loss per epoch (band: range over seeds)"))
+    title = f"{model}: mean training loss per epoch (band: range over seeds)"
+    return _figure(plots.training_curves(curves, title=title))
 
 
 def loss_table(R: Runs) -> pd.DataFrame:
