@@ -1,0 +1,334 @@
+"""The tables, figures and glued values of the chapter *Compression: answering from the anchors alone*.
+
+The functions read what :mod:`helpers.experiments.compression` returns (``runs``: ``{model: {task: [run per
+seed]}}``; ``tables``: ``{model: table2(...)}``; ``sweep``: ``{task: {shots: [run]}}``) and the benchmark's JSON
+(``python -m helpers.cli.bench compression``, read by :func:`read_bench`). None of them runs a model; the prompts are
+rebuilt with the model's tokenizer where a table needs their lengths.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from ..core.prompts import Prompt
+from ..core.runs import Profile, bench_file, make_prompts
+from ..core.stats import mean_estimate
+from ..core.tasks import TASKS, TaskData
+from ..experiments.compression import (PAPER_LENGTHS, PAPER_SPEEDUP, PAPER_TABLE2, anchor_positions,
+                                       variant_metrics)
+from . import plots
+
+__all__ = ["VARIANTS", "NAMES", "SWEEP_TASKS", "read_bench", "example_prompt", "kept_tokens_html", "kept_values",
+           "loyalty_table", "table2_values", "padded_ceiling", "speed_table", "speed_values", "sweep_quality",
+           "sweep_speed", "sweep_figure", "sweep_values", "glued_values"]
+
+VARIANTS = ["full", "text", "random", "random-top", "anchor", "anchor-nobos", "labels-only"]
+NAMES = {"full": "ICL", "text": "Text_anchor", "random": "Hidden_random", "random-top": "Hidden_random-top",
+         "anchor": "Hidden_anchor", "anchor-nobos": "Hidden_anchor without BOS", "labels-only": "label words only"}
+SWEEP_TASKS = ["sst2", "trec"]  # the tasks of the shots sweep's loyalty and accuracy runs
+QUALITY = {"Hidden_anchor: label loyalty": ("anchor", "label"), "Text_anchor: label loyalty": ("text", "label"),
+           "full ICL: accuracy": ("full", "acc"), "Hidden_anchor: accuracy": ("anchor", "acc")}
+BENCH_FOLDER = "compression-bench"
+
+
+def read_bench(model: str) -> tuple[dict, dict | None]:
+    """The benchmark of ``model`` and its forward-cost measurement (``python -m helpers.cli.bench compression`` and
+    ``... forward-cost``), read from the results folders: ``(bench, cost)``, ``cost`` None where it was not measured.
+
+    Used in: Compression."""
+    bench = json.loads(bench_file(BENCH_FOLDER, model).read_text())
+    cost_path = bench_file(BENCH_FOLDER, f"{model}-forward-cost")
+    return bench, (json.loads(cost_path.read_text()) if cost_path.is_file() else None)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# What is kept
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def example_prompt(lm, data: TaskData, seed: int) -> Prompt:
+    """The prompt of the first test example of ``seed`` (one demonstration per class): the chapter's example.
+
+    Used in: Compression."""
+    return make_prompts(lm, data, seed, 1)[0]
+
+
+def kept_tokens_html(lm, prompt: Prompt) -> str:
+    """``prompt`` as HTML, token by token: the anchors Hidden_anchor keeps highlighted (label words darker, tokens
+    the tokenizer added boxed), the demonstrations' dropped text struck through, the query plain.
+
+    Used in: Compression."""
+    tokens = [lm.tokenizer.decode([t]) for t in prompt.input_ids]
+    label_tokens = [i for s, e in prompt.label_spans for i in range(s, e)]
+    return plots.kept_tokens_html(tokens, anchor_positions(prompt), prompt.query_start, label_tokens,
+                                  prompt.special_positions)
+
+
+def kept_values(prompt: Prompt) -> dict[str, int]:
+    """``{"kept_sst2": tokens kept, "demo_sst2": demonstration tokens}`` of the example prompt.
+
+    Used in: Compression."""
+    return {"kept_sst2": len(anchor_positions(prompt)), "demo_sst2": prompt.query_start}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Table 2: loyalty and accuracy
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def loyalty_table(tables: Mapping[str, Mapping[str, Mapping]]) -> pd.DataFrame:
+    """Table 2: label loyalty, word loyalty and accuracy (% with 95% intervals) and n of every variant of every model,
+    then the paper's GPT2-XL and GPT-J rows; indexed by (model, method). ``tables``: ``{model: table2(...)}``.
+
+    Used in: Compression."""
+    rows = []
+    for m, tab in tables.items():
+        for v in VARIANTS:
+            if v not in tab:
+                continue
+            est = tab[v]
+            rows.append({"model": m, "method": NAMES[v],
+                         "label loyalty": est["label"].fmt(1), "word loyalty": est["word"].fmt(1),
+                         "accuracy": est["acc"].fmt(1), "n": est["acc"].n})
+    for pm, tab in PAPER_TABLE2.items():
+        for v in ["full", "text", "random", "random-top", "anchor"]:
+            lab, word, acc = tab[v]
+            rows.append({"model": f"paper: {pm}", "method": NAMES[v], "label loyalty": f"{lab:.1f}",
+                         "word loyalty": f"{word:.1f}", "accuracy": f"{acc:.1f}", "n": "≤1000 × 5 seeds"})
+    return pd.DataFrame(rows).set_index(["model", "method"])
+
+
+def table2_values(runs: Mapping[str, Mapping[str, Sequence[dict]]], tables: Mapping[str, Mapping[str, Mapping]],
+                  model: str, second_model: str | None = None) -> dict[str, object]:
+    """Table 2's glued values: ``<variant>_<metric>`` of ``model`` (metric ``label``, ``word`` or ``acc``),
+    ``second_<variant>_<metric>`` of ``second_model`` (full, anchor, text, random), ``n_table2``(``_second``),
+    ``n_random`` (random draws per task and seed), the largest full-prompt check difference over all runs
+    (``full_prompt_diff``) and the paper's values (``paper_<model>_<variant>_<metric>``).
+
+    Used in: Compression."""
+    diff = max(float(r["check/full_prompt_max_diff"]) for per_task in runs.values() for rs in per_task.values()
+               for r in rs)
+    out: dict[str, object] = {"full_prompt_diff": f"{diff:.1e}"}
+    for pm, tab in PAPER_TABLE2.items():
+        for v, vals in tab.items():
+            for k, x in zip(("label", "word", "acc"), vals):
+                out[f"paper_{pm}_{v}_{k}"] = f"{x:.1f}"
+    t = tables[model]
+    for v in VARIANTS:
+        if v in t:
+            for k in ("label", "word", "acc"):
+                out[f"{v}_{k}"] = t[v][k].fmt(1)
+    out["n_table2"] = t["anchor"]["acc"].n
+    out["n_random"] = len(next(iter(runs[model].values()))[0]["random/pred"])
+    if second_model:
+        t2 = tables[second_model]
+        for v in ("full", "anchor", "text", "random"):
+            for k in ("label", "word", "acc"):
+                out[f"second_{v}_{k}"] = t2[v][k].fmt(1)
+        out["n_table2_second"] = t2["anchor"]["acc"].n
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Speed (Tables 3 and 6)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def padded_ceiling(prompts: Sequence[Prompt], batch_size: int = 8) -> float:
+    """The token-count ceiling with right padding: tokens of the full prompts over tokens of the queries alone, each
+    batch of ``batch_size`` padded to its longest member.
+
+    Used in: Compression."""
+    batches = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
+    full = sum(batch_size * max(len(p) for p in b) for b in batches)
+    query = sum(batch_size * max(len(p) - p.query_start for p in b) for b in batches)
+    return full / query
+
+
+def _ratio(r: Mapping) -> str:
+    return f"{r['median']:.2f}× [{r['min']:.2f}, {r['max']:.2f}]"
+
+
+def speed_table(bench: Mapping, cost: Mapping | None, lm, data: Mapping[str, TaskData]) -> pd.DataFrame:
+    """The speed table, one column per task: Table 6's lengths and token-count ceiling, the measured speed-up of
+    Hidden_anchor over the full prompt at batch 1 and 8 (median [range over repetitions]), the share of the ceiling,
+    plain prefix caching, the cache's build time and break-even, and the paper's numbers. ``lm`` (its tokenizer)
+    rebuilds the benchmark's prompts for the padded ceiling at batch 8; ``cost``, where measured, adds the batch-1
+    bound with a fixed cost per forward pass.
+
+    Used in: Compression."""
+    rows = []
+    for name, by_batch in bench["tasks"].items():
+        b1, b8 = by_batch["1"], by_batch.get("8")
+        ld, lx = PAPER_LENGTHS[name]
+        row = {"task": TASKS[name].title, "L_demo": b1["L_demo"], "L_x": round(b1["L_x"], 1),
+               "ceiling": f"{b1['ceiling']:.1f}×"}
+        if cost:
+            a, b = cost["fixed_s"], cost["per_token_s"]
+            row["batch-1 bound with fixed cost"] = f"{(a + b * b1['L_full']) / (a + b * b1['L_x']):.1f}×"
+        row["batch 1"] = _ratio(b1["ratios"]["full/anchor"])
+        if b8:
+            r8 = b8["ratios"]["full/anchor"]
+            ceiling8 = padded_ceiling(make_prompts(lm, data[name], 42, b8["n"]), 8)
+            row["ceiling with padding, batch 8"] = f"{ceiling8:.1f}×"
+            row["batch 8"] = _ratio(r8)
+            row["batch 8, % of ceiling"] = f"{100 * r8['median'] / b8['ceiling']:.0f}%"
+            row["prefix cache only, batch 8"] = f"{b8['ratios']['full/prefix']['median']:.2f}×"
+        row.update({"cache build (s)": round(b1["cache_build_s"], 2),
+                    "pays off after (queries, batch 1)": None if b1["break_even_queries"] is None
+                    else round(b1["break_even_queries"], 1),
+                    "paper L_demo / L_x": f"{ld} / {lx}", "paper ceiling": f"{(ld + lx) / lx:.1f}×",
+                    "paper GPT2-XL": f"{PAPER_SPEEDUP['GPT2-XL'][name]}×",
+                    "paper GPT-J": f"{PAPER_SPEEDUP['GPT-J'][name]}×"})
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("task").T
+
+
+def _median(by_batch: Mapping, batch: str, ratio: str = "full/anchor") -> float:
+    return by_batch[batch]["ratios"][ratio]["median"]
+
+
+def speed_values(bench: Mapping, cost: Mapping | None) -> dict[str, str]:
+    """The speed section's glued values: the ranges over tasks of the speed-up at batch 1 and 8
+    (``speed_b1_range``, ``speed_b8_range``), of its share of the ceiling (``frac_b8_range``) and of prefix caching
+    over the anchor cache (``prefix_vs_anchor_b8``); the tasks that reach the paper's GPT-J ratio (``meet_b1``,
+    ``meet_b8``) or 60% of the ceiling (``meet60_b8``); the benchmark's size (``bench_n``) and, where measured, the
+    fixed cost of a forward pass in tokens (``fixed_tokens``).
+
+    Used in: Compression."""
+    tasks = bench["tasks"]
+    med1 = [_median(b, "1") for b in tasks.values()]
+    out = {"speed_b1_range": f"{min(med1):.2f}× to {max(med1):.2f}×"}
+    if all("8" in b for b in tasks.values()):
+        med8 = [_median(b, "8") for b in tasks.values()]
+        frac8 = [_median(b, "8") / b["8"]["ceiling"] for b in tasks.values()]
+        pre8 = [_median(b, "8", "prefix/anchor") for b in tasks.values()]
+        out["speed_b8_range"] = f"{min(med8):.2f}× to {max(med8):.2f}×"
+        out["frac_b8_range"] = f"{100 * min(frac8):.0f}% to {100 * max(frac8):.0f}%"
+        out["prefix_vs_anchor_b8"] = f"{min(pre8):.2f}× to {max(pre8):.2f}×"
+    last = list(tasks.values())[-1]["1"]
+    out["bench_n"] = f"{last['n']} test examples × {last['reps']} repetitions"
+
+    def tasks_where(test):
+        hits = [TASKS[name].title for name, by_batch in tasks.items() if test(name, by_batch)]
+        return ", ".join(hits) if hits else "no task"
+
+    out["meet_b1"] = tasks_where(lambda n, b: _median(b, "1") >= PAPER_SPEEDUP["GPT-J"][n])
+    out["meet_b8"] = tasks_where(lambda n, b: "8" in b and _median(b, "8") >= PAPER_SPEEDUP["GPT-J"][n])
+    out["meet60_b8"] = tasks_where(lambda n, b: "8" in b and _median(b, "8") >= 0.6 * b["8"]["ceiling"])
+    if cost:
+        out["fixed_tokens"] = f"{cost['fixed_in_tokens']:.0f}"
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The shots sweep
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _shots(sweep: Mapping[str, Mapping[int, Sequence[dict]]]) -> list[int]:
+    return sorted(set.intersection(*[set(s) for s in sweep.values()]))
+
+
+def sweep_quality(sweep: Mapping[str, Mapping[int, Sequence[dict]]]) -> dict[str, tuple[list, list, list, list]]:
+    """Label loyalty of Hidden_anchor and Text_anchor and accuracy of full ICL and Hidden_anchor (%), per number of
+    demonstrations per class run on every task of ``sweep``, pooled over its tasks and runs: ``{label: (shots,
+    values, lows, highs)}`` (95% intervals).
+
+    Used in: Compression."""
+    shots = _shots(sweep)
+    out = {}
+    for label, (v, metric) in QUALITY.items():
+        est = [mean_estimate([variant_metrics(r, v)[metric] for s in sweep.values() for r in s[k]]).scaled(100)
+               for k in shots]
+        out[label] = (shots, [e.value for e in est], [e.low for e in est], [e.high for e in est])
+    return out
+
+
+def _sweep_bench(bench: Mapping) -> tuple[dict, list[int]]:
+    sw = bench["sweep"].get("sst2", {})
+    return sw, sorted(int(k) for k in sw)
+
+
+def sweep_speed(bench: Mapping) -> tuple[dict, tuple, tuple]:
+    """The benchmark's sweep on SST-2 as the sweep figure draws it: ``(speed, ceiling, memory)`` with ``speed``
+    ``{"Hidden_anchor, batch B": (shots, median, min, max)}``, ``ceiling`` ``(shots, token-count ceilings)`` and
+    ``memory`` ``(shots, full cache bytes, anchor cache bytes)``.
+
+    Used in: Compression."""
+    sw, xs = _sweep_bench(bench)
+    speed = {}
+    for b in ("1", "8"):
+        pts = [(k, sw[str(k)][b]["ratios"]["full/anchor"]) for k in xs if b in sw[str(k)]]
+        if pts:
+            speed[f"Hidden_anchor, batch {b}"] = ([k for k, _ in pts], [r["median"] for _, r in pts],
+                                                  [r["min"] for _, r in pts], [r["max"] for _, r in pts])
+    ceiling = (xs, [sw[str(k)]["1"]["ceiling"] for k in xs])
+    memory = (xs, [sw[str(k)]["1"]["cache_bytes"]["full"] for k in xs],
+              [sw[str(k)]["1"]["cache_bytes"]["anchor"] for k in xs])
+    return speed, ceiling, memory
+
+
+def sweep_figure(bench: Mapping, sweep: Mapping[str, Mapping[int, Sequence[dict]]], model: str,
+                 profile: Profile) -> plt.Figure:
+    """The shots sweep: speed-up and its ceiling, cache memory (SST-2, from the benchmark) and loyalty/accuracy (the
+    sweep's runs) over demonstrations per class, titled with the sizes; returns the Figure.
+
+    Used in: Compression."""
+    speed, ceiling, memory = sweep_speed(bench)
+    sw, xs = _sweep_bench(bench)
+    first = sw[str(xs[0])]["1"]
+    n_sweep = len(next(iter(sweep.values()))[_shots(sweep)[0]][0]["gold"])
+    title = (f"{model}; speed and memory: SST-2, {first['n']} queries × {first['reps']} repetitions; "
+             f"loyalty/accuracy: {len(sweep)} tasks × {n_sweep} examples, seed {profile.seeds[0]}")
+    return plots.compression_sweep(speed, ceiling, memory, sweep_quality(sweep), title=title)
+
+
+def sweep_values(bench: Mapping, sweep: Mapping[str, Mapping[int, Sequence[dict]]]) -> dict[str, object]:
+    """The sweep's glued values: the largest number of demonstrations per class timed (``sweep_kmax``) with its
+    speed-ups (``sweep_speed_b1``/``_b8``), ceiling and cache sizes (``sweep_mem``); prefix caching over the anchor
+    cache at one and at the most demonstrations (``sweep_prefix_vs_anchor_1``, ``sweep_prefix_vs_anchor``); the
+    sweep's repeat of the SST-2 timing beside the speed table's (``sst2_again_b*``, ``sst2_first_b*``); label
+    loyalty of Hidden_anchor and Text_anchor at one and at the most demonstrations (``sweep_*_label_1``/``_max``,
+    ``sweep_shots_max_quality``).
+
+    Used in: Compression."""
+    sw, xs = _sweep_bench(bench)
+    k_max = xs[-1]
+    last = sw[str(k_max)]
+    out: dict[str, object] = {"sweep_kmax": k_max}
+    for b in ("1", "8"):
+        if b in last:
+            out[f"sweep_speed_b{b}"] = f"{_median(last, b):.1f}×"
+    out["sweep_ceiling"] = f"{last['1']['ceiling']:.1f}×"
+    if "1" in sw:
+        for b in ("1", "8"):
+            if b in sw["1"]:
+                out[f"sst2_again_b{b}"] = f"{_median(sw['1'], b):.2f}×"
+                out[f"sst2_first_b{b}"] = f"{_median(bench['tasks']['sst2'], b):.2f}×"
+    b_last = "8" if "8" in last else "1"
+    out["sweep_prefix_vs_anchor"] = f"{_median(last, b_last, 'prefix/anchor'):.2f}× (batch {b_last})"
+    out["sweep_prefix_vs_anchor_1"] = f"{_median(sw[str(xs[0])], b_last, 'prefix/anchor'):.2f}×"
+    out["sweep_mem"] = (f"{last['1']['cache_bytes']['full'] / 2**20:.1f} MiB → "
+                        f"{last['1']['cache_bytes']['anchor'] / 2**20:.1f} MiB")
+    quality = sweep_quality(sweep)
+    for label, key in [("Hidden_anchor: label loyalty", "sweep_anchor_label"),
+                       ("Text_anchor: label loyalty", "sweep_text_label")]:
+        out[key + "_1"] = f"{quality[label][1][0]:.0f}%"
+        out[key + "_max"] = f"{quality[label][1][-1]:.0f}%"
+    out["sweep_shots_max_quality"] = _shots(sweep)[-1]
+    return out
+
+
+def glued_values(prompt: Prompt, runs, tables, bench: Mapping, cost: Mapping | None, sweep, model: str,
+                 second_model: str | None = None) -> dict[str, object]:
+    """Every value the chapter glues, ``{name: value}``: :func:`kept_values` of the example prompt,
+    :func:`table2_values`, :func:`speed_values` and :func:`sweep_values`.
+
+    Used in: Compression."""
+    return (kept_values(prompt) | table2_values(runs, tables, model, second_model) | speed_values(bench, cost)
+            | sweep_values(bench, sweep))

@@ -1,0 +1,261 @@
+"""The compression chapter's tables, figures and glued values (helpers.pages.compression), without a model: tiny
+constructed benchmark timings and sweep runs, and a slice of the committed results and benchmark (the prompts are
+rebuilt with the offline tokenizer only)."""
+
+import json
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from helpers.core.runs import PROFILES  # noqa: E402
+from helpers.pages import compression as page  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "gemma-3-270m"
+SLICE = ("sst2", "trec")
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Fixtures: constructed and committed
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _timing(median, ceiling, prefix=1.0, lo=None, hi=None, full_mb=1.0, anchor_mb=0.5):
+    """One benchmark entry (a task or a sweep point at one batch size), as ``helpers.cli.bench`` writes it."""
+    ratio = {"median": median, "min": median - 0.1 if lo is None else lo, "max": median + 0.1 if hi is None else hi}
+    return {"n": 8, "reps": 3, "L_demo": 52, "L_x": 30.25, "L_full": 82.25, "ceiling": ceiling,
+            "ratios": {"full/anchor": ratio, "prefix/anchor": {"median": prefix, "min": prefix, "max": prefix},
+                       "full/prefix": {"median": median / prefix, "min": 0.0, "max": 0.0}},
+            "cache_build_s": 5.0, "break_even_queries": None,
+            "cache_bytes": {"full": int(full_mb * 2**20), "anchor": int(anchor_mb * 2**20)}}
+
+
+def _bench():
+    """SST-2 reaches the paper's GPT-J ratio (1.5×) at batch 8 only, TREC (2.2×) at both; 60% of the ceiling at
+    batch 8: TREC only (SST-2 55%)."""
+    return {"tasks": {"sst2": {"1": _timing(1.2, 2.0), "8": _timing(2.2, 4.0, prefix=0.9)},
+                      "trec": {"1": _timing(2.5, 10.0), "8": _timing(6.5, 10.0, prefix=1.3)}},
+            "sweep": {"sst2": {"1": {"1": _timing(1.3, 2.0), "8": _timing(2.0, 2.0, prefix=0.95)},
+                               "16": {"1": _timing(14.4, 21.1, full_mb=18.5, anchor_mb=7.2),
+                                      "8": _timing(11.9, 21.1, prefix=1.33)}}}}
+
+
+def _sweep_run(agree_anchor, agree_text, n=4):
+    """One sweep run: full ICL right on every example; Hidden_anchor / Text_anchor agree with it on the first
+    ``agree_*`` examples (and are wrong on the others)."""
+    gold = np.arange(n) % 2
+    top = np.tile(np.arange(10), (n, 1))
+
+    def pred(k):
+        return np.where(np.arange(n) < k, gold, 1 - gold)
+
+    return {"gold": gold, "full/pred": gold, "full/top": top, "anchor/pred": pred(agree_anchor), "anchor/top": top,
+            "text/pred": pred(agree_text), "text/top": top}
+
+
+def _sweep():
+    """Two tasks; 1 and 2 demonstrations per class on both, 4 on SST-2 only (so not shown)."""
+    return {"sst2": {1: [_sweep_run(4, 1)], 2: [_sweep_run(2, 3)], 4: [_sweep_run(0, 0)]},
+            "trec": {1: [_sweep_run(4, 1)], 2: [_sweep_run(2, 3)]}}
+
+
+@pytest.fixture(scope="module")
+def data(data_dir):
+    from helpers.core.tasks import load_task
+
+    return {t: load_task(t, data_dir) for t in SLICE}
+
+
+@pytest.fixture(scope="module")
+def committed(data):
+    """The committed Table 2 runs of the default model on SST-2 and TREC, seed 42 only, and their table."""
+    from helpers.core.runs import ModelKey
+    from helpers.experiments.compression import compression_runs, table2
+
+    runs = {t: compression_runs(ModelKey.of(MODEL), d, PROFILES["book"], seeds=(42,), progress=False)
+            for t, d in data.items()}
+    assert all(r[0] is not None for r in runs.values()), "committed compression results missing"
+    return {MODEL: runs}, {MODEL: table2(runs, page.VARIANTS)}
+
+
+@pytest.fixture(scope="module")
+def tokenizer_lm(offline_tokenizers):
+    """What the pages need of a loaded model: its tokenizer and context length (no weights)."""
+    return SimpleNamespace(name=MODEL, tokenizer=offline_tokenizers[MODEL], max_length=32768)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Tests
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_read_bench_finds_the_committed_benchmark_and_its_forward_cost():
+    bench, cost = page.read_bench(MODEL)
+    assert bench["model"] == MODEL and set(bench["tasks"]) == {"sst2", "trec", "agnews", "emoc"}
+    assert cost is not None and cost["fixed_in_tokens"] > 0
+
+
+def test_read_bench_without_a_forward_cost(tmp_path, monkeypatch):
+    folder = tmp_path / "compression-bench"
+    folder.mkdir()
+    (folder / "some-model.json").write_text(json.dumps(_bench()))
+    monkeypatch.setenv("ANCHORS_RESULTS", str(tmp_path))
+    bench, cost = page.read_bench("some-model")
+    assert bench == _bench() and cost is None
+
+
+def test_example_prompt_and_what_is_kept(data, tokenizer_lm):
+    prompt = page.example_prompt(tokenizer_lm, data["sst2"], 42)
+    bench, _ = page.read_bench(MODEL)  # the benchmark recorded the same prompt's lengths
+    assert page.kept_values(prompt) == {"kept_sst2": bench["tasks"]["sst2"]["1"]["kept"],
+                                        "demo_sst2": bench["tasks"]["sst2"]["1"]["L_prefix"]}
+    html = page.kept_tokens_html(tokenizer_lm, prompt)
+    assert html.count("<span style=") == len(prompt) + 4  # one per token, four in the legend
+    assert "line-through" in html and "font-weight:bold" in html
+
+
+def test_loyalty_table(committed):
+    _, tables = committed
+    table = page.loyalty_table(tables)
+    assert list(table.columns) == ["label loyalty", "word loyalty", "accuracy", "n"]
+    ours = table.loc[MODEL]
+    assert list(ours.index) == [page.NAMES[v] for v in page.VARIANTS]
+    assert ours.loc["ICL", "label loyalty"] == "100.0 [100.0, 100.0]" and ours.loc["ICL", "n"] == "32 × 2"
+    assert table.loc[("paper: GPT-J", "Hidden_anchor"), "label loyalty"] == "89.1"
+    assert len(table) == len(page.VARIANTS) + 2 * 5
+    one_draw = {MODEL: {v: e for v, e in tables[MODEL].items() if v != "random-top"}}  # e.g. the second model
+    assert "Hidden_random-top" not in page.loyalty_table(one_draw).loc[MODEL].index
+
+
+def test_table2_values(committed):
+    runs, tables = committed
+    v = page.table2_values(runs, tables, MODEL)
+    assert v["n_random"] == 10 and v["n_table2"] == "32 × 2"
+    assert v["full_label"] == "100.0 [100.0, 100.0]" and v["anchor_label"] == tables[MODEL]["anchor"]["label"].fmt(1)
+    assert v["full_prompt_diff"] == "0.0e+00"  # this slice's full-prompt check, run by run
+    worse = {MODEL: {**runs[MODEL], "emoc": [{"check/full_prompt_max_diff": np.array(2.7e-5)}]}}
+    assert page.table2_values(worse, tables, MODEL)["full_prompt_diff"] == "2.7e-05"  # the largest over all runs
+    assert v["paper_GPT-J_anchor_label"] == "89.1" and v["paper_GPT2-XL_random-top_word"] == "4.5"
+    assert not any(k.startswith("second_") for k in v)
+    both = page.table2_values({**runs, "other": runs[MODEL]}, {**tables, "other": tables[MODEL]}, MODEL, "other")
+    assert both["second_text_word"] == v["text_word"] and both["n_table2_second"] == "32 × 2"
+
+
+def test_padded_ceiling():
+    class P:
+        def __init__(self, length, query_start):
+            self.length, self.query_start = length, query_start
+
+        def __len__(self):
+            return self.length
+
+    # batches [10+2, 12+4] and [8+2]: full 2 × 16 + 2 × 10, queries 2 × 4 + 2 × 2
+    assert page.padded_ceiling([P(12, 10), P(16, 12), P(10, 8)], batch_size=2) == pytest.approx(52 / 12)
+    assert page.padded_ceiling([P(12, 10)], batch_size=8) == pytest.approx(6.0)
+
+
+def test_speed_table_without_batch_8_needs_no_prompts():
+    bench = {"tasks": {name: {"1": b["1"]} for name, b in _bench()["tasks"].items()}}
+    table = page.speed_table(bench, {"fixed_s": 1.0, "per_token_s": 0.1}, None, {})
+    assert list(table.columns) == ["SST-2", "TREC"]
+    sst2 = table["SST-2"]
+    assert sst2["batch 1"] == "1.20× [1.10, 1.30]" and sst2["ceiling"] == "2.0×"
+    assert sst2["batch-1 bound with fixed cost"] == f"{(1 + 8.225) / (1 + 3.025):.1f}×"
+    assert sst2["paper GPT-J"] == "1.5×" and sst2["paper L_demo / L_x"] == "18 / 19"
+    assert sst2["pays off after (queries, batch 1)"] is None and "batch 8" not in table.index
+    assert "batch-1 bound with fixed cost" not in page.speed_table(bench, None, None, {}).index
+
+
+def test_speed_table_of_the_committed_benchmark(data, tokenizer_lm):
+    bench, cost = page.read_bench(MODEL)
+    bench = {"tasks": {t: bench["tasks"][t] for t in SLICE}}
+    table = page.speed_table(bench, cost, tokenizer_lm, data)
+    assert list(table.columns) == ["SST-2", "TREC"]
+    for t, title in [("sst2", "SST-2"), ("trec", "TREC")]:
+        b8 = bench["tasks"][t]["8"]
+        assert table.loc["batch 8", title].startswith(f"{b8['ratios']['full/anchor']['median']:.2f}× [")
+        padded = float(table.loc["ceiling with padding, batch 8", title].rstrip("×"))
+        assert 1 < padded <= b8["L_full"] / b8["L_x"] * 1.5
+
+
+def test_speed_values():
+    v = page.speed_values(_bench(), {"fixed_in_tokens": 63.4})
+    assert v == {"speed_b1_range": "1.20× to 2.50×", "speed_b8_range": "2.20× to 6.50×",
+                 "frac_b8_range": "55% to 65%", "prefix_vs_anchor_b8": "0.90× to 1.30×",
+                 "bench_n": "8 test examples × 3 repetitions", "meet_b1": "TREC", "meet_b8": "SST-2, TREC",
+                 "meet60_b8": "TREC", "fixed_tokens": "63"}
+    bench = {"tasks": {name: {"1": b["1"]} for name, b in _bench()["tasks"].items()}}
+    v = page.speed_values(bench, None)
+    assert v["meet_b8"] == "no task" and "speed_b8_range" not in v and "fixed_tokens" not in v
+
+
+def test_sweep_quality_pools_tasks_on_the_shots_run_everywhere():
+    q = page.sweep_quality(_sweep())
+    assert list(q) == ["Hidden_anchor: label loyalty", "Text_anchor: label loyalty", "full ICL: accuracy",
+                       "Hidden_anchor: accuracy"]
+    shots, values, lows, highs = q["Hidden_anchor: label loyalty"]
+    assert shots == [1, 2] and values == pytest.approx([100.0, 50.0])
+    assert q["Text_anchor: label loyalty"][1] == pytest.approx([25.0, 75.0])
+    assert q["full ICL: accuracy"][1] == pytest.approx([100.0, 100.0])
+    assert all(lo <= v <= hi for lo, v, hi in zip(lows, values, highs))
+
+
+def test_sweep_speed():
+    speed, ceiling, memory = page.sweep_speed(_bench())
+    assert list(speed) == ["Hidden_anchor, batch 1", "Hidden_anchor, batch 8"]
+    assert speed["Hidden_anchor, batch 1"] == ([1, 16], [1.3, 14.4], [pytest.approx(1.2), pytest.approx(14.3)],
+                                               [pytest.approx(1.4), pytest.approx(14.5)])
+    assert ceiling == ([1, 16], [2.0, 21.1])
+    assert memory == ([1, 16], [2**20, int(18.5 * 2**20)], [2**19, int(7.2 * 2**20)])
+
+
+def test_sweep_figure_draws_three_panels():
+    fig = page.sweep_figure(_bench(), _sweep(), "m", PROFILES["book"])
+    assert isinstance(fig, plt.Figure) and len(fig.axes) == 3
+    assert tuple(fig.get_size_inches())[1] == 7.2
+    assert fig.get_suptitle() == ("m; speed and memory: SST-2, 8 queries × 3 repetitions; loyalty/accuracy: 2 tasks "
+                                  "× 4 examples, seed 42")
+    speed, memory, quality = fig.axes
+    assert [ln.get_label() for ln in quality.lines] == list(page.QUALITY)
+    np.testing.assert_allclose(memory.lines[0].get_ydata(), [1.0, 18.5], atol=1e-6)
+
+
+def test_sweep_values():
+    v = page.sweep_values(_bench(), _sweep())
+    assert v == {"sweep_kmax": 16, "sweep_speed_b1": "14.4×", "sweep_speed_b8": "11.9×", "sweep_ceiling": "21.1×",
+                 "sst2_again_b1": "1.30×", "sst2_first_b1": "1.20×", "sst2_again_b8": "2.00×",
+                 "sst2_first_b8": "2.20×", "sweep_prefix_vs_anchor": "1.33× (batch 8)",
+                 "sweep_prefix_vs_anchor_1": "0.95×", "sweep_mem": "18.5 MiB → 7.2 MiB",
+                 "sweep_anchor_label_1": "100%", "sweep_anchor_label_max": "50%", "sweep_text_label_1": "25%",
+                 "sweep_text_label_max": "75%", "sweep_shots_max_quality": 2}
+
+
+def test_glued_values_cover_every_name_the_chapter_uses(committed, data, tokenizer_lm):
+    from helpers.core.runs import ModelKey
+    from helpers.experiments.compression import shots_sweep
+
+    runs, tables = committed
+    runs, tables = {**runs, "second": runs[MODEL]}, {**tables, "second": tables[MODEL]}
+    bench, cost = page.read_bench(MODEL)
+    sweep = {t: shots_sweep(ModelKey.of(MODEL), d, PROFILES["book"], progress=False) for t, d in data.items()}
+    prompt = page.example_prompt(tokenizer_lm, data["sst2"], 42)
+    values = page.glued_values(prompt, runs, tables, bench, cost, sweep, MODEL, "second")
+    cells = json.loads((ROOT / "book" / "compression.ipynb").read_text())["cells"]
+    prose = "".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
+    used = set(re.findall(r"\{glue:text\}`([^`]+)`", prose))
+    assert used and used <= set(values), used - set(values)
+    assert values["sweep_kmax"] == 16 and values["sweep_mem"] == "18.5 MiB → 7.2 MiB"
