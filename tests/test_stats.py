@@ -122,3 +122,15 @@ def test_scaling_keeps_the_weak_interval():
 
     e = mean_estimate([np.arange(10.0), np.arange(10.0) + 1]).scaled(-2)
     assert e.low <= e.weak_low <= e.weak_high <= e.high
+
+
+def test_pooled_tasks_keep_their_own_seeds():
+    """Two tasks with very different levels: drawing seeds across tasks would mix them; within blocks it does not."""
+    from helpers.core.stats import mean_estimate, pooled_over
+
+    rng = np.random.default_rng(1)
+    items = [rng.normal(0, 0.01, 50) for _ in range(3)] + [rng.normal(10, 0.01, 50) for _ in range(3)]
+    mixed = mean_estimate(items, seeds=True)
+    with pooled_over(2):
+        kept = mean_estimate(items, seeds=True)
+    assert kept.high - kept.low < 0.05 < mixed.high - mixed.low

@@ -7,8 +7,10 @@ from helpers.pages import verdicts
 from helpers.core.stats import Estimate
 
 
-def _est(value, low, high):
-    return Estimate(value, low, high, 16, 3, np.array([value] * 3))
+def _est(value, low, high, weak=None):
+    """An estimate with a 95% interval [low, high] and an 80% interval ``weak`` (default: halfway in)."""
+    weak = weak or ((low + value) / 2, (value + high) / 2)
+    return Estimate(value, low, high, 16, 3, np.array([value] * 3), 0.95, weak[0], weak[1])
 
 
 def test_every_finding_is_complete_and_planned_ones_are_not_yet_run():
@@ -30,22 +32,57 @@ def test_missing_results_give_not_yet_run_without_computing(tmp_path, monkeypatc
         assert verdicts.evaluate(verdicts.FINDINGS[fid], "gemma-3-270m") == (None, verdicts.NOT_YET_RUN)
 
 
-def test_rules_follow_the_interval():
+def test_rules_follow_the_interval_and_partly_needs_the_weaker_interval():
     m = verdicts.Measured
     assert verdicts.above_zero(m(_est(0.3, 0.1, 0.5))) == verdicts.REPRODUCED
-    assert verdicts.above_zero(m(_est(0.3, -0.1, 0.5))) == verdicts.PARTLY
+    assert verdicts.above_zero(m(_est(0.3, -0.1, 0.5, weak=(0.05, 0.45)))) == verdicts.PARTLY
+    # a positive point estimate alone is not "partly" (the diagnosis and controls rows once were)
+    assert verdicts.above_zero(m(_est(0.3, -0.4, 0.9, weak=(-0.1, 0.7)))) == verdicts.NOT_REPRODUCED
     assert verdicts.above_zero(m(_est(-0.3, -0.5, -0.1))) == verdicts.NOT_REPRODUCED
     assert verdicts.barely_matters(m(_est(95, 91, 98))) == verdicts.REPRODUCED
-    assert verdicts.barely_matters(m(_est(84, 80, 89))) == verdicts.NOT_REPRODUCED
+    assert verdicts.barely_matters(m(_est(91, 88, 94, weak=(90, 93)))) == verdicts.PARTLY
+    # that the label words cost more than random tokens does not make random tokens "barely matter"
     assert verdicts.barely_matters(m(_est(84, 80, 89), support={"label words cost more": _est(33, 26, 40)})) \
-        == verdicts.PARTLY
+        == verdicts.NOT_REPRODUCED
     assert verdicts.strongly_lowers(m(_est(51, 45, 57))) == verdicts.REPRODUCED
+    assert verdicts.strongly_lowers(m(_est(88, 85, 93, weak=(86, 89)))) == verdicts.PARTLY
+    assert verdicts.strongly_lowers(m(_est(96, 92, 99))) == verdicts.NOT_REPRODUCED
     assert verdicts.near_point_eight(m(_est(0.6, 0.56, 0.65), support={"SST-2": _est(0.43, 0.33, 0.55)})) \
         == verdicts.PARTLY
     assert verdicts.near_point_eight(m(_est(0.8, 0.75, 0.85), support={"TREC": _est(0.8, 0.7, 0.9)})) \
         == verdicts.REPRODUCED
     early = m(_est(0.2, 0.1, 0.3), support={"passing": {"SST-2": 6}, "mid": 9})
     assert verdicts.second_half(early) == verdicts.PARTLY
+
+
+def test_majority_compares_a_percentage_with_half():
+    m = verdicts.Measured
+    assert verdicts.majority(m(_est(70, 67, 71))) == verdicts.REPRODUCED
+    assert verdicts.majority(m(_est(30, 25, 35))) == verdicts.NOT_REPRODUCED  # 30% of layers: not "usually"
+
+
+def test_too_few_seeds_and_not_testable_come_before_the_rule():
+    from helpers.core.findings import judge
+
+    f = verdicts.FINDINGS["reweighting-gain"]
+    good = _est(12.0, 5.0, 19.0)
+    assert judge(f, verdicts.Measured(good, n_seeds=3)) == verdicts.REPRODUCED
+    assert judge(f, verdicts.Measured(good, n_seeds=1)) == verdicts.TOO_FEW_SEEDS
+    assert judge(f, None) == verdicts.NOT_YET_RUN
+    g = verdicts.FINDINGS["anchors-without-meaning"]
+    assert g.needs_mapping
+    at_chance = verdicts.Measured(good, n_seeds=3, accuracy=_est(43.8, 34.4, 53.1), chance=50.0)
+    assert judge(g, at_chance) == verdicts.NOT_TESTABLE
+    above_chance = verdicts.Measured(good, n_seeds=3, accuracy=_est(83.0, 75.0, 90.0), chance=50.0)
+    assert judge(g, above_chance) == verdicts.REPRODUCED
+
+
+def test_every_rule_is_stated_for_the_page():
+    from helpers.core.findings import rule_text
+
+    for f in verdicts.FINDINGS.values():
+        text = rule_text(f.rule)
+        assert text.startswith("Reproduced") and "Partly" in text, f.id
 
 
 def test_register_plugs_a_compute_function_in():
@@ -75,7 +112,9 @@ def test_committed_results_give_the_published_verdicts():
 def test_rules_of_the_application_chapters():
     m = verdicts.Measured
     assert verdicts.faster(m(_est(1.8, 1.2, 2.0))) == verdicts.REPRODUCED
-    assert verdicts.faster(m(_est(1.1, 0.9, 1.3))) == verdicts.PARTLY
+    assert verdicts.faster(m(_est(1.1, 0.9, 1.3), support={"per task": [1.1, 1.2, 1.05, 1.1]})) == verdicts.PARTLY
+    assert verdicts.faster(m(_est(1.1, 0.9, 1.3), support={"per task": [1.1, 1.2, 0.95, 1.1]})) \
+        == verdicts.NOT_REPRODUCED
     assert verdicts.faster(m(_est(0.9, 0.8, 1.0))) == verdicts.NOT_REPRODUCED
     better = {"vs random": _est(20, 15, 25)}
     assert verdicts.keeps_most(m(_est(86, 83, 90), support=better)) == verdicts.REPRODUCED
@@ -83,6 +122,7 @@ def test_rules_of_the_application_chapters():
     assert verdicts.keeps_most(m(_est(40, 30, 50), support={"vs random": _est(0, -5, 5)})) == verdicts.NOT_REPRODUCED
     assert verdicts.confusion_rule(m(_est(0.6, 0.3, 0.8), support={"p": 0.01})) == verdicts.REPRODUCED
     assert verdicts.confusion_rule(m(_est(0.44, 0.27, 0.55), support={"p": 0.107})) == verdicts.PARTLY
+    assert verdicts.confusion_rule(m(_est(0.2, -0.1, 0.5), support={"p": 0.186})) == verdicts.NOT_REPRODUCED
     assert verdicts.confusion_rule(m(_est(-0.1, -0.4, 0.2), support={"p": 0.6})) == verdicts.NOT_REPRODUCED
 
 

@@ -7,19 +7,13 @@ results only** (:func:`lookup`: the experiments' own run functions in lookup-onl
 :class:`~helpers.core.runs.ModelKey` in place of a loaded model) and returns a :class:`Measured`, or ``None`` when
 results are missing ("not yet run").
 
-**Verdict rules** (stated once, here, and printed on the page). With a 95% interval [low, high]:
-
-* a difference "A > B" is *reproduced* when low > 0, *partly* when only the point estimate is > 0;
-* "barely matters" (a loyalty) is *reproduced* when low >= 90%, *partly* when the point is >= 90% or, for the
-  random control, when the label words still cost significantly more than random tokens;
-* "strongly lowers" (a loyalty) is *reproduced* when high < 90%, *partly* when high < 100%;
-* "AUCROC approaches 0.8 in deep layers" is *reproduced* when the interval reaches 0.8 and lies above 0.5 on every
-  task, *partly* when the mean over tasks lies above 0.5, *not reproduced* otherwise;
-* "R_l rises in the second half" is *reproduced* when R at the middle layer has high < 0.5, *partly* when its point
-  is < 0.5.
-
-Experiment-specific rules (speed, loyalty of a compressed cache, a confusion test, a theorem's float floor) live
-beside their findings, in the experiment's module.
+**Verdicts.** A finding's rule is stated in its docstring, and the page prints it beside the row. Every rule is
+read off intervals, never off a point estimate alone: *reproduced* needs the 95% interval past the finding's
+threshold; *partly* needs at least the weaker 80% interval past it (:data:`helpers.core.stats.WEAK_LEVEL`); else
+*not reproduced*. Before any rule: a measurement on fewer than :data:`MIN_SEEDS` demonstration sets says *too few
+seeds*; a finding that presupposes a working in-context mapping (abstract labels, diagnosing confusions) says *not
+testable on this model* when the model's accuracy on it is not above chance (its 95% interval). Intervals include
+the demonstration draw: a hierarchical bootstrap over seeds, then examples (:mod:`helpers.core.stats`).
 """
 
 from __future__ import annotations
@@ -27,16 +21,21 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from .runs import ModelKey, Profile
 from .stats import Estimate
 from .tasks import TASKS, load_task
 
-__all__ = ["Finding", "Measured", "REPRODUCED", "PARTLY", "NOT_REPRODUCED", "NOT_YET_RUN", "VERDICTS", "TASK_NAMES",
+__all__ = ["Finding", "Measured", "REPRODUCED", "PARTLY", "NOT_REPRODUCED", "NOT_YET_RUN", "TOO_FEW_SEEDS",
+           "NOT_TESTABLE", "MIN_SEEDS", "VERDICTS", "TASK_NAMES", "rule_text", "judge",
            "lookup", "all_tasks", "pooled_n", "above_zero", "majority", "strongly_lowers", "barely_matters",
            "near_point_eight", "second_half"]
 
 REPRODUCED, PARTLY, NOT_REPRODUCED, NOT_YET_RUN = "reproduced", "partly", "not reproduced", "not yet run"
-VERDICTS = (REPRODUCED, PARTLY, NOT_REPRODUCED, NOT_YET_RUN)
+TOO_FEW_SEEDS, NOT_TESTABLE = "too few seeds", "not testable on this model"
+VERDICTS = (REPRODUCED, PARTLY, NOT_REPRODUCED, TOO_FEW_SEEDS, NOT_TESTABLE, NOT_YET_RUN)
+MIN_SEEDS = 3  # demonstration sets a verdict needs
 TASK_NAMES = tuple(TASKS)
 
 
@@ -50,10 +49,20 @@ class Measured:
     note: str = ""
     support: dict = field(default_factory=dict)
     n_text: str = ""  # overrides ``estimate.n`` (e.g. "16 × 3 seeds × 4 tasks" when tasks are pooled)
+    n_seeds: int | None = None  # demonstration sets (seeds) per task behind it; None: not a seeded measurement
+    accuracy: object = None  # an Estimate of the model's accuracy (%) where the finding needs a working mapping
+    chance: float | None = None  # chance accuracy (%) for that check
 
     @property
     def n(self) -> str:
         return self.n_text or self.estimate.n
+
+    def seed_values(self) -> list[float]:
+        """The statistic per demonstration set (averaged over the tasks when they are pooled), for the page."""
+        values = np.asarray(self.estimate.seed_values, dtype=float)
+        if values.ndim != 1 or not self.n_seeds or values.size % self.n_seeds:
+            return []
+        return [float(v) for v in values.reshape(-1, self.n_seeds).mean(0)]
 
     def text(self) -> str:
         return f"{self.estimate.fmt(self.digits)}{self.unit}"
@@ -72,6 +81,27 @@ class Finding:
     compute: Callable[[str, Profile], Measured | None] | None = None
     rule: Callable[[Measured], str] | None = None
     planned: str = ""  # the planned chapter's name, when ``chapter`` is None
+    needs_mapping: bool = False  # presupposes a working in-context mapping (else "not testable on this model")
+    pooled: bool = False  # the estimate pools the four tasks (a list task-major: every seed of a task, then the next)
+    seeded: bool = True  # rests on demonstration draws (a benchmark's timing does not)
+
+
+def rule_text(rule: Callable | None) -> str:
+    """A rule's statement, as the page prints it (its docstring, on one line)."""
+    return " ".join((getattr(rule, "__doc__", None) or "").split())
+
+
+def judge(finding: Finding, measured: Measured | None) -> str:
+    """The verdict word: "not yet run", "too few seeds", "not testable on this model", or the finding's rule."""
+    if measured is None:
+        return NOT_YET_RUN
+    if measured.n_seeds is not None and measured.n_seeds < MIN_SEEDS:
+        return TOO_FEW_SEEDS
+    if finding.needs_mapping:
+        acc = measured.accuracy
+        if acc is None or measured.chance is None or not acc.low > measured.chance:
+            return NOT_TESTABLE
+    return (finding.rule or above_zero)(measured)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -104,34 +134,45 @@ def pooled_n(e: Estimate) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def above_zero(m: Measured) -> str:
+def _weak(e) -> tuple:
+    """The weaker interval (the 95% one where an estimate has none)."""
+    return (e.low if e.weak_low is None else e.weak_low), (e.high if e.weak_high is None else e.weak_high)
+
+
+def above(m: Measured, threshold: float) -> str:
     e = m.estimate
-    return REPRODUCED if e.low > 0 else PARTLY if e.value > 0 else NOT_REPRODUCED
+    return REPRODUCED if e.low > threshold else PARTLY if _weak(e)[0] > threshold else NOT_REPRODUCED
+
+
+def below(m: Measured, threshold: float) -> str:
+    e = m.estimate
+    return REPRODUCED if e.high < threshold else PARTLY if _weak(e)[1] < threshold else NOT_REPRODUCED
+
+
+def above_zero(m: Measured) -> str:
+    """Reproduced: the 95% interval lies above 0. Partly: only the 80% interval does. Not reproduced otherwise."""
+    return above(m, 0.0)
 
 
 def majority(m: Measured) -> str:
-    e = m.estimate
-    return REPRODUCED if e.low > 0.5 else PARTLY if e.value > 0.5 else NOT_REPRODUCED
+    """Reproduced: the 95% interval lies above 50% (of layers). Partly: only the 80% interval does."""
+    return above(m, 50.0)
 
 
 def strongly_lowers(m: Measured) -> str:
-    e = m.estimate
-    return REPRODUCED if e.high < 90 else PARTLY if e.high < 100 else NOT_REPRODUCED
+    """Reproduced: the 95% interval of the loyalty lies below 90%. Partly: only the 80% interval does."""
+    return below(m, 90.0)
 
 
 def barely_matters(m: Measured) -> str:
+    """Reproduced: the 95% interval of the loyalty lies at or above 90%. Partly: only the 80% interval does."""
     e = m.estimate
-    if e.low >= 90:
-        return REPRODUCED
-    if e.value >= 90:
-        return PARTLY
-    margin = m.support.get("label words cost more")
-    if margin is not None and margin.low > 0:
-        return PARTLY
-    return NOT_REPRODUCED
+    return REPRODUCED if e.low >= 90 else PARTLY if _weak(e)[0] >= 90 else NOT_REPRODUCED
 
 
 def near_point_eight(m: Measured) -> str:
+    """Reproduced: the 95% interval reaches 0.8 and every task's interval lies above 0.5. Partly: the pooled 95%
+    interval lies above 0.5 (above chance, short of 0.8). Not reproduced otherwise."""
     e = m.estimate
     every_task_above = all(t.low > 0.5 for t in m.support.values())
     if e.high >= 0.8 and every_task_above:
@@ -140,8 +181,11 @@ def near_point_eight(m: Measured) -> str:
 
 
 def second_half(m: Measured) -> str:
+    """Reproduced: R_l at the middle layer has its 95% interval below 0.5 and no task's R_l reaches 0.5 in the
+    first half. Partly: only its 80% interval lies below 0.5, or a task reaches 0.5 early. Not reproduced
+    otherwise."""
     e = m.estimate
     early = [t for t, layer in m.support.get("passing", {}).items() if layer is not None and layer <= m.support["mid"]]
     if e.high < 0.5 and not early:
         return REPRODUCED
-    return PARTLY if e.value < 0.5 else NOT_REPRODUCED
+    return PARTLY if _weak(e)[1] < 0.5 else NOT_REPRODUCED

@@ -20,13 +20,15 @@ seeds where it is defined (``nanmean``).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 __all__ = ["Estimate", "bootstrap", "bootstrap_weighted", "resample_counts", "mean_estimate", "paired_difference",
-           "N_BOOT", "LEVEL", "WEAK_LEVEL", "HIERARCHICAL"]
+           "N_BOOT", "LEVEL", "WEAK_LEVEL", "HIERARCHICAL", "pooled_over"]
 
 N_BOOT = 1000
 LEVEL = 0.95
@@ -35,6 +37,19 @@ WEAK_LEVEL = 0.80  # the weaker interval a verdict's "partly" needs (stated with
 # includes which demonstrations were drawn. The default for every estimate; ``seeds=False`` gives the within-seed
 # interval alone.
 HIERARCHICAL = False
+_BLOCKS: contextvars.ContextVar[int] = contextvars.ContextVar("blocks", default=1)
+
+
+@contextlib.contextmanager
+def pooled_over(n_blocks: int):
+    """Inside, a list of per-seed items is read as ``n_blocks`` equal blocks (tasks, task-major: every seed of the
+    first task, then of the second, ...): the hierarchical bootstrap draws seeds within each block, so the tasks
+    stay fixed and only which demonstrations were drawn varies. Used by the verdicts that pool the four tasks."""
+    token = _BLOCKS.set(int(n_blocks))
+    try:
+        yield
+    finally:
+        _BLOCKS.reset(token)
 
 PerSeed = Sequence  # a sequence over seeds; each item an array (examples first) or a tuple of such arrays
 
@@ -122,8 +137,15 @@ def _intervals(reps: np.ndarray, value, level: float) -> tuple:
 
 
 def _seed_draw(rng: np.random.Generator, n_seeds: int, hierarchical: bool) -> np.ndarray:
-    """The seeds of one replicate: all of them once (within-seed bootstrap) or S drawn with replacement."""
-    return rng.integers(0, n_seeds, n_seeds) if hierarchical and n_seeds > 1 else np.arange(n_seeds)
+    """The items of one replicate: all of them once (within-seed bootstrap), or S drawn with replacement, within
+    each block of :func:`pooled_over` (the seeds of one task are drawn from that task's seeds)."""
+    blocks = _BLOCKS.get()
+    if not hierarchical or n_seeds < 2:
+        return np.arange(n_seeds)
+    if blocks > 1 and n_seeds % blocks == 0 and n_seeds > blocks:
+        size = n_seeds // blocks
+        return (np.arange(blocks)[:, None] * size + rng.integers(0, size, (blocks, size))).ravel()
+    return rng.integers(0, n_seeds, n_seeds)
 
 
 def _as_tuple(item) -> tuple[np.ndarray, ...]:
@@ -221,7 +243,7 @@ def bootstrap_weighted(
     reps = np.array([np.asarray(statistic(*a, weights=resample_counts(len(a[0]), n_boot, rng)), dtype=float)
                      for a in items])  # (S, B, ...)
     if hierarchical and len(items) > 1:  # replicate b: seeds drawn with replacement, each with a random replicate
-        drawn = rng.integers(0, len(items), (n_boot, len(items)))
+        drawn = np.stack([_seed_draw(rng, len(items), True) for _ in range(n_boot)])
         column = rng.integers(0, n_boot, (n_boot, len(items)))
         reps = np.swapaxes(reps[drawn, column], 0, 1)  # (S, B, ...)
     reps = _nanmean0(reps)

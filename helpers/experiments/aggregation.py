@@ -333,19 +333,21 @@ EXPERIMENT = Experiment(
     findings=(
         Finding("flow-shallow", "In shallow layers the text → label-word flow S_wp dominates the label → target flow "
                 "S_pq.", "qualitative (Figures 3, 7)", "§2.1", "book/aggregation", "fig-flow", flow_shallow,
-                above_zero),
+                above_zero, pooled=True),
         Finding("flow-deep", "In deep layers the label-word → target flow S_pq dominates.",
-                "qualitative (Figures 3, 7)", "§2.1", "book/aggregation", "fig-flow", flow_deep, above_zero),
+                "qualitative (Figures 3, 7)", "§2.1", "book/aggregation", "fig-flow", flow_deep, above_zero,
+                pooled=True),
         Finding("flow-ww", "S_wp and S_pq are usually above the flow among other tokens, S_ww.",
-                "qualitative (Figures 3, 7)", "§2.1", "book/aggregation", "sec-global-layers", flow_ww, majority),
+                "qualitative (Figures 3, 7)", "§2.1", "book/aggregation", "sec-global-layers", flow_ww, majority,
+                pooled=True),
         Finding("isolation-first", "Isolating the label words in the first 5 layers strongly lowers loyalty.",
                 "qualitative (Figure 4)", "§2.2", "book/aggregation", "fig-loyalty", _loyalty("label-first-5"),
-                strongly_lowers),
+                strongly_lowers, pooled=True),
         Finding("isolation-last", "Isolating the label words in the last 5 layers barely matters.",
                 "qualitative (Figure 4), ≈ 100%", "§2.2", "book/aggregation", "fig-loyalty",
-                _loyalty("label-last-5"), barely_matters),
+                _loyalty("label-last-5"), barely_matters, pooled=True),
         Finding("isolation-random", "Isolating as many random non-label tokens in the first 5 layers barely "
                 "matters.", "qualitative (Figure 4), ≈ 100%", "§2.2", "book/aggregation", "sec-isolation",
-                _loyalty("random-first-5"), barely_matters),
+                _loyalty("random-first-5"), barely_matters, pooled=True),
     ),
 )

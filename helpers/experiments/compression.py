@@ -471,10 +471,12 @@ def compression_loyalty(model: str, profile: Profile) -> Measured | None:
                     support={"vs random": vs_random})
 
 
-def compression_speedup(model: str, profile: Profile, batch_size: str = "8") -> Measured | None:
-    """Full ICL time / Hidden_anchor time from the committed benchmark (``python -m helpers.cli.bench compression``), mean
-    over the 4 tasks of the per-task median; the range is the mean of the per-task min and max over the interleaved
-    repetitions (a timing spread, not a bootstrap)."""
+def compression_speedup(model: str, profile: Profile, batch_size: str = "1") -> Measured | None:
+    """Hidden_anchor against equal work, from the committed benchmark (``python -m helpers.cli.bench compression``):
+    the time to answer the queries over the **uncompressed** demonstration cache divided by the time over the
+    anchor-only cache, at batch 1 (the paper's setting), mean over the 4 tasks of the per-task median; the range is
+    the mean of the per-task min and max over the interleaved repetitions (a timing spread, not a bootstrap). Full
+    recomputation of every prompt (the paper's framing) is in the note."""
     import json
 
     from ..core.runs import bench_file
@@ -486,27 +488,30 @@ def compression_speedup(model: str, profile: Profile, batch_size: str = "8") -> 
     if set(tasks) != set(TASK_NAMES) or any(batch_size not in t for t in tasks.values()):
         return None
     rows = [tasks[t][batch_size] for t in TASK_NAMES]
-    ratio = lambda r, k: r["ratios"]["full/anchor"][k]  # noqa: E731
-    per_task = np.array([[ratio(r, "median"), ratio(r, "min"), ratio(r, "max")] for r in rows])
+    ratio = lambda r, pair, k: r["ratios"][pair][k]  # noqa: E731
+    per_task = np.array([[ratio(r, "prefix/anchor", k) for k in ("median", "min", "max")] for r in rows])
     value, low, high = per_task.mean(axis=0)
-    est = Estimate(float(value), float(low), float(high), int(rows[0]["n"]), int(rows[0]["reps"]),
-                   per_task[:, 0])
-    b1 = np.mean([tasks[t]["1"]["ratios"]["full/anchor"]["median"] for t in TASK_NAMES]) if all(
-        "1" in tasks[t] for t in TASK_NAMES) else float("nan")
-    per = ", ".join(f"{get_task(t).title} {ratio(r, 'median'):.2f}×" for t, r in zip(TASK_NAMES, rows))
-    return Measured(est, unit="×", digits=2,
-                    n_text=f"{rows[0]['n']} queries × {rows[0]['reps']} repetitions × 4 tasks, CPU",
-                    note=f"batch {batch_size} ({per}); batch 1: {b1:.2f}×; range over repetitions, not a bootstrap")
+    est = Estimate(float(value), float(low), float(high), int(rows[0]["n"]), int(rows[0]["reps"]), per_task[:, 0])
+    full = np.mean([ratio(r, "full/anchor", "median") for r in rows])
+    per = ", ".join(f"{get_task(t).title} {ratio(r, 'prefix/anchor', 'median'):.2f}×" for t, r in zip(TASK_NAMES, rows))
+    return Measured(est, unit="×", digits=2, support={"per task": per_task[:, 0]},
+                    n_text=f"{rows[0]['n']} queries × {rows[0]['reps']} repetitions × 4 tasks, CPU, batch {batch_size}",
+                    note=f"uncompressed demonstration cache / anchor-only cache ({per}); against recomputing every "
+                         f"prompt in full (the paper's framing): {full:.2f}×; range over repetitions, not a bootstrap")
 
 
 def faster(m: Measured) -> str:
-    """Reproduced: even the slowest repetitions are faster than full ICL (low > 1); partly: the median only."""
-    return REPRODUCED if m.estimate.low > 1 else PARTLY if m.estimate.value > 1 else NOT_REPRODUCED
+    """Reproduced: even the slowest repetitions are faster than the equal-work baseline (the range lies above 1).
+    Partly: the median is faster on every task. Not reproduced otherwise."""
+    per_task = m.support.get("per task")
+    every_task = per_task is not None and bool(np.all(np.asarray(per_task) > 1))
+    return REPRODUCED if m.estimate.low > 1 else PARTLY if every_task else NOT_REPRODUCED
 
 
 def keeps_most(m: Measured) -> str:
-    """Reproduced: the interval lies at or above 75% (the paper: 79–89%) and Hidden_anchor keeps significantly more
-    predictions than Hidden_random; partly: one of the two; not reproduced otherwise."""
+    """Reproduced: the 95% interval lies at or above 75% (the paper: 79–89%) and Hidden_anchor keeps significantly
+    more predictions than Hidden_random (the paired difference's 95% interval above 0). Partly: one of the two. Not
+    reproduced otherwise."""
     high_enough = m.estimate.low >= 75
     beats_random = m.support.get("vs random") is not None and m.support["vs random"].low > 0
     return REPRODUCED if high_enough and beats_random else PARTLY if high_enough or beats_random else NOT_REPRODUCED
@@ -559,10 +564,10 @@ EXPERIMENT = Experiment(
     configure=configure, seeds=_seeds, run=run, options=frozenset({"sweep", "shots"}),
     findings=(
         Finding("compression-speedup", "Anchor-only context compression (Hidden_anchor) speeds up inference.",
-                "1.8× on average (1.1–2.9×, Tables 3 and 6)", "§3.2", "book/compression", "", compression_speedup,
-                faster),
+                "1.8× on average (1.1–2.9×, Tables 3 and 6; against recomputing the full prompt)", "§3.2",
+                "book/compression", "", compression_speedup, faster, seeded=False),
         Finding("compression-loyalty", "Hidden_anchor keeps most of the model's predictions.",
                 "label loyalty 79.47 (GPT2-XL), 89.06 (GPT-J); Table 2", "§3.2", "book/compression", "",
-                compression_loyalty, keeps_most),
+                compression_loyalty, keeps_most, pooled=True),
     ),
 )

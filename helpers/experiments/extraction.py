@@ -328,7 +328,8 @@ def _r_mid(shots: int):
         mid = n_layers // 2
         est = bootstrap_weighted(pooled, auc_per_layer_weighted, then=cumulative_contribution)
         r_mid = Estimate(est.value[mid - 1], est.low[mid - 1], est.high[mid - 1], est.n_examples, est.n_seeds,
-                         est.seed_values[:, mid - 1], est.level)
+                         est.seed_values[:, mid - 1], est.level, est.weak_low[mid - 1], est.weak_high[mid - 1],
+                         est.hierarchical)
         passing = layer_passing(est.value)
         per_task = {}
         for t in TASK_NAMES:
@@ -374,12 +375,13 @@ EXPERIMENT = Experiment(
     configure=configure, seeds=lambda config, model: config.profile.seeds, run=run, options=frozenset({"shots"}),
     findings=(
         Finding("deep-auc", "The target's attention to the label words predicts the output in deep layers: AUCROC ≈ "
-                "0.8.", "≈ 0.8", "§2.3, Figure 5", "book/extraction", "fig-auc", deep_auc, near_point_eight),
+                "0.8.", "≈ 0.8", "§2.3, Figure 5", "book/extraction", "fig-auc", deep_auc, near_point_eight,
+                pooled=True),
         Finding("r-second-half", "The cumulative contribution R_l is small in shallow layers and rises in the middle "
                 "and late layers.", "qualitative (Figure 5)", "§2.3", "book/extraction", "fig-auc", _r_mid(1),
-                second_half),
+                second_half, pooled=True),
         Finding("two-shot", "With 2 demonstrations per class the conclusions are the same (shown here: R_l, as "
                 "above).", "qualitative (Figures 9–11)", "Appendix F.1", "book/extraction", "fig-auc2", _r_mid(2),
-                second_half),
+                second_half, pooled=True),
     ),
 )

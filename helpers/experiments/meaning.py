@@ -476,7 +476,8 @@ def abstract_anchor_finding(model: str, profile) -> "object | None":
     note = (f"SST-2, \" A\"/\" B\", {SEVERAL_SHOTS} per class; label loyalty last {config.isolation_k} minus first "
             f"{config.isolation_k} layers (first {lo['first'].fmt(0)}%, last {lo['last'].fmt(0)}%); accuracy "
             f"{acc.fmt(1)}% (paper 83.0% on LLaMA-33B)")
-    return Measured(gap, unit=" points", digits=0, note=note, support={"accuracy": acc, **lo})
+    return Measured(gap, unit=" points", digits=0, note=note, support={"accuracy": acc, **lo}, accuracy=acc,
+                    chance=100 / data.task.n_classes)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -524,6 +525,7 @@ EXPERIMENT = Experiment(
     findings=(
         Finding("anchors-without-meaning", "Label words without meaning ('A'/'B') still act as anchors.",
                 "LLaMA-33B, SST-2, 8 per class: 83.0% accuracy (Figures 12, 13)", "Appendix F.2",
-                "book/meaningless-labels", "fig-meaning-iso", abstract_anchor_finding, above_zero),
+                "book/meaningless-labels", "fig-meaning-iso", abstract_anchor_finding, above_zero,
+                needs_mapping=True),
     ),
 )

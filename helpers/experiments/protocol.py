@@ -20,22 +20,33 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from ..core.findings import NOT_YET_RUN, Finding, Measured, above_zero
+from dataclasses import replace
+
+from ..core.findings import NOT_YET_RUN, TASK_NAMES, Finding, Measured, judge
 from ..core.runs import PROFILES, Profile
+from ..core.stats import pooled_over
 from ..core.tasks import TASKS
 
 __all__ = ["Experiment", "evaluate"]
 
 
 def evaluate(finding: Finding, model: str, profile: Profile | str = "book") -> tuple[Measured | None, str]:
-    """Our measurement of ``finding`` for ``model`` and its verdict ("not yet run" when there is nothing cached)."""
+    """Our measurement of ``finding`` for ``model`` and its verdict (:func:`helpers.core.findings.judge`: "not yet
+    run" when nothing is cached, "too few seeds", "not testable on this model", or the finding's rule).
+
+    A finding that pools the four tasks is bootstrapped with the seeds drawn within each task
+    (:func:`helpers.core.stats.pooled_over`); its number of seeds is per task."""
     profile = PROFILES[profile] if isinstance(profile, str) else profile
     if finding.compute is None:
         return None, NOT_YET_RUN
-    measured = finding.compute(model, profile)
+    blocks = len(TASK_NAMES) if finding.pooled else 1
+    with pooled_over(blocks):
+        measured = finding.compute(model, profile)
     if measured is None:
         return None, NOT_YET_RUN
-    return measured, (finding.rule or above_zero)(measured)
+    if measured.n_seeds is None and finding.seeded:
+        measured = replace(measured, n_seeds=int(measured.estimate.n_seeds) // blocks)
+    return measured, judge(finding, measured)
 
 
 @dataclass(frozen=True)

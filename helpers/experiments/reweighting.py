@@ -54,7 +54,7 @@ from ..core.prefix import PrefixCache, build_prefix, layer_windows, split_prompt
 from ..core.prompts import Prompt, build_prompt, collate, label_head, label_token_ids, target_label_logits, target_logits
 from ..core.runs import Profile, cached_run, settings_of
 from ..core.tasks import Task, TaskData, sample_fixed_demonstrations, subsample_test
-from ..core.findings import Finding, Measured, TASK_NAMES, above_zero
+from ..core.findings import NOT_REPRODUCED, PARTLY, REPRODUCED, TASK_NAMES, Finding, Measured, above_zero
 from ..core.runs import PROFILES, ModelKey
 from ..core.tasks import get_task, load_task
 from .protocol import Experiment
@@ -839,20 +839,42 @@ def reweighting_gain(model: str, profile: Profile) -> Measured | None:
                     note=f"paired: re-weighting {anchor.fmt(1)}% minus 1-shot ICL {icl.fmt(1)}%, mean of 4 tasks")
 
 
+CONTROLS = ("random", "contextual", "bias-fit", "bias-temperature", "batch")  # what re-weighting must beat
+
+
 def reweighting_vs_controls(model: str, profile: Profile) -> Measured | None:
+    """Re-weighting minus each equally cheap control on the same examples (paired), mean of the 4 tasks; the row
+    shows the smallest of these differences (the control closest to re-weighting): re-weighting must beat every
+    control, so none is chosen on the test examples. The learned bias is the one fitted to convergence."""
     runs = _reweighting_runs(model, profile)
     if runs is None:
         return None
-
-    best = best_control(runs)
-    diff = difference(runs, "anchor", best)
-    per_task = {t: difference(runs, "anchor", best, task=t) for t in TASK_NAMES}
+    runs = with_fitted_controls(runs)
+    diffs = {c: difference(runs, "anchor", c) for c in CONTROLS}
+    closest = min(CONTROLS, key=lambda c: float(diffs[c].value))
+    est = diffs[closest]
+    per_task = {t: difference(runs, "anchor", closest, task=t) for t in TASK_NAMES}
     ahead = [get_task(t).title for t, e in per_task.items() if e.low > 0]
     behind = [get_task(t).title for t, e in per_task.items() if e.high < 0]
-    return Measured(diff, unit=" points", digits=1, n_text=f"{diff.n} seeds × 4 tasks",
-                    note=f"paired: re-weighting minus the best control ({METHOD_TITLES.get(best, best)}, chosen on "
-                         f"the test examples), mean of 4 tasks; ahead on {', '.join(ahead) or 'no task'}, behind on "
-                         f"{', '.join(behind) or 'no task'}, indistinguishable elsewhere")
+    others = "; ".join(f"{_TITLE_SHORT[c]} {diffs[c].fmt(1)}" for c in CONTROLS if c != closest)
+    return Measured(est, unit=" points", digits=1, n_text=f"{est.n} seeds × 4 tasks", support=diffs,
+                    note=f"paired: re-weighting minus the closest control ({_TITLE_SHORT[closest]}), mean of 4 tasks; "
+                         f"ahead on {', '.join(ahead) or 'no task'}, behind on {', '.join(behind) or 'no task'}; "
+                         f"minus the others: {others}")
+
+
+_TITLE_SHORT = {"random": "random positions", "contextual": "contextual calibration", "bias-fit": "fitted bias",
+                "bias-temperature": "fitted bias and temperature", "batch": "batch calibration"}
+
+
+def beats_every_control(m: Measured) -> str:
+    """Reproduced: re-weighting's advantage over every control has its 95% interval above 0. Partly: over every
+    control its 80% interval lies above 0. Not reproduced otherwise."""
+    controls = list(m.support.values()) or [m.estimate]
+    if all(e.low > 0 for e in controls):
+        return REPRODUCED
+    weak = [e.low if e.weak_low is None else e.weak_low for e in controls]
+    return PARTLY if all(w > 0 for w in weak) else NOT_REPRODUCED
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -874,8 +896,10 @@ EXPERIMENT = Experiment(
         Finding("reweighting-gain", "Anchor re-weighting improves 1-shot ICL accuracy, on average over the 4 tasks.",
                 "+16.7 points (51.90 → 68.64, GPT2-XL, Table 1)", "§3.1", "book/reweighting", "",
                 reweighting_gain, above_zero),
-        Finding("reweighting-vs-controls", "(beyond the paper) The gain is about anchors: re-weighting beats the "
-                "best equally cheap correction trained on the same examples.", "not run in the paper", "§3.1",
-                "book/reweighting", "", reweighting_vs_controls, above_zero),
+        Finding("reweighting-vs-controls", "(beyond the paper) The gain is about anchors: re-weighting beats every "
+                "equally cheap control trained on the same examples (random positions; contextual and batch "
+                "calibration; a label bias, and a bias with a temperature, fitted to convergence).",
+                "not run in the paper", "§3.1", "book/reweighting", "", reweighting_vs_controls,
+                beats_every_control),
     ),
 )

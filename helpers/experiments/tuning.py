@@ -241,8 +241,8 @@ def _continue(model, rests: Sequence[Sequence[int]], start: KV, first_position: 
     hidden = model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device),
                               past_key_values=_cache(start, b), use_cache=True,
                               position_ids=position_ids).last_hidden_state
-    return label_head(model, hidden[torch.arange(b, device=device), torch.tensor(list(rows), device=device)],
-                      label_ids)
+    return label_head(model, hidden[torch.arange(b, device=hidden.device),
+                                    torch.tensor(list(rows), device=hidden.device)], label_ids)
 
 
 def _batches(prompts, batch_size, desc, progress):
@@ -409,7 +409,7 @@ def attention_at_target(lm, prompt: Prompt, method: str, trained: dict | None = 
                 model.base_model(input_ids=ids, past_key_values=_cache(kv), use_cache=True,
                                  position_ids=torch.arange(m, m + n, device=device)[None])
             content = list(range(m, m + n))
-    return rec.stacked()[:, 0, :, 0, :].float(), content  # (L, H, S)
+    return rec.stacked()[:, 0, :, 0, :].float().cpu(), content  # (L, H, S), on the CPU
 
 
 def attention_report(lm, prompts: Sequence[Prompt], method: str, trained: dict | None,
@@ -541,7 +541,7 @@ def shift_floor(lm, prompts: Sequence[Prompt], shifts: Sequence[int]) -> np.ndar
             with torch.no_grad(), intervene(rec):
                 lm.model.base_model(input_ids=ids, use_cache=False,
                                     position_ids=torch.arange(m, m + len(p), device=device)[None])
-            att = rec.stacked()[:, 0, :, 0, :].double()
+            att = rec.stacked()[:, 0, :, 0, :].double().cpu()
             per.append((att / att.sum(-1, keepdim=True) - base).abs().amax(-1).numpy())
         out.append(np.stack(per))
     return np.stack(out)
@@ -712,7 +712,7 @@ def prefix_theorem(model: str, profile: Profile) -> Measured | None:
 
 
 def float_error(m: Measured) -> str:
-    """Reproduced: the prefix's change is float error and re-weighting's is not; partly: only the first; not
+    """Reproduced: the prefix's change is float error and re-weighting's is not. Partly: only the first. Not
     reproduced otherwise. Float error: below 1e-5, or at most twice the float floor (the same statistic with the
     positions shifted as by the prefix and nothing added, which is 0 in exact arithmetic; a model with large
     query/key norms such as Qwen2 has a floor near 1e-4). "Not float error": above 1e-4 and ten times the floor."""

@@ -21,14 +21,15 @@ from dataclasses import replace
 
 import numpy as np
 
-from ..core.findings import (NOT_REPRODUCED, NOT_YET_RUN, PARTLY, REPRODUCED, TASK_NAMES, VERDICTS, Finding,  # noqa: F401
-                             Measured, above_zero, barely_matters, lookup, majority, near_point_eight, second_half,
-                             strongly_lowers)
+from ..core.findings import (NOT_REPRODUCED, NOT_TESTABLE, NOT_YET_RUN, PARTLY, REPRODUCED,  # noqa: F401
+                             TASK_NAMES, TOO_FEW_SEEDS, VERDICTS, Finding, Measured, above_zero, barely_matters,
+                             lookup, majority, near_point_eight, rule_text, second_half, strongly_lowers)
 from ..core.runs import PROFILES, Profile
 from ..core.tasks import get_task
 from ..experiments import all_experiments
 from ..experiments.compression import faster, keeps_most  # noqa: F401  (the rules, for the page and the tests)
 from ..experiments.diagnosis import confusion_rule  # noqa: F401
+from ..experiments.reweighting import beats_every_control  # noqa: F401
 from ..experiments.protocol import evaluate
 from ..experiments.tuning import float_error  # noqa: F401
 
@@ -37,7 +38,8 @@ __all__ = ["Finding", "Measured", "FINDINGS", "VERDICTS", "REPRODUCED", "PARTLY"
            "landing_figure",
            # the rules, re-exported for the page's readers (helpers.core.findings and the experiments define them)
            "above_zero", "majority", "strongly_lowers", "barely_matters", "near_point_eight", "second_half", "faster",
-           "keeps_most", "confusion_rule", "float_error", "TASK_NAMES"]
+           "keeps_most", "confusion_rule", "float_error", "beats_every_control", "TASK_NAMES", "TOO_FEW_SEEDS",
+           "NOT_TESTABLE", "verdict_of"]
 
 MODELS = ("gemma-3-270m", "qwen2.5-coder-0.5b")  # the page's columns
 
@@ -78,6 +80,7 @@ def to_html(rows: list[dict], models: Sequence[str] = MODELS, link_prefix: str =
     import html
 
     colors = {REPRODUCED: "rgba(40,160,60,.22)", PARTLY: "rgba(230,160,0,.25)", NOT_REPRODUCED: "rgba(220,50,50,.22)",
+              TOO_FEW_SEEDS: "rgba(128,128,128,.15)", NOT_TESTABLE: "rgba(128,128,128,.15)",
               NOT_YET_RUN: "rgba(128,128,128,.15)"}
     head = "".join(f"<th>{html.escape(m)}</th>" for m in models)
     out = ['<table class="verdicts"><thead><tr><th>finding (paper)</th><th>the paper</th>' + head +
@@ -90,13 +93,20 @@ def to_html(rows: list[dict], models: Sequence[str] = MODELS, link_prefix: str =
             claim = f'<a href="{link_prefix}{page}.html#{f.anchor}">{claim}</a>'
         else:
             claim += f' <em>(planned chapter: {html.escape(f.planned)})</em>'
+        rule = rule_text(f.rule)
+        if f.needs_mapping:
+            rule += " Needs a working mapping: the model's accuracy must lie above chance."
+        claim += f'<br><small><b>Rule.</b> {html.escape(rule)}</small>' if rule else ""
         cells = []
         for m in models:
             measured, verdict = row[m]
             body = f'<span style="background:{colors[verdict]};padding:0 .3em;border-radius:.2em">{verdict}</span>'
             if measured is not None:
+                per_seed = measured.seed_values()
+                seeds = (f"; per seed {' / '.join(f'{v:.{measured.digits}f}' for v in per_seed)}"
+                         if 1 < len(per_seed) <= 6 else "")
                 body = (f"<b>{html.escape(measured.text())}</b><br>{body}<br><small>n = "
-                        f"{html.escape(measured.n)}; {html.escape(measured.note)}</small>")
+                        f"{html.escape(measured.n)}{html.escape(seeds)}; {html.escape(measured.note)}</small>")
             cells.append(f'<td style="vertical-align:top">{body}</td>')
         out.append(f'<tr><td style="vertical-align:top">{claim} <small>({html.escape(f.where)})</small></td>'
                    f'<td style="vertical-align:top">{html.escape(f.paper)}</td>'
@@ -108,6 +118,12 @@ def to_html(rows: list[dict], models: Sequence[str] = MODELS, link_prefix: str =
         text = text.replace(sym, f"{base}<sub>{sub}</sub>")
     text = text.replace('<table class="verdicts">', '<table class="verdicts" style="vertical-align:top">')
     return f'<div style="overflow-x:auto">{text}</div>'  # a phone scrolls the table instead of clipping it
+
+
+def verdict_of(finding_id: str, model: str = MODELS[0], profile: Profile | str = "book") -> str:
+    """The verdict word of one finding for one model: what the verdict page shows, and what a chapter glues in its
+    own conclusion, so the two cannot disagree."""
+    return evaluate(FINDINGS[finding_id], model, profile)[1]
 
 
 def summary_counts(rows: list[dict], models: Sequence[str] = MODELS) -> dict[str, dict[str, int]]:
