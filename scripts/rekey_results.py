@@ -260,7 +260,7 @@ def add_checksums(root: Path, dry_run: bool) -> int:
         if not dry_run:
             text = json.dumps(new_info, indent=1, sort_keys=True, default=str) + "\n"
             _atomic_write(meta, lambda p: p.write_text(text))
-    print(f"{added} checksums added, {left} left alone")
+    print(f"{added} checksums {'would be added' if dry_run else 'added'}, {left} left alone")
     return 1 if left else 0
 
 
