@@ -126,6 +126,41 @@ def verdict_of(finding_id: str, model: str = MODELS[0], profile: Profile | str =
     return evaluate(FINDINGS[finding_id], model, profile)[1]
 
 
+def chapter_verdicts(chapter: str, models: Sequence[str] = MODELS, profile: Profile | str = "book") -> dict[str, str]:
+    """``{glue name: verdict word}`` for the findings shown in ``chapter`` ("book/reweighting"):
+    ``verdict_<finding>`` for the default model and ``verdict_<finding>__<model>`` for each model (names with "_"
+    for "-" and "."). A chapter glues these in its conclusions; the verdict page computes the same words."""
+    out = {}
+    for f in FINDINGS.values():
+        if f.chapter != chapter:
+            continue
+        name = "verdict_" + f.id.replace("-", "_")
+        for i, m in enumerate(models):
+            word = evaluate(f, m, profile)[1]
+            out[f"{name}__{m.replace('-', '_').replace('.', '_')}"] = word
+            if i == 0:
+                out[name] = word
+    return out
+
+
+def rules_markdown() -> str:
+    """The verdict page's "How a verdict is decided": the common rules, then each finding's own rule."""
+    from ..core.findings import MIN_SEEDS
+    from ..core.stats import LEVEL, WEAK_LEVEL
+
+    lines = [f"Every rule reads intervals, never a point estimate alone: *reproduced* needs the {LEVEL:.0%} interval "
+             f"past the finding's threshold, *partly* at least the weaker {WEAK_LEVEL:.0%} interval (from the same "
+             "bootstrap replicates). Before any rule, a measurement on fewer than "
+             f"{MIN_SEEDS} demonstration sets (seeds) says *{TOO_FEW_SEEDS}*, and a finding that presupposes a "
+             "working in-context mapping (abstract labels, diagnosing confusions) says "
+             f"*{NOT_TESTABLE}* when the model's accuracy is not above chance (its {LEVEL:.0%} interval).", ""]
+    for f in FINDINGS.values():
+        page = f.chapter.split("/")[-1] if f.chapter else ""
+        link = f"[{f.claim}]({page}.ipynb)" if page else f.claim
+        lines.append(f"- {link}: {rule_text(f.rule)}")
+    return "\n".join(lines)
+
+
 def summary_counts(rows: list[dict], models: Sequence[str] = MODELS) -> dict[str, dict[str, int]]:
     """How many findings got each verdict, per model."""
     return {m: {v: sum(row[m][1] == v for row in rows) for v in VERDICTS} for m in models}
