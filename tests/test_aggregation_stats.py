@@ -68,3 +68,28 @@ def test_gap_over_layers_and_ww_share():
     assert 0 <= share.low <= share.value <= share.high <= 1
     with pytest.raises(ValueError):
         gap_over_layers(runs, 3, 2)
+
+
+def test_saliency_position_control_shares_the_matrices_and_avoids_label_words(offline_tokenizers, data_dir):
+    """The control's flows come from the same backward pass: the real half equals the plain flows, and the random
+    positions are demonstration tokens that are not label words."""
+    import numpy as np
+    from conftest import tiny_loaded_model
+
+    from helpers.core.runs import make_prompts
+    from helpers.core.saliency import random_non_label_positions, saliency_flow
+    from helpers.core.tasks import load_task
+
+    lm = tiny_loaded_model("llama", offline_tokenizers["smollm2-135m"], "tiny-llama")
+    data = load_task("sst2", data_dir)
+    prompts = make_prompts(lm, data, seed=42, n_test=3, shots_per_class=1, per_example=True)
+    plain = saliency_flow(lm, data.task, prompts, batch_size=2, progress=False)
+    both = saliency_flow(lm, data.task, prompts, batch_size=2, progress=False, control_seed=7)
+    assert both.shape == (3, 2, *plain.shape[1:])
+    np.testing.assert_allclose(both[:, 0], plain, rtol=1e-6, atol=1e-12)
+    assert not np.allclose(both[:, 1], both[:, 0])
+    rng = np.random.default_rng(7)
+    for p in prompts:
+        pos = random_non_label_positions(p, rng)
+        labels = {i for a, b in p.label_spans for i in range(a, b)}
+        assert len(pos) == len(p.label_positions) and not labels & set(pos) and max(pos) < p.query_start

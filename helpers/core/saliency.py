@@ -28,7 +28,8 @@ from .attention import Saliency, intervene
 from .prompts import Batch, Prompt, check_prompts, collate, label_token_ids, length_batches, target_label_logits
 from .tasks import Task
 
-__all__ = ["MEASURES", "saliency_matrices", "flow_measures", "flows_at", "saliency_flow", "normalise_per_layer"]
+__all__ = ["MEASURES", "saliency_matrices", "flow_measures", "flows_at", "saliency_flow", "normalise_per_layer",
+           "random_non_label_positions"]
 
 MEASURES = ("S_wp", "S_pq", "S_ww")
 
@@ -71,6 +72,17 @@ def flows_at(saliency: torch.Tensor, label_positions: Sequence[int], target: int
     return torch.stack([wp / float(p.sum()), pq / len(p), ww / n_other]).numpy()
 
 
+def random_non_label_positions(prompt: Prompt, rng: np.random.Generator) -> tuple[int, ...]:
+    """As many positions as the prompt has label words, drawn without replacement from its demonstrations' tokens
+    that are neither label-word tokens nor added by the tokenizer (the position control of the saliency flows).
+    Used in: Aggregation."""
+    labels = {i for start, end in prompt.label_spans for i in range(start, end)}
+    pool = [i for i in range(prompt.query_start) if i not in labels and i not in set(prompt.special_positions)]
+    if len(pool) < len(prompt.label_positions):
+        raise ValueError("the demonstrations have fewer non-label tokens than label words")
+    return tuple(sorted(int(i) for i in rng.choice(pool, size=len(prompt.label_positions), replace=False)))
+
+
 def saliency_flow(
     lm,
     task: Task,
@@ -78,8 +90,14 @@ def saliency_flow(
     batch_size: int = 4,
     progress: bool = True,
     token_budget: int | None = None,
+    control_seed: int | None = None,
 ) -> np.ndarray:
     """(N, 3, L): S_wp, S_pq, S_ww per layer for each prompt (not normalised), in the input order.
+
+    With ``control_seed``, (N, 2, 3, L): the flows at the label words, then the same flows computed from the same
+    saliency matrices with the label positions replaced by as many random non-label positions of the
+    demonstrations (:func:`random_non_label_positions`, one draw per prompt from ``control_seed``): what the
+    measures give for positions that are not anchors. Used in: Aggregation.
 
     Prompts are batched by length (:func:`helpers.core.prompts.length_batches`): sorted, at most ``batch_size`` per
     batch and at most ``token_budget`` padded tokens (default: ``batch_size`` × the median length), so that little
@@ -93,13 +111,19 @@ def saliency_flow(
     if token_budget is None:
         token_budget = batch_size * int(np.median(lengths)) if lengths else 1
     out: list[np.ndarray | None] = [None] * len(prompts)
+    controls = None
+    if control_seed is not None:  # drawn in input order, so the draw does not depend on the batching
+        rng = np.random.default_rng(control_seed)
+        controls = [random_non_label_positions(p, rng) for p in prompts]
     for idx in tqdm(length_batches(lengths, token_budget, batch_size), desc=f"saliency {task.name}",
                     disable=not progress):
         chunk = [prompts[i] for i in idx]
         mats = saliency_matrices(lm.model, collate(chunk, lm.tokenizer.pad_token_id), label_ids)
         for b, (i, prompt) in enumerate(zip(idx, chunk)):
             t = len(prompt)
-            out[i] = flow_measures(mats[:, b, :t, :t], prompt)
+            real = flow_measures(mats[:, b, :t, :t], prompt)
+            out[i] = real if controls is None else np.stack([real, flows_at(mats[:, b, :t, :t], controls[i],
+                                                                            prompt.target)])
     return np.stack(out)
 
 

@@ -53,6 +53,28 @@ def saliency_runs(lm, data: TaskData, profile: Profile, shots: int = 1, **kw) ->
     return out
 
 
+CONTROL_N_TEST = 16  # saliency position control: test examples per (task, seed) of the book profile
+
+
+def saliency_control_runs(lm, data: TaskData, profile: Profile, shots: int = 1, **kw) -> list[np.ndarray]:
+    """The position control of the saliency flows: per seed, (N, 2, 3, L) flows at the label words and at as many
+    random non-label positions of the demonstrations, from the same saliency matrices
+    (:func:`helpers.core.saliency.saliency_flow` with ``control_seed``); scheme B demonstrations as §2.1, at most
+    :data:`CONTROL_N_TEST` examples per seed. Used in: Aggregation."""
+    out = []
+    n_test = min(profile.n_test, CONTROL_N_TEST)
+    for seed in profile.seeds:
+        def compute(seed=seed):
+            prompts = make_prompts(lm, data, seed, n_test, shots, per_example=True)
+            return {"flows": saliency_flow(lm, data.task, prompts, batch_size=max(1, profile.batch_size // 2),
+                                           control_seed=seed)}
+
+        settings = settings_of(profile, seed=seed, shots=shots, n_test=n_test, control="random-non-label")
+        result = cached_run("saliency-control", lm, data, settings, compute, **kw)
+        out.append(None if result is None else result["flows"])
+    return out
+
+
 def saliency_examples(lm, data: TaskData, n: int = 3, seed: int = 42, pool: int = 16, **kw) -> dict[str, np.ndarray]:
     """Saliency matrices of the ``n`` shortest of ``pool`` prompts, per layer scaled to 0..255 (uint8) to stay small.
 
@@ -321,7 +343,8 @@ def run(lm, data: TaskData, config: AggregationConfig, seed: int, lookup_only: b
     """One (task, seed): the saliency flows, the isolation run and, for the first seed, the worked examples."""
     one = replace(config.profile, seeds=(seed,))  # a run's key does not hold the seed list
     out = {"saliency": saliency_runs(lm, data, one, config.shots, lookup_only=lookup_only)[0],
-           "isolation": isolation_runs(lm, data, one, shots=config.shots, lookup_only=lookup_only)[0]}
+           "isolation": isolation_runs(lm, data, one, shots=config.shots, lookup_only=lookup_only)[0],
+           "saliency control": saliency_control_runs(lm, data, one, config.shots, lookup_only=lookup_only)[0]}
     if seed == config.profile.seeds[0]:
         out["saliency examples"] = saliency_examples(lm, data, seed=seed, lookup_only=lookup_only)
     return out
