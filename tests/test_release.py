@@ -1,0 +1,30 @@
+"""What a release carries: one version everywhere, a citation, and a workflow that builds and checks the book."""
+
+import re
+import tomllib
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_one_version_in_the_package_the_citation_and_the_changelog():
+    import helpers
+
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert helpers.__version__ == version
+    assert yaml.safe_load((ROOT / "CITATION.cff").read_text())["version"] == version
+    assert re.search(rf"^## {re.escape(version)}\b", (ROOT / "CHANGELOG.md").read_text(), re.M)
+
+
+def test_the_workflow_builds_from_committed_results_checks_and_deploys_main_only():
+    wf = yaml.safe_load((ROOT / ".github" / "workflows" / "book.yml").read_text())
+    build = wf["jobs"]["build"]
+    assert build["env"]["ANCHORS_REQUIRE_CACHED"] == "1"
+    runs = [s.get("run") for s in build["steps"] if "run" in s]
+    assert runs[-2:] == ["make book", "make book-check"] and "make setup" in runs
+    deploy = wf["jobs"]["deploy"]
+    assert "refs/heads/main" in deploy["if"] and deploy["needs"] == "build"
+    cff = yaml.safe_load((ROOT / "CITATION.cff").read_text())
+    assert cff["repository-code"] == yaml.safe_load((ROOT / "_config.yml").read_text())["repository"]["url"]
