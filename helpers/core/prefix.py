@@ -13,7 +13,7 @@ and answers each query (a suffix: the tokens after the demonstrations) from the 
 continue from the uncompressed prefix length N (``N, N+1, ...``), whatever was removed from the cache: rotary models
 (Llama, Qwen2, Gemma, GPT-J) then see the relative distances of the full prompt, and absolute-position models
 (GPT-2) the same absolute positions. ``restart_positions=True`` reproduces the official GPT-2 compression run instead
-(query positions 0, 1, ..., overlapping the cached ones; pitfall P9).
+(query positions 0, 1, ..., overlapping the cached ones).
 
 **Masks.** We pass our own additive 4-D attention masks (one per layer type, e.g. Gemma 3's ``sliding_attention``
 and ``full_attention``), computed from the original positions: a query token at position q sees a cached token at p
@@ -103,7 +103,7 @@ class PrefixCache:
         want = torch.tensor(wanted, dtype=torch.long)
         keys, values, pos = [], [], []
         for k, v, p, w in zip(self.keys, self.values, self.positions, self.windows):
-            sel = torch.isin(p, want)
+            sel = torch.isin(p, want.to(p.device))  # each layer's tensors stay on its device (a split model)
             if w is not None:
                 sel &= p > self.length - w
             idx = sel.nonzero().flatten()
@@ -111,8 +111,8 @@ class PrefixCache:
             missing = set(reachable) - set(p.tolist())
             if missing:
                 raise ValueError(f"positions {sorted(missing)[:5]} are no longer in this cache")
-            keys.append(k[:, :, idx])
-            values.append(v[:, :, idx])
+            keys.append(k[:, :, idx.to(k.device)])
+            values.append(v[:, :, idx.to(v.device)])
             pos.append(p[idx])
         return PrefixCache(tuple(keys), tuple(values), tuple(pos), self.length, self.layer_types, self.windows)
 
@@ -159,12 +159,21 @@ def build_prefix(model, input_ids: Sequence[int], hooks: Sequence = (), start: P
     full = PrefixCache(
         tuple(layer.keys for layer in cache.layers),
         tuple(layer.values for layer in cache.layers),
-        tuple(torch.arange(n, device=device) for _ in cache.layers),
+        tuple(torch.arange(n, device=layer.keys.device) for layer in cache.layers),  # on each layer's device
         n,
         types,
         windows,
     )
     return full.keep(range(n)) if drop_unreachable else full  # keep(): drops what sliding windows can no longer see
+
+
+def _output_device(model) -> torch.device:
+    """Where the final hidden states are: the device of the base model's last parameter (its final norm), the model's
+    device unless the model is split over several (``device_map``)."""
+    last = None
+    for last in model.base_model.parameters():
+        pass
+    return last.device
 
 
 def _masks(prefix: PrefixCache, valid: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -238,7 +247,8 @@ def suffix_logits(
     if label_ids is not None:
         hidden = model.base_model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids,
                                   past_key_values=cache, use_cache=True).last_hidden_state
-        rows = hidden[torch.arange(b, device=device), last[:, 0]]
+        # the last layer's device: the first one's, or another where the model is split over devices
+        rows = hidden[torch.arange(b, device=hidden.device), last[:, 0].to(hidden.device)]
         return check_finite_logits(label_head(model, rows, label_ids), model)
     out = model(
         input_ids=ids,
@@ -246,7 +256,7 @@ def suffix_logits(
         position_ids=position_ids,
         past_key_values=cache,
         use_cache=True,
-        logits_to_keep=last,
+        logits_to_keep=last.to(_output_device(model)),  # it indexes the final hidden states, where they are
     )
     return check_finite_logits(out.logits[:, 0, :], model)
 

@@ -16,7 +16,7 @@ Variants (Table 2 of the paper, plus two ablations of ours):
 * ``labels-only`` - label-word tokens (+ BOS) only, the paper's footnote 6 ("label words alone" fail);
 * ``random`` - Hidden_random: each label word's first token replaced by a random token of the same demonstration's
   text (:func:`random_positions`); 20 seeded draws, each from the anchor set afresh (the official ``compress_top.py``
-  never reset its mask, pitfall P10). Hidden_random is the first draw; Hidden_random-top the draw with the best
+  never reset its mask, so its later draws kept ever more tokens). Hidden_random is the first draw; Hidden_random-top the draw with the best
   label loyalty **chosen on the test examples themselves** (optimistic, as in the paper);
 * ``text`` - Text_anchor: the demonstrations as text with their input reduced to the bare prefix
   (``Review:\\nSentiment: Negative\\n...``, :func:`text_anchor_text`), a normal forward pass.
@@ -317,14 +317,14 @@ def table2_n_test(profile: Profile, model: str) -> int:
 
 def table2_n_random(profile: Profile, model: str) -> int:
     """Hidden_random draws per (task, seed): the profile's (0 = the paper's 20) for the default model; a single draw
-    (Hidden_random only, no Hidden_random-top) for other models (CPU budget)."""
+    (Hidden_random only, no Hidden_random-top) for other models, whose runs cost more."""
     from ..core.models import DEFAULT_MODEL
 
     return (profile.n_random_compression or 20) if model == DEFAULT_MODEL else 1
 
 
 def table2_seeds(profile: Profile, model: str) -> tuple[int, ...]:
-    """Seeds for Table 2: the profile's for the default model, its first two for other models (CPU budget)."""
+    """Seeds for Table 2: the profile's for the default model, its first two for other models, whose runs cost more."""
     from ..core.models import DEFAULT_MODEL
 
     seeds = profile.seeds_for(profile.n_seeds_compression)
@@ -368,7 +368,7 @@ def shots_sweep(
     lm, data: TaskData, profile: Profile, shots: Sequence[int] | None = None, progress: bool = True,
 ) -> dict[int, list[dict[str, np.ndarray]]]:
     """Full ICL, Hidden_anchor and Text_anchor with 1, 2, 4, 8, 16 demonstrations per class, on the profile's
-    first seed only (CPU budget), cached.
+    first seed only, cached.
 
     A shot count whose prompts do not fit the model's context is skipped (absent from the result).
     """

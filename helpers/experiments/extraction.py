@@ -6,7 +6,7 @@ class i's positions when there are several shots per class)::
     A_l(q, p_i) = sum_h sum_{p in P_i} A_{h,l}(q, p)
 
 We store these as an array of shape (N, L, C) - example, layer, class - and name the layout explicitly, which avoids
-the official notebook's layout bug (pitfall P7: class-major data read as layer-major).
+the official notebook's layout bug (class-major data read as layer-major).
 
 * AUCROC_l (:func:`auc_per_layer`): how well A_l(q, p_i) predicts the **model's own prediction** (not the gold
   label). Classes the model never predicts are dropped; with two classes left it is the binary AUC of the attention

@@ -11,7 +11,7 @@ Training is the paper's (``icl/analysis/reweighting.py``; ``../shared/docs/paper
 examples per class of scheme A, each wrapped with the *same* demonstrations as the test queries; gold-label
 cross-entropy on the label-restricted logits; Adam (lr 0.01, betas 0.9/0.999); batch 1; 10 epochs, reshuffled every
 epoch by a generator seeded with the run's seed. The model's parameters are frozen (the official code computes their
-gradients and throws them away: ~27 GB for GPT2-XL, pitfall P12); only beta requires a gradient.
+gradients and throws them away: ~27 GB for GPT2-XL); only beta requires a gradient.
 
 **A cheaper but identical training step.** beta only changes the attention *row* of q. Every other position's hidden
 states are therefore independent of beta (causal attention), and so are their keys and values. We compute the keys
@@ -305,7 +305,7 @@ def train_beta(lm, task: Task, train_prompts: Sequence[Prompt], positions: Calla
     """Learn beta (L, H, C) on ``train_prompts`` (paper §3.1). Returns the arrays of the module docstring.
 
     ``beta`` (L, H, C); ``epoch_loss`` (epochs,): the mean of the losses seen during each epoch (what an optimiser
-    log shows; the official code divides by n - 1, pitfall P12, we by n); ``loss_start``/``loss_end``: the mean loss
+    log shows; the official code divides by n - 1, we by n); ``loss_start``/``loss_end``: the mean loss
     over all training examples at beta = 0 and with the final beta (not counted in the timings); ``train_s``: wall
     time of the whole training including the prefix passes; ``prefix_s``: of those passes; ``step_s``: mean time of
     one step (forward + backward + Adam).
