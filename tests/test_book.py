@@ -104,3 +104,29 @@ def test_glued_value_comparison_sees_a_changed_number_but_not_a_table_id():
     assert g.differences({"p:x": "1.0"}, {"p:x": "1.1"}) and g.differences({"p:x": "1"}, {})
     reference = json.loads((ROOT / "tests" / "data" / "glued_values.json").read_text())
     assert len(reference) > 500 and any(k.startswith("tuning:") for k in reference)
+
+
+def _chapter_text(chapter: str) -> str:
+    return "\n".join("".join(c["source"]) for c in _cells(chapter))
+
+
+def test_every_verdict_row_links_to_a_label_of_its_chapter():
+    from helpers.pages.verdicts import FINDINGS
+
+    for f in FINDINGS.values():
+        text = _chapter_text(f.chapter)
+        assert f.anchor, f"{f.id} links to the top of {f.chapter}, not to its section"
+        assert re.search(rf"\({re.escape(f.anchor)}\)=|:(?:name|label): {re.escape(f.anchor)}\b", text), \
+            f"{f.id}: no label {f.anchor!r} in {f.chapter}"
+
+
+def test_every_chapter_states_its_verdicts_with_the_verdict_page_words():
+    """A chapter's conclusion for a finding is the glued verdict word (helpers.pages.verdicts.chapter_verdicts), so
+    the chapter and the verdict page cannot disagree."""
+    from helpers.pages.verdicts import FINDINGS
+
+    for f in FINDINGS.values():
+        name = "verdict_" + f.id.replace("-", "_")
+        text = _chapter_text(f.chapter)
+        assert f"{{glue:text}}`{name}`" in text, f"{f.chapter} does not state the verdict of {f.id} ({name})"
+        assert "chapter_verdicts(" in text, f"{f.chapter} does not glue helpers.pages.verdicts.chapter_verdicts"

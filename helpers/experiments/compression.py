@@ -565,9 +565,9 @@ EXPERIMENT = Experiment(
     findings=(
         Finding("compression-speedup", "Anchor-only context compression (Hidden_anchor) speeds up inference.",
                 "1.8× on average (1.1–2.9×, Tables 3 and 6; against recomputing the full prompt)", "§3.2",
-                "book/compression", "", compression_speedup, faster, seeded=False),
+                "book/compression", "sec-compression-speed", compression_speedup, faster, seeded=False),
         Finding("compression-loyalty", "Hidden_anchor keeps most of the model's predictions.",
-                "label loyalty 79.47 (GPT2-XL), 89.06 (GPT-J); Table 2", "§3.2", "book/compression", "",
+                "label loyalty 79.47 (GPT2-XL), 89.06 (GPT-J); Table 2", "§3.2", "book/compression", "sec-compression-loyalty",
                 compression_loyalty, keeps_most, pooled=True),
     ),
 )

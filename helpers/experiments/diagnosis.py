@@ -524,7 +524,7 @@ EXPERIMENT = Experiment(
     configure=lambda profile="book": PROFILES[profile], seeds=lambda config, model: config.seeds, run=run,
     findings=(
         Finding("diagnosis", "Distances between the label words' keys predict which categories the model confuses.",
-                "most confused pair Description–Entity (TREC, Figure 6)", "§3.3", "book/diagnosis", "",
+                "most confused pair Description–Entity (TREC, Figure 6)", "§3.3", "book/diagnosis", "sec-diagnosis-trec",
                 diagnosis_trec, confusion_rule, needs_mapping=True),
     ),
 )

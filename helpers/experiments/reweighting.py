@@ -894,12 +894,12 @@ EXPERIMENT = Experiment(
     run=run,
     findings=(
         Finding("reweighting-gain", "Anchor re-weighting improves 1-shot ICL accuracy, on average over the 4 tasks.",
-                "+16.7 points (51.90 → 68.64, GPT2-XL, Table 1)", "§3.1", "book/reweighting", "",
-                reweighting_gain, above_zero),
+                "+16.7 points (51.90 → 68.64, GPT2-XL, Table 1)", "§3.1", "book/reweighting",
+                "sec-reweighting-gain", reweighting_gain, above_zero),
         Finding("reweighting-vs-controls", "(beyond the paper) The gain is about anchors: re-weighting beats every "
                 "equally cheap control trained on the same examples (random positions; contextual and batch "
                 "calibration; a label bias, and a bias with a temperature, fitted to convergence).",
-                "not run in the paper", "§3.1", "book/reweighting", "", reweighting_vs_controls,
+                "not run in the paper", "§3.1", "book/reweighting", "sec-reweighting-controls", reweighting_vs_controls,
                 beats_every_control),
     ),
 )
