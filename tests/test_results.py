@@ -155,6 +155,12 @@ def test_committed_slice_equals_recomputation(experiment, model, task, offline_m
         prompts = make_prompts(lm, data, s["seed"], s["n_test"], s["shots"], per_example=True)[:2]
         fresh = saliency_flow(lm, data.task, prompts, batch_size=2, progress=False)
         np.testing.assert_allclose(fresh, committed["flows"][:2], rtol=1e-3, atol=1e-9)
+    elif experiment == "saliency-control":  # the position draws run in input order: a prefix of the prompts is a slice
+        from helpers.core.saliency import saliency_flow
+
+        prompts = make_prompts(lm, data, s["seed"], s["n_test"], s["shots"], per_example=True)[:2]
+        fresh = saliency_flow(lm, data.task, prompts, batch_size=2, progress=False, control_seed=s["seed"])
+        np.testing.assert_allclose(fresh, committed["flows"][:2], rtol=1e-3, atol=1e-9)
     elif experiment == "isolation":
         from helpers.experiments.isolation import run_isolation
 
