@@ -15,10 +15,13 @@ def test_constant_data_gives_a_point_interval():
 def test_mean_of_seed_means_and_coverage_of_a_known_proportion():
     rng = np.random.default_rng(1)
     per_seed = [rng.random(400) < 0.7 for _ in range(3)]
-    est = mean_estimate(per_seed)
+    est = mean_estimate(per_seed, seeds=False)
     assert est.value == pytest.approx(np.mean([x.mean() for x in per_seed]))
     # binomial standard error of the pooled mean: sqrt(.21 / 1200) = 0.0132 -> 95% half-width ~ 0.026
     assert 0.018 < (est.high - est.low) / 2 < 0.034
+    # resampling three seeds without a seed effect adds the seeds' own sampling noise: wider, not wildly so
+    both = mean_estimate(per_seed)
+    assert both.hierarchical and (est.high - est.low) < (both.high - both.low) < 2.5 * (est.high - est.low)
     assert est.contains(0.7)
     assert est.seed_std == pytest.approx(np.std([x.mean() for x in per_seed], ddof=1))
 

@@ -2,16 +2,19 @@
 
 **Method.** A result rests on a few seeds (each seed = one test subset and one demonstration draw) and, within each
 seed, on N test examples. The paper's aggregation is a statistic per seed, then the mean over seeds. We keep that
-aggregation and put an interval on it with a **stratified bootstrap over examples within seeds**: each replicate
-resamples, with replacement, the N_s examples of every seed s separately, recomputes the statistic per seed and
-averages over seeds. The 95% interval is the 2.5 and 97.5 percentiles of the replicates (percentile bootstrap).
+aggregation and put an interval on it with a **hierarchical bootstrap**: each replicate draws the seeds with
+replacement, then resamples, with replacement, the N_s examples of every drawn seed, recomputes the statistic per
+seed and averages. The 95% interval is the 2.5 and 97.5 percentiles of the replicates (percentile bootstrap); the
+80% interval of the same replicates (``weak_low``, ``weak_high``) is what a verdict's "partly" needs.
 
-*Why not the spread over seeds?* With 3-5 seeds a t-interval over seeds is very wide and itself very uncertain, and
-it mixes two sources of variation (which demonstrations, which test examples). The within-seed bootstrap answers the
-question a reader asks of our figures: "would this curve look the same on other test examples drawn the same way?"
-It does **not** include the variation between demonstration sets; for that, :attr:`Estimate.seed_values` keeps the
-per-seed statistics and :attr:`Estimate.seed_std` their standard deviation, which the tables print beside the
-interval. Both are reported as ``n = examples × seeds``.
+*Why both levels.* Which demonstrations were drawn is the largest source of variance in in-context learning: seeds
+can disagree by tens of points. An interval over test examples alone answers "would this curve look the same on
+other test examples with these demonstrations?"; resampling the seeds too answers the question a reviewer asks,
+"would it look the same with other demonstrations?". ``seeds=False`` gives the within-seed interval alone, and
+:attr:`Estimate.seed_values` keeps the per-seed statistics (printed beside the pooled value). With one seed there is
+nothing to resample between seeds: the interval is then the within-seed one (the verdicts say "too few seeds").
+Estimates pooled over tasks draw the seeds within each task (:func:`pooled_over`). Both are reported as
+``n = examples × seeds``.
 
 The statistic may return a scalar (an accuracy, a loyalty) or an array (a curve over layers, a (3, L) flow), and may
 be undefined on a replicate (NaN, e.g. an AUC when only one class is predicted): replicates are averaged over the
@@ -36,7 +39,7 @@ WEAK_LEVEL = 0.80  # the weaker interval a verdict's "partly" needs (stated with
 # Resample the seeds too (a hierarchical bootstrap: seeds, then examples within each drawn seed), so an interval
 # includes which demonstrations were drawn. The default for every estimate; ``seeds=False`` gives the within-seed
 # interval alone.
-HIERARCHICAL = False
+HIERARCHICAL = True
 _BLOCKS: contextvars.ContextVar[int] = contextvars.ContextVar("blocks", default=1)
 
 
