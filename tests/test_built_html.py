@@ -86,3 +86,11 @@ def test_glued_values_equal_the_reference():
     built = glued_values.glued_values(ROOT / "_build")
     diff = glued_values.differences(reference, built)
     assert not diff, f"{len(diff)} glued values differ from the reference:\n" + "\n".join(diff[:20])
+
+
+def test_every_launch_button_opens_a_notebook_of_the_repository():
+    """A Colab link must point at an .ipynb that exists in the repository (Colab cannot open a MyST .md page)."""
+    for page in sorted(HTML.rglob("*.html")):
+        for url in set(re.findall(r'https://colab\.research\.google\.com/github/[^"\s]+', _text(page))):
+            path = url.split("/blob/", 1)[1].split("/", 1)[1]
+            assert path.endswith(".ipynb") and (ROOT / path).is_file(), f"{page.name}: {url}"

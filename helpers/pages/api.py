@@ -1,4 +1,5 @@
-"""The book's API page: which chapter uses each public function, added to its docstring when Sphinx renders it.
+"""The book's Sphinx extension: which chapter uses each public function (added to its docstring on the API page),
+and launch buttons only where Colab can open the page.
 
 A function's "Used in" line is computed, not typed: a chapter uses a name when the name appears in the chapter's
 code cells or in the chapter's own book-layer module (``helpers/pages/<experiment>.py``, which holds its tables and
@@ -13,6 +14,7 @@ from functools import cache
 from pathlib import Path
 
 __all__ = ["chapter_titles", "chapter_identifiers", "used_in", "setup"]
+
 
 ROOT = Path(__file__).resolve().parents[2]
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -71,7 +73,20 @@ def _process_docstring(app, what, name, obj, options, lines):
         lines.extend(["", f"*Used in:* {', '.join(chapters)}."])
 
 
+def _launchable_only(app, pagename, templatename, context, doctree):
+    """Drop the launch buttons of a page that is not a notebook in the repository (a MyST page such as the landing
+    or verdict page): Colab cannot open a ``.md`` file, so its button would lead nowhere."""
+    try:
+        suffix = Path(app.env.doc2path(pagename)).suffix
+    except Exception:  # a page without a source document (search, index)
+        return
+    if suffix != ".ipynb" and "header_buttons" in context:
+        context["header_buttons"] = [b for b in context["header_buttons"] if b.get("label") != "launch-buttons"]
+
+
 def setup(app):
-    """The Sphinx extension: a "Used in" line under every documented function and class."""
+    """The Sphinx extension: a "Used in" line under every documented function and class; launch buttons on notebook
+    pages only."""
     app.connect("autodoc-process-docstring", _process_docstring)
+    app.connect("html-page-context", _launchable_only, priority=900)  # after the theme adds its buttons (501)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
