@@ -2,8 +2,9 @@
 
     python scripts/screenshots.py [_build/html] [_build/screenshots]
 
-Needs a Chromium binary (``apt-get install chromium``). Each page is shot in a window taller than any page, then the
-empty rows below the content column are cropped away.
+Needs a Chromium binary (``apt-get install chromium``). Each page is shot in a tall window, then the empty rows below
+the content column are cropped away; a page whose content reaches the window's bottom is shot again in a window twice
+as tall (up to :data:`MAX_HEIGHT`), so a long page is captured whole.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import sys
 from pathlib import Path
 
 WIDTHS = {"desktop": 1280, "phone": 390}
-HEIGHT = 20000  # taller than the longest page; the PNG is cropped to its content below
+HEIGHT = 20000  # the first window height; the PNG is cropped to its content below
+MAX_HEIGHT = 80000
 
 
 def chromium() -> str:
@@ -25,8 +27,9 @@ def chromium() -> str:
     sys.exit("No Chromium found: install it (apt-get install -y chromium).")
 
 
-def crop_bottom(png: Path) -> None:
-    """Remove the empty (uniform) rows below the page's content."""
+def crop_bottom(png: Path) -> bool:
+    """Remove the empty (uniform) rows below the page's content; False when the content reaches the bottom (the
+    window was too short)."""
     from PIL import Image
     import numpy as np
 
@@ -34,8 +37,11 @@ def crop_bottom(png: Path) -> None:
     a = np.asarray(img)[: img.height - 200, int(img.width * 0.2): int(img.width * 0.8)]  # content column, no footer
     background = a[-1, a.shape[1] // 2]
     rows = np.nonzero((np.abs(a.astype(int) - background).sum(axis=2) > 30).any(axis=1))[0]
+    if len(rows) and rows[-1] >= a.shape[0] - 5:
+        return False
     if len(rows):
         img.crop((0, 0, img.width, min(img.height, rows[-1] + 40))).save(png)
+    return True
 
 
 def main(argv: list[str]) -> None:
@@ -52,11 +58,15 @@ def main(argv: list[str]) -> None:
         for label, width in WIDTHS.items():
             name = "-".join(page.relative_to(html_dir).with_suffix("").parts)
             png = out_dir / f"{name}-{label}.png"
-            cmd = [browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                   "--force-device-scale-factor=1", f"--window-size={width},{HEIGHT}",
-                   "--virtual-time-budget=8000", f"--screenshot={png}", page.as_uri()]
-            subprocess.run(cmd, check=True, capture_output=True, timeout=180)
-            crop_bottom(png)
+            height = HEIGHT
+            while True:
+                cmd = [browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                       "--force-device-scale-factor=1", f"--window-size={width},{height}",
+                       "--virtual-time-budget=8000", f"--screenshot={png}", page.as_uri()]
+                subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+                if crop_bottom(png) or height >= MAX_HEIGHT:
+                    break
+                height *= 2
             print(png)
 
 
