@@ -28,6 +28,11 @@ caches (one forward pass over the demonstrations) is timed separately, with the 
 pays for itself. The ceiling is the token-count ratio (L_demo + L_x) / L_x of Table 6: what the speed-up would be if
 time were proportional to the tokens a forward pass processes.
 
+``--device cuda`` (``cuda:1``, ``mps``, ...) times every benchmark on that device instead of the CPU: the model is
+moved there, the device is synchronised before every clock reading (a GPU's kernels run asynchronously), and the CPU's
+threads are left as they are (on the CPU the benchmarks run on one thread). Sizes (``--n``, ``--reps``,
+``--batch-sizes``, ...) must be at least 1.
+
 The shots sweep repeats the measurement with 1, 2, 4, 8, 16 demonstrations per class (where the context allows) on
 the chosen sweep tasks, with the cache memory of both caches. The output is a small JSON file under
 ``results/compression-bench/`` that the chapter reads.
@@ -46,7 +51,7 @@ import numpy as np
 import torch
 
 from ..experiments.compression import anchor_positions, demonstration_split
-from ..core.models import DEFAULT_MODEL, load_model
+from ..core.models import DEFAULT_MODEL, load_model, synchronize
 from ..core.prefix import build_prefix, suffix_logits
 from ..core.prompts import collate, target_logits
 from ..core.runs import bench_file, make_prompts, write_json
@@ -55,10 +60,21 @@ from ..core.tasks import TASKS, load_task
 MODES = ("full", "anchor", "prefix")
 
 
-def _time(fn) -> float:
+def _time(fn, device="cpu") -> float:
+    """Seconds ``fn`` takes, its work on ``device`` finished (see :func:`helpers.core.models.synchronize`)."""
+    synchronize(device)
     t0 = time.perf_counter()
     fn()
+    synchronize(device)
     return time.perf_counter() - t0
+
+
+def load_for_bench(model: str, device=None):
+    """The model on ``device`` (default: the CPU), timed with one CPU thread when it runs on the CPU (as every
+    committed benchmark; a GPU's speed does not depend on the CPU's threads, which are then left as they are)."""
+    if torch.device(device or "cpu").type == "cpu":
+        torch.set_num_threads(1)
+    return load_model(model, device=device)
 
 
 def bench_task(lm, data, shots: int, n: int, reps: int, batch_size: int = 1, seed: int = 42) -> dict:
@@ -66,6 +82,7 @@ def bench_task(lm, data, shots: int, n: int, reps: int, batch_size: int = 1, see
     prompts = make_prompts(lm, data, seed, n, shots, per_example=False)
     prefix_ids, suffixes = demonstration_split(prompts)
     model = lm.model
+    device = lm.device
     pad = lm.tokenizer.pad_token_id
     kept = anchor_positions(prompts[0])
 
@@ -77,15 +94,16 @@ def bench_task(lm, data, shots: int, n: int, reps: int, batch_size: int = 1, see
         build()  # warm-up
         build_times = []
         for _ in range(3):
-            t0 = time.perf_counter()
-            full_cache, anchor_cache = build()
-            build_times.append(time.perf_counter() - t0)
+            caches = []
+            build_times.append(_time(lambda: caches.append(build()), device))
+            full_cache, anchor_cache = caches[0]
 
         def run(mode: str, items) -> None:
             for start in range(0, len(items), batch_size):
                 chunk = items[start : start + batch_size]
                 if mode == "full" and batch_size == 1:
-                    model(input_ids=torch.tensor([chunk[0][0].input_ids]), logits_to_keep=1, use_cache=False)
+                    model(input_ids=torch.tensor([chunk[0][0].input_ids], device=device), logits_to_keep=1,
+                          use_cache=False)
                 elif mode == "full":
                     target_logits(model, collate([p for p, _ in chunk], pad))
                 else:
@@ -98,7 +116,7 @@ def bench_task(lm, data, shots: int, n: int, reps: int, batch_size: int = 1, see
         for r in range(reps):
             order = MODES[r % 3 :] + MODES[: r % 3]
             for mode in order:
-                times[mode].append(_time(lambda: run(mode, items)))
+                times[mode].append(_time(lambda: run(mode, items), device))
 
     ratios = {
         "full/anchor": [f / a for f, a in zip(times["full"], times["anchor"])],
@@ -135,11 +153,11 @@ def bench_task(lm, data, shots: int, n: int, reps: int, batch_size: int = 1, see
 
 
 def bench_compression(model: str, tasks, n: int, reps: int, sweep_tasks, sweep_shots, sweep_n: int,
-                      sweep_reps: int, out: Path, batch_sizes=(1, 8)) -> dict:
-    torch.set_num_threads(1)
-    lm = load_model(model)
+                      sweep_reps: int, out: Path, batch_sizes=(1, 8), device=None) -> dict:
+    lm = load_for_bench(model, device)
     result = {
         "model": model,
+        "device": str(lm.device),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "machine": platform.machine(),
@@ -174,32 +192,37 @@ def bench_compression(model: str, tasks, n: int, reps: int, sweep_tasks, sweep_s
     return result
 
 
-def forward_cost(model: str, lengths=(1, 4, 16, 64, 256), reps: int = 5, out: Path | None = None) -> dict:
+def forward_cost(model: str, lengths=(1, 4, 16, 64, 256), reps: int = 5, out: Path | None = None,
+                 device=None) -> dict:
     """Time of one forward pass (batch 1, next-token logits at the last position only) against its length T,
     repetitions interleaved over the lengths, fitted as a + b·T by least squares on the medians.
 
     ``a / b`` is the fixed cost of a pass in "token equivalents": with it, the best speed-up a query over a short
     cache can reach is (a + b·L_full) / (a + b·L_x), not L_full / L_x.
     """
-    torch.set_num_threads(1)
-    lm = load_model(model)
-    g = torch.Generator().manual_seed(0)
-    ids = {t: torch.randint(100, 1000, (1, t), generator=g) for t in lengths}
+    lm = load_for_bench(model, device)
+    result = {"model": model, "device": str(lm.device), **forward_times(lm, lengths, reps)}
+    if out is not None:
+        write_json(out, result)
+    return result
+
+
+def forward_times(lm, lengths=(1, 4, 16, 64, 256), reps: int = 5) -> dict:
+    """:func:`forward_cost`'s measurement on a loaded model: the times per length and the fit."""
+    g = torch.Generator().manual_seed(0)  # the same ids on every device: drawn on the CPU, then moved
+    ids = {t: torch.randint(100, 1000, (1, t), generator=g).to(lm.device) for t in lengths}
     times: dict[int, list[float]] = {t: [] for t in lengths}
     with torch.no_grad():
         for t in lengths:  # warm-up
             lm.model(input_ids=ids[t], logits_to_keep=1, use_cache=False)
         for r in range(reps):
             for t in (lengths if r % 2 == 0 else lengths[::-1]):
-                times[t].append(_time(lambda: lm.model(input_ids=ids[t], logits_to_keep=1, use_cache=False)))
+                times[t].append(_time(lambda: lm.model(input_ids=ids[t], logits_to_keep=1, use_cache=False),
+                                      lm.device))
     med = np.array([statistics.median(times[t]) for t in lengths])
     b, a = np.polyfit(np.array(lengths, dtype=float), med, 1)
-    result = {"model": model, "lengths": list(lengths), "times_s": {str(t): v for t, v in times.items()},
-              "median_s": med.tolist(), "fixed_s": float(a), "per_token_s": float(b),
-              "fixed_in_tokens": float(a / b)}
-    if out is not None:
-        write_json(out, result)
-    return result
+    return {"lengths": list(lengths), "times_s": {str(t): v for t, v in times.items()},
+            "median_s": med.tolist(), "fixed_s": float(a), "per_token_s": float(b), "fixed_in_tokens": float(a / b)}
 
 
 def bench_path(model: str, write: bool = False) -> Path:
@@ -208,34 +231,61 @@ def bench_path(model: str, write: bool = False) -> Path:
     return bench_file("compression-bench", model, write)
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _device(text: str) -> str:
+    try:
+        torch.device(text)
+    except (RuntimeError, ValueError) as err:
+        raise argparse.ArgumentTypeError(f"not a torch device: {text!r} ({err})") from None
+    return text
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m helpers.cli.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["speed", "compression", "forward-cost"])
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--device", type=_device, default=None,
+                   help="where the model runs: cpu (the default; timed on one thread), cuda, cuda:1, mps, ...")
+    p.add_argument("--tasks", nargs="*", default=list(TASKS))
+    p.add_argument("--n", type=_positive, default=16, help="test examples per task")
+    p.add_argument("--reps", type=_positive, default=5, help="timed repetitions (a warm-up is excluded)")
+    p.add_argument("--batch-sizes", type=_positive, nargs="+", default=[1, 8])
+    p.add_argument("--sweep-tasks", nargs="*", default=["sst2"])
+    p.add_argument("--sweep-shots", type=_positive, nargs="*", default=[1, 2, 4, 8, 16])
+    p.add_argument("--sweep-n", type=_positive, default=8)
+    p.add_argument("--sweep-reps", type=_positive, default=3)
+    p.add_argument("--out", type=Path, default=None)
+    return p
+
+
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["speed", "compression", "forward-cost"])
-    parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--tasks", nargs="*", default=list(TASKS))
-    parser.add_argument("--n", type=int, default=16, help="test examples per task")
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--batch-sizes", type=int, nargs="*", default=[1, 8])
-    parser.add_argument("--sweep-tasks", nargs="*", default=["sst2"])
-    parser.add_argument("--sweep-shots", type=int, nargs="*", default=[1, 2, 4, 8, 16])
-    parser.add_argument("--sweep-n", type=int, default=8)
-    parser.add_argument("--sweep-reps", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
     if args.what == "speed":
         from .speed import bench_speed, speed_path
 
         tasks = args.tasks if args.tasks != list(TASKS) else ["sst2", "agnews"]
-        bench_speed(args.model, tasks, n=args.n, reps=args.reps, out=args.out or speed_path(args.model, write=True))
+        bench_speed(args.model, tasks, n=args.n, reps=args.reps, out=args.out or speed_path(args.model, write=True),
+                    device=args.device)
         return
     if args.what == "forward-cost":
         path = args.out or bench_path(args.model, write=True).with_name(f"{args.model.replace('/', '--')}-forward-cost.json")
-        r = forward_cost(args.model, reps=args.reps, out=path)
+        r = forward_cost(args.model, reps=args.reps, out=path, device=args.device)
         print(f"fixed {r['fixed_s']:.3f} s + {r['per_token_s'] * 1e3:.2f} ms/token "
               f"(fixed = {r['fixed_in_tokens']:.0f} tokens)")
         return
     bench_compression(args.model, args.tasks, args.n, args.reps, args.sweep_tasks, args.sweep_shots, args.sweep_n,
-                      args.sweep_reps, args.out or bench_path(args.model, write=True), tuple(args.batch_sizes))
+                      args.sweep_reps, args.out or bench_path(args.model, write=True), tuple(args.batch_sizes),
+                      device=args.device)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _device(text: str) -> str:
+    import torch
+
+    try:
+        torch.device(text)
+    except (RuntimeError, ValueError) as err:
+        raise argparse.ArgumentTypeError(f"not a torch device: {text!r} ({err})") from None
+    return text
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m helpers.cli.compute", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -40,6 +50,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="only these of the experiment's seeds (runs are per seed, so processes can split the work)")
     p.add_argument("--threads", type=_positive, default=None)
+    p.add_argument("--device", type=_device, default=None,
+                   help="where the model runs: cpu (the default), cuda, cuda:1, mps, ... (the device type is part of "
+                        "every result's key: the committed results are CPU results)")
     p.add_argument("--into-committed", action="store_true",
                    help="write into the repository's committed results/ (maintainers refreshing the book)")
     p.add_argument("--dry-run", action="store_true", help="list what is missing; compute nothing, load no model")
@@ -93,7 +106,7 @@ def main(argv=None) -> None:
     from ..core.tasks import load_task
 
     datas = {task: load_task(task) for task in args.tasks}  # checked before the model loads
-    key = ModelKey.of(model_name) if model_name in _offline() else None
+    key = ModelKey.of(model_name, device=args.device or "cpu") if model_name in _offline() else None
     if key is not None:  # what is already cached (no model needed to know it)
         todo = [w for w in work if w[0].missing(key, datas[w[3]], w[1], w[2])]
     else:
@@ -110,7 +123,7 @@ def main(argv=None) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    lm = load_model(model_name)
+    lm = load_model(model_name, device=args.device)
     bar = tqdm(todo, desc="compute", unit="run")
     for exp, config, seed, task in bar:
         bar.set_postfix_str(f"{exp.name} {task} seed {seed}")

@@ -20,7 +20,7 @@ from ..experiments.aggregation import KS, RANDOM_KS
 from ..core.attention import Saliency, intervene
 from ..experiments.extraction import label_attention
 from ..experiments.isolation import run_isolation
-from ..core.models import load_model
+from ..core.models import load_model, synchronize
 from ..core.prompts import collate, label_head, label_token_ids, target_logits
 from ..core.runs import bench_file, make_prompts, write_json
 from ..core.saliency import flow_measures, saliency_flow
@@ -44,9 +44,9 @@ def old_saliency_flow(lm, task, prompts, batch_size: int = 4) -> np.ndarray:
         hook = Saliency()
         with torch.enable_grad(), intervene(hook):
             logits = target_logits(lm.model, batch)[:, ids]
-            loss = F.cross_entropy(logits.float(), batch.labels, reduction="sum")
+            loss = F.cross_entropy(logits.float(), batch.labels.to(logits.device), reduction="sum")
         loss.backward()
-        mats = hook.per_layer().sum(dim=2).abs().float()
+        mats = hook.per_layer().sum(dim=2).abs().float().cpu()
         for b, p in enumerate(chunk):
             out.append(flow_measures(mats[:, b, : len(p), : len(p)], p))
     return np.stack(out)
@@ -59,7 +59,7 @@ def _forward_floor(lm, prompts) -> None:
     identical), which saves the benchmark a third of its time."""
     with torch.no_grad():
         for p in prompts:
-            lm.model(input_ids=torch.tensor([p.input_ids]), logits_to_keep=1, use_cache=False)
+            lm.model(input_ids=torch.tensor([p.input_ids], device=lm.device), logits_to_keep=1, use_cache=False)
 
 
 def _gradient_floor(lm, task, prompts) -> None:
@@ -67,21 +67,26 @@ def _gradient_floor(lm, task, prompts) -> None:
     ids = list(label_token_ids(task, lm.tokenizer))
     emb = lm.model.get_input_embeddings()
     for p in prompts:
-        x = emb(torch.tensor([p.input_ids])).detach().requires_grad_()
+        x = emb(torch.tensor([p.input_ids], device=emb.weight.device)).detach().requires_grad_()
         with torch.enable_grad():
             hidden = lm.model.base_model(inputs_embeds=x, use_cache=False).last_hidden_state[:, -1]
-            loss = F.cross_entropy(label_head(lm.model, hidden, ids), torch.tensor([p.label]))
+            logits = label_head(lm.model, hidden, ids)
+            loss = F.cross_entropy(logits, torch.tensor([p.label], device=logits.device))
         loss.backward()
 
 
-def _time(fn) -> float:
+def _time(fn, device="cpu") -> float:
+    """Seconds ``fn`` takes, its work on ``device`` finished (see :func:`helpers.core.models.synchronize`)."""
+    synchronize(device)
     t0 = time.perf_counter()
     fn()
+    synchronize(device)
     return time.perf_counter() - t0
 
 
-def _interleaved(modes: dict, reps: int) -> dict[str, list[float]]:
-    """Each mode once as warm-up (excluded), then ``reps`` rounds, the order rotating every round."""
+def _interleaved(modes: dict, reps: int, device="cpu") -> dict[str, list[float]]:
+    """Each mode once as warm-up (excluded), then ``reps`` rounds, the order rotating every round; each time taken
+    with ``device``'s work finished (:func:`_time`)."""
     names = list(modes)
     for name in names:
         modes[name]()
@@ -89,7 +94,7 @@ def _interleaved(modes: dict, reps: int) -> dict[str, list[float]]:
     for r in range(reps):
         order = names[r % len(names):] + names[: r % len(names)]
         for name in order:
-            times[name].append(_time(modes[name]))
+            times[name].append(_time(modes[name], device))
     return times
 
 
@@ -123,7 +128,7 @@ def bench_task(lm, data, n: int, reps: int, seed: int = 42) -> dict:
         "old": lambda: res.__setitem__("old", run_isolation(lm, task, fixed, shared_prefix=False, **iso_kw)),
         "floor": lambda: _forward_floor(lm, fixed),  # one pass per prompt; the floor is n_conditions of them
     }
-    t = _interleaved(modes, reps)
+    t = _interleaved(modes, reps, lm.device)
     t["floor"] = [x * n_conditions for x in t["floor"]]
     same = all(np.array_equal(res["new"][k], res["old"][k]) for k in res["old"] if k != "shared_prefix")
     out["isolation"] = {**_summary(t, n), "old/new": _ratio(t, "old", "new"), "new/floor": _ratio(t, "new", "floor"),
@@ -136,7 +141,7 @@ def bench_task(lm, data, n: int, reps: int, seed: int = 42) -> dict:
                                                               shared_prefix=False)),
         "floor": lambda: _forward_floor(lm, fixed),
     }
-    t = _interleaved(modes, reps)
+    t = _interleaved(modes, reps, lm.device)
     out["extraction"] = {**_summary(t, n), "old/new": _ratio(t, "old", "new"), "new/floor": _ratio(t, "new", "floor"),
                          "old/floor": _ratio(t, "old", "floor"),
                          "attention_max_rel_diff": _max_rel(res["new"]["attention"], res["old"]["attention"]),
@@ -148,7 +153,7 @@ def bench_task(lm, data, n: int, reps: int, seed: int = 42) -> dict:
         "old": lambda: res.__setitem__("old", old_saliency_flow(lm, task, own, batch_size=4)),
         "floor": lambda: _gradient_floor(lm, task, own),
     }
-    t = _interleaved(modes, reps)
+    t = _interleaved(modes, reps, lm.device)
     out["saliency"] = {**_summary(t, n), "old/new": _ratio(t, "old", "new"), "new/floor": _ratio(t, "new", "floor"),
                        "new-batch1/floor": _ratio(t, "new-batch1", "floor"), "old/floor": _ratio(t, "old", "floor"),
                        "flows_max_rel_diff": _max_rel(res["new"], res["old"])}
@@ -159,11 +164,11 @@ def speed_path(model: str, write: bool = False) -> Path:
     return bench_file("speed-bench", model, write)
 
 
-def bench_speed(model: str, tasks, n: int, reps: int, out: Path) -> dict:
-
-    torch.set_num_threads(1)
-    lm = load_model(model)
-    result = {"model": model, "threads": torch.get_num_threads(), "torch": torch.__version__,
+def bench_speed(model: str, tasks, n: int, reps: int, out: Path, device=None) -> dict:
+    if torch.device(device or "cpu").type == "cpu":  # one CPU thread, as every committed run; not on a GPU
+        torch.set_num_threads(1)
+    lm = load_model(model, device=device)
+    result = {"model": model, "device": str(lm.device), "threads": torch.get_num_threads(), "torch": torch.__version__,
               "machine": platform.machine(), "cpu_count": os.cpu_count(),
               "note": "CPU shared with other processes; ratios within one process, modes interleaved",
               "targets": {f"{e}/{t}": v for (e, t), v in TARGETS.items()},

@@ -164,6 +164,14 @@ def enable(model: nn.Module, implementation: str = NAME) -> nn.Module:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def _stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack`` of per-layer tensors, each moved to the first one's device (a no-op on one device)."""
+    if not tensors:
+        return torch.stack(tensors)  # torch's own error
+    device = tensors[0].device
+    return torch.stack([t.to(device) for t in tensors])
+
+
 class Hook:
     """Base class: acts on the layers in ``layers`` (``None`` = every layer). Subclasses override one method."""
 
@@ -206,8 +214,9 @@ class Record(Hook):
         return probs
 
     def stacked(self) -> torch.Tensor:
-        """All recorded layers in order, stacked: (L, B, H, T or K, S)."""
-        return torch.stack([self.attentions[k] for k in sorted(self.attentions)])
+        """All recorded layers in order, stacked: (L, B, H, T or K, S), on the first layer's device (layers on other
+        devices, a model split over several, are moved there)."""
+        return _stack([self.attentions[k] for k in sorted(self.attentions)])
 
 
 PositionsPerExample = Sequence[Sequence[int]]
@@ -373,7 +382,7 @@ class Saliency(Hook):
         missing = [k for k, v in self.ones.items() if v.grad is None]
         if missing or not self.ones:
             raise RuntimeError("no gradient reached the attention: call loss.backward() after the forward pass")
-        return torch.stack([self.ones[k].grad for k in sorted(self.ones)])
+        return _stack([self.ones[k].grad for k in sorted(self.ones)])  # on the first hooked layer's device
 
 
 class RecordQK(Hook):

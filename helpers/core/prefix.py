@@ -168,8 +168,8 @@ def build_prefix(model, input_ids: Sequence[int], hooks: Sequence = (), start: P
 
 
 def _output_device(model) -> torch.device:
-    """Where the final hidden states are: the device of the base model's last parameter (its final norm), the model's
-    device unless the model is split over several (``device_map``)."""
+    """Where the final hidden states are: the device of the base model's last parameter (its final norm); the
+    model's device unless the model is split over several (``device_map``)."""
     last = None
     for last in model.base_model.parameters():
         pass
@@ -250,15 +250,24 @@ def suffix_logits(
         # the last layer's device: the first one's, or another where the model is split over devices
         rows = hidden[torch.arange(b, device=hidden.device), last[:, 0].to(hidden.device)]
         return check_finite_logits(label_head(model, rows, label_ids), model)
-    out = model(
-        input_ids=ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        past_key_values=cache,
-        use_cache=True,
-        logits_to_keep=last.to(_output_device(model)),  # it indexes the final hidden states, where they are
-    )
-    return check_finite_logits(out.logits[:, 0, :], model)
+    if _output_device(model) == device:
+        out = model(
+            input_ids=ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=last,
+        )
+        return check_finite_logits(out.logits[:, 0, :], model)
+    # A model split over devices (device_map): its top-level hook moves every tensor argument to the first device,
+    # but logits_to_keep indexes the final hidden states, on the last one. Keep the last k positions (an int, not
+    # moved) and take each row's own.
+    k = t - int(last.min())
+    logits = model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids, past_key_values=cache,
+                   use_cache=True, logits_to_keep=k).logits
+    rows = (last[:, 0] - (t - k)).to(logits.device)
+    return check_finite_logits(logits[torch.arange(b, device=logits.device), rows], model)
 
 
 def key_positions(prefix: PrefixCache, layer: int, suffix_length: int) -> torch.Tensor:
