@@ -221,6 +221,9 @@ def _run(func, args, kwargs):
         if not isinstance(x, torch.Tensor):
             return x
         if isinstance(first, OnDevice) and x is first.elem:  # in-place: the same tensor back
+            if (first.shape, first.stride(), first.storage_offset()) != (x.shape, x.stride(), x.storage_offset()):
+                with torch._C._DisableTorchDispatch():  # squeeze_, t_, resize_, ...: the wrapper's shape follows
+                    first.as_strided_(x.shape, x.stride(), x.storage_offset())
             return first
         return OnDevice(x, here)
 

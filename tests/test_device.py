@@ -130,6 +130,8 @@ def test_fake_devices_enforce_eager_device_rules():
         y[:2] = torch.tensor([7, 8])  # a copy between devices
         assert y.cpu().numpy().tolist() == [7, 8, 0, 0, 0] and int(y.sum().item()) == 15
         assert x.nonzero().flatten().tolist() == [1, 2, 3, 4]
+        w = torch.ones(3, 4, device=GPU)
+        assert (torch.ones(4, device=GPU) @ w.T).shape == (3,)  # matmul's in-place squeeze_ keeps the shapes right
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3"])
@@ -247,6 +249,33 @@ def test_tuning_on_a_device(tokenizer, sst2):
         return out
 
     _both("gemma3", tokenizer, run)
+
+
+def test_training_on_a_device(tokenizer, sst2):
+    """What tuning and re-weighting train (one epoch on two prompts): beta, a soft prompt, a prefix, PEZ. Equal to
+    the CPU's to float rounding (the backward pass runs on the device's autograd thread, see
+    :func:`test_saliency_on_a_device`)."""
+    from helpers.experiments import tuning as tu
+    from helpers.experiments.reweighting import TrainConfig, class_positions, train_beta
+
+    config = TrainConfig(epochs=1)
+
+    def run(lm):
+        prompts = _prompts(lm, sst2, n=2)
+        return {"anchor": train_beta(lm, sst2.task, prompts, lambda p: class_positions(p, 2), 42, config),
+                "prompt": tu.train_soft(lm, sst2.task, prompts, 2, 42, config),
+                "prefix": tu.train_prefix(lm, sst2.task, prompts, 2, 42, config),
+                "pez": tu.train_pez(lm, sst2.task, prompts, 2, 42, config)}
+
+    on_cpu = run(_lm("gemma3", tokenizer))
+    with FakeDevices():
+        on_device = run(_on_device(_lm("gemma3", tokenizer)))
+    for method, trained in on_cpu.items():
+        for key, value in trained.items():
+            got = on_device[method][key]
+            assert isinstance(got, np.ndarray), (method, key)
+            if not key.endswith("_s"):  # not the times
+                np.testing.assert_allclose(got, value, rtol=1e-4, atol=1e-6, err_msg=f"{method} {key}")
 
 
 # --------------------------------------------------------------------------------------------------------------------
