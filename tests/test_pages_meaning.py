@@ -9,8 +9,6 @@ committed results (the first book model on SST-2), whose numbers must be those o
 from __future__ import annotations
 
 import io
-import json
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -33,7 +31,6 @@ GOLD = {"sst2": np.array([0, 1, 0, 1, 0, 1]), "trec": np.arange(6), "emoc": np.a
 # and 2/6 follow the flip; abstract always " A" (one class); random all right.
 SST2_PRED = {"natural": [0, 1, 0, 1, 1, 0], "flipped": [0, 1, 1, 0, 1, 0], "abstract": [0] * 6,
              "random": [0, 1, 0, 1, 0, 1]}
-REFERENCE = Path(__file__).parent / "data" / "glued_values.json"
 
 
 def _attention(task: str, regime: str) -> dict[str, np.ndarray]:
@@ -78,9 +75,13 @@ def _runs(model: str) -> dict:
     return out
 
 
+def res_of() -> page.MeaningResults:
+    return page.MeaningResults({m: _runs(m) for m in SCOPES}, SCOPES, CONFIG)
+
+
 @pytest.fixture(scope="module")
 def res() -> page.MeaningResults:
-    return page.MeaningResults({m: _runs(m) for m in SCOPES}, SCOPES, CONFIG)
+    return res_of()
 
 
 @pytest.fixture
@@ -286,6 +287,8 @@ def test_f2_values_and_table(res):
     assert v["f2_shots1"] == SEVERAL_SHOTS and v["f2_shots2"] == 1
     assert v["f2_acc1"].startswith("50.0 [") and v["f2_classes1"] == 1 and type(v["f2_classes1"]) is int
     assert v["f2_first1"].startswith("100 [") and v["f2_last2"].startswith("100 [")
+    assert v["f2_igap1"].startswith("0 [") and v["f2_igap_seeds1"] == "0 / 0"  # abstract: isolation changes nothing
+    assert v["f2_answers_a1"] == "6 / 6 of 6" and v["f2_answers_a2"] == "6 of 6"  # " A" for every example
     df = page.f2_table(res).data
     assert list(df.index) == ["paper, LLaMA-33B, 8 per class", "model-a, 4 per class (n = 6 × 2)",
                               "model-b, 1 per class (n = 6 × 1)"]
@@ -299,10 +302,24 @@ def test_verdict_values(res):
     assert v["verdict1_natural"] == "(reference)"
     assert v["holding1_natural"] == "shallow isolation, deep flow, deep AUCROC"
     assert v["verdict1_random"] == "position" and v["verdict1_flipped"] == "position"
-    assert v["verdict1_abstract"] == "inconclusive (one class predicted on SST-2)"
+    # abstract labels at chance (50.0% on SST-2, one class): no mapping to anchor, the verdict page's word
+    assert v["verdict1_abstract"] == "not testable on this model (SST-2 accuracy at chance; one class predicted)"
+    assert v["verdict2_abstract"].startswith("not testable on this model (")
     assert v["holding1_abstract"] == "deep flow, deep AUCROC"  # nothing for isolation to change
     assert v["holding2_random"] == "shallow isolation, deep AUCROC"  # S_pq never ahead on model-b
     assert v["verdict2_random"] == "inconclusive"
+
+
+def test_abstract_labels_above_chance_get_the_signature_verdict(monkeypatch):
+    """Only where the letters work (SST-2 accuracy above chance) do the signatures decide the abstract verdict."""
+    assert res_of().at_chance("model-a", "abstract") and not res_of().at_chance("model-a", "random")
+    monkeypatch.setitem(SST2_PRED, "abstract", list(GOLD["sst2"]))  # every review right, both classes
+    working = res_of()
+    assert not working.at_chance("model-a", "abstract")
+    # the deep flow and AUCROC hold, shallow isolation does not (nothing changes when the first layers are cut)
+    assert working.holding("model-a", "abstract") == "deep flow, deep AUCROC"
+    assert working.verdicts["model-a", "abstract"] == "inconclusive"
+    assert working.verdicts["model-a", "flipped"] == "position"  # a regime with meaning is never "not testable"
 
 
 def test_summary_table(res):
@@ -318,6 +335,8 @@ def test_summary_table(res):
     assert b[f"{SEVERAL_SHOTS} per class"] == "not run"
     assert a[f"label loyalty, first {K} / last {K}"].startswith("17 [")
     assert a["verdict"] == "position" and b["verdict"] == "inconclusive"
+    assert df.loc[("model-a", "abstract"), "verdict"].startswith("not testable on this model")
+    assert "'not testable on this model': abstract labels whose SST-2 accuracy is not above chance" in styler.caption
     assert "deep AUCROC (3 tasks)" in df.columns
     assert styler.caption.endswith("examples × 2 seeds; model-b × 1 seed(s).")
 
@@ -327,9 +346,23 @@ def test_summary_table(res):
 # --------------------------------------------------------------------------------------------------------------------
 
 
+# The published chapter's numbers for Gemma 3 270M on SST-2, one demonstration per class (seeds 42, 43, 44; intervals
+# from the hierarchical bootstrap over seeds, then examples).
+BOOK_SST2 = {
+    "acc1_sst2_natural": "72.9 [55.2, 89.6]", "acc1_sst2_abstract": "42.7 [33.3, 53.1]",
+    "acc1_sst2_flipped": "59.4 [47.9, 69.8]", "acc1_sst2_random": "84.4 [76.0, 91.7]",
+    "follow1_sst2": "40.6 [30.2, 52.1]", "abstract_classes1": 1,
+    "first1_natural_1": "62 [46, 79]", "first1_abstract_1": "100 [100, 100]", "first1_flipped_1": "81 [65, 94]",
+    "first1_random_1": "75 [60, 88]", "last1_natural_1": "90 [79, 98]", "last1_abstract_1": "100 [100, 100]",
+    "last1_flipped_1": "98 [92, 100]", "last1_random_1": "92 [83, 98]", "igap1_natural_1": "27 [12, 46]",
+    "igap1_abstract_1": "0 [0, 0]", "igap1_flipped_1": "17 [4, 31]", "igap1_random_1": "17 [4, 31]",
+    "cross1_natural_1": "6", "cross1_abstract_1": "6", "cross1_flipped_1": "6", "cross1_random_1": "6"}
+
+
 def test_committed_sst2_slice_gives_the_books_numbers(data_dir):
     """The first book model on SST-2, one demonstration per class, read from the committed results: its accuracies,
-    loyalties and crossover layers are the values the published chapter glues."""
+    loyalties and crossover layers are the values the published chapter glues (pinned in :data:`BOOK_SST2`), and
+    abstract labels are at chance there, so their verdict is "not testable on this model"."""
     from helpers import load_task
     from helpers.core.runs import ModelKey
     from helpers.experiments import meaning
@@ -347,8 +380,8 @@ def test_committed_sst2_slice_gives_the_books_numbers(data_dir):
             runs[kind]["sst2", r, 1] = got
     res = page.MeaningResults({model: runs}, {model: scope}, config)
     ours = {**page.accuracy_values(res), **page.isolation_values(res), **page.crossover_values(res)}
-    book = {k.split(":", 1)[1]: v for k, v in json.loads(REFERENCE.read_text()).items()
-            if k.startswith("meaningless-labels:")}
     names = [f"{what}1_sst2_{r}" for what in ("acc",) for r in REGIMES] + ["follow1_sst2", "abstract_classes1"]
     names += [f"{what}1_{r}_1" for what in ("first", "last", "igap", "cross") for r in REGIMES]
-    assert {n: repr(ours[n]) for n in names} == {n: book[n] for n in names}  # the glued text/plain form
+    assert {n: ours[n] for n in names} == BOOK_SST2
+    assert res.at_chance(model, "abstract") and not res.at_chance(model, "natural")
+    assert res.verdicts[model, "abstract"].startswith("not testable on this model")

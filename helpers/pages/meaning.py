@@ -19,6 +19,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from ..core.findings import NOT_TESTABLE
 from ..core.tasks import TASKS, TaskData, sample_fixed_demonstrations
 from ..experiments import meaning
 from ..experiments.aggregation import flow_gap_estimate, gap_over_layers
@@ -29,11 +30,14 @@ from . import plots
 __all__ = ["REGIME_COLORS", "MeaningResults", "words_table", "example_prompts", "size_values", "accuracy_figure",
            "accuracy_table", "accuracy_values", "flow_figure", "crossover_table", "crossover_values",
            "isolation_figure", "isolation_table", "isolation_values", "auc_figure", "auc_table", "deep_auc_values",
-           "f2_table", "f2_values", "summary_table", "verdict_values"]
+           "f2_table", "f2_values", "summary_table", "verdict_values", "NEEDS_MAPPING"]
 
 REGIME_COLORS = {"natural": "#222222", "abstract": "#1f77b4", "flipped": "#d62728", "random": "#2ca02c"}
 FOLLOWS = "follows flip"  # the key of :func:`helpers.experiments.meaning.agreement_estimates` for flipped labels
 FOLLOWS_COLUMN = "flipped: follows the flip"
+# Regimes whose label words carry no meaning: only an in-context mapping can make them work, so their verdict needs
+# one ("not testable on this model" when the SST-2 accuracy's 95% interval is not above chance, as on the verdict page).
+NEEDS_MAPPING = ("abstract",)
 
 
 @dataclass(eq=False)
@@ -149,15 +153,25 @@ class MeaningResults:
                 out[m, r] = sig
         return out
 
+    def at_chance(self, model: str, regime: str, shots: int = 1) -> bool:
+        """Whether the SST-2 accuracy's 95% interval fails to lie above chance (50%)."""
+        return not self.acc[model, "sst2", regime, shots]["accuracy"].low > 100 / TASKS["sst2"].n_classes
+
     @cached_property
     def verdicts(self) -> dict:
-        """``{(model, regime): verdict}`` (``"(reference)"`` for the natural words)."""
+        """``{(model, regime): verdict}`` (``"(reference)"`` for the natural words). A regime of
+        :data:`NEEDS_MAPPING` whose SST-2 accuracy is at chance is ``"not testable on this model"``: with no working
+        mapping there is nothing for the label words to anchor."""
         out = {}
         for m in self.models:
             for r in REGIMES:
                 one_class = self.predicted_classes(m, "sst2", r, pooled=True) == 1  # one class in every seed
                 if r == "natural":
                     out[m, r] = "(reference)"
+                    continue
+                why = ["one class predicted"] if one_class else []
+                if r in NEEDS_MAPPING and self.at_chance(m, r):
+                    out[m, r] = f"{NOT_TESTABLE} ({'; '.join(['SST-2 accuracy at chance'] + why)})"
                     continue
                 out[m, r] = meaning.verdict(self.signatures[m, r], self.signatures[m, "natural"], one_class)
                 if one_class:
@@ -561,18 +575,23 @@ def f2_table(res: MeaningResults):
 def f2_values(res: MeaningResults) -> dict:
     """Per model, abstract labels on SST-2 with the most demonstrations per class it ran: ``f2_shots1``,
     ``f2_acc1`` (accuracy, %), ``f2_first1`` / ``f2_last1`` (label loyalty after isolating the first / last k
-    layers, %), ``f2_classes1`` (classes predicted, seeds pooled).
+    layers, %), ``f2_igap1`` (last minus first, points) and ``f2_igap_seeds1`` (per seed), ``f2_classes1`` (classes
+    predicted, seeds pooled), ``f2_answers_a1`` (per seed, how many examples get " A").
 
     Used in: Anchors without meaning."""
     out = {}
     for m in res.models:
         key, s = res.key(m), _f2_shots(res, m)
-        lo = res.loy[m, "sst2", "abstract", s]
+        lo, gap = res.loy[m, "sst2", "abstract", s], res.igap[m, "sst2", "abstract", s]
+        preds = [r["pred"] for r in res.runs[m]["attention"]["sst2", "abstract", s]]
         out[f"f2_shots{key}"] = s
         out[f"f2_acc{key}"] = res.acc[m, "sst2", "abstract", s]["accuracy"].fmt(1)
         out[f"f2_first{key}"] = lo["first"].fmt(0)
         out[f"f2_last{key}"] = lo["last"].fmt(0)
+        out[f"f2_igap{key}"] = gap.fmt(0)
+        out[f"f2_igap_seeds{key}"] = " / ".join(f"{v:.0f}" for v in gap.seed_values)
         out[f"f2_classes{key}"] = res.predicted_classes(m, "sst2", "abstract", s, pooled=True)
+        out[f"f2_answers_a{key}"] = " / ".join(str(int(np.sum(p == 0))) for p in preds) + f" of {len(preds[0])}"
     return out
 
 
@@ -614,13 +633,15 @@ def summary_table(res: MeaningResults):
     return pd.DataFrame(rows).set_index(["model", "regime"]).style.set_caption(
         f"Per regime and model: SST-2 accuracy (for flipped labels also agreement with the flipped mapping), the "
         f"crossover layer of the saliency flow, label loyalty after isolation (SST-2, one per class), deep AUCROC "
-        f"(mean of the four tasks), the signatures whose 95% interval lies on the anchor side, and the verdict. "
+        f"(mean of the four tasks), the signatures whose 95% interval lies on the anchor side, and the verdict "
+        f"('{NOT_TESTABLE}': abstract labels whose SST-2 accuracy is not above chance). "
         f"n: {models[0]} {config.n_test} (accuracy, AUCROC), {config.n_test_isolation} (isolation), "
         f"{config.n_test_saliency} (saliency) examples × {len(res.scopes[models[0]].seeds)} seeds{seeds}.")
 
 
 def verdict_values(res: MeaningResults) -> dict:
-    """``verdict1_<regime>`` (position, meaning, inconclusive or ``(reference)`` for the natural words) and
+    """``verdict1_<regime>`` (position, meaning, inconclusive, not testable on this model, or ``(reference)`` for the
+    natural words) and
     ``holding1_<regime>`` (the signatures that hold).
 
     Used in: Anchors without meaning."""

@@ -34,6 +34,9 @@ COLORS = {"prompt": "tab:blue", "prefix": "tab:orange", "pez": "tab:green", "anc
 STYLES = {1: ":", 4: "--", 8: "-.", 16: "-", 0: "-"}  # line style per prompt / prefix length m
 BELOW = {"prompt": True, "prefix": False, "pez": False, "anchor": False}  # first m-label of each kind; then alternating
 CONTEXT = ("prompt", "prefix", "pez")  # the methods that change the context
+FIXED_RATES = ("Each method was trained at one fixed learning rate, with no search and none chosen on held-out "
+               "training data, so these gains compare optimisation settings as well as what each parametrisation can "
+               "do. ")  # said in the "In short" box; the chapter's differences box gives the rates
 
 ByTask = Mapping[str, Mapping[str, Mapping[int, dict]]]  # {task: {method: {seed: result}}}
 
@@ -575,7 +578,8 @@ def _second_values(R2: ByTask | None, floors_of_model: Mapping, order: Sequence[
 
 def _summary_values(R: ByTask, floors_of_model: Mapping, order: Sequence[str], est: _Estimates) -> dict:
     """The "In short" text and the closing summary: the main task (SST-2 where computed), the best context method,
-    the averages over tasks and the theorem in one sentence."""
+    the averages over tasks, that the learning rates were fixed (:data:`FIXED_RATES`) and the theorem in one
+    sentence."""
     main = "sst2" if "sst2" in R else next(iter(R))
     Rm = R[main]
     context = [x for x in order if tu.method_kind(x)[0] in CONTEXT and x in Rm]
@@ -635,7 +639,7 @@ def _summary_values(R: ByTask, floors_of_model: Mapping, order: Sequence[str], e
             f"differ by {d_best.fmt(1)} ({_verdict(d_best)}). ")
     out["closing_table_avg"] = "; ".join(f"{label(x)} ({_params_range(R, x)} parameters): {avg[x][0].fmt(1)}%"
                                          for x in order if x in avg) if avg else "not computed"
-    out["in_short"] = accuracy_text + theorem_text
+    out["in_short"] = accuracy_text + FIXED_RATES + theorem_text
     return out
 
 
