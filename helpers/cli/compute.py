@@ -3,11 +3,14 @@
     python -m helpers.cli.compute aggregation --profile book --model gemma-3-270m                   # the user cache
     python -m helpers.cli.compute all --model gemma-3-270m                                           # every experiment
     python -m helpers.cli.compute aggregation --profile book --model gemma-3-270m --into-committed  # results/ (maintainers)
+    python -m helpers.cli.compute all --model gemma-3-270m --device cuda                             # on a GPU
 
 Every experiment has the same shape (:mod:`helpers.experiments.protocol`): for each seed, for each task, its cached
 ``run`` computes what is missing. A killed run loses at most the result it was computing; the next call resumes.
 Results go to the user cache (``$ANCHORS_RESULTS`` or ``~/.cache/anchors/results``). ``--into-committed`` writes the
 repository's committed ``results/`` instead (a source checkout only), to refresh the book's published numbers.
+``--device`` (``cuda``, ``cuda:1``, ``mps``; default the CPU) is where the model runs; its type is part of every result's
+key, so a GPU run computes its own results (the committed ones are CPU results) and finds them again on a GPU.
 Options an experiment does not use (``--shots`` for diagnosis, ...) are refused, not ignored.
 """
 
