@@ -41,6 +41,7 @@ def _result(correct, n_classes, deep=1.0):
     return {"correct": correct, "test_index": np.arange(n), "gold": gold, "pred": pred,
             "logits": np.eye(n_classes, dtype=np.float32)[pred], "beta": beta,
             "epoch_loss": np.linspace(1.0, 0.5, 10), "loss_start": np.array(1.0), "loss_end": np.array(0.5),
+            "bias": np.zeros(n_classes),
             "train_logits": np.eye(n_classes, dtype=np.float32)[train_gold], "train_gold": train_gold,
             "train_s": np.array(10.0), "eval_s": np.array(2.0), "step_s": np.array(0.1), "naive_step_s": np.array(0.5),
             "train_peak_mb": np.array(2100.0), "eval_peak_mb": np.array(2000.0), "naive_extra_mb": np.array(300.0),
@@ -55,6 +56,23 @@ def _runs():
     classes = {"sst2": 2, "trec": 6}
     return {t: {m: [_result(correct[t].get(m, [0, 0, 1, 0]), classes[t], deep=3.0 if m == "anchor" else 1.0)]
                 for m in METHODS} for t in ("sst2", "trec")}
+
+
+def _prior_runs():
+    """Four tasks, one seed, two classes, four test examples each (gold 0, 1, 0, 1). 1-shot ICL's logits carry a
+    prior of +2 for class 0 (on the test and the training prompts alike), so it predicts 0 everywhere (50%); a bias
+    fitted on the training prompts removes it (100%, as batch calibration does); anchor re-weighting gets 75%, the
+    other methods 25%."""
+    gold = np.array([0, 1, 0, 1])
+    prior = np.eye(2)[gold] + np.array([2.0, 0.0])
+    runs = {}
+    for t in ("sst2", "trec", "agnews", "emoc"):
+        by = {m: [_result([1, 1, 1, 0] if m == "anchor" else [0, 0, 1, 0], 2)] for m in METHODS}
+        by["icl-1"][0].update(logits=prior.astype(np.float32), pred=np.zeros(4, dtype=np.int64), gold=gold,
+                              correct=np.array([1, 0, 1, 0], dtype=np.int8), train_logits=prior.astype(np.float32),
+                              train_gold=gold)
+        runs[t] = by
+    return runs
 
 
 @pytest.fixture(scope="module")
@@ -82,9 +100,14 @@ def test_has_average_needs_every_task_with_the_same_seeds():
 
 def test_accuracy_table_has_the_paper_rows_and_marks_what_was_not_run():
     table = page.accuracy_table({"m": _runs()})
-    assert list(table.index.get_level_values("model")) == ["GPT2-XL (paper)"] * 3 + ["m"] * 6
+    assert list(table.index.get_level_values("model")) == ["GPT2-XL (paper)"] * 3 + ["m"] * 9
     assert list(table.columns) == ["SST-2", "TREC", "AG News", "EmoC", "Average", "n per task"]
     assert table.loc[("GPT2-XL (paper)", "Anchor re-weighting (1-shot per class)"), "Average"] == "68.64"
+    methods = list(table.loc["m"].index)
+    assert methods[-3:] == ["Control: label bias fitted to convergence",
+                            "Control: label bias and temperature fitted to convergence",
+                            "Control: batch calibration (no training)"]
+    assert "Control: label bias trained like β (Adam, 10 epochs)" in methods
     row = table.loc[("m", "Anchor re-weighting (1-shot per class)")]
     assert row["SST-2"].startswith("75.0 [") and "±" not in row["SST-2"]  # one seed: no spread over seeds
     assert row["AG News"] == "not run" and row["Average"] == "—" and row["n per task"] == "4 × 1"
@@ -96,7 +119,9 @@ def test_headline_values():
     assert v["seeds"] == "42" and v["missing_seeds"] == "43, 44"
     assert v["acc_anchor_v"] == "62.5" and v["acc_icl-1_v"] == "37.5" and v["acc_contextual_v"] == "50.0"
     assert v["gain_v"] == "+25.0" and v["gain"].startswith("25.0 [")
-    assert v["best_control"] == "contextual calibration"
+    assert not any("best" in k for k in v)  # no control is chosen on the test examples
+    assert {"biasfit_minus_icl1", "biastemperature_minus_icl1", "batch_minus_icl1", "acc_batch"} <= set(v)
+    assert v["trec_minus_icl1"].startswith("anchor re-weighting 25.0 [") and "; batch calibration " in v["trec_minus_icl1"]
     assert v["contextual_minus_icl1"].startswith("12.5 [") and v["random_minus_icl1"].startswith("-12.5 [")
     assert v["gain_tasks"].startswith("SST-2 25.0 [") and "; TREC 25.0 [" in v["gain_tasks"]
     assert v["n_params"] == f"SST-2 {N_LAYERS * N_HEADS * 2}, TREC {N_LAYERS * N_HEADS * 6}"
@@ -104,23 +129,107 @@ def test_headline_values():
     assert v["gain_verdict"] in {"above 0", "below 0", "contains 0"}
 
 
-def test_forest_figure_has_one_row_per_comparison():
+def test_forest_figure_has_one_panel_per_comparison():
     R = _runs()
     est = page.forest_estimates(R)
-    assert len(est) == 5 * 2  # five other methods × two tasks, no average over two tasks
-    assert est["vs ICL 1-shot: SST-2"].value == pytest.approx(25.0)
+    assert list(est) == [page.SHORT[m] for m in page.COMPARED] and len(est) == 8
+    assert list(est["ICL 1-shot"]) == ["SST-2", "TREC"]  # no average over two tasks
+    assert est["ICL 1-shot"]["SST-2"].value == pytest.approx(25.0)
     fig = page.forest_figure(R, "m")
-    assert isinstance(fig, plt.Figure) and len(fig.axes) == 1
-    ax = fig.axes[0]
-    assert [t.get_text() for t in ax.get_yticklabels()] == list(est)
-    assert ax.get_title() == "m: anchor re-weighting minus each method (n = 4 × 1 per task)"
+    shown = [ax for ax in fig.axes if ax.get_visible()]
+    assert isinstance(fig, plt.Figure) and len(shown) == 8
+    assert [t.get_text() for t in shown[0].get_yticklabels()] == ["SST-2", "TREC"]
+    assert [ax.get_title() for ax in shown] == [f"minus {name}" for name in est]
+    bold = {ax.get_title().removeprefix("minus ") for ax in shown if ax.title.get_fontweight() == "bold"}
+    assert bold == {page.SHORT[c] for c in page.CONTROLS}
+    assert fig._suptitle.get_text().startswith("m: anchor re-weighting minus each method (n = 4 × 1 per task")
+    assert fig._supxlabel.get_text().endswith("paired bootstrap over test examples (one seed))")
+    # each row: the 95% bar, the 80% bar and the point; the 95% bar spans the interval
+    lines = shown[0].lines
+    e = est["ICL 1-shot"]["SST-2"]
+    np.testing.assert_allclose(lines[0].get_xdata(), [e.low, e.high])
+    np.testing.assert_allclose(lines[1].get_xdata(), [e.weak_low, e.weak_high])
+    assert lines[1].get_linewidth() > lines[0].get_linewidth()
+
+
+def test_forest_colours_follow_the_verdict_rule():
+    from helpers.core.stats import Estimate
+
+    def est(low, high, weak_low, weak_high):
+        return Estimate(1.0, low, high, 10, 3, np.zeros(3), weak_low=weak_low, weak_high=weak_high)
+
+    assert page._color(est(0.5, 2.0, 0.8, 1.5)) == "#2ca02c"  # 95% above 0
+    assert page._color(est(-0.5, 2.0, 0.2, 1.5)) == "#e08a00"  # only the 80% interval above 0
+    assert page._color(est(-3.0, -0.5, -2.0, -1.0)) == "#d62728"  # 95% below 0
+    assert page._color(est(-1.0, 2.0, -0.5, 1.5)) == "#777777"
 
 
 def test_forest_on_committed_runs_includes_the_average(committed):
     est = page.forest_estimates(committed)
-    assert len(est) == 5 * 5 and "vs contextual calibration: Average" in est
+    assert len(est) == 8 and all(list(per) == ["SST-2", "TREC", "AG News", "EmoC", "Average"] for per in est.values())
     fig = page.forest_figure(committed, MODEL)
-    assert "(n = 64 × 1 per task)" in fig.axes[0].get_title()
+    assert "(n = 64 × 1 per task" in fig._suptitle.get_text()
+
+
+def test_with_controls_adds_the_fitted_controls_once():
+    R = _prior_runs()
+    F = page.with_controls(R)
+    assert all(set(page.CONTROLS) | {"bias"} <= set(by) for by in F.values())
+    assert page.with_controls(F) is F
+    assert float(F["sst2"]["bias-fit"][0]["correct"].mean()) == 1.0  # the fitted bias removes the +2 prior
+    assert float(F["sst2"]["batch"][0]["correct"].mean()) == 1.0
+
+
+def test_controls_table_shows_every_control_and_nothing_chosen():
+    table = page.controls_table({"m": _prior_runs(), "two tasks": _runs()})
+    controls = [page.SHORT[c] for c in page.CONTROLS] + [page.SHORT["bias"]]
+    assert list(table.loc["m"].index) == controls and list(table.loc["two tasks"].index) == controls
+    fit = table.loc[("m", "fitted label bias")]
+    assert fit["accuracy %"].startswith("100.0 [") and fit["re-weighting minus it, average (95%)"].startswith("-25.0 [")
+    assert fit["SST-2"].startswith("-25.0 [") and fit["the verdict needs it beaten"] == "yes"
+    assert table.loc[("m", "label bias trained like β"), "the verdict needs it beaten"].startswith("no")
+    assert re.fullmatch(r"\[-?\d+\.\d, -?\d+\.\d\]", fit["80% interval"])
+    two = table.loc[("two tasks", "contextual calibration")]
+    assert two["accuracy %"] == "—" and two["AG News"] == "not run" and two["SST-2"].startswith("-25.0 [")
+
+
+def test_controls_values():
+    v = page.controls_values(_prior_runs())
+    assert v["ctrl_bias_fit_acc"].startswith("100.0 [") and v["ctrl_bias_fit_diff"].startswith("-25.0 [")
+    assert v["ctrl_random_diff"].startswith("50.0 [") and v["ctrl_bias_diff"].startswith("50.0 [")
+    assert v["closest_control"] in {"fitted label bias", "fitted bias and temperature", "batch calibration"}
+    assert v["closest_diff"].startswith("-25.0 [") and v["closest_verdict"] in {"below 0", "contains 0"}
+    assert v["closest_tasks"].startswith("SST-2 -25.0 [")
+    assert "batch calibration" in v["controls_not_beaten"] and "batch calibration" not in v["controls_beaten"]
+    assert re.fullmatch(r"\[-?\d+\.\d, -?\d+\.\d\]", v["closest_weak"])
+
+
+def test_fit_table_and_values_compare_the_adam_bias_with_the_converged_fit():
+    from helpers.experiments.reweighting import GTOL, fit_bias
+
+    R = _prior_runs()
+    table = page.fit_table({"m": R})
+    icl = R["sst2"]["icl-1"][0]
+    converged = float(fit_bias(icl["train_logits"], icl["train_gold"])["loss_end"])
+    row = table.loc[("m", "SST-2")]
+    assert row["bias, Adam"] == 0.5 and row["anchor re-weighting"] == 0.5  # the stored loss_end
+    assert row["bias, fitted"] == pytest.approx(converged, abs=1e-3) and converged < row["loss at b = 0"]
+    assert row["bias spread, Adam"] == 0.0 and row["bias spread, fitted"] == pytest.approx(2.0, abs=1e-3)
+    assert row[f"fits with gradient < {GTOL:.0e}"].endswith(" of 2")
+    v = page.fit_values(R)
+    assert v["fit_gtol"] == "1e-09" and v["fit_n"] == "8" and v["fit_rule_met"].endswith(" of 8")
+    assert v["fit_loss_tasks"].startswith(f"SST-2 0.500 → {converged:.3f}; TREC")
+    assert v["fit_loss_adam"] == "0.500" and v["fit_loss_anchor"] == "0.500"
+    assert v["fit_spread_adam"] == "0.0" and re.fullmatch(r"2\.0 \((SST-2|TREC|AG News|EmoC)\)", v["fit_spread_fit"])
+    # the training examples are separable along the logits: with a temperature the loss goes to 0
+    assert v["fit_separable"] == "4 of 4 fits (SST-2, TREC, AG News, EmoC)" and float(v["fit_scale_max"].split()[0]) > 5
+
+
+def test_resolution_values():
+    v = page.resolution_values(_prior_runs())
+    lo, hi = (float(x) for x in v["halfwidth_task"].split("-"))
+    assert 0 <= lo <= hi and v["halfwidth_avg"] != "—"
+    assert page.resolution_values(_runs())["halfwidth_avg"] == "—"
 
 
 def test_beta_figure_draws_one_heatmap_per_task():
@@ -157,7 +266,7 @@ def test_training_figure_and_loss_table():
     assert loss.shape == (6, 3)
     assert loss.loc[("SST-2", "anchor re-weighting"), "train accuracy at end %"] == 100.0
     assert loss.loc[("SST-2", "random-position re-weighting"), "train accuracy at end %"] == 50.0
-    assert loss.loc[("TREC", "learned label bias"), "loss at end"] == 0.5
+    assert loss.loc[("TREC", "label bias trained like β"), "loss at end"] == 0.5
 
 
 def test_prior_table_and_values():
@@ -182,9 +291,19 @@ def test_cost_frame_and_values():
 
 def test_second_model_values_without_an_average():
     v = page.second_model_values(_runs(), {"sst2": (43,), "trec": (42, 43)})
-    assert v["second_seeds"] == "42, 43" and v["second_tasks"] == "SST-2, TREC"
+    assert v["second_seeds"] == "42, 43" and v["second_tasks"] == "SST-2, TREC" and v["second_n_seeds"] == "1"
     assert v["second_average_note"] == "With fewer than four tasks there is no average for this model."
     assert v["second_ctx_tasks"].startswith("SST-2 -25.0 [") and "; TREC 50.0 [" in v["second_ctx_tasks"]
+    assert v["second_closest_control"] == v["second_closest_diff"] == "—"
+    assert v["second_fit_tasks"].startswith("SST-2 ") and v["second_batch_tasks"].startswith("SST-2 ")
+
+
+def test_second_model_values_with_an_average():
+    v = page.second_model_values(_prior_runs(), {t: (42,) for t in ("sst2", "trec", "agnews", "emoc")})
+    assert v["second_closest_diff"].startswith("-25.0 [")
+    assert v["second_average_note"].startswith("Averaged over the four tasks, anchor re-weighting minus 1-shot ICL is")
+    assert f"(closest: {v['second_closest_control']})." in v["second_average_note"]
+    assert "random-position re-weighting 50.0 [" in v["second_average_note"]
 
 
 def test_seeds_shown_reads_what_is_cached(data_dir):
@@ -203,8 +322,27 @@ def test_glued_values_cover_every_name_the_chapter_uses(committed):
     used = set(re.findall(r"\{glue:text\}`([^`]+)`", prose))
     seeds = {MODEL: {t: (42,) for t in committed}, "second": {t: (42,) for t in committed}}
     values = page.glued_values({MODEL: committed, "second": committed}, seeds, MODEL, "second", PROFILES["book"])
-    assert used and used <= set(values), used - set(values)
+    verdicts = {n for n in used if n.startswith("verdict_")}  # glued from helpers.pages.verdicts.chapter_verdicts
+    assert {"verdict_reweighting_gain", "verdict_reweighting_vs_controls"} <= verdicts
+    assert used - verdicts and used - verdicts <= set(values), (used - verdicts) - set(values)
+    assert "best_control" not in values and values["closest_control"] in {page.SHORT[c] for c in page.CONTROLS}
     assert values["n_test"] == 64 and values["n_seeds"] == 1 and values["missing_seeds"] == "43, 44"
     assert values["second_average_note"].startswith("Averaged over the four tasks, anchor re-weighting minus")
     without = page.glued_values({MODEL: committed}, seeds, MODEL, None, PROFILES["book"])
     assert not any(k.startswith("second_") for k in without)
+
+
+def test_the_chapter_glues_the_verdict_words_it_uses(monkeypatch):
+    """Every verdict name the prose uses is one that helpers.pages.verdicts.chapter_verdicts glues (the verdict
+    page's words), and the chapter calls it."""
+    from helpers.pages import verdicts
+
+    monkeypatch.setattr(verdicts, "evaluate", lambda finding, model, profile="book": (None, f"word of {model}"))
+    glued = verdicts.chapter_verdicts("book/reweighting")
+    assert glued["verdict_reweighting_vs_controls"] == f"word of {verdicts.MODELS[0]}"
+    cells = json.loads((ROOT / "book" / "reweighting.ipynb").read_text())["cells"]
+    text = "".join("".join(c["source"]) for c in cells)
+    used = set(re.findall(r"\{glue:text\}`(verdict_[^`]+)`", text))
+    assert used and used <= set(glued), used - set(glued)
+    assert 'chapter_verdicts("book/reweighting"' in text
+    assert "(sec-reweighting-gain)=" in text and "(sec-reweighting-controls)=" in text

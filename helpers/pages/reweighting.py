@@ -17,17 +17,40 @@ from ..core.tasks import TASKS, TaskData
 from ..experiments import reweighting as rw
 from . import plots
 
-__all__ = ["ORDER", "SHORT", "seeds_shown", "has_average", "accuracy_table", "headline_values", "forest_estimates",
-           "forest_figure", "beta_figure", "beta_layers_figure", "beta_values", "training_figure", "loss_table",
-           "prior_table", "prior_values", "cost_frame", "cost_values", "second_model_values", "glued_values"]
+__all__ = ["ORDER", "SHORT", "TITLES", "CONTROLS", "COMPARED", "with_controls", "seeds_shown", "has_average",
+           "accuracy_table", "headline_values", "forest_estimates", "forest_figure", "controls_table",
+           "controls_values", "fit_table", "fit_values", "resolution_values", "beta_figure", "beta_layers_figure", "beta_values",
+           "training_figure", "loss_table", "prior_table", "prior_values", "cost_frame", "cost_values",
+           "second_model_values", "glued_values"]
 
-ORDER = ["icl-1", "icl-5", "anchor", "random", "bias", "contextual"]
+ORDER = ["icl-1", "icl-5", "anchor", "random", "contextual", "bias", *rw.FITTED_CONTROLS]
 SHORT = {"icl-1": "ICL 1-shot", "icl-5": "ICL 5-shot (AG News 3)", "anchor": "anchor re-weighting",
-         "random": "random-position re-weighting", "bias": "learned label bias", "contextual": "contextual calibration"}
+         "random": "random-position re-weighting", "contextual": "contextual calibration",
+         "bias": "label bias trained like β", "bias-fit": "fitted label bias",
+         "bias-temperature": "fitted bias and temperature", "batch": "batch calibration"}
+TITLES = {**rw.METHOD_TITLES, **rw.FITTED_TITLES,
+          "bias": "Control: label bias trained like β (Adam, 10 epochs)"}
+CONTROLS = rw.CONTROLS  # what re-weighting must beat (the verdict "reweighting-vs-controls")
+COMPARED = ["icl-1", "icl-5", "random", "contextual", "bias", *rw.FITTED_CONTROLS]  # re-weighting minus each
 TRAINED = ["anchor", "random", "bias"]  # the methods with a training loss
-FOREST_XLABEL = "accuracy difference, points (95% paired bootstrap interval)"
+FOREST_XLABEL = "points (thin: 95%, thick: 80% interval; paired bootstrap over {over})"
 
 Runs = Mapping[str, Mapping[str, Sequence[dict]]]  # one model's runs: {task: {method: [result per seed]}}
+
+
+def with_controls(R: Runs) -> Runs:
+    """One model's runs with the controls fitted on the stored logits added as methods
+    (:func:`helpers.experiments.reweighting.with_fitted_controls`); unchanged if they are there already.
+
+    Used in: Anchor re-weighting."""
+    if all(set(rw.FITTED_CONTROLS) <= set(by) for by in R.values()):
+        return R
+    return rw.with_fitted_controls(R)
+
+
+def _key(method: str) -> str:
+    """A method's name in glue names: "bias-fit" -> "bias_fit"."""
+    return method.replace("-", "_")
 
 
 def seeds_shown(lm, data: Mapping[str, TaskData], profile: Profile) -> dict[str, tuple[int, ...]]:
@@ -60,9 +83,10 @@ def _cell(e) -> str:
 
 
 def _model_rows(model: str, R: Runs) -> list[dict]:
+    R = with_controls(R)
     rows = []
     for method in ORDER:
-        row = {"model": model, "method": rw.METHOD_TITLES[method]}
+        row = {"model": model, "method": TITLES[method]}
         for name in TASKS:
             row[TASKS[name].title] = _cell(rw.accuracy(R, method, name)) if name in R else "not run"
         row["Average"] = _cell(rw.accuracy(R, method)) if has_average(R) else "—"
@@ -72,12 +96,13 @@ def _model_rows(model: str, R: Runs) -> list[dict]:
 
 
 def accuracy_table(runs: Mapping[str, Runs]) -> pd.DataFrame:
-    """The accuracy table (the paper's Table 1 rows for GPT2-XL, then every method of every model): one row per
-    (model, method), one column per task, the average over tasks and n per task; cells are "mean ± std over seeds
-    [95% bootstrap interval]", "not run" for a task without runs, "—" where the average is not defined.
+    """The accuracy table (the paper's Table 1 rows for GPT2-XL, then every method of every model, the fitted
+    controls included): one row per (model, method), one column per task, the average over tasks and n per task;
+    cells are "mean ± std over seeds [95% bootstrap interval]", "not run" for a task without runs, "—" where the
+    average is not defined.
 
     Used in: Anchor re-weighting."""
-    paper_rows = [{"model": "GPT2-XL (paper)", "method": rw.METHOD_TITLES[k],
+    paper_rows = [{"model": "GPT2-XL (paper)", "method": TITLES[k],
                    **{TASKS[t].title: f"{v:.2f}" for t, v in rw.PAPER_TABLE1[k].items() if t != "average"},
                    "Average": f"{rw.PAPER_TABLE1[k]['average']:.2f}", "n per task": "≤1000 × 5"}
                   for k in ["icl-1", "icl-5", "anchor"]]
@@ -96,13 +121,14 @@ def _verdict(e) -> str:
 def headline_values(R: Runs, seeds: Sequence[int], profile: Profile) -> dict[str, object]:
     """The default model's headline numbers, ``{glue name: value}``: sizes (``n_test``, ``n_seeds``, ``seeds``,
     ``missing_seeds``, ``n_params``), every method's average accuracy (``acc_<method>``, ``acc_<method>_v``), the
-    paired differences (``gain``, ``gain_vs_best``, ``gain_vs_icl5``, ``<method>_minus_icl1``, ...) with their
-    verdicts and per-task values, the best control and the paper's Table 1 averages. ``seeds`` are the seeds shown.
+    paired differences against 1-shot ICL (``gain``, ``gain_v``, ``gain_verdict``, ``gain_tasks``;
+    ``<method>_minus_icl1`` for every other method, e.g. ``biasfit_minus_icl1``), against 5-shot ICL
+    (``gain_vs_icl5``) and random positions (``anchor_minus_random``), every method on TREC against 1-shot ICL
+    (``trec_minus_icl1``) and the paper's Table 1 averages. ``seeds`` are the seeds shown.
 
     Used in: Anchor re-weighting."""
-    best = rw.best_control(R)
+    R = with_controls(R)
     d_icl = rw.difference(R, "anchor", "icl-1")
-    d_best = rw.difference(R, "anchor", best)
     paper = rw.PAPER_TABLE1
     out: dict[str, object] = {
         "n_test": len(R["sst2"]["icl-1"][0]["correct"]),
@@ -117,51 +143,204 @@ def headline_values(R: Runs, seeds: Sequence[int], profile: Profile) -> dict[str
     out.update({
         "gain": d_icl.fmt(1),
         "gain_v": f"{d_icl.value:+.1f}",
-        "gain_vs_best": d_best.fmt(1),
         "gain_vs_icl5": rw.difference(R, "anchor", "icl-5").fmt(1),
-        "best_control": SHORT[best],
         "paper_gain": f"{paper['anchor']['average'] - paper['icl-1']['average']:+.1f}",
         "paper_anchor": f"{paper['anchor']['average']:.2f}",
         "paper_icl1": f"{paper['icl-1']['average']:.2f}",
         "paper_icl5": f"{paper['icl-5']['average']:.2f}",
         "gain_tasks": _per_task(R, "anchor", "icl-1"),
-        "best_tasks": _per_task(R, "anchor", best),
         "gain_verdict": _verdict(d_icl),
-        "best_verdict": _verdict(d_best),
     })
-    for k in ["icl-5", "contextual", "bias", "random"]:
-        out[f"{k.replace('-', '')}_minus_icl1"] = rw.difference(R, k, "icl-1").fmt(1)
+    for k in ORDER:
+        if k not in ("icl-1", "anchor"):  # anchor minus 1-shot ICL is the gain
+            out[f"{k.replace('-', '')}_minus_icl1"] = rw.difference(R, k, "icl-1").fmt(1)
     out["anchor_minus_random"] = rw.difference(R, "anchor", "random").fmt(1)
+    if "trec" in R:
+        out["trec_minus_icl1"] = "; ".join(f"{SHORT[k]} {rw.difference(R, k, 'icl-1', 'trec').fmt(1)}"
+                                           for k in ["anchor", "contextual", "bias-fit", "batch"])
     out["n_params"] = ", ".join(f"{TASKS[t].title} {R[t]['anchor'][0]['beta'].size}" for t in R)
     return out
 
 
-def forest_estimates(R: Runs) -> dict[str, object]:
-    """Anchor re-weighting minus every other method, per task and (where defined) on the average over tasks:
-    ``{"vs <method>: <task>": Estimate}`` in points.
+def forest_estimates(R: Runs) -> dict[str, dict[str, object]]:
+    """Anchor re-weighting minus every other method (:data:`COMPARED`), per task and (where defined) on the average
+    over tasks: ``{method's short name: {task title or "Average": Estimate}}`` in points.
 
     Used in: Anchor re-weighting."""
-    est = {}
-    for other in ["icl-1", "icl-5", "random", "bias", "contextual"]:
-        for name in list(TASKS) + ["average"]:
-            if name == "average" and not has_average(R):
-                continue
-            if name != "average" and name not in R:
-                continue
-            label = f"vs {SHORT[other]}: {'Average' if name == 'average' else TASKS[name].title}"
-            est[label] = rw.difference(R, "anchor", other, None if name == "average" else name)
-    return est
+    R = with_controls(R)
+    names = [t for t in TASKS if t in R] + (["average"] if has_average(R) else [])
+    return {SHORT[other]: {("Average" if name == "average" else TASKS[name].title):
+                           rw.difference(R, "anchor", other, None if name == "average" else name) for name in names}
+            for other in COMPARED}
+
+
+def _color(e) -> str:
+    """Green: the 95% interval lies above 0; orange: only the 80% one does; red: the 95% interval lies below 0;
+    grey otherwise (the verdict page's colours)."""
+    weak_low = e.low if e.weak_low is None else e.weak_low
+    return "#2ca02c" if e.low > 0 else "#e08a00" if weak_low > 0 else "#d62728" if e.high < 0 else "#777777"
 
 
 def forest_figure(R: Runs, model: str) -> plt.Figure:
-    """The paired differences of :func:`forest_estimates` as a forest plot (green above 0, red below, grey
-    containing 0), titled with the model and n per task; returns the Figure.
+    """The paired differences of :func:`forest_estimates` as a forest plot, one panel per compared method (rows:
+    tasks and the average), thin bars the 95% interval and thick bars the 80% one, coloured by :func:`_color`;
+    panels of the controls re-weighting must beat (:data:`CONTROLS`) are titled in bold. Returns the Figure.
 
     Used in: Anchor re-weighting (the default model and the second model)."""
     est = forest_estimates(R)
-    first = next(iter(est.values()))
-    title = f"{model}: anchor re-weighting minus each method (n = {first.n} per task)"
-    return plots.difference_forest(est, title=title, xlabel=FOREST_XLABEL)
+    rows = list(next(iter(est.values())))
+    n_cols = 4
+    n_rows = -(-len(est) // n_cols)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(11, 0.95 + n_rows * (0.3 * len(rows) + 0.75)), sharex=True,
+                             sharey=True, squeeze=False, constrained_layout=True)
+    by_name = {SHORT[m]: m for m in COMPARED}
+    for ax, (name, per_row) in zip(axes.flat, est.items()):
+        for i, e in enumerate(per_row.values()):
+            c = _color(e)
+            ax.plot([e.low, e.high], [i, i], color=c, lw=1.2)
+            if e.weak_low is not None:
+                ax.plot([e.weak_low, e.weak_high], [i, i], color=c, lw=4, solid_capstyle="butt")
+            ax.plot([e.value], [i], "o", color=c, ms=4.5, mec="white", mew=0.6)
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set_yticks(range(len(rows)), rows, fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+        control = by_name[name] in CONTROLS
+        ax.set_title(f"minus {name}", fontsize=9.5, fontweight="bold" if control else "normal")
+    axes[0, 0].invert_yaxis()
+    for ax in axes.flat[len(est):]:
+        ax.set_visible(False)
+    first = next(iter(est[SHORT["icl-1"]].values()))
+    over = "seeds, then examples" if first.n_seeds > 1 else "test examples (one seed)"
+    fig.supxlabel(FOREST_XLABEL.format(over=over), fontsize=9)
+    fig.suptitle(f"{model}: anchor re-weighting minus each method (n = {first.n} per task; bold: the controls "
+                 f"it must beat)", fontsize=10)
+    return fig
+
+
+def controls_table(runs: Mapping[str, Runs]) -> pd.DataFrame:
+    """Re-weighting against each control, per model: one row per (model, control), the controls re-weighting must
+    beat (:data:`CONTROLS`) and the Adam-trained bias; columns: the control's average accuracy, re-weighting minus
+    it on the average over tasks (95% and 80% intervals) and per task (95%), and whether the verdict counts it.
+    Nothing is chosen on the test examples: every control is shown. Where the average is not defined, "—".
+
+    Used in: Anchor re-weighting."""
+    rows = []
+    for model, R in runs.items():
+        R = with_controls(R)
+        avg = has_average(R)
+        for c in [*CONTROLS, "bias"]:
+            d = rw.difference(R, "anchor", c) if avg else None
+            row = {"model": model, "control": SHORT[c],
+                   "accuracy %": rw.accuracy(R, c).fmt(1) if avg else "—",
+                   "re-weighting minus it, average (95%)": d.fmt(1) if avg else "—",
+                   "80% interval": f"[{d.weak_low:.1f}, {d.weak_high:.1f}]" if avg else "—"}
+            row.update({TASKS[t].title: rw.difference(R, "anchor", c, t).fmt(1) if t in R else "not run"
+                        for t in TASKS})
+            row["the verdict needs it beaten"] = "yes" if c in CONTROLS else "no (under-trained, see below)"
+            rows.append(row)
+    return pd.DataFrame(rows).set_index(["model", "control"])
+
+
+def controls_values(R: Runs) -> dict[str, str]:
+    """One model's glue for the controls, needing the average over tasks: per control (:data:`CONTROLS` and the
+    Adam bias, keys ``random``, ``contextual``, ``bias_fit``, ``bias_temperature``, ``batch``, ``bias``)
+    ``ctrl_<key>_acc``, ``ctrl_<key>_diff`` (re-weighting minus it) and ``ctrl_<key>_tasks``; the control closest to
+    re-weighting (``closest_control``, ``closest_diff``, ``closest_verdict``, ``closest_weak``: its 80% interval,
+    ``closest_tasks``),
+    the controls whose 95% interval lies above 0 (``controls_beaten``) and the others (``controls_not_beaten``).
+
+    Used in: Anchor re-weighting."""
+    R = with_controls(R)
+    diffs = {c: rw.difference(R, "anchor", c) for c in [*CONTROLS, "bias"]}
+    out = {}
+    for c, d in diffs.items():
+        out[f"ctrl_{_key(c)}_acc"] = rw.accuracy(R, c).fmt(1)
+        out[f"ctrl_{_key(c)}_diff"] = d.fmt(1)
+        out[f"ctrl_{_key(c)}_tasks"] = _per_task(R, "anchor", c)
+    closest = min(CONTROLS, key=lambda c: float(diffs[c].value))
+    e = diffs[closest]
+    out.update({"closest_control": SHORT[closest], "closest_diff": e.fmt(1), "closest_verdict": _verdict(e),
+                "closest_weak": f"[{e.weak_low:.1f}, {e.weak_high:.1f}]", "closest_tasks": _per_task(R, "anchor", closest),
+                "controls_beaten": "; ".join(SHORT[c] for c in CONTROLS if diffs[c].low > 0) or "none",
+                "controls_not_beaten": "; ".join(SHORT[c] for c in CONTROLS if not diffs[c].low > 0) or "none"})
+    return out
+
+
+def _fits(R: Runs, name: str, method: str, key: str) -> np.ndarray:
+    return np.array([float(r[key]) for r in R[name][method]])
+
+
+def fit_table(runs: Mapping[str, Runs]) -> pd.DataFrame:
+    """How well each label-prior control fits its training examples, per (model, task), means over seeds: the mean
+    training loss at b = 0, after the Adam-trained bias (10 epochs, lr 0.01, as β), after the bias fitted to
+    convergence and the bias with a temperature (:func:`helpers.experiments.reweighting.fit_bias`), and after anchor
+    re-weighting (for scale); the spread of the bias (largest minus smallest entry, in logits) of the Adam and the
+    fitted bias; the fitted scale a = 1/T (largest over seeds), the largest gradient component where the fits
+    stopped and how many fits met the stopping rule (every component below ``GTOL``).
+
+    Used in: Anchor re-weighting."""
+    rows = []
+    for model, R in runs.items():
+        R = with_controls(R)
+        for name in R:
+            fits = [r for m in ("bias-fit", "bias-temperature") for r in R[name][m]]
+            grads = [float(r["grad_max"]) for r in fits]
+            rows.append({"model": model, "task": TASKS[name].title,
+                         "loss at b = 0": _fits(R, name, "bias-fit", "loss_start").mean(),
+                         "bias, Adam": _fits(R, name, "bias", "loss_end").mean(),
+                         "bias, fitted": _fits(R, name, "bias-fit", "loss_end").mean(),
+                         "bias + temperature, fitted": _fits(R, name, "bias-temperature", "loss_end").mean(),
+                         "anchor re-weighting": _fits(R, name, "anchor", "loss_end").mean(),
+                         "bias spread, Adam": np.mean([np.ptp(r["bias"]) for r in R[name]["bias"]]),
+                         "bias spread, fitted": np.mean([np.ptp(r["bias"]) for r in R[name]["bias-fit"]]),
+                         "fitted scale a (largest)": _fits(R, name, "bias-temperature", "scale").max(),
+                         "largest gradient at the stop": f"{max(grads):.1e}",
+                         f"fits with gradient < {rw.GTOL:.0e}": f"{sum(g < rw.GTOL for g in grads)} of {len(grads)}"})
+    return pd.DataFrame(rows).set_index(["model", "task"]).round(3)
+
+
+def fit_values(R: Runs) -> dict[str, str]:
+    """One model's glue for the fits: ``fit_gtol`` (the stopping rule's threshold), ``fit_rule_met`` ("n of m"
+    fits that met it), ``fit_grad_worst`` (the largest gradient component left), ``fit_loss_tasks`` (per task, the
+    mean training loss of the Adam bias -> the fitted bias), ``fit_loss_adam`` and ``fit_loss_fit`` (those averaged
+    over tasks), ``fit_loss_anchor`` (anchor re-weighting's), ``fit_scale_max`` (the largest fitted scale and its
+    task), ``fit_separable`` (the temperature fits whose training loss went to 0, by task), ``fit_n`` (how many fits)
+    and ``fit_spread_adam`` / ``fit_spread_fit`` (the largest spread of the Adam and of the fitted bias, logits;
+    the latter with its task).
+
+    Used in: Anchor re-weighting."""
+    R = with_controls(R)
+    fits = [(name, r) for name in R for m in ("bias-fit", "bias-temperature") for r in R[name][m]]
+    grads = [float(r["grad_max"]) for _, r in fits]
+    adam = {t: _fits(R, t, "bias", "loss_end").mean() for t in R}
+    fit = {t: _fits(R, t, "bias-fit", "loss_end").mean() for t in R}
+    scale_task, scale = max(((t, float(r["scale"])) for t in R for r in R[t]["bias-temperature"]),
+                            key=lambda x: x[1])
+    separable = [t for t in R for r in R[t]["bias-temperature"] if float(r["loss_end"]) < 1e-6]
+    spread = {m: max((float(np.ptp(r["bias"])), t) for t in R for r in R[t][m]) for m in ("bias", "bias-fit")}
+    return {"fit_gtol": f"{rw.GTOL:.0e}", "fit_rule_met": f"{sum(g < rw.GTOL for g in grads)} of {len(grads)}",
+            "fit_n": str(len(grads)),
+            "fit_separable": (f"{len(separable)} of {sum(len(R[t]['bias-temperature']) for t in R)} fits ("
+                              f"{', '.join(dict.fromkeys(TASKS[t].title for t in separable))})") if separable else "none",
+            "fit_spread_adam": f"{spread['bias'][0]:.1f}",
+            "fit_spread_fit": f"{spread['bias-fit'][0]:.1f} ({TASKS[spread['bias-fit'][1]].title})",
+            "fit_grad_worst": f"{max(grads):.1e}",
+            "fit_loss_tasks": "; ".join(f"{TASKS[t].title} {adam[t]:.3f} → {fit[t]:.3f}" for t in R),
+            "fit_loss_adam": f"{np.mean(list(adam.values())):.3f}", "fit_loss_fit": f"{np.mean(list(fit.values())):.3f}",
+            "fit_loss_anchor": f"{np.mean([_fits(R, t, 'anchor', 'loss_end').mean() for t in R]):.3f}",
+            "fit_scale_max": f"{scale:.0f} ({TASKS[scale_task].title})"}
+
+
+def resolution_values(R: Runs) -> dict[str, str]:
+    """What the sizes resolve: ``halfwidth_task`` and ``halfwidth_avg``, the range of the half-widths (points) of
+    the 95% intervals of re-weighting minus each other method, per task and on the average over tasks.
+
+    Used in: Anchor re-weighting."""
+    est = forest_estimates(R)
+    half = {k: [(e.high - e.low) / 2 for per in est.values() for t, e in per.items() if (t == "Average") == k]
+            for k in (False, True)}
+    rng = {k: f"{min(v):.0f}-{max(v):.0f}" if v else "—" for k, v in half.items()}
+    return {"halfwidth_task": rng[False], "halfwidth_avg": rng[True]}
 
 
 def _figure(drawn) -> plt.Figure:
@@ -253,10 +432,11 @@ def _majority_share(results: Sequence[dict]) -> float:
 
 
 def prior_table(R: Runs) -> pd.DataFrame:
-    """Per task, the share (%) of the test predictions on the most-predicted class for every method, beside the
-    share of the most frequent gold class (means over seeds, rounded to 1 decimal).
+    """Per task, the share (%) of the test predictions on the most-predicted class for every method (the fitted
+    controls included), beside the share of the most frequent gold class (means over seeds, rounded to 1 decimal).
 
     Used in: Anchor re-weighting."""
+    R = with_controls(R)
     rows = []
     for name in R:
         gold = np.mean([100 * np.bincount(r["gold"]).max() / len(r["gold"]) for r in R[name]["icl-1"]])
@@ -307,34 +487,46 @@ def cost_values(R: Runs) -> dict[str, str]:
 
 
 def second_model_values(R2: Runs, seeds: Mapping[str, Sequence[int]]) -> dict[str, str]:
-    """The second model's numbers: per-task differences of anchor re-weighting against 1-shot ICL, contextual
-    calibration, random positions and the learned bias (``second_*_tasks``), the seeds and tasks run, and a sentence
-    on the average over tasks (``second_average_note``). ``seeds``: the seeds shown per task.
+    """The second model's numbers: per-task differences of anchor re-weighting against 1-shot ICL, random positions,
+    contextual calibration, the Adam bias, the fitted bias and batch calibration (``second_*_tasks``), the seeds
+    and tasks run (``second_seeds``, ``second_n_seeds``, ``second_tasks``), a sentence on the average over tasks
+    (``second_average_note``) and the control closest to re-weighting on that average (``second_closest_control``,
+    ``second_closest_diff``; "—" without an average). ``seeds``: the seeds shown per task.
 
     Used in: Anchor re-weighting."""
+    R2 = with_controls(R2)
     out = {f"second_{key}_tasks": _per_task(R2, "anchor", other)
-           for key, other in [("gain", "icl-1"), ("ctx", "contextual"), ("rnd", "random"), ("bias", "bias")]}
+           for key, other in [("gain", "icl-1"), ("ctx", "contextual"), ("rnd", "random"), ("bias", "bias"),
+                              ("fit", "bias-fit"), ("batch", "batch")]}
     out["second_seeds"] = ", ".join(map(str, sorted({s for ss in seeds.values() for s in ss})))
+    out["second_n_seeds"] = str(min(len(ss) for ss in seeds.values()))
     out["second_tasks"] = ", ".join(TASKS[t].title for t in R2)
     if has_average(R2):
-        b2 = rw.best_control(R2)
-        out["second_average_note"] = (f"Averaged over the four tasks, anchor re-weighting minus 1-shot ICL is "
-                                      f"{rw.difference(R2, 'anchor', 'icl-1').fmt(1)} points, and minus the best "
-                                      f"control ({SHORT[b2]}) {rw.difference(R2, 'anchor', b2).fmt(1)}.")
+        diffs = {c: rw.difference(R2, "anchor", c) for c in CONTROLS}
+        closest = min(CONTROLS, key=lambda c: float(diffs[c].value))
+        out["second_closest_control"], out["second_closest_diff"] = SHORT[closest], diffs[closest].fmt(1)
+        out["second_average_note"] = (
+            f"Averaged over the four tasks, anchor re-weighting minus 1-shot ICL is "
+            f"{rw.difference(R2, 'anchor', 'icl-1').fmt(1)} points, and minus each control: "
+            + "; ".join(f"{SHORT[c]} {d.fmt(1)}" for c, d in diffs.items())
+            + f" (closest: {SHORT[closest]}).")
     else:
         out["second_average_note"] = "With fewer than four tasks there is no average for this model."
+        out["second_closest_control"] = out["second_closest_diff"] = "—"
     return out
 
 
 def glued_values(runs: Mapping[str, Runs], seeds: Mapping[str, Mapping[str, Sequence[int]]], model: str,
                  second_model: str | None, profile: Profile) -> dict[str, object]:
-    """Every value the chapter glues, ``{name: value}``: :func:`headline_values`, :func:`beta_values`,
-    :func:`prior_values` and :func:`cost_values` of ``model``, and :func:`second_model_values` where the second model
-    has runs. ``seeds``: ``{model: {task: seeds shown}}`` (:func:`seeds_shown`).
+    """Every value the chapter glues, ``{name: value}``: :func:`headline_values`, :func:`controls_values`,
+    :func:`fit_values`, :func:`resolution_values`, :func:`beta_values`, :func:`prior_values` and :func:`cost_values`
+    of ``model``, and :func:`second_model_values` where the second model has runs. ``seeds``: ``{model: {task:
+    seeds shown}}`` (:func:`seeds_shown`). (The verdict words come from :func:`helpers.pages.verdicts.chapter_verdicts`.)
 
     Used in: Anchor re-weighting."""
-    R = runs[model]
+    R = with_controls(runs[model])
     out = headline_values(R, seeds[model]["sst2"], profile)
+    out |= controls_values(R) | fit_values(R) | resolution_values(R)
     out |= beta_values(R) | prior_values(R) | cost_values(R)
     if second_model and runs.get(second_model):
         out |= second_model_values(runs[second_model], seeds[second_model])
