@@ -50,6 +50,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .options import device_name, positive_int
 from ..experiments.compression import anchor_positions, demonstration_split
 from ..core.models import DEFAULT_MODEL, load_model, synchronize
 from ..core.prefix import build_prefix, suffix_logits
@@ -231,39 +232,21 @@ def bench_path(model: str, write: bool = False) -> Path:
     return bench_file("compression-bench", model, write)
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _device(text: str) -> str:
-    try:
-        torch.device(text)
-    except (RuntimeError, ValueError) as err:
-        raise argparse.ArgumentTypeError(f"not a torch device: {text!r} ({err})") from None
-    return text
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m helpers.cli.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["speed", "compression", "forward-cost"])
     p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--device", type=_device, default=None,
+    p.add_argument("--device", type=device_name, default=None,
                    help="where the model runs: cpu (the default; timed on one thread), cuda, cuda:1, mps, ...")
     p.add_argument("--tasks", nargs="*", default=list(TASKS))
-    p.add_argument("--n", type=_positive, default=16, help="test examples per task")
-    p.add_argument("--reps", type=_positive, default=5, help="timed repetitions (a warm-up is excluded)")
-    p.add_argument("--batch-sizes", type=_positive, nargs="+", default=[1, 8])
+    p.add_argument("--n", type=positive_int, default=16, help="test examples per task")
+    p.add_argument("--reps", type=positive_int, default=5, help="timed repetitions (a warm-up is excluded)")
+    p.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 8])
     p.add_argument("--sweep-tasks", nargs="*", default=["sst2"])
-    p.add_argument("--sweep-shots", type=_positive, nargs="*", default=[1, 2, 4, 8, 16])
-    p.add_argument("--sweep-n", type=_positive, default=8)
-    p.add_argument("--sweep-reps", type=_positive, default=3)
+    p.add_argument("--sweep-shots", type=positive_int, nargs="*", default=[1, 2, 4, 8, 16])
+    p.add_argument("--sweep-n", type=positive_int, default=8)
+    p.add_argument("--sweep-reps", type=positive_int, default=3)
     p.add_argument("--out", type=Path, default=None)
     return p
 

@@ -20,27 +20,11 @@ import argparse
 import os
 import time
 
+from .options import device_name, positive_int
 from ..core.models import DEFAULT_MODEL
 from ..core.runs import PROFILES, REPO_ROOT, RESULTS_ENV
 from ..core.tasks import TASKS
 from ..experiments import ORDER, get
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _device(text: str) -> str:
-    import torch
-
-    try:
-        torch.device(text)
-    except (RuntimeError, ValueError) as err:
-        raise argparse.ArgumentTypeError(f"not a torch device: {text!r} ({err})") from None
-    return text
 
 
 def parser() -> argparse.ArgumentParser:
@@ -52,15 +36,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="only these of the experiment's seeds (runs are per seed, so processes can split the work)")
-    p.add_argument("--threads", type=_positive, default=None)
-    p.add_argument("--device", type=_device, default=None,
+    p.add_argument("--threads", type=positive_int, default=None)
+    p.add_argument("--device", type=device_name, default=None,
                    help="where the model runs: cpu (the default), cuda, cuda:1, mps, ... (the device type is part of "
                         "every result's key: the committed results are CPU results)")
     p.add_argument("--into-committed", action="store_true",
                    help="write into the repository's committed results/ (maintainers refreshing the book)")
     p.add_argument("--dry-run", action="store_true", help="list what is missing; compute nothing, load no model")
     g = p.add_argument_group("options of single experiments")
-    g.add_argument("--shots", type=_positive, nargs="+", default=None,
+    g.add_argument("--shots", type=positive_int, nargs="+", default=None,
                    help="extraction: shots per class (default 1 2); compression --sweep: default 1 2 4 8 16")
     g.add_argument("--sweep", action="store_true", default=None, help="compression: the shots sweep (not Table 2)")
     g.add_argument("--analyses-tasks", nargs="+", default=None, choices=list(TASKS),

@@ -10,28 +10,18 @@ import time
 
 import numpy as np
 
+from .options import positive_int
 from ..core.models import DEFAULT_MODEL, load_model
 from ..core.prompts import build_prompt
 from ..core.saliency import MEASURES, normalise_per_layer, saliency_flow
 from ..core.tasks import load_task, sample_demonstrations_per_example, subsample_test
 
 
-def _count(text: str) -> int:
-    """An argparse type: an integer >= 1 (a negative --n would otherwise mean "all but n")."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
-    return n
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--task", default="sst2")
-    parser.add_argument("--n", type=_count, default=8, help="test examples (at least 1)")
+    parser.add_argument("--n", type=positive_int, default=8, help="test examples (at least 1)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--data-dir", default=None, help="data folder (default: $ANCHORS_DATA, else the hub)")
     args = parser.parse_args(argv)
