@@ -510,11 +510,6 @@ def test_split_model_shared_prefix_experiments(tokenizer, sst2):
 
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "helpers/core/prompts.py on a split model: target_logits passes logits_to_keep on the first device and "
-    "target_label_logits indexes with tensors on the first device, but the final hidden states are on the last one "
-    "(and label_head indexes a tied output layer, on the first device, with ids on the hidden states' device); "
-    "compression._last_token_logits likewise. Not this change's files: see the closing note of issue 23"))
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_split_model_full_prompt_paths(family, tokenizer, sst2):
     from helpers.core.prompts import collate, target_label_logits, target_logits

@@ -168,12 +168,10 @@ def build_prefix(model, input_ids: Sequence[int], hooks: Sequence = (), start: P
 
 
 def _output_device(model) -> torch.device:
-    """Where the final hidden states are: the device of the base model's last parameter (its final norm); the
-    model's device unless the model is split over several (``device_map``)."""
-    last = None
-    for last in model.base_model.parameters():
-        pass
-    return last.device
+    """Where the final hidden states are (:func:`helpers.core.prompts.output_device`)."""
+    from .prompts import output_device
+
+    return output_device(model)
 
 
 def _masks(prefix: PrefixCache, valid: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:

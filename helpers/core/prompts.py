@@ -342,13 +342,31 @@ def target_logits(model, batch: Batch) -> torch.Tensor:
     """
     _check_batch_context(model, batch)
     device = next(model.parameters()).device
-    out = model(
-        input_ids=batch.input_ids.to(device),
-        attention_mask=batch.attention_mask.to(device),
-        logits_to_keep=batch.target.to(device)[:, None],
-        use_cache=False,
-    )
-    return check_finite_logits(out.logits[:, 0, :], model)
+    if output_device(model) == device:
+        out = model(
+            input_ids=batch.input_ids.to(device),
+            attention_mask=batch.attention_mask.to(device),
+            logits_to_keep=batch.target.to(device)[:, None],
+            use_cache=False,
+        )
+        return check_finite_logits(out.logits[:, 0, :], model)
+    # A model split over devices (device_map): a tensor logits_to_keep is moved to the first device but indexes the
+    # final hidden states on the last one. Keep the last k positions (an int, not moved) and take each row's own.
+    t = batch.input_ids.shape[1]
+    k = t - int(batch.target.min())
+    logits = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                   logits_to_keep=k, use_cache=False).logits
+    rows = (batch.target - (t - k)).to(logits.device)
+    return check_finite_logits(logits[torch.arange(logits.shape[0], device=logits.device), rows], model)
+
+
+def output_device(model) -> torch.device:
+    """Where the final hidden states are: the device of the base model's last parameter (its final norm); the
+    model's device unless the model is split over several (``device_map``)."""
+    last = None
+    for last in model.base_model.parameters():
+        pass
+    return last.device
 
 
 def label_head(model, hidden: torch.Tensor, label_ids: Sequence[int]) -> torch.Tensor:
@@ -363,10 +381,10 @@ def label_head(model, hidden: torch.Tensor, label_ids: Sequence[int]) -> torch.T
         if getattr(cfg, attr, None) not in (None, 1, 1.0):
             raise NotImplementedError(f"{cfg.model_type}: the output logits are scaled by {attr}")
     head = model.get_output_embeddings()
-    ids = torch.as_tensor(list(label_ids), device=hidden.device)
-    logits = hidden @ head.weight[ids].T
+    ids = torch.as_tensor(list(label_ids), device=head.weight.device)  # a tied head sits with the embeddings
+    logits = hidden @ head.weight[ids].T.to(hidden.device)
     if getattr(head, "bias", None) is not None:
-        logits = logits + head.bias[ids]
+        logits = logits + head.bias[ids].to(hidden.device)
     cap = getattr(cfg, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
@@ -383,7 +401,7 @@ def target_label_logits(model, batch: Batch, label_ids: Sequence[int]) -> torch.
         attention_mask=batch.attention_mask.to(device),
         use_cache=False,
     ).last_hidden_state
-    rows = hidden[torch.arange(hidden.shape[0], device=device), batch.target.to(device)]
+    rows = hidden[torch.arange(hidden.shape[0], device=hidden.device), batch.target.to(hidden.device)]
     return check_finite_logits(label_head(model, rows, label_ids), model)
 
 

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from ..core.prefix import PrefixCache, build_prefix, split_prompts, suffix_logits
-from ..core.prompts import Prompt, label_token_ids, target_logits, collate
+from ..core.prompts import Prompt, collate, label_token_ids, output_device, target_logits
 from ..core.runs import Profile, cached_run, make_prompts, settings_of
 from ..core.stats import Estimate, mean_estimate
 from ..core.tasks import Example, Task, TaskData, sample_fixed_demonstrations, subsample_test
@@ -175,9 +175,15 @@ def _last_token_logits(lm, id_lists: Sequence[Sequence[int]], batch_size: int) -
             mask[b, : len(r)] = 1
         last = (mask.sum(1) - 1)[:, None]
         with torch.no_grad():
-            logits = lm.model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=last.to(device),
-                              use_cache=False).logits[:, 0, :]
-        out.append(logits.float())
+            if output_device(lm.model) == device:
+                logits = lm.model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                  logits_to_keep=last.to(device), use_cache=False).logits[:, 0, :]
+            else:  # split over devices: keep the last k positions (an int) and take each row's own
+                k = t - int(last.min())
+                full = lm.model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=k,
+                                use_cache=False).logits
+                logits = full[torch.arange(len(rows), device=full.device), (last[:, 0] - (t - k)).to(full.device)]
+        out.append(logits.float().cpu())
     return torch.cat(out)
 
 
