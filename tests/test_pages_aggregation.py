@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from helpers.pages import aggregation as page  # noqa: E402
@@ -24,7 +25,7 @@ def committed(data_dir):
     """Flows, saliency examples and isolation runs of the committed book results, sliced small."""
     from helpers import load_task
     from helpers.core.runs import PROFILES, ModelKey
-    from helpers.experiments.aggregation import isolation_runs, saliency_examples, saliency_runs
+    from helpers.experiments.aggregation import isolation_runs, saliency_control_runs, saliency_examples, saliency_runs
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ANCHORS_REQUIRE_CACHED", "1")
@@ -34,7 +35,8 @@ def committed(data_dir):
         iso = {t: [{k: v[:N] for k, v in r.items()} for r in isolation_runs(lm, d, profile)[:SEEDS]]
                for t, d in data.items()}
         examples = {t: saliency_examples(lm, d) for t, d in data.items()}
-    return SimpleNamespace(data=data, flows=flows, iso=iso, examples=examples)
+        ctrl = {t: [f[:N] for f in saliency_control_runs(lm, d, profile)[:SEEDS]] for t, d in data.items()}
+    return SimpleNamespace(data=data, flows=flows, iso=iso, examples=examples, ctrl=ctrl)
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +102,11 @@ def test_flow_values_quote_the_estimates(flow):
 
     values = page.flow_values(flow.flows, flow.est, flow.lead)
     assert set(values) == {"n_flow_text", "n_layers", "first_lead", "for_good", "flips_sst2", "flips_trec",
-                           "n_seed_agree", "shallow_gap_max", "pq_at_6", "ww_above_pq", "ww_share"}
+                           "n_flips", "n_clear_flips", "n_seed_agree", "shallow_gap_max", "pq_at_6", "ww_above_pq",
+                           "ww_share"}
+    assert values["n_flips"] == sum(len(ld["flip_backs"]) for ld in flow.lead.values())
+    assert values["n_clear_flips"] == sum(len(ld["clear_flip_backs"]) for ld in flow.lead.values())
+    assert values["n_clear_flips"] <= values["n_flips"]
     assert values["n_flow_text"] == f"{N} × {SEEDS}"
     assert values["n_layers"] == flow.n_layers
     assert values["first_lead"] == ", ".join(map(str, sorted({ld["first"] for ld in flow.lead.values()})))
@@ -131,6 +137,80 @@ def test_attention_window_reads_the_config_and_the_longest_prompt(committed, off
     values, _ = page.attention_window(bare, committed.data, profile, MODEL, [])
     assert values["global_layers"] == "none (all layers alike)"
     assert values["window"] == "None" and values["rope_local"] == values["rope_global"] == "n/a"
+
+
+# -- the position control ------------------------------------------------------------------------------------------
+
+
+def test_control_estimate_normalises_each_position_set_per_layer(committed):
+    from helpers.core.saliency import normalise_per_layer
+
+    runs = committed.ctrl["sst2"]
+    assert runs[0].shape[:3] == (N, 2, 3)
+    est = page.control_estimate(runs)
+    assert est.value.shape == (2, 3, runs[0].shape[-1]) and est.n == f"{N} × {SEEDS}"
+    for where in (0, 1):
+        expected = sum(normalise_per_layer(f[:, where]) for f in runs) / SEEDS
+        assert est.value[where] == pytest.approx(expected)
+        assert est.value[where].sum(axis=0) == pytest.approx(1.0)
+    assert (est.low <= est.value + 1e-12).all() and (est.value <= est.high + 1e-12).all()
+    assert est.hierarchical  # the interval includes the demonstration draw
+
+
+def test_control_figure_draws_label_words_beside_random_positions(committed):
+    est = {t: page.control_estimate(c) for t, c in committed.ctrl.items()}
+    fig = page.control_figure(est, MODEL, marked_layers=[6, 12])
+    axes = _visible_axes(fig)
+    assert [ax.get_title() for ax in axes] == ["SST-2", "TREC"]
+    for ax, task in zip(axes, TASKS):
+        curves = [line for line in ax.get_lines() if line.get_label().startswith("S_")]
+        assert [c.get_label() for c in curves] == ["S_wp, label words", "S_wp, random positions",
+                                                   "S_pq, label words", "S_pq, random positions"]
+        assert [c.get_linestyle() for c in curves] == ["-", "--", "-", "--"]
+        assert list(curves[3].get_ydata()) == pytest.approx(list(est[task].value[1, 1]))  # S_pq, random
+        assert list(curves[0].get_ydata()) == pytest.approx(list(est[task].value[0, 0]))  # S_wp, label words
+        assert len(ax.collections) == 4  # a band per curve
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend[:4] == ["$S_{wp}$ at the label words", "$S_{wp}$ at the random positions",
+                          "$S_{pq}$ at the label words", "$S_{pq}$ at the random positions"]
+    assert legend[-2:] == ["global-attention layer", "95% bootstrap band"]
+    assert f"(n = {N} × {SEEDS} per task; each normalised per layer)" in fig.get_suptitle()
+
+
+def test_control_values_quote_label_words_against_random_positions(committed):
+    from helpers.core.saliency import normalise_per_layer
+
+    values = page.control_values(committed.ctrl, deep_from=10)
+    ranges = ("wp_shallow", "pq_shallow", "pq_deep", "gap_last")
+    assert set(values) == ({"ctrl_n", "ctrl_deep_from", "ctrl_pq_deep_ratio", "ctrl_wp_shallow_ratio"}
+                           | {f"ctrl_{r}_{w}" for r in ranges for w in ("label", "random", "diff")})
+    assert values["ctrl_n"] == f"{N} × {SEEDS}" and values["ctrl_deep_from"] == 10
+    pooled = [f for runs in committed.ctrl.values() for f in runs]
+    n_layers = pooled[0].shape[-1]
+    pq_random = np.mean([normalise_per_layer(f[:, 1])[1, 9:].mean() for f in pooled])
+    assert values["ctrl_pq_deep_random"].startswith(f"{pq_random:.2f} [")
+    wp_label = np.mean([normalise_per_layer(f[:, 0])[0, :5].mean() for f in pooled])
+    assert values["ctrl_wp_shallow_label"].startswith(f"{wp_label:.2f} [")
+    gap = np.mean([(lambda c: (c[1] - c[0])[n_layers - 5:].mean())(normalise_per_layer(f[:, 0])) for f in pooled])
+    assert values["ctrl_gap_last_label"].startswith(f"{gap:.2f} [")
+    ratio = np.mean([f[:, 0, 1, 9:].mean(0).sum() / f[:, 1, 1, 9:].mean(0).sum() for f in pooled])
+    assert values["ctrl_pq_deep_ratio"].startswith(f"{ratio:.0f} [")
+
+
+def test_control_values_see_no_difference_when_the_positions_are_the_label_words():
+    """Random positions that carry the same flows as the label words: differences 0, raw ratios 1."""
+    rng = np.random.default_rng(0)
+    runs = []
+    for _ in range(3):
+        f = rng.random((6, 1, 3, 18)) + 0.1
+        runs.append(np.concatenate([f, f], axis=1))
+    values = page.control_values({"sst2": runs, "trec": runs}, deep_from=10)
+    for r in ("wp_shallow", "pq_shallow", "pq_deep", "gap_last"):
+        assert values[f"ctrl_{r}_diff"] == "0.00 [0.00, 0.00]"
+        assert values[f"ctrl_{r}_label"] == values[f"ctrl_{r}_random"]
+    assert values["ctrl_pq_deep_ratio"] == "1 [1, 1]" and values["ctrl_wp_shallow_ratio"] == "1.0 [1.0, 1.0]"
+    doubled = [np.concatenate([f[:, :1] * np.array([1, 2, 1])[:, None], f[:, 1:]], axis=1) for f in runs]
+    assert page.control_values({"sst2": doubled}, deep_from=10)["ctrl_pq_deep_ratio"] == "2 [2, 2]"
 
 
 # -- one example's saliency ----------------------------------------------------------------------------------------
@@ -187,6 +267,7 @@ def test_loyalty_tables_one_per_metric(loyalty):
 
 
 def test_loyalty_values(loyalty):
+    from helpers.core.stats import pooled_over
     from helpers.experiments.aggregation import KS, loyalty_difference
 
     values = page.loyalty_values(loyalty.avg, loyalty.iso)
@@ -200,7 +281,9 @@ def test_loyalty_values(loyalty):
     assert values["ll_first_5"] == values["ll_label-first-5"]
     r = loyalty.avg["random-first-5"]["label loyalty"]
     assert values["random_cost"] == f"{100 - r.value:.0f} [{100 - r.high:.0f}, {100 - r.low:.0f}]"
-    assert values["label_vs_random"] == loyalty_difference(loyalty.pooled, "random-first-5", "label-first-5").fmt(0)
+    with pooled_over(len(TASKS)):  # the seeds are drawn within each task, as the verdict page draws them
+        expected = loyalty_difference(loyalty.pooled, "random-first-5", "label-first-5")
+    assert values["label_vs_random"] == expected.fmt(0)
 
 
 def test_sweep_figure_draws_both_metrics_against_k(loyalty):

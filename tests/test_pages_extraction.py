@@ -98,18 +98,33 @@ def test_accuracy_table_beside_the_paper(committed):
     assert f"n = {N} × {SEEDS} per row" in styler.caption
 
 
+R_WIDE = {  # R_l Estimates: (expected table entry, estimate); "undetermined" exactly where the figure draws dashes
+    "sst2": ("3 of 4", _estimate([0.1, 0.3, 0.6, 1.0])),                                    # narrow interval
+    "trec": ("never", _estimate([0.1, 0.2, 0.3, 0.4])),
+    "agnews": ("3 of 4", _estimate([0.1, 0.3, 0.6, 1.0], low=[-1.4, 0, 0, 0], high=[1, 1, 1.9, 1])),  # wide, inside
+    "emoc": ("undetermined", _estimate([0.1, 0.3, 0.6, 1.0], low=[-2, 0, 0, 0], high=[1, 1, 1, 1])),  # leaves the axes
+}
+
+
 def test_auc_table_reads_the_peak_and_where_r_passes_one_half():
     auc = _estimate([0.5, 0.9, 0.7, 0.6])
-    est = {"m": {"sst2": (auc, _estimate([0.1, 0.3, 0.6, 1.0])),          # passes at layer 3, narrow interval
-                 "trec": (auc, _estimate([0.1, 0.2, 0.3, 0.4])),          # never
-                 "emoc": (auc, _estimate([0.1, 0.3, 0.6, 1.0], low=[-2, 0, 0, 0], high=[1, 1, 1, 1]))}}  # wide
-    deep = {("m", t): _estimate(0.75) for t in ("sst2", "trec", "emoc")}
+    est = {"m": {t: (auc, r) for t, (_, r) in R_WIDE.items()}}
+    deep = {("m", t): _estimate(0.75) for t in R_WIDE}
     styler = page.auc_table(est, deep)
     df = styler.data
-    assert df["R_l ≥ 0.5 from layer"].tolist() == ["3 of 4", "never", "undetermined"]
-    assert df["peak (layer)"].tolist() == ["0.90 (2)"] * 3
-    assert df["AUCROC, last third"].tolist() == ["0.75 [0.65, 0.85]"] * 3
-    assert "n = 10 × 2 per row" in styler.caption
+    assert df["R_l ≥ 0.5 from layer"].tolist() == [entry for entry, _ in R_WIDE.values()]
+    assert df["peak (layer)"].tolist() == ["0.90 (2)"] * 4
+    assert df["AUCROC, last third"].tolist() == ["0.75 [0.65, 0.85]"] * 4
+    assert "n = 10 × 2 per row" in styler.caption and "leaves [-1.5, 2]" in styler.caption
+
+
+def test_the_tables_call_undetermined_what_the_figure_draws_dashed():
+    auc = _estimate([0.5, 0.9, 0.7, 0.6])
+    fig = page.auc_figure({"m": {t: (auc, r) for t, (_, r) in R_WIDE.items()}})
+    dashed = {line.get_label(): line.get_linestyle() == "--" for line in _curves(fig.axes[1])}
+    from helpers.core.tasks import get_task
+
+    assert dashed == {get_task(t).title: entry == "undetermined" for t, (entry, _) in R_WIDE.items()}
 
 
 def test_one_shot_values(committed):
@@ -122,12 +137,29 @@ def test_one_shot_values(committed):
     assert values["acc_agnews"] == accuracy_estimate(committed.runs[MODEL]["agnews"]).fmt(1)
     assert values["n_classes_agnews"] == min(len(np.unique(r["pred"])) for r in committed.runs[MODEL]["agnews"])
     assert values["r_min_sst2"] == f"{np.nanmin(committed.est[MODEL]['sst2'][1].value):.1f}"
-    passing = layer_passing(committed.est[MODEL]["sst2"][1].value)
-    assert values["pass1_sst2"] == (str(passing + 1) if passing is not None else "never")
+    passing = layer_passing(committed.est[MODEL]["agnews"][1].value)
+    determined = f"{MODEL} AG News" not in values["undetermined_text"]
+    assert values["pass1_agnews"] == ((str(passing + 1) if passing is not None else "never") if determined
+                                      else "undetermined")
     assert values["undetermined_text"] == "none" or values["undetermined_text"].split(", ")[0].split(" ")[0] in (
         MODEL, SECOND)
+    assert values["r_limits"] == "[-1.5, 2]"
+    for key, m in (("", MODEL), ("2", SECOND)):
+        below = [title for t, title in zip(TASKS, ("SST-2", "AG News")) if not deep[m, t].low > 0.5]
+        assert values[f"n_above_chance{key}"] == f"{len(TASKS) - len(below)} of {len(TASKS)}"
+        assert values[f"not_above_chance{key}"] == (", ".join(below) or "none")
+    places = {}
+    for key in ("inside", "above", "below"):
+        for title in filter(None, values[f"acc_paper_{key}"].replace("none", "").split(", ")):
+            places.setdefault(title, []).append(key)
+    assert sorted(places) == ["AG News", "SST-2"] and all(len(v) == 1 for v in places.values())
+    acc = accuracy_estimate(committed.runs[MODEL]["agnews"])
+    expected = "inside" if acc.low <= page.PAPER_ACC["agnews"] <= acc.high else (
+        "above" if page.PAPER_ACC["agnews"] > acc.high else "below")
+    assert places["AG News"] == [expected]
     alone = page.one_shot_values({MODEL: committed.runs[MODEL]}, {MODEL: committed.est[MODEL]}, deep, MODEL, None)
     assert alone["second_name"] == "(none)" and not any(k.startswith("deep2_") for k in alone)
+    assert "n_above_chance2" not in alone
 
 
 def test_sink_figure_draws_the_sink_and_label_shares(committed):
@@ -206,13 +238,40 @@ def test_two_shot_table_and_values(committed):
     assert df.loc["SST-2", "accuracy %, 1 per class"] == accuracy_estimate(committed.runs[MODEL]["sst2"]).fmt(1)
     assert df.loc["SST-2", "2 per class"] == accuracy_estimate(committed.runs2["sst2"]).fmt(1)
     assert df.loc["AG News", "AUCROC, last third"] == deep_auc_estimate(committed.runs2["agnews"]).fmt(2)
-    assert styler.caption == (f"{MODEL}, one vs two demonstrations per class (95% intervals; n = {N} × {SEEDS} per "
-                              "task).")
-    values = page.two_shot_values(committed.runs2, committed.est2)
-    assert set(values) == {f"{k}_{t}" for k in ("acc2", "pass2", "deep2shot") for t in TASKS}
+    assert styler.caption.startswith(f"{MODEL}, one vs two demonstrations per class (95% intervals; n = {N} × "
+                                     f"{SEEDS} per task). 'undetermined': the interval of R_l leaves [-1.5, 2].")
+    values = page.two_shot_values(committed.runs[MODEL], committed.runs2, committed.est2)
+    assert set(values) == {f"{k}_{t}" for k in ("acc2", "acc_change", "pass2", "deep2shot") for t in TASKS} | {
+        "undetermined2_text"}
     assert values["acc2_sst2"] == df.loc["SST-2", "2 per class"]
     assert values["pass2_agnews"] == df.loc["AG News", "R_l ≥ 0.5 from layer"]
     assert values["deep2shot_agnews"] == df.loc["AG News", "AUCROC, last third"]
+    assert values["acc_change_sst2"] == page.accuracy_change(committed.runs[MODEL]["sst2"], committed.runs2["sst2"]
+                                                             ).fmt(1)
+
+
+def test_two_shot_table_and_figure_agree_on_undetermined(committed):
+    auc = _estimate(np.full(committed.n_layers, 0.6))
+    r = {t: _estimate(np.linspace(0, 1, committed.n_layers)) for t in TASKS}
+    r["sst2"] = _estimate(np.linspace(0, 1, committed.n_layers), low=np.full(committed.n_layers, -3.0))
+    est2 = {t: (auc, r[t]) for t in TASKS}
+    df = page.two_shot_table(committed.runs[MODEL], committed.runs2, est2, MODEL).data
+    assert df.loc["SST-2", "R_l ≥ 0.5 from layer"] == "undetermined"
+    assert df.loc["AG News", "R_l ≥ 0.5 from layer"] != "undetermined"
+    values = page.two_shot_values(committed.runs[MODEL], committed.runs2, est2)
+    assert values["pass2_sst2"] == "undetermined" and values["undetermined2_text"] == "SST-2"
+    fig = page.two_shot_figure(est2, MODEL)
+    styles = {line.get_label(): line.get_linestyle() for line in _curves(fig.axes[1])}
+    assert styles == {"SST-2": "--", "AG News": "-"}
+
+
+def test_accuracy_change_is_paired_over_the_same_examples():
+    one = [{"gold": np.array([0, 1, 0, 1]), "pred": np.array([0, 1, 0, 1])}] * 3
+    two = [{"gold": np.array([0, 1, 0, 1]), "pred": np.array([0, 1, 1, 0])}] * 3
+    assert page.accuracy_change(one, two).fmt(1).startswith("-50.0 [")
+    assert page.accuracy_change(one, one).fmt(1) == "0.0 [0.0, 0.0]"
+    with pytest.raises(ValueError, match="same test examples"):
+        page.accuracy_change(one, [{"gold": np.array([1, 1, 0, 1]), "pred": np.array([0, 1, 0, 1])}] * 3)
 
 
 def test_public_functions_say_where_they_are_used():

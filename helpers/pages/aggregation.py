@@ -4,12 +4,16 @@ The chapter runs the experiments (:mod:`helpers.experiments.aggregation`) and pa
 
 * the saliency flows: :func:`flow_figure`, :func:`flow_table`, :func:`flow_values`, :func:`attention_window`;
 * one example's saliency matrices: :func:`strip_figure`, :func:`matrix_figure`;
+* the position control of the flows: :func:`control_estimate`, :func:`control_figure`, :func:`control_values`;
 * isolating the label words: :func:`loyalty_figure`, :func:`loyalty_tables`, :func:`loyalty_values`,
   :func:`sweep_figure`.
 
 ``flows`` is ``{task: saliency_runs(...)}`` (one (N, 3, L) array per seed), ``flow_est`` ``{task: flow_estimate}``,
 ``lead`` ``{task: lead_layers(flow_gap_estimate)}``; ``iso`` is ``{task: isolation_runs(...)}`` (one run per seed),
-``per_task`` ``{task: loyalty_estimates}`` and ``avg`` the loyalty estimates of all tasks' runs pooled.
+``per_task`` ``{task: loyalty_estimates}`` and ``avg`` the loyalty estimates of all tasks' runs pooled (bootstrapped
+with the seeds drawn within each task, :func:`helpers.core.stats.pooled_over`). ``ctrl`` is
+``{task: saliency_control_runs(...)}`` (one (N, 2, 3, L) array per seed: the flows at the label words, then at random
+non-label positions).
 """
 
 from __future__ import annotations
@@ -22,12 +26,14 @@ import pandas as pd
 
 from . import plots
 from ..core.runs import Profile, make_prompts
+from ..core.saliency import normalise_per_layer
+from ..core.stats import Estimate, bootstrap, pooled_over
 from ..core.tasks import TaskData, get_task
 from ..experiments.aggregation import KS, gap_over_layers, loyalty_difference, ww_smallest_share
 
 __all__ = ["SHALLOW_LAST", "CONDITIONS", "flow_figure", "flow_table", "flow_values", "attention_window",
-           "strip_figure", "matrix_figure", "isolation_n", "loyalty_figure", "loyalty_tables", "loyalty_values",
-           "sweep_figure"]
+           "control_estimate", "control_figure", "control_values", "strip_figure", "matrix_figure", "isolation_n",
+           "loyalty_figure", "loyalty_tables", "loyalty_values", "sweep_figure"]
 
 SHALLOW_LAST = 5  # the flow table's "shallow layers": 1..5
 CONDITIONS = ["label-first-5", "random-first-5", "label-last-5", "random-last-5"]
@@ -89,7 +95,8 @@ def flow_table(flows: Mapping[str, Sequence[np.ndarray]], flow_est: Mapping, lea
 
 def flow_values(flows: Mapping[str, Sequence[np.ndarray]], flow_est: Mapping, lead: Mapping[str, dict]) -> dict:
     """The numbers the flow section's prose quotes: sample size, number of layers, where S_pq first leads and leads
-    for good, the layers where S_wp leads again per task, how many tasks agree in every seed, the largest upper end
+    for good, the layers where S_wp leads again per task (how many in all, and how many of them with an interval
+    wholly below 0), how many tasks agree in every seed, the largest upper end
     of the shallow gap, S_pq at layer 6, and how often S_ww is below the other two flows.
 
     Returns ``{glue name: value}``. Used in: Aggregation.
@@ -103,6 +110,8 @@ def flow_values(flows: Mapping[str, Sequence[np.ndarray]], flow_est: Mapping, le
     }
     for name, ld in lead.items():
         values[f"flips_{name}"] = _joined(ld["flip_backs"]) or "none"
+    values["n_flips"] = sum(len(ld["flip_backs"]) for ld in lead.values())
+    values["n_clear_flips"] = sum(len(ld["clear_flip_backs"]) for ld in lead.values())
     values["n_seed_agree"] = sum(ld["per_seed_agree"] for ld in lead.values())
     values["shallow_gap_max"] = f"{max(gap_over_layers(f, 1, SHALLOW_LAST).high for f in flows.values()):.2f}"
     values["pq_at_6"] = f"{min(e.value[1, 5] for e in flow_est.values()):.2f}" if n_layers >= 6 else "n/a"
@@ -137,6 +146,117 @@ def attention_window(lm, data: Mapping[str, TaskData], profile: Profile, model: 
     table = pd.DataFrame({"global layers": [_joined(global_layers)], "sliding window": [window],
                           "longest prompt (tokens)": [max_prompt]}, index=[model])
     return values, table
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The position control of the flows
+# ------------------------------------------------------------------------------------------------------------------
+
+CONTROL_STYLES = {"label words": {"ls": "-", "marker": "."}, "random positions": {"ls": "--", "marker": None}}
+
+
+def _control_curves(flows: np.ndarray) -> np.ndarray:
+    """(2, 3, L): the flows at the label words and at the random positions, each normalised per layer as the main
+    flow figure (mean over examples, then S_wp + S_pq + S_ww = 1 in every layer)."""
+    return np.stack([normalise_per_layer(flows[:, 0]), normalise_per_layer(flows[:, 1])])
+
+
+def control_estimate(per_seed: Sequence[np.ndarray]) -> Estimate:
+    """The normalised flows (2, 3, L) at the label words ([0]) and at as many random non-label positions ([1]) of
+    one task, with the book's bootstrap intervals (seeds, then examples). ``per_seed``: one task's
+    ``saliency_control_runs``.
+
+    Returns an Estimate. Used in: Aggregation.
+    """
+    return bootstrap(per_seed, _control_curves)
+
+
+def control_figure(ctrl_est: Mapping[str, Estimate], model: str, marked_layers: Sequence[int] = ()) -> plt.Figure:
+    """S_wp and S_pq per layer at the label words (solid) and at random non-label positions of the demonstrations
+    (dashed), normalised as :func:`flow_figure`, one panel per task, with 95% bands. ``ctrl_est``:
+    ``{task: control_estimate(...)}``.
+
+    Returns the figure. Used in: Aggregation (``control_fig``).
+    """
+    n_tasks = len(ctrl_est)
+    cols = min(2, n_tasks)
+    rows = -(-n_tasks // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(plots.PAGE_WIDTH, 2.5 * rows + 1.1), squeeze=False, sharex=True,
+                             sharey=True, layout="constrained")
+    for ax, (task, e) in zip(axes.flat, ctrl_est.items()):
+        layers = np.arange(1, e.value.shape[-1] + 1)
+        plots.mark_layers(ax, marked_layers)
+        for i, m in enumerate(("S_wp", "S_pq")):
+            for where, (name, style) in enumerate(CONTROL_STYLES.items()):
+                color = plots.COLORS[m]
+                ax.plot(layers, e.value[where, i], color=color, lw=1.6, ms=4, label=f"{m}, {name}", **style)
+                ax.fill_between(layers, e.low[where, i], e.high[where, i], color=color, lw=0,
+                                alpha=0.2 if where == 0 else 0.1)
+        ax.set_title(get_task(task).title)
+        ax.set_ylim(0, 1)
+        ax.set_xticks(plots.layer_ticks(len(layers)))
+        ax.set_xlim(0.5, len(layers) + 0.5)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[n_tasks:]:
+        ax.set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xlabel("layer")
+        ax.xaxis.set_tick_params(labelbottom=True)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("relative size")
+    handles, labels = axes.flat[0].get_legend_handles_labels()  # the global layers first, then the four curves
+    order = [i for i, x in enumerate(labels) if x.startswith("S_")] + [i for i, x in enumerate(labels)
+                                                                       if not x.startswith("S_")]
+    names = {f"{m}, {w}": f"{plots.LABELS[m].split(' (')[0]} at the {w}" for m in ("S_wp", "S_pq")
+             for w in CONTROL_STYLES}
+    labels = [names.get(labels[i], labels[i]) for i in order] + ["95% bootstrap band"]
+    handles = [handles[i] for i in order] + [plt.Rectangle((0, 0), 1, 1, color="#999", alpha=0.3)]
+    fig.legend(handles, labels, loc="outside lower center", ncol=3, frameon=False)
+    n = next(iter(ctrl_est.values())).n
+    fig.suptitle(f"{model}: the flows at the label words and at random non-label positions\n(n = {n} per task; each "
+                 "normalised per layer)")
+    return fig
+
+
+def _layer_mean(where: int, measure: int | None, first: int, last: int, raw: bool = False):
+    """A statistic of one seed's (N, 2, 3, L) flows: the mean over layers ``first..last`` (1-based) of a measure
+    (0 S_wp, 1 S_pq, None: S_pq - S_wp) at the label words (``where`` 0), at the random positions (1), or their
+    difference (-1: label words minus random), normalised per layer; or (``raw``) the label words' raw flow summed
+    over those layers, divided by the random positions'."""
+    def stat(flows):
+        if raw:
+            mean = flows.mean(axis=0)[:, measure, first - 1:last].sum(axis=-1)
+            return mean[0] / mean[1]
+        c = _control_curves(flows)[..., first - 1:last]
+        c = (c[:, 1] - c[:, 0] if measure is None else c[:, measure]).mean(axis=-1)
+        return c[0] - c[1] if where < 0 else c[where]
+
+    return stat
+
+
+def control_values(ctrl: Mapping[str, Sequence[np.ndarray]], deep_from: int) -> dict:
+    """The numbers the control's prose quotes, each the mean of the tasks (the bootstrap draws the seeds within each
+    task): normalised S_wp over layers 1-:data:`SHALLOW_LAST` and normalised S_pq over layers ``deep_from``-L at the
+    label words, at the random positions and their difference (the same examples), S_pq over layers
+    1-:data:`SHALLOW_LAST` and S_pq - S_wp over the last :data:`SHALLOW_LAST` layers (the verdict page's deep-layer
+    measure) likewise, and the ratio of the raw (un-normalised) flows, label words over random positions: S_pq in
+    the deep layers, S_wp in the shallow ones.
+
+    Returns ``{glue name: text}``. Used in: Aggregation.
+    """
+    pooled = [f for runs in ctrl.values() for f in runs]
+    n_layers = int(pooled[0].shape[-1])
+    ranges = {"wp_shallow": (0, 1, SHALLOW_LAST), "pq_shallow": (1, 1, SHALLOW_LAST),
+              "pq_deep": (1, deep_from, n_layers), "gap_last": (None, n_layers - SHALLOW_LAST + 1, n_layers)}
+    first = next(iter(ctrl.values()))[0]
+    values = {"ctrl_n": f"{len(first)} × {len(next(iter(ctrl.values())))}", "ctrl_deep_from": deep_from}
+    with pooled_over(len(ctrl)):
+        for key, (measure, a, b) in ranges.items():
+            for where, suffix in ((0, "label"), (1, "random"), (-1, "diff")):
+                values[f"ctrl_{key}_{suffix}"] = bootstrap(pooled, _layer_mean(where, measure, a, b)).fmt(2)
+        values["ctrl_pq_deep_ratio"] = bootstrap(pooled, _layer_mean(0, 1, deep_from, n_layers, raw=True)).fmt(0)
+        values["ctrl_wp_shallow_ratio"] = bootstrap(pooled, _layer_mean(0, 0, 1, SHALLOW_LAST, raw=True)).fmt(1)
+    return values
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -226,8 +346,8 @@ def loyalty_tables(per_task: Mapping[str, Mapping], avg: Mapping, iso: Mapping[s
 
 def loyalty_values(avg: Mapping, iso: Mapping[str, Sequence]) -> dict:
     """The numbers the isolation section's prose quotes: the sample, label and word loyalty per condition (k = 5),
-    the cost of isolating random tokens, label words against random tokens (paired differences), and label loyalty
-    for every k of the sweep.
+    the cost of isolating random tokens, label words against random tokens (paired differences over the tasks'
+    pooled runs, the seeds drawn within each task), and label loyalty for every k of the sweep.
 
     Returns ``{glue name: text}``. Used in: Aggregation.
     """
@@ -238,9 +358,10 @@ def loyalty_values(avg: Mapping, iso: Mapping[str, Sequence]) -> dict:
         values[f"wl_{c}"] = avg[c]["word loyalty@5"].fmt(0)
     random = avg["random-first-5"]["label loyalty"]
     values["random_cost"] = f"{100 - random.value:.0f} [{100 - random.high:.0f}, {100 - random.low:.0f}]"
-    values["label_vs_random"] = loyalty_difference(pooled, "random-first-5", "label-first-5").fmt(0)
-    values["label_vs_random_w"] = loyalty_difference(pooled, "random-first-5", "label-first-5",
-                                                     "word loyalty@5").fmt(0)
+    with pooled_over(len(iso)):  # the tasks stay fixed; the seeds are drawn within each task
+        values["label_vs_random"] = loyalty_difference(pooled, "random-first-5", "label-first-5").fmt(0)
+        values["label_vs_random_w"] = loyalty_difference(pooled, "random-first-5", "label-first-5",
+                                                         "word loyalty@5").fmt(0)
     for k in KS:
         values[f"ll_first_{k}"] = avg[f"label-first-{k}"]["label loyalty"].fmt(0)
         values[f"ll_last_{k}"] = avg[f"label-last-{k}"]["label loyalty"].fmt(0)

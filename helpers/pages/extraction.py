@@ -7,7 +7,7 @@ i.e. ``(AUCROC_l, R_l)`` Estimates; the two-shot runs ``runs2`` and ``est2`` are
 * one demonstration per class: :func:`auc_figure`, :func:`deep_estimates`, :func:`accuracy_table`, :func:`auc_table`,
   :func:`one_shot_values`, :func:`sink_figure`, :func:`renorm_figure`, :func:`renorm_values`,
   :func:`example_figure`, :func:`example_outcome`;
-* two per class: :func:`two_shot_figure`, :func:`two_shot_table`, :func:`two_shot_values`.
+* two per class: :func:`two_shot_figure`, :func:`two_shot_table`, :func:`accuracy_change`, :func:`two_shot_values`.
 """
 
 from __future__ import annotations
@@ -19,12 +19,13 @@ import numpy as np
 import pandas as pd
 
 from . import plots
+from ..core.stats import paired_difference
 from ..core.tasks import get_task
 from ..experiments.extraction import accuracy_estimate, attention_shares, deep_auc_estimate, layer_passing
 
 __all__ = ["PAPER_ACC", "auc_figure", "deep_estimates", "accuracy_table", "auc_table", "one_shot_values",
            "sink_figure", "renorm_figure", "renorm_values", "example_figure", "example_outcome", "two_shot_figure",
-           "two_shot_table", "two_shot_values"]
+           "two_shot_table", "accuracy_change", "two_shot_values"]
 
 PAPER_ACC = {"sst2": 61.28, "trec": 57.56, "agnews": 73.32, "emoc": 15.44}  # Table 1, GPT2-XL, 1 demo per class
 _SHOTS = {1: "one demonstration", 2: "two demonstrations"}
@@ -35,14 +36,28 @@ def _n(est: Mapping[str, Mapping[str, tuple]]) -> str:
     return next(iter(next(iter(est.values())).values()))[0].n
 
 
-def _passing_text(r_value) -> str:
-    passing = layer_passing(r_value)
-    return f"{passing + 1}" if passing is not None else "never"
-
-
 def _determined(r) -> bool:
-    """Whether R_l is pinned down: its 95% interval spans less than 2 in every layer."""
-    return np.nanmax(r.high - r.low) < 2
+    """Whether R_l is pinned down: its 95% interval stays within :data:`helpers.pages.plots.R_LIMITS` in every
+    layer, the axes of the figures, which draw an undetermined curve dashed (the table and the figure agree)."""
+    low, high = plots.R_LIMITS
+    if not (np.isfinite(r.low).any() and np.isfinite(r.high).any()):  # no interval at all
+        return False
+    return bool(np.nanmin(r.low) >= low and np.nanmax(r.high) <= high)
+
+
+def _passing_or_undetermined(r, n_layers: bool = False) -> str:
+    """Where R_l first reaches 0.5 ("14", or "14 of 18"), "never", or "undetermined" (:func:`_determined`)."""
+    if not _determined(r):
+        return "undetermined"
+    passing = layer_passing(r.value)
+    if passing is None:
+        return "never"
+    return f"{passing + 1} of {len(r.value)}" if n_layers else f"{passing + 1}"
+
+
+def _undetermined_limits() -> str:
+    low, high = plots.R_LIMITS
+    return f"[{low:g}, {high:g}]"
 
 
 def auc_figure(est: Mapping[str, Mapping[str, tuple]], marked_layers: Mapping[str, Sequence[int]] | None = None,
@@ -86,29 +101,30 @@ def accuracy_table(runs: Mapping[str, Mapping[str, Sequence[dict]]], est: Mappin
 
 def auc_table(est: Mapping, deep: Mapping) -> "pd.io.formats.style.Styler":
     """Per model and task: AUCROC_l over the last third of the layers, its peak and where, and the first layer where
-    R_l reaches 0.5 ("undetermined" when the interval of R_l spans more than 2).
+    R_l reaches 0.5 ("undetermined" when the interval of R_l leaves the figure's axes, :func:`_determined`).
 
     Returns a pandas Styler with its caption. Used in: Extraction.
     """
     rows = []
     for m, per_task in est.items():
         for name, (auc, r) in per_task.items():
-            passing = layer_passing(r.value)
             rows.append({"model": m, "task": get_task(name).title,
                          "AUCROC, last third": deep[m, name].fmt(2),
                          "peak (layer)": f"{np.nanmax(auc.value):.2f} ({int(np.nanargmax(auc.value)) + 1})",
-                         "R_l ≥ 0.5 from layer": (f"{passing + 1} of {len(auc.value)}" if passing is not None
-                                                  else "never") if _determined(r) else "undetermined"})
+                         "R_l ≥ 0.5 from layer": _passing_or_undetermined(r, n_layers=True)})
     return pd.DataFrame(rows).set_index(["model", "task"]).style.set_caption(
         f"AUCROC averaged over the last third of the layers, its peak, and the first layer where R_l reaches 0.5 (95% "
-        f"intervals; n = {_n(est)} per row). 'undetermined': the interval of R_l spans more than 2.")
+        f"intervals; n = {_n(est)} per row). 'undetermined': the interval of R_l leaves {_undetermined_limits()} "
+        "(drawn dashed in the figure).")
 
 
 def one_shot_values(runs: Mapping[str, Mapping[str, Sequence[dict]]], est: Mapping, deep: Mapping, model: str,
                     second_model: str | None = None) -> dict:
     """The numbers the one-shot section's prose quotes: the models' names, the deep AUCROC and the accuracy per task,
-    how many AG News classes are predicted, the smallest R_l on AG News and SST-2, the (model, task) pairs whose R_l
-    is undetermined, and the layer where R_l first reaches 0.5.
+    how many tasks' deep AUCROC lies above chance (its interval above 0.5) per model and which do not, where the
+    paper's GPT2-XL accuracy lies against ``model``'s interval (inside, above, below), how many AG News classes are
+    predicted, the smallest R_l on AG News and SST-2, the (model, task) pairs whose R_l is undetermined, the limits
+    that define it, and the layer where R_l first reaches 0.5 (or "undetermined").
 
     Returns ``{glue name: value}``. Used in: Extraction.
     """
@@ -118,14 +134,25 @@ def one_shot_values(runs: Mapping[str, Mapping[str, Sequence[dict]]], est: Mappi
         if second_model:
             values[f"deep2_{name}"] = deep[second_model, name].fmt(2)
         values[f"acc_{name}"] = accuracy_estimate(runs[model][name]).fmt(1)
+    for key, m in (("", model), ("2", second_model)):
+        if m:
+            below = [get_task(name).title for name in runs[m] if not deep[m, name].low > 0.5]
+            values[f"n_above_chance{key}"] = f"{len(runs[m]) - len(below)} of {len(runs[m])}"
+            values[f"not_above_chance{key}"] = ", ".join(below) or "none"
+    acc = {name: accuracy_estimate(runs[model][name]) for name in runs[model]}
+    for key, test in (("inside", lambda e, x: e.low <= x <= e.high), ("above", lambda e, x: x > e.high),
+                      ("below", lambda e, x: x < e.low)):
+        values[f"acc_paper_{key}"] = ", ".join(get_task(n).title for n, e in acc.items() if test(e, PAPER_ACC[n])) \
+            or "none"
     values["n_classes_agnews"] = min(len(np.unique(x["pred"])) for x in runs[model]["agnews"])
     values["r_min_agnews"] = f"{np.nanmin(est[model]['agnews'][1].value):.1f}"
     values["r_min_sst2"] = f"{np.nanmin(est[model]['sst2'][1].value):.1f}"
     undetermined = [f"{m} {get_task(name).title}" for m, per in est.items() for name, (_, r) in per.items()
                     if not _determined(r)]
     values["undetermined_text"] = ", ".join(undetermined) or "none"
+    values["r_limits"] = _undetermined_limits()
     for name in est[model]:
-        values[f"pass1_{name}"] = _passing_text(est[model][name][1].value)
+        values[f"pass1_{name}"] = _passing_or_undetermined(est[model][name][1])
     return values
 
 
@@ -235,7 +262,8 @@ def two_shot_figure(est2: Mapping[str, tuple], model: str, marked_layers: Sequen
 def two_shot_table(runs: Mapping[str, Sequence[dict]], runs2: Mapping[str, Sequence[dict]], est2: Mapping,
                    model: str) -> "pd.io.formats.style.Styler":
     """One vs two demonstrations per class, per task: both accuracies, the deep AUCROC and where R_l reaches 0.5 with
-    two. ``runs``: the one-shot runs of ``model`` (``{task: [...]}``).
+    two ("undetermined" as in :func:`auc_table`, drawn dashed by :func:`two_shot_figure`). ``runs``: the one-shot
+    runs of ``model`` (``{task: [...]}``).
 
     Returns a pandas Styler with its caption. Used in: Extraction (``two_shot_table``).
     """
@@ -244,20 +272,41 @@ def two_shot_table(runs: Mapping[str, Sequence[dict]], runs2: Mapping[str, Seque
         rows.append({"task": get_task(name).title, "accuracy %, 1 per class": accuracy_estimate(runs[name]).fmt(1),
                      "2 per class": accuracy_estimate(runs2[name]).fmt(1),
                      "AUCROC, last third": deep_auc_estimate(runs2[name]).fmt(2),
-                     "R_l ≥ 0.5 from layer": _passing_text(r.value)})
+                     "R_l ≥ 0.5 from layer": _passing_or_undetermined(r)})
     return pd.DataFrame(rows).set_index("task").style.set_caption(
-        f"{model}, one vs two demonstrations per class (95% intervals; n = {est2[next(iter(est2))][0].n} per task).")
+        f"{model}, one vs two demonstrations per class (95% intervals; n = {est2[next(iter(est2))][0].n} per task). "
+        f"'undetermined': the interval of R_l leaves {_undetermined_limits()}.")
 
 
-def two_shot_values(runs2: Mapping[str, Sequence[dict]], est2: Mapping) -> dict:
-    """The two-shot numbers the prose quotes, per task: accuracy, the layer where R_l reaches 0.5 and the deep
-    AUCROC.
+def _correct(run: dict) -> np.ndarray:
+    return (run["pred"] == run["gold"]).astype(float)
+
+
+def accuracy_change(runs: Sequence[dict], runs2: Sequence[dict]):
+    """Accuracy with two demonstrations per class minus with one (in points), paired over the same test examples of
+    each seed (both runs of a seed draw the same test subset; checked).
+
+    Returns an Estimate. Used in: Extraction.
+    """
+    for a, b in zip(runs, runs2, strict=True):
+        if not np.array_equal(a["gold"], b["gold"]):
+            raise ValueError("the one- and two-shot runs of a seed must hold the same test examples")
+    return paired_difference([_correct(b) for b in runs2], [_correct(a) for a in runs]).scaled(100)
+
+
+def two_shot_values(runs: Mapping[str, Sequence[dict]], runs2: Mapping[str, Sequence[dict]], est2: Mapping) -> dict:
+    """The two-shot numbers the prose quotes, per task: accuracy, its change from one demonstration per class
+    (:func:`accuracy_change`), the layer where R_l reaches 0.5 (or "undetermined") and the deep AUCROC; and the tasks
+    whose R_l is undetermined. ``runs``: the one-shot runs of the same model (``{task: [...]}``).
 
     Returns ``{glue name: text}``. Used in: Extraction.
     """
     values = {}
     for name, (_, r) in est2.items():
         values[f"acc2_{name}"] = accuracy_estimate(runs2[name]).fmt(1)
-        values[f"pass2_{name}"] = _passing_text(r.value)
+        values[f"acc_change_{name}"] = accuracy_change(runs[name], runs2[name]).fmt(1)
+        values[f"pass2_{name}"] = _passing_or_undetermined(r)
         values[f"deep2shot_{name}"] = deep_auc_estimate(runs2[name]).fmt(2)
+    values["undetermined2_text"] = ", ".join(get_task(n).title for n, (_, r) in est2.items() if not _determined(r)) \
+        or "none"
     return values
