@@ -38,17 +38,18 @@ def _timing(median, ceiling, prefix=1.0, lo=None, hi=None, full_mb=1.0, anchor_m
     """One benchmark entry (a task or a sweep point at one batch size), as ``helpers.cli.bench`` writes it."""
     ratio = {"median": median, "min": median - 0.1 if lo is None else lo, "max": median + 0.1 if hi is None else hi}
     return {"n": 8, "reps": 3, "L_demo": 52, "L_x": 30.25, "L_full": 82.25, "ceiling": ceiling,
-            "ratios": {"full/anchor": ratio, "prefix/anchor": {"median": prefix, "min": prefix, "max": prefix},
+            "ratios": {"full/anchor": ratio, "prefix/anchor": {"median": prefix, "min": prefix - 0.1,
+                                                               "max": prefix + 0.2},
                        "full/prefix": {"median": median / prefix, "min": 0.0, "max": 0.0}},
             "cache_build_s": 5.0, "break_even_queries": None,
             "cache_bytes": {"full": int(full_mb * 2**20), "anchor": int(anchor_mb * 2**20)}}
 
 
 def _bench():
-    """SST-2 reaches the paper's GPT-J ratio (1.5×) at batch 8 only, TREC (2.2×) at both; 60% of the ceiling at
-    batch 8: TREC only (SST-2 55%)."""
-    return {"tasks": {"sst2": {"1": _timing(1.2, 2.0), "8": _timing(2.2, 4.0, prefix=0.9)},
-                      "trec": {"1": _timing(2.5, 10.0), "8": _timing(6.5, 10.0, prefix=1.3)}},
+    """Full recomputation: SST-2 reaches the paper's GPT-J ratio (1.5×) at batch 8 only, TREC (2.2×) at both; 60% of
+    the ceiling at batch 8: TREC only (SST-2 55%). Equal work: TREC faster at batch 1 (1.1×), SST-2 slower (0.95×)."""
+    return {"tasks": {"sst2": {"1": _timing(1.2, 2.0, prefix=0.95), "8": _timing(2.2, 4.0, prefix=0.9)},
+                      "trec": {"1": _timing(2.5, 10.0, prefix=1.1), "8": _timing(6.5, 10.0, prefix=1.3)}},
             "sweep": {"sst2": {"1": {"1": _timing(1.3, 2.0), "8": _timing(2.0, 2.0, prefix=0.95)},
                                "16": {"1": _timing(14.4, 21.1, full_mb=18.5, anchor_mb=7.2),
                                       "8": _timing(11.9, 21.1, prefix=1.33)}}}}
@@ -82,14 +83,14 @@ def data(data_dir):
 
 @pytest.fixture(scope="module")
 def committed(data):
-    """The committed Table 2 runs of the default model on SST-2 and TREC, seed 42 only, and their table."""
+    """The committed Table 2 runs of the default model on SST-2 and TREC, seeds 42 and 43, and their tables."""
     from helpers.core.runs import ModelKey
-    from helpers.experiments.compression import compression_runs, table2
+    from helpers.experiments.compression import compression_runs
 
-    runs = {t: compression_runs(ModelKey.of(MODEL), d, PROFILES["book"], seeds=(42,), progress=False)
+    runs = {t: compression_runs(ModelKey.of(MODEL), d, PROFILES["book"], seeds=(42, 43), lookup_only=True)
             for t, d in data.items()}
-    assert all(r[0] is not None for r in runs.values()), "committed compression results missing"
-    return {MODEL: runs}, {MODEL: table2(runs, page.VARIANTS)}
+    assert all(r is not None for rs in runs.values() for r in rs), "committed compression results missing"
+    return {MODEL: runs}, page.loyalty_tables({MODEL: runs})
 
 
 @pytest.fixture(scope="module")
@@ -128,13 +129,35 @@ def test_example_prompt_and_what_is_kept(data, tokenizer_lm):
     assert "line-through" in html and "font-weight:bold" in html
 
 
+def _table2_run(agree):
+    """A Table 2 run of 4 examples: Hidden_anchor (and Hidden_random, one draw) agree with full ICL on the first
+    ``agree``."""
+    run = _sweep_run(agree, agree)
+    return {**run, "random/pred": run["anchor/pred"][None], "random/top": run["anchor/top"][None],
+            "check/full_prompt_max_diff": np.array(0.0)}
+
+
+def test_loyalty_tables_hold_the_tasks_fixed():
+    # task a: Hidden_anchor always loyal, task b: never; two seeds each. With the tasks held fixed every bootstrap
+    # replicate averages one task of each kind, so the interval is the point; drawing tasks as if they were seeds
+    # (the plain table2) widens it.
+    from helpers.experiments.compression import table2
+
+    runs = {"a": [_table2_run(4), _table2_run(4)], "b": [_table2_run(0), _table2_run(0)]}
+    label = page.loyalty_tables({"m": runs})["m"]["anchor"]["label"]
+    assert (label.value, label.low, label.high) == pytest.approx((50.0, 50.0, 50.0))
+    loose = table2(runs, page.VARIANTS)["anchor"]["label"]
+    assert loose.value == pytest.approx(50.0) and loose.high - loose.low > 20
+
+
 def test_loyalty_table(committed):
     _, tables = committed
-    table = page.loyalty_table(tables)
+    table = page.loyalty_table(tables, 2)
     assert list(table.columns) == ["label loyalty", "word loyalty", "accuracy", "n"]
     ours = table.loc[MODEL]
     assert list(ours.index) == [page.NAMES[v] for v in page.VARIANTS]
-    assert ours.loc["ICL", "label loyalty"] == "100.0 [100.0, 100.0]" and ours.loc["ICL", "n"] == "32 × 2"
+    assert ours.loc["ICL", "label loyalty"] == "100.0 [100.0, 100.0]"
+    assert ours.loc["ICL", "n"] == "32 × 2 seeds × 2 tasks"
     assert table.loc[("paper: GPT-J", "Hidden_anchor"), "label loyalty"] == "89.1"
     assert len(table) == len(page.VARIANTS) + 2 * 5
     one_draw = {MODEL: {v: e for v, e in tables[MODEL].items() if v != "random-top"}}  # e.g. the second model
@@ -144,15 +167,26 @@ def test_loyalty_table(committed):
 def test_table2_values(committed):
     runs, tables = committed
     v = page.table2_values(runs, tables, MODEL)
-    assert v["n_random"] == 10 and v["n_table2"] == "32 × 2"
+    assert v["n_random"] == 10 and v["n_table2"] == "32 × 2 seeds × 2 tasks"
     assert v["full_label"] == "100.0 [100.0, 100.0]" and v["anchor_label"] == tables[MODEL]["anchor"]["label"].fmt(1)
     assert v["full_prompt_diff"] == "0.0e+00"  # this slice's full-prompt check, run by run
-    worse = {MODEL: {**runs[MODEL], "emoc": [{"check/full_prompt_max_diff": np.array(2.7e-5)}]}}
+    worse_run = {**runs[MODEL]["sst2"][0], "check/full_prompt_max_diff": np.array(2.7e-5)}
+    worse = {MODEL: {**runs[MODEL], "emoc": [worse_run, runs[MODEL]["sst2"][1]]}}
     assert page.table2_values(worse, tables, MODEL)["full_prompt_diff"] == "2.7e-05"  # the largest over all runs
     assert v["paper_GPT-J_anchor_label"] == "89.1" and v["paper_GPT2-XL_random-top_word"] == "4.5"
     assert not any(k.startswith("second_") for k in v)
     both = page.table2_values({**runs, "other": runs[MODEL]}, {**tables, "other": tables[MODEL]}, MODEL, "other")
-    assert both["second_text_word"] == v["text_word"] and both["n_table2_second"] == "32 × 2"
+    assert both["second_text_word"] == v["text_word"] and both["n_table2_second"] == "32 × 2 seeds × 2 tasks"
+    assert both["second_anchor_vs_random"] == v["anchor_vs_random"]
+
+
+def test_anchor_vs_random_is_the_paired_difference_with_tasks_fixed():
+    runs = {"a": [_table2_run(4), _table2_run(4)], "b": [_table2_run(2), _table2_run(2)]}
+    for r in runs["b"]:  # on task b Hidden_random is never loyal, Hidden_anchor on 2 of 4 examples
+        r["random/pred"] = (1 - r["gold"])[None]
+    tables = page.loyalty_tables({"m": runs})
+    v = page.table2_values({"m": runs}, tables, "m")
+    assert v["anchor_vs_random"].startswith("25.0 [") and v["n_table2"] == "4 × 2 seeds × 2 tasks"
 
 
 def test_padded_ceiling():
@@ -173,10 +207,12 @@ def test_speed_table_without_batch_8_needs_no_prompts():
     table = page.speed_table(bench, {"fixed_s": 1.0, "per_token_s": 0.1}, None, {})
     assert list(table.columns) == ["SST-2", "TREC"]
     sst2 = table["SST-2"]
-    assert sst2["batch 1"] == "1.20× [1.10, 1.30]" and sst2["ceiling"] == "2.0×"
+    assert list(table.index[:2]) == ["equal work, batch 1", "full recomputation, batch 1"]  # equal work leads
+    assert sst2["equal work, batch 1"] == "0.95× [0.85, 1.15]"
+    assert sst2["full recomputation, batch 1"] == "1.20× [1.10, 1.30]" and sst2["ceiling"] == "2.0×"
     assert sst2["batch-1 bound with fixed cost"] == f"{(1 + 8.225) / (1 + 3.025):.1f}×"
     assert sst2["paper GPT-J"] == "1.5×" and sst2["paper L_demo / L_x"] == "18 / 19"
-    assert sst2["pays off after (queries, batch 1)"] is None and "batch 8" not in table.index
+    assert sst2["pays off after (queries, batch 1)"] is None and "full recomputation, batch 8" not in table.index
     assert "batch-1 bound with fixed cost" not in page.speed_table(bench, None, None, {}).index
 
 
@@ -187,20 +223,43 @@ def test_speed_table_of_the_committed_benchmark(data, tokenizer_lm):
     assert list(table.columns) == ["SST-2", "TREC"]
     for t, title in [("sst2", "SST-2"), ("trec", "TREC")]:
         b8 = bench["tasks"][t]["8"]
-        assert table.loc["batch 8", title].startswith(f"{b8['ratios']['full/anchor']['median']:.2f}× [")
+        full8 = b8["ratios"]["full/anchor"]["median"]
+        assert table.loc["full recomputation, batch 8", title].startswith(f"{full8:.2f}× [")
+        assert table.loc["equal work, batch 8", title].startswith(f"{b8['ratios']['prefix/anchor']['median']:.2f}× [")
         padded = float(table.loc["ceiling with padding, batch 8", title].rstrip("×"))
         assert 1 < padded <= b8["L_full"] / b8["L_x"] * 1.5
 
 
+def test_mean_ratio():
+    eq = page.mean_ratio(_bench(), page.EQUAL, "1")
+    assert (eq["median"], eq["min"], eq["max"]) == pytest.approx((1.025, 0.925, 1.225))
+    assert eq["per task"] == {"sst2": 0.95, "trec": 1.1}
+    assert page.mean_ratio(_bench(), page.FULL, "8")["median"] == pytest.approx(4.35)
+
+
+def test_mean_ratio_is_the_verdicts_number():
+    from helpers.experiments.compression import compression_speedup
+
+    bench, _ = page.read_bench(MODEL)
+    measured = compression_speedup(MODEL, PROFILES["book"])
+    eq = page.mean_ratio(bench)
+    assert (eq["median"], eq["min"], eq["max"]) == pytest.approx(
+        (measured.estimate.value, measured.estimate.low, measured.estimate.high))
+    assert page.speed_values(bench, None)["equal_b1"].startswith(f"{measured.estimate.value:.2f}× [")
+
+
 def test_speed_values():
     v = page.speed_values(_bench(), {"fixed_in_tokens": 63.4})
-    assert v == {"speed_b1_range": "1.20× to 2.50×", "speed_b8_range": "2.20× to 6.50×",
-                 "frac_b8_range": "55% to 65%", "prefix_vs_anchor_b8": "0.90× to 1.30×",
-                 "bench_n": "8 test examples × 3 repetitions", "meet_b1": "TREC", "meet_b8": "SST-2, TREC",
-                 "meet60_b8": "TREC", "fixed_tokens": "63"}
+    assert v == {"equal_b1": "1.02× [0.93, 1.23]", "equal_b1_tasks": "SST-2 0.95×, TREC 1.10×",
+                 "equal_b1_faster": "1 of 2", "full_b1": "1.85×", "speed_b1_range": "1.20× to 2.50×",
+                 "equal_b8": "1.10× [1.00, 1.30]", "equal_b8_tasks": "SST-2 0.90×, TREC 1.30×",
+                 "equal_b8_faster": "1 of 2", "full_b8": "4.35×", "speed_b8_range": "2.20× to 6.50×",
+                 "frac_b8_range": "55% to 65%", "bench_n": "8 test examples × 3 repetitions", "meet_b1": "TREC",
+                 "meet_b8": "SST-2, TREC", "meet60_b8": "TREC", "fixed_tokens": "63"}
     bench = {"tasks": {name: {"1": b["1"]} for name, b in _bench()["tasks"].items()}}
     v = page.speed_values(bench, None)
-    assert v["meet_b8"] == "no task" and "speed_b8_range" not in v and "fixed_tokens" not in v
+    assert v["meet_b8"] == "no task" and "speed_b8_range" not in v and "equal_b8" not in v
+    assert "fixed_tokens" not in v and v["equal_b1"] == "1.02× [0.93, 1.23]"
 
 
 def test_sweep_quality_pools_tasks_on_the_shots_run_everywhere():
@@ -214,11 +273,22 @@ def test_sweep_quality_pools_tasks_on_the_shots_run_everywhere():
     assert all(lo <= v <= hi for lo, v, hi in zip(lows, values, highs))
 
 
+def test_sweep_quality_keeps_the_tasks_fixed():
+    # one demonstration set per task: SST-2 always loyal, TREC never; resampling the examples within each task
+    # leaves the mean at 50%, where drawing the tasks as if they were seeds would not
+    q = page.sweep_quality({"sst2": {1: [_sweep_run(4, 4)]}, "trec": {1: [_sweep_run(0, 0)]}})
+    _, values, lows, highs = q["Hidden_anchor: label loyalty"]
+    assert values == pytest.approx([50.0]) and lows == pytest.approx([50.0]) and highs == pytest.approx([50.0])
+
+
 def test_sweep_speed():
     speed, ceiling, memory = page.sweep_speed(_bench())
-    assert list(speed) == ["Hidden_anchor, batch 1", "Hidden_anchor, batch 8"]
-    assert speed["Hidden_anchor, batch 1"] == ([1, 16], [1.3, 14.4], [pytest.approx(1.2), pytest.approx(14.3)],
-                                               [pytest.approx(1.4), pytest.approx(14.5)])
+    assert list(speed) == ["equal work, batch 1", "equal work, batch 8", "full recomputation, batch 1",
+                           "full recomputation, batch 8"]
+    assert speed["full recomputation, batch 1"] == ([1, 16], [1.3, 14.4], [pytest.approx(1.2), pytest.approx(14.3)],
+                                                    [pytest.approx(1.4), pytest.approx(14.5)])
+    assert speed["equal work, batch 8"] == ([1, 16], [0.95, 1.33], [pytest.approx(0.85), pytest.approx(1.23)],
+                                            [pytest.approx(1.15), pytest.approx(1.53)])
     assert ceiling == ([1, 16], [2.0, 21.1])
     assert memory == ([1, 16], [2**20, int(18.5 * 2**20)], [2**19, int(7.2 * 2**20)])
 
@@ -227,24 +297,30 @@ def test_sweep_figure_draws_three_panels():
     fig = page.sweep_figure(_bench(), _sweep(), "m", PROFILES["book"])
     assert isinstance(fig, plt.Figure) and len(fig.axes) == 3
     assert tuple(fig.get_size_inches())[1] == 7.2
-    assert fig.get_suptitle() == ("m; speed and memory: SST-2, 8 queries × 3 repetitions; loyalty/accuracy: 2 tasks "
+    assert fig.get_suptitle() == ("m; speed and memory: SST-2, 8 queries × 3 repetitions;\nloyalty/accuracy: 2 tasks "
                                   "× 4 examples, seed 42")
     speed, memory, quality = fig.axes
     assert [ln.get_label() for ln in quality.lines] == list(page.QUALITY)
+    assert speed.get_yscale() == "log" and speed.get_ylim()[0] < 0.67  # the lowest point's bar is shown
+    legend = [t.get_text() for t in speed.get_legend().get_texts()]
+    assert legend == ["ceiling of full recomputation", "equal work, batch 1", "equal work, batch 8",
+                      "full recomputation, batch 1", "full recomputation, batch 8"]
     np.testing.assert_allclose(memory.lines[0].get_ydata(), [1.0, 18.5], atol=1e-6)
 
 
 def test_sweep_values():
     v = page.sweep_values(_bench(), _sweep())
     assert v == {"sweep_kmax": 16, "sweep_speed_b1": "14.4×", "sweep_speed_b8": "11.9×", "sweep_ceiling": "21.1×",
+                 "sweep_equal_b1": "1.00× (range 0.90–1.20)", "sweep_equal_b8": "1.33× (range 1.23–1.53)",
+                 "sweep_equal_1_b1": "1.00× (range 0.90–1.20)", "sweep_equal_1_b8": "0.95× (range 0.85–1.15)",
                  "sst2_again_b1": "1.30×", "sst2_first_b1": "1.20×", "sst2_again_b8": "2.00×",
-                 "sst2_first_b8": "2.20×", "sweep_prefix_vs_anchor": "1.33× (batch 8)",
-                 "sweep_prefix_vs_anchor_1": "0.95×", "sweep_mem": "18.5 MiB → 7.2 MiB",
+                 "sst2_first_b8": "2.20×", "sst2_again_equal_b1": "1.00×", "sst2_first_equal_b1": "0.95×",
+                 "sweep_mem": "18.5 MiB → 7.2 MiB",
                  "sweep_anchor_label_1": "100%", "sweep_anchor_label_max": "50%", "sweep_text_label_1": "25%",
                  "sweep_text_label_max": "75%", "sweep_shots_max_quality": 2}
 
 
-def test_glued_values_cover_every_name_the_chapter_uses(committed, data, tokenizer_lm):
+def test_glued_values_cover_every_name_the_chapter_uses(committed, data, tokenizer_lm, monkeypatch):
     from helpers.core.runs import ModelKey
     from helpers.experiments.compression import shots_sweep
 
@@ -254,8 +330,15 @@ def test_glued_values_cover_every_name_the_chapter_uses(committed, data, tokeniz
     sweep = {t: shots_sweep(ModelKey.of(MODEL), d, PROFILES["book"], progress=False) for t, d in data.items()}
     prompt = page.example_prompt(tokenizer_lm, data["sst2"], 42)
     values = page.glued_values(prompt, runs, tables, bench, cost, sweep, MODEL, "second")
+    from helpers.pages import verdicts
+
+    monkeypatch.setattr(verdicts, "evaluate", lambda finding, model, profile: (None, "reproduced"))  # the names only
+    values |= verdicts.chapter_verdicts("book/compression")
     cells = json.loads((ROOT / "book" / "compression.ipynb").read_text())["cells"]
     prose = "".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
     used = set(re.findall(r"\{glue:text\}`([^`]+)`", prose))
     assert used and used <= set(values), used - set(values)
     assert values["sweep_kmax"] == 16 and values["sweep_mem"] == "18.5 MiB → 7.2 MiB"
+    assert {"verdict_compression_speedup", "verdict_compression_loyalty"} <= used  # the conclusion states both
+    source = "".join("".join(c["source"]) for c in cells)
+    assert "(sec-compression-speed)=" in source and "(sec-compression-loyalty)=" in source

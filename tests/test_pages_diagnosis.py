@@ -1,9 +1,12 @@
 """The Diagnosis chapter's tables, figures and glued values (helpers.pages.diagnosis), on a small slice of the
-committed results (two models, two tasks, seed 42, the first test examples) and on small synthetic estimates; no
-model is loaded."""
+committed results (two models, two tasks, seed 42, the first test examples; Gemma's three TREC seeds for the verdict's
+table) and on small synthetic estimates; no model is loaded."""
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import matplotlib
@@ -16,6 +19,7 @@ import pytest  # noqa: E402
 from helpers.core.stats import Estimate  # noqa: E402
 from helpers.pages import diagnosis as page  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
 MODEL, SECOND = "gemma-3-270m", "qwen2.5-coder-0.5b"
 TASKS = ("trec", "emoc")
 N, M, N_BOOT, SEED = 200, 10, 50, 42
@@ -44,6 +48,24 @@ def committed(data_dir):
 
 
 @pytest.fixture(scope="module")
+def trec3(data_dir):
+    """Gemma's stored TREC results (seeds 42, 43, 44 are committed) as the chapter reads them, whole and cut to their
+    first test examples, with the summary of the cut ones."""
+    from helpers import load_task
+    from helpers.core.runs import PROFILES, ModelKey
+    from helpers.experiments import diagnosis as dg
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ANCHORS_REQUIRE_CACHED", "1")
+        stored = page.stored_runs(ModelKey.of(MODEL), load_task("trec", data_dir), PROFILES["book"], (SEED,))
+    assert {42, 43, 44} <= set(stored), "the committed TREC seeds 43 and 44 are missing"
+    cut = [{k: v[:N] if k in PER_EXAMPLE else v for k, v in r.items()} for r in stored.values()]
+    layer = dg.default_layer(cut[0]["khat"].shape[0])
+    return SimpleNamespace(stored=stored, seeds=list(stored), layer=layer,
+                           summary=dg.summary(cut, layer, M, n_boot=N_BOOT))
+
+
+@pytest.fixture(scope="module")
 def base(committed):
     return page.baseline_estimates(committed.runs, committed.layer_of, M, n_boot=N_BOOT)
 
@@ -64,16 +86,50 @@ def test_pair_text_names_both_classes():
     assert page.pair_text("trec", (5, 1)) == "Number–Entity"
 
 
+def test_stored_runs_adds_every_stored_seed_of_the_profile(monkeypatch):
+    from helpers.experiments import diagnosis as dg
+
+    calls = []
+
+    def fake_runs(lm, data, profile, seeds, lookup_only=False):
+        (seed,) = seeds
+        calls.append((seed, lookup_only))
+        return [{"seed": seed} if not lookup_only or seed in (44, 42) else None]
+
+    monkeypatch.setattr(dg, "diagnosis_runs", fake_runs)
+    profile = SimpleNamespace(seeds=(42, 43, 44))
+    out = page.stored_runs("lm", "data", profile, (43, 7))
+    assert list(out) == [42, 43, 44, 7]  # the profile's order, then the chapter's own extra seeds
+    assert calls == [(42, True), (43, False), (44, True), (7, False)]  # only the chapter's seeds are computed
+    assert list(page.stored_runs("lm", "data", SimpleNamespace(seeds=(43, 45)), ())) == []
+
+
+def test_stored_runs_read_the_seeds_the_verdict_reads(trec3):
+    from helpers.core.runs import PROFILES
+    from helpers.experiments import diagnosis as dg
+
+    measured = dg.diagnosis_trec(MODEL, PROFILES["book"])
+    whole = list(trec3.stored.values())
+    s = dg.summary(whole, dg.default_layer(whole[0]["khat"].shape[0]), M)  # the chapter's default replicates
+    assert s["rho"].fmt(2) == measured.estimate.fmt(2)  # one number, one interval, on the chapter and the page
+    assert s["rho_per_seed"] == pytest.approx(list(measured.estimate.seed_values))
+    assert max(s["p"]) == pytest.approx(measured.support["p"])
+
+
 def test_run_values(committed):
-    values = page.run_values(committed.runs, committed.n_layers, committed.layer_of, (SEED,), MODEL, SECOND)
-    assert values == {"n_trec": N, "n_emoc": N, "n_seeds": 1, "seeds": "42",
+    seeds_of = {m: {t: [SEED] for t in TASKS} for m in (MODEL, SECOND)}
+    values = page.run_values(committed.runs, committed.n_layers, committed.layer_of, seeds_of, MODEL, SECOND)
+    assert values == {"n_trec": N, "n_emoc": N, "seeds_main_trec": "42", "nseeds_main_trec": 1,
+                      "seeds_main_emoc": "42", "nseeds_main_emoc": 1, "seeds_second_trec": "42",
+                      "nseeds_second_trec": 1, "seeds_second_emoc": "42", "nseeds_second_emoc": 1,
                       "layer_main": committed.layer_of[MODEL] + 1, "layers_main": 18,
                       "layer_second": committed.layer_of[SECOND] + 1, "layers_second": 24,
                       "max_key_spread": values["max_key_spread"]}
     spread = max(float(r["key_spread"].max()) for per in committed.runs.values() for rs in per.values() for r in rs)
     assert values["max_key_spread"] == f"{spread:.1e}"
-    alone = page.run_values({MODEL: committed.runs[MODEL]}, committed.n_layers, committed.layer_of, (42, 43), MODEL)
-    assert "layer_second" not in alone and alone["seeds"] == "42, 43" and alone["n_seeds"] == 2
+    alone = page.run_values({MODEL: committed.runs[MODEL]}, committed.n_layers, committed.layer_of,
+                            {MODEL: {"trec": [42, 43, 44]}}, MODEL)
+    assert "layer_second" not in alone and alone["seeds_main_trec"] == "42, 43, 44" and alone["nseeds_main_trec"] == 3
 
 
 def test_heatmap_figure_draws_predicted_beside_real(committed):
@@ -97,14 +153,15 @@ def test_agreement_table(committed):
     assert row[f"ρ (M = {M}) [95%]"] == s["rho"].fmt(2)
     assert row["layer"] == f"{committed.layer_of[SECOND] + 1} of 24"
     assert row["accuracy %"] == round(100 * s["accuracy"][0], 1)
-    assert row["exact p"] == f"{s['p'][0]:.3f}" and row["smallest possible p"] == f"1/{s['n_permutations']}"
-    assert row["most confused (real)"] == page.pair_text("emoc", s["pairs"][0]["real"])
+    assert row["exact p per seed"] == f"{s['p'][0]:.3f}" and row["smallest possible p"] == f"1/{s['n_permutations']}"
+    assert row["ρ per seed"] == f"{s['rho_per_seed'][0]:.2f}"
+    assert row["most confused (real), first seed"] == page.pair_text("emoc", s["pairs"][0]["real"])
     assert row["rank of the real one"] == f"{s['pairs'][0]['rank_of_real']} of 6"  # 4 classes: 6 pairs
 
 
 def test_agreement_values(committed):
     values = page.agreement_values(committed.summaries, committed.runs, MODEL)
-    per_case = ("rho", "p", "real", "pred", "rank", "realauc", "realn", "acc")
+    per_case = ("rho", "rhoseeds", "p", "ranks", "real", "pred", "rank", "realauc", "realn", "acc")
     assert set(values) == ({f"{k}_{key}_{t}" for k in per_case for key in ("main", "second") for t in TASKS}
                            | {"n_signif", "n_tests", "min_p"})
     s = committed.summaries[MODEL]["trec"]
@@ -116,6 +173,31 @@ def test_agreement_values(committed):
     all_p = [s["p"][0] for per in committed.summaries.values() for s in per.values()]
     assert values["n_tests"] == 4 and values["n_signif"] == sum(p < 0.05 for p in all_p)
     assert values["min_p"] == f"{min(all_p):.3f}"
+
+
+def test_agreement_values_over_several_seeds(trec3):
+    s = trec3.summary
+    values = page.agreement_values({MODEL: {"trec": s}}, {MODEL: {"trec": [{"gold": r["gold"][:N]}
+                                                                            for r in trec3.stored.values()]}}, MODEL)
+    assert values["rho_main_trec"] == s["rho"].fmt(2) and s["rho"].n_seeds == len(trec3.seeds)
+    assert values["rhoseeds_main_trec"] == " / ".join(f"{r:.2f}" for r in s["rho_per_seed"])
+    assert values["p_main_trec"] == " / ".join(f"{p:.3f}" for p in s["p"])
+    assert values["ranks_main_trec"] == " / ".join(str(pr["rank_of_real"]) for pr in s["pairs"])
+    assert values["n_tests"] == len(trec3.seeds)  # one permutation test per seed
+    assert values["acc_main_trec"] == f"{100 * np.mean(s['accuracy']):.0f}%"
+
+
+def test_trec_seed_table(trec3):
+    s = trec3.summary
+    df = page.trec_seed_table({MODEL: {"trec": s}, SECOND: {"emoc": s}}, {MODEL: {"trec": trec3.seeds}})
+    assert list(df.index) == [(MODEL, str(seed)) for seed in trec3.seeds] + [(MODEL, "all seeds")]  # no TREC: no rows
+    first = df.loc[(MODEL, str(trec3.seeds[1]))]
+    assert first["ρ"] == f"{s['rho_per_seed'][1]:.2f}" and first["exact p"] == f"{s['p'][1]:.3f}"
+    assert first["most confused (real)"] == page.pair_text("trec", s["pairs"][1]["real"])
+    assert first["accuracy %"] == round(100 * s["accuracy"][1], 1)
+    pooled = df.loc[(MODEL, "all seeds")]
+    assert pooled["ρ"] == f"{s['rho'].fmt(2)} (n = {N} × {len(trec3.seeds)})"
+    assert pooled["exact p"] == f"< 0.05 in {sum(p < 0.05 for p in s['p'])} of {len(trec3.seeds)}"
 
 
 def test_curves_figure_marks_the_chosen_layer(committed):
@@ -149,7 +231,13 @@ def test_best_layer_values_on_synthetic_curves():
 
 
 def test_direction_sweep(committed):
+    import inspect
+
+    from helpers.core.stats import N_BOOT as BOOK_BOOT
     from helpers.experiments import diagnosis as dg
+
+    # by default the M column of the chapter repeats the agreement table's interval (the same replicates)
+    assert inspect.signature(page.direction_sweep).parameters["n_boot"].default == BOOK_BOOT
 
     values, df = page.direction_sweep(committed.runs, committed.layer_of, M, n_boot=N_BOOT)
     assert list(df.columns) == ["M = 5", "M = 10", "M = 20", "M = 50", "all dimensions (no PCA)",
@@ -176,6 +264,9 @@ def test_baseline_estimates_figure_and_table(committed, base):
     assert [t.get_text() for t in ax.get_yticklabels()] == list(dg.BASELINES)
     assert ax.get_title() == f"{SECOND}: layer {committed.layer_of[SECOND] + 1}, M = {M}, n = {N} × 1"
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["TREC", "EmoC"]
+    three = {SECOND: {p: {**per, "trec": _estimate(0.2, n_examples=N, n_seeds=3)} for p, per in base[SECOND].items()}}
+    title = page.baseline_figure(three, SECOND, committed.layer_of, M).axes[0].get_title()
+    assert title.endswith(f"M = {M}\nn = {N} × 3 (TREC); {N} × 1 (EmoC)")  # the tasks' seeds differ: n per task
 
     df = page.baseline_table(base)
     assert list(df.index) == [(m, p) for m in (MODEL, SECOND) for p in dg.BASELINES]
@@ -197,7 +288,10 @@ def test_baseline_values_count_the_cases_without_anchors():
 
 
 def test_summary_table(committed, base):
+    seeds_of = {m: {t: [SEED] for t in TASKS} for m in (MODEL, SECOND)}
+    assert page.summary_table(committed.summaries, committed.curves, base, seeds_of)["seeds"].tolist() == ["42"] * 4
     df = page.summary_table(committed.summaries, committed.curves, base)
+    assert "seeds" not in df.columns
     assert list(df.index) == [(m, t) for m in (MODEL, SECOND) for t in ("TREC", "EmoC")]
     s, est = committed.summaries[SECOND]["trec"], committed.curves[SECOND]["trec"]
     row = df.loc[(SECOND, "TREC")]
@@ -218,3 +312,21 @@ def test_public_functions_say_where_they_are_used():
         obj = getattr(page, name)
         if callable(obj):
             assert "Used in: Diagnosis" in obj.__doc__, name
+
+
+def test_the_chapter_glues_names_the_page_makes_and_states_its_verdict(committed, base, trec3, monkeypatch):
+    from helpers.pages import verdicts
+
+    seeds_of = {m: {t: [SEED] for t in TASKS} for m in (MODEL, SECOND)}
+    values = (page.run_values(committed.runs, committed.n_layers, committed.layer_of, seeds_of, MODEL, SECOND)
+              | page.agreement_values(committed.summaries, committed.runs, MODEL)
+              | page.best_layer_values(committed.curves, MODEL) | page.baseline_values(base, MODEL) | {"m_span": ""})
+    monkeypatch.setattr(verdicts, "evaluate", lambda finding, model, profile: (None, "partly"))  # the names only
+    values |= verdicts.chapter_verdicts("book/diagnosis")
+    names = set(values) | {k.replace("_emoc", "_agnews") for k in values}  # the fixture has EmoC, not AG News
+    cells = json.loads((ROOT / "book" / "diagnosis.ipynb").read_text())["cells"]
+    prose = "".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
+    used = set(re.findall(r"\{glue:text\}`([^`]+)`", prose))
+    assert used and used <= names, used - names
+    assert {"verdict_diagnosis", "rho_main_trec", "rhoseeds_main_trec", "p_main_trec"} <= used
+    assert "(sec-diagnosis-trec)=" in prose

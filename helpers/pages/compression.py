@@ -1,9 +1,14 @@
 """The tables, figures and glued values of the chapter *Compression: answering from the anchors alone*.
 
 The functions read what :mod:`helpers.experiments.compression` returns (``runs``: ``{model: {task: [run per
-seed]}}``; ``tables``: ``{model: table2(...)}``; ``sweep``: ``{task: {shots: [run]}}``) and the benchmark's JSON
-(``python -m helpers.cli.bench compression``, read by :func:`read_bench`). None of them runs a model; the prompts are
-rebuilt with the model's tokenizer where a table needs their lengths.
+seed]}}``; ``tables``: ``{model: table2(...)}``, from :func:`loyalty_tables`; ``sweep``: ``{task: {shots: [run]}}``)
+and the benchmark's JSON (``python -m helpers.cli.bench compression``, read by :func:`read_bench`). None of them runs a
+model; the prompts are rebuilt with the model's tokenizer where a table needs their lengths.
+
+The speed numbers lead with **equal work**: the queries answered over the *uncompressed* demonstration cache against
+the anchor-only cache ("prefix/anchor" in the benchmark), at batch 1 as the verdict page does
+(:func:`helpers.experiments.compression.compression_speedup`); full recomputation of every prompt ("full/anchor",
+the paper's framing) beside it.
 """
 
 from __future__ import annotations
@@ -11,20 +16,23 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 
+import matplotlib
 import matplotlib.pyplot as plt
+import matplotlib.ticker
 import pandas as pd
 
 from ..core.prompts import Prompt
 from ..core.runs import Profile, bench_file, make_prompts
-from ..core.stats import mean_estimate
+from ..core.stats import mean_estimate, paired_difference, pooled_over
 from ..core.tasks import TASKS, TaskData
-from ..experiments.compression import (PAPER_LENGTHS, PAPER_SPEEDUP, PAPER_TABLE2, anchor_positions,
+from ..experiments.compression import (PAPER_LENGTHS, PAPER_SPEEDUP, PAPER_TABLE2, anchor_positions, table2,
                                        variant_metrics)
 from . import plots
 
-__all__ = ["VARIANTS", "NAMES", "SWEEP_TASKS", "read_bench", "example_prompt", "kept_tokens_html", "kept_values",
-           "loyalty_table", "table2_values", "padded_ceiling", "speed_table", "speed_values", "sweep_quality",
-           "sweep_speed", "sweep_figure", "sweep_values", "glued_values"]
+__all__ = ["VARIANTS", "NAMES", "SWEEP_TASKS", "EQUAL", "FULL", "read_bench", "example_prompt", "kept_tokens_html",
+           "kept_values", "loyalty_tables", "loyalty_table", "table2_values", "padded_ceiling", "mean_ratio",
+           "speed_table", "speed_values", "sweep_quality", "sweep_speed", "sweep_figure", "sweep_values",
+           "glued_values"]
 
 VARIANTS = ["full", "text", "random", "random-top", "anchor", "anchor-nobos", "labels-only"]
 NAMES = {"full": "ICL", "text": "Text_anchor", "random": "Hidden_random", "random-top": "Hidden_random-top",
@@ -33,6 +41,8 @@ SWEEP_TASKS = ["sst2", "trec"]  # the tasks of the shots sweep's loyalty and acc
 QUALITY = {"Hidden_anchor: label loyalty": ("anchor", "label"), "Text_anchor: label loyalty": ("text", "label"),
            "full ICL: accuracy": ("full", "acc"), "Hidden_anchor: accuracy": ("anchor", "acc")}
 BENCH_FOLDER = "compression-bench"
+EQUAL = "prefix/anchor"  # equal work: the same demonstration cache, uncompressed, over the anchor-only cache
+FULL = "full/anchor"  # the paper's framing: every prompt recomputed in full, over the anchor-only cache
 
 
 def read_bench(model: str) -> tuple[dict, dict | None]:
@@ -80,9 +90,28 @@ def kept_values(prompt: Prompt) -> dict[str, int]:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def loyalty_table(tables: Mapping[str, Mapping[str, Mapping]]) -> pd.DataFrame:
+def loyalty_tables(runs: Mapping[str, Mapping[str, Sequence[dict]]]) -> dict[str, dict[str, dict]]:
+    """Table 2 of every model, ``{model: table2(...)}``, with the tasks held fixed: the bootstrap draws the seeds
+    (demonstration sets) within each task, then the test examples within each drawn seed, as the verdict page does
+    (:func:`helpers.experiments.compression.compression_loyalty`), so the chapter and the page show one interval.
+
+    Used in: Compression."""
+    out = {}
+    for m, per_task in runs.items():
+        with pooled_over(len(per_task)):
+            out[m] = table2(per_task, VARIANTS)
+    return out
+
+
+def _n_text(est, n_tasks: int) -> str:
+    seeds = est.n_seeds // n_tasks
+    return f"{est.n_examples} × {seeds} seed{'s' if seeds != 1 else ''} × {n_tasks} tasks"
+
+
+def loyalty_table(tables: Mapping[str, Mapping[str, Mapping]], n_tasks: int = 4) -> pd.DataFrame:
     """Table 2: label loyalty, word loyalty and accuracy (% with 95% intervals) and n of every variant of every model,
-    then the paper's GPT2-XL and GPT-J rows; indexed by (model, method). ``tables``: ``{model: table2(...)}``.
+    then the paper's GPT2-XL and GPT-J rows; indexed by (model, method). ``tables``: ``{model: table2(...)}``;
+    ``n_tasks``: the tasks pooled in each.
 
     Used in: Compression."""
     rows = []
@@ -93,7 +122,7 @@ def loyalty_table(tables: Mapping[str, Mapping[str, Mapping]]) -> pd.DataFrame:
             est = tab[v]
             rows.append({"model": m, "method": NAMES[v],
                          "label loyalty": est["label"].fmt(1), "word loyalty": est["word"].fmt(1),
-                         "accuracy": est["acc"].fmt(1), "n": est["acc"].n})
+                         "accuracy": est["acc"].fmt(1), "n": _n_text(est["acc"], n_tasks)})
     for pm, tab in PAPER_TABLE2.items():
         for v in ["full", "text", "random", "random-top", "anchor"]:
             lab, word, acc = tab[v]
@@ -106,8 +135,10 @@ def table2_values(runs: Mapping[str, Mapping[str, Sequence[dict]]], tables: Mapp
                   model: str, second_model: str | None = None) -> dict[str, object]:
     """Table 2's glued values: ``<variant>_<metric>`` of ``model`` (metric ``label``, ``word`` or ``acc``),
     ``second_<variant>_<metric>`` of ``second_model`` (full, anchor, text, random), ``n_table2``(``_second``),
-    ``n_random`` (random draws per task and seed), the largest full-prompt check difference over all runs
-    (``full_prompt_diff``) and the paper's values (``paper_<model>_<variant>_<metric>``).
+    ``n_random`` (random draws per task and seed), Hidden_anchor's label loyalty minus Hidden_random's on the same
+    examples (``anchor_vs_random``, ``second_anchor_vs_random``; the verdict's second clause), the largest
+    full-prompt check difference over all runs (``full_prompt_diff``) and the paper's values
+    (``paper_<model>_<variant>_<metric>``).
 
     Used in: Compression."""
     diff = max(float(r["check/full_prompt_max_diff"]) for per_task in runs.values() for rs in per_task.values()
@@ -122,15 +153,25 @@ def table2_values(runs: Mapping[str, Mapping[str, Sequence[dict]]], tables: Mapp
         if v in t:
             for k in ("label", "word", "acc"):
                 out[f"{v}_{k}"] = t[v][k].fmt(1)
-    out["n_table2"] = t["anchor"]["acc"].n
+    out["n_table2"] = _n_text(t["anchor"]["acc"], len(runs[model]))
     out["n_random"] = len(next(iter(runs[model].values()))[0]["random/pred"])
+    out["anchor_vs_random"] = _vs_random(runs[model])
     if second_model:
         t2 = tables[second_model]
         for v in ("full", "anchor", "text", "random"):
             for k in ("label", "word", "acc"):
                 out[f"second_{v}_{k}"] = t2[v][k].fmt(1)
-        out["n_table2_second"] = t2["anchor"]["acc"].n
+        out["n_table2_second"] = _n_text(t2["anchor"]["acc"], len(runs[second_model]))
+        out["second_anchor_vs_random"] = _vs_random(runs[second_model])
     return out
+
+
+def _vs_random(per_task: Mapping[str, Sequence[dict]]) -> str:
+    """Hidden_anchor's label loyalty minus Hidden_random's (points, paired, tasks fixed), as the verdict page."""
+    per = [(variant_metrics(r, "anchor")["label"], variant_metrics(r, "random")["label"])
+           for rs in per_task.values() for r in rs]
+    with pooled_over(len(per_task)):
+        return paired_difference([a for a, _ in per], [b for _, b in per]).scaled(100).fmt(1)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -153,31 +194,45 @@ def _ratio(r: Mapping) -> str:
     return f"{r['median']:.2f}× [{r['min']:.2f}, {r['max']:.2f}]"
 
 
+def mean_ratio(bench: Mapping, pair: str = EQUAL, batch: str = "1") -> dict[str, object]:
+    """The verdict's speed-up (:func:`helpers.experiments.compression.compression_speedup`) of one ratio ``pair`` at
+    one batch size: the mean over the benchmark's tasks of the per-task median, the mean of their slowest and fastest
+    repetitions (a timing spread, not a bootstrap), as ``{"median", "min", "max", "per task": {task: median}}``.
+
+    Used in: Compression."""
+    rows = {t: by_batch[batch]["ratios"][pair] for t, by_batch in bench["tasks"].items() if batch in by_batch}
+    out = {k: sum(r[k] for r in rows.values()) / len(rows) for k in ("median", "min", "max")}
+    out["per task"] = {t: r["median"] for t, r in rows.items()}
+    return out
+
+
 def speed_table(bench: Mapping, cost: Mapping | None, lm, data: Mapping[str, TaskData]) -> pd.DataFrame:
-    """The speed table, one column per task: Table 6's lengths and token-count ceiling, the measured speed-up of
-    Hidden_anchor over the full prompt at batch 1 and 8 (median [range over repetitions]), the share of the ceiling,
-    plain prefix caching, the cache's build time and break-even, and the paper's numbers. ``lm`` (its tokenizer)
+    """The speed table, one column per task: Hidden_anchor's speed-up (median [range over repetitions]) against
+    **equal work** (the same queries over the uncompressed demonstration cache) and against **full recomputation**
+    of every prompt (the paper's framing), at batch 1 then 8; Table 6's lengths and token-count ceiling, the share of
+    it reached at batch 8, the cache's build time and break-even, and the paper's numbers. ``lm`` (its tokenizer)
     rebuilds the benchmark's prompts for the padded ceiling at batch 8; ``cost``, where measured, adds the batch-1
-    bound with a fixed cost per forward pass.
+    bound of full recomputation with a fixed cost per forward pass.
 
     Used in: Compression."""
     rows = []
     for name, by_batch in bench["tasks"].items():
         b1, b8 = by_batch["1"], by_batch.get("8")
         ld, lx = PAPER_LENGTHS[name]
-        row = {"task": TASKS[name].title, "L_demo": b1["L_demo"], "L_x": round(b1["L_x"], 1),
-               "ceiling": f"{b1['ceiling']:.1f}×"}
+        row = {"task": TASKS[name].title, "equal work, batch 1": _ratio(b1["ratios"][EQUAL]),
+               "full recomputation, batch 1": _ratio(b1["ratios"][FULL])}
+        if b8:
+            row.update({"equal work, batch 8": _ratio(b8["ratios"][EQUAL]),
+                        "full recomputation, batch 8": _ratio(b8["ratios"][FULL])})
+        row.update({"L_demo": b1["L_demo"], "L_x": round(b1["L_x"], 1), "ceiling": f"{b1['ceiling']:.1f}×"})
         if cost:
             a, b = cost["fixed_s"], cost["per_token_s"]
             row["batch-1 bound with fixed cost"] = f"{(a + b * b1['L_full']) / (a + b * b1['L_x']):.1f}×"
-        row["batch 1"] = _ratio(b1["ratios"]["full/anchor"])
         if b8:
-            r8 = b8["ratios"]["full/anchor"]
             ceiling8 = padded_ceiling(make_prompts(lm, data[name], 42, b8["n"]), 8)
             row["ceiling with padding, batch 8"] = f"{ceiling8:.1f}×"
-            row["batch 8"] = _ratio(r8)
-            row["batch 8, % of ceiling"] = f"{100 * r8['median'] / b8['ceiling']:.0f}%"
-            row["prefix cache only, batch 8"] = f"{b8['ratios']['full/prefix']['median']:.2f}×"
+            row["full recomputation, batch 8, % of ceiling"] = \
+                f"{100 * b8['ratios'][FULL]['median'] / b8['ceiling']:.0f}%"
         row.update({"cache build (s)": round(b1["cache_build_s"], 2),
                     "pays off after (queries, batch 1)": None if b1["break_even_queries"] is None
                     else round(b1["break_even_queries"], 1),
@@ -188,28 +243,38 @@ def speed_table(bench: Mapping, cost: Mapping | None, lm, data: Mapping[str, Tas
     return pd.DataFrame(rows).set_index("task").T
 
 
-def _median(by_batch: Mapping, batch: str, ratio: str = "full/anchor") -> float:
+def _median(by_batch: Mapping, batch: str, ratio: str = FULL) -> float:
     return by_batch[batch]["ratios"][ratio]["median"]
 
 
+def _per_task(r: Mapping) -> str:
+    return ", ".join(f"{TASKS[t].title} {v:.2f}×" for t, v in r["per task"].items())
+
+
 def speed_values(bench: Mapping, cost: Mapping | None) -> dict[str, str]:
-    """The speed section's glued values: the ranges over tasks of the speed-up at batch 1 and 8
-    (``speed_b1_range``, ``speed_b8_range``), of its share of the ceiling (``frac_b8_range``) and of prefix caching
-    over the anchor cache (``prefix_vs_anchor_b8``); the tasks that reach the paper's GPT-J ratio (``meet_b1``,
-    ``meet_b8``) or 60% of the ceiling (``meet60_b8``); the benchmark's size (``bench_n``) and, where measured, the
-    fixed cost of a forward pass in tokens (``fixed_tokens``).
+    """The speed section's glued values. Equal work (the verdict's number): at batch 1 and 8 the mean over tasks
+    with its mean range (``equal_b1``, ``equal_b8``; :func:`mean_ratio`), per task (``equal_b1_tasks``,
+    ``equal_b8_tasks``) and how many tasks have a median above 1 (``equal_b1_faster``, ``equal_b8_faster``). Full
+    recomputation (the paper's framing): the mean (``full_b1``, ``full_b8``) and range over tasks
+    (``speed_b1_range``, ``speed_b8_range``), its share of the ceiling at batch 8 (``frac_b8_range``), the tasks that
+    reach the paper's GPT-J ratio (``meet_b1``, ``meet_b8``) or 60% of the ceiling (``meet60_b8``). The benchmark's
+    size (``bench_n``) and, where measured, the fixed cost of a forward pass in tokens (``fixed_tokens``).
 
     Used in: Compression."""
     tasks = bench["tasks"]
-    med1 = [_median(b, "1") for b in tasks.values()]
-    out = {"speed_b1_range": f"{min(med1):.2f}× to {max(med1):.2f}×"}
-    if all("8" in b for b in tasks.values()):
-        med8 = [_median(b, "8") for b in tasks.values()]
+    out = {}
+    batches = ["1"] + (["8"] if all("8" in b for b in tasks.values()) else [])
+    for b in batches:
+        eq, full = mean_ratio(bench, EQUAL, b), mean_ratio(bench, FULL, b)
+        med = list(full["per task"].values())
+        out.update({f"equal_b{b}": f"{eq['median']:.2f}× [{eq['min']:.2f}, {eq['max']:.2f}]",
+                    f"equal_b{b}_tasks": _per_task(eq),
+                    f"equal_b{b}_faster": f"{sum(v > 1 for v in eq['per task'].values())} of {len(med)}",
+                    f"full_b{b}": f"{full['median']:.2f}×",
+                    f"speed_b{b}_range": f"{min(med):.2f}× to {max(med):.2f}×"})
+    if "8" in batches:
         frac8 = [_median(b, "8") / b["8"]["ceiling"] for b in tasks.values()]
-        pre8 = [_median(b, "8", "prefix/anchor") for b in tasks.values()]
-        out["speed_b8_range"] = f"{min(med8):.2f}× to {max(med8):.2f}×"
         out["frac_b8_range"] = f"{100 * min(frac8):.0f}% to {100 * max(frac8):.0f}%"
-        out["prefix_vs_anchor_b8"] = f"{min(pre8):.2f}× to {max(pre8):.2f}×"
     last = list(tasks.values())[-1]["1"]
     out["bench_n"] = f"{last['n']} test examples × {last['reps']} repetitions"
 
@@ -237,14 +302,15 @@ def _shots(sweep: Mapping[str, Mapping[int, Sequence[dict]]]) -> list[int]:
 def sweep_quality(sweep: Mapping[str, Mapping[int, Sequence[dict]]]) -> dict[str, tuple[list, list, list, list]]:
     """Label loyalty of Hidden_anchor and Text_anchor and accuracy of full ICL and Hidden_anchor (%), per number of
     demonstrations per class run on every task of ``sweep``, pooled over its tasks and runs: ``{label: (shots,
-    values, lows, highs)}`` (95% intervals).
+    values, lows, highs)}``. The sweep has one demonstration set per task, so the 95% intervals are over the test
+    examples only (the tasks are held fixed, not resampled as if they were seeds).
 
     Used in: Compression."""
     shots = _shots(sweep)
     out = {}
     for label, (v, metric) in QUALITY.items():
-        est = [mean_estimate([variant_metrics(r, v)[metric] for s in sweep.values() for r in s[k]]).scaled(100)
-               for k in shots]
+        est = [mean_estimate([variant_metrics(r, v)[metric] for s in sweep.values() for r in s[k]],
+                             seeds=False).scaled(100) for k in shots]
         out[label] = (shots, [e.value for e in est], [e.low for e in est], [e.high for e in est])
     return out
 
@@ -254,19 +320,25 @@ def _sweep_bench(bench: Mapping) -> tuple[dict, list[int]]:
     return sw, sorted(int(k) for k in sw)
 
 
+SWEEP_SERIES = {EQUAL: "equal work", FULL: "full recomputation"}
+
+
 def sweep_speed(bench: Mapping) -> tuple[dict, tuple, tuple]:
     """The benchmark's sweep on SST-2 as the sweep figure draws it: ``(speed, ceiling, memory)`` with ``speed``
-    ``{"Hidden_anchor, batch B": (shots, median, min, max)}``, ``ceiling`` ``(shots, token-count ceilings)`` and
-    ``memory`` ``(shots, full cache bytes, anchor cache bytes)``.
+    ``{"equal work, batch B" (over the uncompressed cache) and "full recomputation, batch B": (shots, median, min,
+    max)}``
+    (equal work first), ``ceiling`` ``(shots, token-count ceilings of full recomputation)`` and ``memory``
+    ``(shots, full cache bytes, anchor cache bytes)``.
 
     Used in: Compression."""
     sw, xs = _sweep_bench(bench)
     speed = {}
-    for b in ("1", "8"):
-        pts = [(k, sw[str(k)][b]["ratios"]["full/anchor"]) for k in xs if b in sw[str(k)]]
-        if pts:
-            speed[f"Hidden_anchor, batch {b}"] = ([k for k, _ in pts], [r["median"] for _, r in pts],
-                                                  [r["min"] for _, r in pts], [r["max"] for _, r in pts])
+    for pair, name in SWEEP_SERIES.items():
+        for b in ("1", "8"):
+            pts = [(k, sw[str(k)][b]["ratios"][pair]) for k in xs if b in sw[str(k)]]
+            if pts:
+                speed[f"{name}, batch {b}"] = ([k for k, _ in pts], [r["median"] for _, r in pts],
+                                               [r["min"] for _, r in pts], [r["max"] for _, r in pts])
     ceiling = (xs, [sw[str(k)]["1"]["ceiling"] for k in xs])
     memory = (xs, [sw[str(k)]["1"]["cache_bytes"]["full"] for k in xs],
               [sw[str(k)]["1"]["cache_bytes"]["anchor"] for k in xs])
@@ -275,44 +347,62 @@ def sweep_speed(bench: Mapping) -> tuple[dict, tuple, tuple]:
 
 def sweep_figure(bench: Mapping, sweep: Mapping[str, Mapping[int, Sequence[dict]]], model: str,
                  profile: Profile) -> plt.Figure:
-    """The shots sweep: speed-up and its ceiling, cache memory (SST-2, from the benchmark) and loyalty/accuracy (the
-    sweep's runs) over demonstrations per class, titled with the sizes; returns the Figure.
+    """The shots sweep: Hidden_anchor's speed-up against equal work and against full recomputation (with the
+    latter's token-count ceiling), cache memory (SST-2, from the benchmark) and loyalty/accuracy (the sweep's runs)
+    over demonstrations per class, titled with the sizes; returns the Figure.
 
     Used in: Compression."""
     speed, ceiling, memory = sweep_speed(bench)
     sw, xs = _sweep_bench(bench)
     first = sw[str(xs[0])]["1"]
     n_sweep = len(next(iter(sweep.values()))[_shots(sweep)[0]][0]["gold"])
-    title = (f"{model}; speed and memory: SST-2, {first['n']} queries × {first['reps']} repetitions; "
+    title = (f"{model}; speed and memory: SST-2, {first['n']} queries × {first['reps']} repetitions;\n"
              f"loyalty/accuracy: {len(sweep)} tasks × {n_sweep} examples, seed {profile.seeds[0]}")
-    return plots.compression_sweep(speed, ceiling, memory, sweep_quality(sweep), title=title)
+    fig = plots.compression_sweep(speed, ceiling, memory, sweep_quality(sweep), title=title)
+    ax = fig.axes[0]
+    ax.lines[0].set_label("ceiling of full recomputation")
+    ax.set_yscale("log", base=2)  # equal work stays near 1 while full recomputation climbs towards the ceiling
+    ax.set_ylim(0.5, 256)  # room for the legend above the points
+    ax.set_yticks([0.5, 1, 2, 4, 8, 16, 32])
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}"))
+    ax.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.set_ylabel("Hidden_anchor's speed-up (×)")
+    ax.legend(fontsize=7, loc="upper left")
+    return fig
+
+
+def _range(r: Mapping) -> str:
+    return f"{r['median']:.2f}× (range {r['min']:.2f}–{r['max']:.2f})"
 
 
 def sweep_values(bench: Mapping, sweep: Mapping[str, Mapping[int, Sequence[dict]]]) -> dict[str, object]:
-    """The sweep's glued values: the largest number of demonstrations per class timed (``sweep_kmax``) with its
-    speed-ups (``sweep_speed_b1``/``_b8``), ceiling and cache sizes (``sweep_mem``); prefix caching over the anchor
-    cache at one and at the most demonstrations (``sweep_prefix_vs_anchor_1``, ``sweep_prefix_vs_anchor``); the
-    sweep's repeat of the SST-2 timing beside the speed table's (``sst2_again_b*``, ``sst2_first_b*``); label
-    loyalty of Hidden_anchor and Text_anchor at one and at the most demonstrations (``sweep_*_label_1``/``_max``,
-    ``sweep_shots_max_quality``).
+    """The sweep's glued values: the largest number of demonstrations per class timed (``sweep_kmax``); there and at
+    one demonstration per class, Hidden_anchor against equal work with its range over repetitions
+    (``sweep_equal_b1``/``_b8``, ``sweep_equal_1_b1``/``_b8``); against full recomputation at the most
+    (``sweep_speed_b1``/``_b8``), its ceiling and the cache sizes (``sweep_mem``); the sweep's repeat of the SST-2
+    timing beside the speed table's (``sst2_again_b*``, ``sst2_first_b*`` for full recomputation,
+    ``sst2_again_equal_b1``, ``sst2_first_equal_b1`` for equal work); label loyalty of Hidden_anchor and Text_anchor at
+    one and at the most demonstrations (``sweep_*_label_1``/``_max``, ``sweep_shots_max_quality``).
 
     Used in: Compression."""
     sw, xs = _sweep_bench(bench)
     k_max = xs[-1]
-    last = sw[str(k_max)]
+    last, one = sw[str(k_max)], sw[str(xs[0])]
     out: dict[str, object] = {"sweep_kmax": k_max}
     for b in ("1", "8"):
         if b in last:
             out[f"sweep_speed_b{b}"] = f"{_median(last, b):.1f}×"
+            out[f"sweep_equal_b{b}"] = _range(last[b]["ratios"][EQUAL])
+        if b in one:
+            out[f"sweep_equal_1_b{b}"] = _range(one[b]["ratios"][EQUAL])
     out["sweep_ceiling"] = f"{last['1']['ceiling']:.1f}×"
     if "1" in sw:
         for b in ("1", "8"):
             if b in sw["1"]:
                 out[f"sst2_again_b{b}"] = f"{_median(sw['1'], b):.2f}×"
                 out[f"sst2_first_b{b}"] = f"{_median(bench['tasks']['sst2'], b):.2f}×"
-    b_last = "8" if "8" in last else "1"
-    out["sweep_prefix_vs_anchor"] = f"{_median(last, b_last, 'prefix/anchor'):.2f}× (batch {b_last})"
-    out["sweep_prefix_vs_anchor_1"] = f"{_median(sw[str(xs[0])], b_last, 'prefix/anchor'):.2f}×"
+        out["sst2_again_equal_b1"] = f"{_median(sw['1'], '1', EQUAL):.2f}×"
+        out["sst2_first_equal_b1"] = f"{_median(bench['tasks']['sst2'], '1', EQUAL):.2f}×"
     out["sweep_mem"] = (f"{last['1']['cache_bytes']['full'] / 2**20:.1f} MiB → "
                         f"{last['1']['cache_bytes']['anchor'] / 2**20:.1f} MiB")
     quality = sweep_quality(sweep)

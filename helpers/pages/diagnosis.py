@@ -1,14 +1,17 @@
 """The "Diagnosis" chapter's tables, figures and glued values (paper §3.3, Appendices G and H).
 
 The chapter runs the experiment (:mod:`helpers.experiments.diagnosis`) and passes its results here. ``runs`` is
-``{model: {task: diagnosis_runs(...)}}`` (one stored result per seed); ``summaries`` ``{model: {task:
+``{model: {task: [stored result per seed]}}`` (:func:`stored_runs`: the chapter's seeds and every other seed of the
+profile already computed, as the verdict page reads them; ``seeds_of`` names them, ``{model: {task: [seed]}}``);
+``summaries`` ``{model: {task:
 summary(...)}}`` at the chosen layer and M; ``curves`` ``{model: {task: layer_curve(...)}}``; ``base`` is
 :func:`baseline_estimates`. ``layer_of`` maps a model to its chosen layer (0-based), ``n_layers`` to its depth, and
 ``m`` is the number of principal directions M. In the glue names, ``main`` is the chapter's first model and
 ``second`` the other.
 
-* Figure 6 and how alike the two matrices are: :func:`run_values`, :func:`heatmap_figure`, :func:`agreement_table`,
-  :func:`agreement_values`;
+* the runs: :func:`stored_runs`, :func:`run_values`;
+* Figure 6 and how alike the two matrices are: :func:`heatmap_figure`, :func:`agreement_table`,
+  :func:`agreement_values`; TREC seed by seed (the verdict's task): :func:`trec_seed_table`;
 * which layer, how many directions: :func:`curves_figure`, :func:`best_layer_table`, :func:`best_layer_values`,
   :func:`direction_sweep`;
 * predictors without anchors: :func:`baseline_estimates`, :func:`baseline_figure`, :func:`baseline_table`,
@@ -28,13 +31,13 @@ from ..core.stats import N_BOOT
 from ..core.tasks import get_task
 from ..experiments import diagnosis as dg
 
-__all__ = ["pair_text", "run_values", "heatmap_figure", "agreement_table", "agreement_values", "curves_figure",
-           "best_layer_table", "best_layer_values", "direction_sweep", "baseline_estimates", "baseline_figure",
-           "baseline_table", "baseline_values", "summary_table"]
+__all__ = ["pair_text", "stored_runs", "run_values", "heatmap_figure", "agreement_table", "agreement_values",
+           "trec_seed_table", "curves_figure", "best_layer_table", "best_layer_values", "direction_sweep",
+           "baseline_estimates", "baseline_figure", "baseline_table", "baseline_values", "summary_table"]
 
 Runs = Mapping[str, Mapping[str, Sequence[dict]]]  # {model: {task: [stored result per seed]}}
 PCA = "anchor keys, query PCA"  # the paper's predictor
-N_BOOT_SWEEP = 200  # bootstrap replicates of the best-layer and M-sweep tables
+N_BOOT_SWEEP = 200  # bootstrap replicates where only a point value is shown (the best layer's most confused pair)
 
 
 def _key(m: str, model: str) -> str:
@@ -46,7 +49,11 @@ def _rank_text(pair: dict) -> str:
 
 
 def _p_text(s: dict) -> str:
-    return ", ".join(f"{p:.3f}" for p in s["p"])
+    return " / ".join(f"{p:.3f}" for p in s["p"])
+
+
+def _rho_seeds_text(s: dict) -> str:
+    return " / ".join(f"{r:.2f}" for r in s["rho_per_seed"])
 
 
 def pair_text(task: str, pair: Sequence[int]) -> str:
@@ -57,16 +64,36 @@ def pair_text(task: str, pair: Sequence[int]) -> str:
     return f"{names[pair[0]]}–{names[pair[1]]}"
 
 
-def run_values(runs: Runs, n_layers: Mapping[str, int], layer_of: Mapping[str, int], seeds: Sequence[int],
-               model: str, second_model: str | None = None) -> dict:
-    """The sizes the method section quotes: test examples per task, the seeds, each model's layer and depth, and the
-    largest spread of the label words' keys within a class.
+def stored_runs(lm, data, profile, seeds: Sequence[int]) -> dict[int, dict]:
+    """``{seed: stored result}`` for one model and task: the results of ``seeds`` (computed where missing) and of
+    every other seed of ``profile`` already stored, in the profile's order: the seeds the verdict page reads
+    (:func:`helpers.experiments.diagnosis.diagnosis_trec`), so the chapter and the page show the same ρ.
+
+    Used in: Diagnosis."""
+    order = list(profile.seeds) + [s for s in seeds if s not in profile.seeds]
+    out = {}
+    for seed in order:
+        (r,) = dg.diagnosis_runs(lm, data, profile, seeds=[seed], lookup_only=seed not in seeds)
+        if r is not None:
+            out[seed] = r
+    return out
+
+
+def run_values(runs: Runs, n_layers: Mapping[str, int], layer_of: Mapping[str, int],
+               seeds_of: Mapping[str, Mapping[str, Sequence[int]]], model: str,
+               second_model: str | None = None) -> dict:
+    """The sizes the method section quotes: test examples per task, the seeds of each model and task
+    (``seeds_<main|second>_<task>``, ``nseeds_...``), each model's layer and depth, and the largest spread of the
+    label words' keys within a class.
 
     Returns ``{glue name: value}``. Used in: Diagnosis.
     """
     values = {f"n_{name}": len(rs[0]["gold"]) for name, rs in runs[model].items()}
-    values.update({"n_seeds": len(seeds), "seeds": ", ".join(map(str, seeds)),
-                   "layer_main": layer_of[model] + 1, "layers_main": n_layers[model]})
+    for mod, per in seeds_of.items():
+        for name, seeds in per.items():
+            values[f"seeds_{_key(mod, model)}_{name}"] = ", ".join(map(str, seeds))
+            values[f"nseeds_{_key(mod, model)}_{name}"] = len(seeds)
+    values.update({"layer_main": layer_of[model] + 1, "layers_main": n_layers[model]})
     if second_model:
         values.update({"layer_second": layer_of[second_model] + 1, "layers_second": n_layers[second_model]})
     spread = max(float(r["key_spread"].max()) for per in runs.values() for rs in per.values() for r in rs)
@@ -90,8 +117,9 @@ def heatmap_figure(summaries: Mapping, runs: Runs, model: str, task: str, layer_
 
 def agreement_table(summaries: Mapping, layer_of: Mapping[str, int], n_layers: Mapping[str, int],
                     m: int) -> pd.DataFrame:
-    """One row per model and task at the chosen layer: accuracy, Spearman's ρ between predicted and real confusion
-    with its interval, the exact permutation p-values, and the most confused pair, real and predicted.
+    """One row per model and task at the chosen layer: accuracy (mean over seeds), Spearman's ρ between predicted and
+    real confusion with its interval (over seeds and test examples) and per seed, the exact permutation p-values per
+    seed, and the most confused pair, real and predicted, of the first seed.
 
     Returns a DataFrame. Used in: Diagnosis.
     """
@@ -104,20 +132,23 @@ def agreement_table(summaries: Mapping, layer_of: Mapping[str, int], n_layers: M
                 "accuracy %": round(100 * float(np.mean(s["accuracy"])), 1),
                 "layer": f"{layer_of[mod] + 1} of {n_layers[mod]}",
                 f"ρ (M = {m}) [95%]": s["rho"].fmt(2),
+                "ρ per seed": _rho_seeds_text(s),
                 "n": s["rho"].n,
-                "exact p": _p_text(s),
+                "exact p per seed": _p_text(s),
                 "smallest possible p": f"1/{s['n_permutations']}",
-                "most confused (real)": pair_text(name, pr["real"]),
-                "most confused (predicted)": pair_text(name, pr["predicted"]),
+                "most confused (real), first seed": pair_text(name, pr["real"]),
+                "most confused (predicted), first seed": pair_text(name, pr["predicted"]),
                 "rank of the real one": _rank_text(pr),
             })
     return pd.DataFrame(rows).set_index(["model", "task"])
 
 
 def agreement_values(summaries: Mapping, runs: Runs, model: str) -> dict:
-    """The agreement numbers the prose quotes, per model and task (first seed): ρ, p, the real and predicted most
-    confused pair, the rank of the real one, its AUC, its classes' test counts and the accuracy; and over all
-    combinations, how many reach p < 0.05 and the smallest p.
+    """The agreement numbers the prose quotes, per model and task: ρ over all seeds with its interval (``rho_``), ρ
+    and the exact p per seed (``rhoseeds_``, ``p_``, "a / b / c"), the rank of the real most confused pair per seed
+    (``ranks_``), the accuracy (mean over seeds); of the first seed, the real and predicted most confused pair, the
+    rank of the real one, its AUC and its classes' test counts. Over all permutation tests (one per model, task and
+    seed): how many reach p < 0.05 (``n_signif`` of ``n_tests``) and the smallest p.
 
     Returns ``{glue name: value}``. Used in: Diagnosis.
     """
@@ -130,17 +161,46 @@ def agreement_values(summaries: Mapping, runs: Runs, model: str) -> dict:
             gold = runs[mod][name][0]["gold"]
             values.update({
                 f"rho_{key}_{name}": s["rho"].fmt(2),
-                f"p_{key}_{name}": f"{s['p'][0]:.3f}",
+                f"rhoseeds_{key}_{name}": _rho_seeds_text(s),
+                f"p_{key}_{name}": _p_text(s),
+                f"ranks_{key}_{name}": " / ".join(str(pr["rank_of_real"]) for pr in s["pairs"]),
                 f"real_{key}_{name}": pair_text(name, pair["real"]),
                 f"pred_{key}_{name}": pair_text(name, pair["predicted"]),
                 f"rank_{key}_{name}": _rank_text(pair),
                 f"realauc_{key}_{name}": f"{s['real'][0][i, j]:.2f}",
                 f"realn_{key}_{name}": f"{int(np.sum(gold == i))} and {int(np.sum(gold == j))}",
-                f"acc_{key}_{name}": f"{100 * s['accuracy'][0]:.0f}%",
+                f"acc_{key}_{name}": f"{100 * np.mean(s['accuracy']):.0f}%",
             })
     all_p = [p for per in summaries.values() for s in per.values() for p in s["p"]]
     values.update({"n_signif": int(sum(p < 0.05 for p in all_p)), "n_tests": len(all_p), "min_p": f"{min(all_p):.3f}"})
     return values
+
+
+def trec_seed_table(summaries: Mapping, seeds_of: Mapping[str, Mapping[str, Sequence[int]]],
+                    task: str = "trec") -> pd.DataFrame:
+    """The verdict's task seed by seed: per model, one row per seed (accuracy, ρ, exact p, the most confused pair
+    real and predicted, the rank of the real one) and a row "all seeds" with ρ and its interval over seeds and test
+    examples (the verdict's number) and how many seeds reach p < 0.05.
+
+    Returns a DataFrame indexed by (model, seed). Used in: Diagnosis.
+    """
+    rows = []
+    for mod, per in summaries.items():
+        if task not in per:
+            continue
+        s, seeds = per[task], seeds_of[mod][task]
+        for i, seed in enumerate(seeds):
+            pr = s["pairs"][i]
+            rows.append({"model": mod, "seed": str(seed), "accuracy %": round(100 * s["accuracy"][i], 1),
+                         "ρ": f"{s['rho_per_seed'][i]:.2f}", "exact p": f"{s['p'][i]:.3f}",
+                         "most confused (real)": pair_text(task, pr["real"]),
+                         "most confused (predicted)": pair_text(task, pr["predicted"]),
+                         "rank of the real one": _rank_text(pr)})
+        rows.append({"model": mod, "seed": "all seeds", "accuracy %": round(100 * float(np.mean(s["accuracy"])), 1),
+                     "ρ": f"{s['rho'].fmt(2)} (n = {s['rho'].n})",
+                     "exact p": f"< 0.05 in {sum(p < 0.05 for p in s['p'])} of {len(seeds)}",
+                     "most confused (real)": "", "most confused (predicted)": "", "rank of the real one": ""})
+    return pd.DataFrame(rows).set_index(["model", "seed"])
 
 
 def curves_figure(curves: Mapping, layer_of: Mapping[str, int], m: int) -> plt.Figure:
@@ -194,9 +254,11 @@ def best_layer_values(curves: Mapping, model: str) -> dict:
 
 
 def direction_sweep(runs: Runs, layer_of: Mapping[str, int], m: int,
-                    n_boot: int = N_BOOT_SWEEP) -> tuple[dict, pd.DataFrame]:
+                    n_boot: int = N_BOOT) -> tuple[dict, pd.DataFrame]:
     """ρ at the chosen layer for every M of :data:`helpers.experiments.diagnosis.MS` that the stored results allow,
-    with all dimensions of the keys (no PCA), and the share of the queries' variance in the top 10 directions.
+    with all dimensions of the keys (no PCA), and the share of the queries' variance in the top 10 directions. With
+    the default ``n_boot`` the column of the chapter's M and the one without PCA repeat the agreement and baseline
+    tables' intervals exactly (the same bootstrap replicates).
 
     Returns ``({"m_span": the largest range of ρ over M}, a DataFrame with a row per model and task)``.
     Used in: Diagnosis.
@@ -229,13 +291,18 @@ def baseline_estimates(runs: Runs, layer_of: Mapping[str, int], m: int, n_boot: 
 
 
 def baseline_figure(base: Mapping, model: str, layer_of: Mapping[str, int], m: int) -> plt.Figure:
-    """ρ with its interval for each predictor and task, for one model (:func:`helpers.pages.plots.baseline_dots`).
+    """ρ with its interval for each predictor and task, for one model (:func:`helpers.pages.plots.baseline_dots`),
+    titled with n (per task where the tasks have different numbers of seeds).
 
     Returns the figure. Used in: Diagnosis.
     """
     table = base[model]
-    n = next(iter(table[PCA].values())).n
-    return plots.baseline_dots(table, title=f"{model}: layer {layer_of[model] + 1}, M = {m}, n = {n}")
+    by_n: dict[str, list[str]] = {}
+    for name, est in table[PCA].items():
+        by_n.setdefault(est.n, []).append(get_task(name).title)
+    n = (f", n = {next(iter(by_n))}" if len(by_n) == 1  # else per task (more seeds on one), on a second line
+         else "\nn = " + "; ".join(f"{n} ({', '.join(titles)})" for n, titles in by_n.items()))
+    return plots.baseline_dots(table, title=f"{model}: layer {layer_of[model] + 1}, M = {m}{n}")
 
 
 def baseline_table(base: Mapping) -> pd.DataFrame:
@@ -269,9 +336,11 @@ def baseline_values(base: Mapping, model: str) -> dict:
     return values
 
 
-def summary_table(summaries: Mapping, curves: Mapping, base: Mapping) -> pd.DataFrame:
-    """The chapter's closing table, one row per model and task: the most confused pair predicted and real, the rank
-    of the real one, ρ and p, the best layer, and the two predictors without anchors.
+def summary_table(summaries: Mapping, curves: Mapping, base: Mapping,
+                  seeds_of: Mapping[str, Mapping[str, Sequence[int]]] | None = None) -> pd.DataFrame:
+    """The chapter's closing table, one row per model and task: the seeds (where ``seeds_of`` is given), the most
+    confused pair predicted and real (first seed), the rank of the real one, ρ and p per seed, the best layer, and the
+    two predictors without anchors.
 
     Returns a DataFrame. Used in: Diagnosis.
     """
@@ -281,7 +350,8 @@ def summary_table(summaries: Mapping, curves: Mapping, base: Mapping) -> pd.Data
             est = curves[mod][name]
             best = int(np.nanargmax(est.value))
             pair = s["pairs"][0]
-            rows.append({"model": mod, "task": get_task(name).title,
+            seeds = {"seeds": ", ".join(map(str, seeds_of[mod][name]))} if seeds_of else {}
+            rows.append({"model": mod, "task": get_task(name).title, **seeds,
                          "most confused: predicted / real": f"{pair_text(name, pair['predicted'])} / "
                                                            f"{pair_text(name, pair['real'])}",
                          "rank of the real one": _rank_text(pair),
