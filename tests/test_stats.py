@@ -137,3 +137,6 @@ def test_pooled_tasks_keep_their_own_seeds():
     with pooled_over(2):
         kept = mean_estimate(items, seeds=True)
     assert kept.high - kept.low < 0.05 < mixed.high - mixed.low
+    with pooled_over(2):  # one seed per task: the tasks are not drawn as if they were seeds
+        one = mean_estimate([items[0], items[3]], seeds=True)
+    assert one.high - one.low < 0.05

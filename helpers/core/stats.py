@@ -145,8 +145,10 @@ def _seed_draw(rng: np.random.Generator, n_seeds: int, hierarchical: bool) -> np
     blocks = _BLOCKS.get()
     if not hierarchical or n_seeds < 2:
         return np.arange(n_seeds)
-    if blocks > 1 and n_seeds % blocks == 0 and n_seeds > blocks:
+    if blocks > 1 and n_seeds % blocks == 0:
         size = n_seeds // blocks
+        if size == 1:  # one seed per task: nothing to draw between seeds, and the tasks stay fixed
+            return np.arange(n_seeds)
         return (np.arange(blocks)[:, None] * size + rng.integers(0, size, (blocks, size))).ravel()
     return rng.integers(0, n_seeds, n_seeds)
 
