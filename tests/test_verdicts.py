@@ -149,3 +149,16 @@ def test_float_error_rule_uses_the_position_shift_floor():
     low_anchor = _est(300.0, 250.0, 350.0)  # re-weighting's change not ten times the tolerance
     assert verdicts.float_error(verdicts.Measured(qwen_like, support={"anchor": low_anchor, "floor": floor})) == \
         verdicts.PARTLY
+
+
+def test_flow_verdicts_need_the_label_words_to_beat_the_position_control():
+    from helpers.experiments.aggregation import beats_position_control
+
+    m = verdicts.Measured
+    gap = _est(0.8, 0.7, 0.9)
+    assert beats_position_control(m(gap, support={"position control": _est(0.08, 0.05, 0.1)})) == verdicts.REPRODUCED
+    assert beats_position_control(m(gap, support={"position control": _est(0.02, -0.01, 0.05, weak=(0.005, 0.04))})) \
+        == verdicts.PARTLY
+    assert beats_position_control(m(gap, support={"position control": _est(-0.02, -0.04, 0.0)})) == \
+        verdicts.NOT_REPRODUCED  # random positions carry as much: the normalisation, not the anchors
+    assert beats_position_control(m(gap)) == verdicts.NOT_REPRODUCED
