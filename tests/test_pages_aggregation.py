@@ -311,3 +311,15 @@ def test_public_functions_say_where_they_are_used():
         obj = getattr(page, name)
         if callable(obj):
             assert "Used in: Aggregation" in obj.__doc__, name
+
+
+def test_verdict_margins_are_the_verdict_pages_position_control():
+    from helpers.pages import aggregation as page
+    from helpers.pages.verdicts import FINDINGS, evaluate
+
+    margins = page.verdict_margins("gemma-3-270m")
+    measured, _ = evaluate(FINDINGS["flow-deep"], "gemma-3-270m")
+    assert margins["flow_deep_margin"] == measured.support["position control"].fmt(2)
+    assert set(margins) == {"flow_shallow_margin", "flow_deep_margin"}
+    assert page.verdict_margins("smollm2-135m") == {"flow_shallow_margin": "not computed",
+                                                     "flow_deep_margin": "not computed"}

@@ -382,3 +382,17 @@ def sweep_figure(avg: Mapping, iso: Mapping[str, Sequence], model: str, ks: Sequ
     fig.suptitle(f"{model}: loyalty against the number k of isolated layers (mean of {len(iso)} tasks)\n"
                  f"(n = {isolation_n(avg, iso)})")
     return fig
+
+
+def verdict_margins(model: str, profile="book") -> dict[str, str]:
+    """The position-control margins the flow verdicts require (:func:`helpers.experiments.aggregation.control_margin`,
+    as the verdict page computes them): ``flow_shallow_margin`` (S_wp over layers 1-5) and ``flow_deep_margin``
+    (S_pq over the last 5 layers), label words minus random positions, or "not computed". Used in: Aggregation."""
+    from .verdicts import FINDINGS, evaluate
+
+    out = {}
+    for fid in ("flow-shallow", "flow-deep"):
+        measured, _ = evaluate(FINDINGS[fid], model, profile)
+        margin = None if measured is None else measured.support.get("position control")
+        out[fid.replace("-", "_") + "_margin"] = "not computed" if margin is None else margin.fmt(2)
+    return out
