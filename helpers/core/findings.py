@@ -9,8 +9,8 @@ results are missing ("not yet run").
 
 **Verdicts.** A finding's rule is stated in its docstring, and the page prints it beside the row. Every rule is
 read off intervals, never off a point estimate alone: *reproduced* needs the 95% interval past the finding's
-threshold; *partly* needs at least the weaker 80% interval past it (:data:`helpers.core.stats.WEAK_LEVEL`); else
-*not reproduced*. Before any rule: a measurement on fewer than :data:`MIN_SEEDS` demonstration sets says *too few
+threshold; *partly* needs a stated weaker condition, most often the 80% interval past it
+(:data:`helpers.core.stats.WEAK_LEVEL`); else *not reproduced*. Before any rule: a measurement on fewer than :data:`MIN_SEEDS` demonstration sets says *too few
 seeds*; a finding that presupposes a working in-context mapping (abstract labels, diagnosing confusions) says *not
 testable on this model* when the model's accuracy on it is not above chance (its 95% interval). Intervals include
 the demonstration draw: a hierarchical bootstrap over seeds, then examples (:mod:`helpers.core.stats`).

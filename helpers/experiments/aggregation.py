@@ -161,7 +161,7 @@ def loyalty_table(per_seed: Sequence[dict[str, np.ndarray]], ks: Sequence[int] =
 
 
 def flow_estimate(per_seed: Sequence[np.ndarray], n_boot: int = N_BOOT) -> Estimate:
-    """:func:`flow_curves` (3, L) with a bootstrap interval for every point (examples resampled within seeds)."""
+    """:func:`flow_curves` (3, L) with a bootstrap interval for every point (seeds, then the examples within each drawn seed, resampled)."""
     return bootstrap(per_seed, normalise_per_layer, n_boot=n_boot)
 
 

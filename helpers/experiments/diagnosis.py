@@ -407,9 +407,10 @@ def spearman_estimate(per_seed: Sequence[dict[str, np.ndarray]], matrices: Seque
     """Spearman's ρ between predicted and real confusion, averaged over seeds, with a bootstrap interval.
 
     ``matrices``: per seed, one predicted (C, C) matrix or a stack (K, C, C) of them (e.g. one per layer): the
-    statistic is then a curve of K values. The bootstrap (:func:`helpers.core.stats.bootstrap`) resamples the test
-    examples within each seed and recomputes the real confusion; the predicted matrices are held fixed (the PCA is not
-    refitted), so the interval covers the test examples' noise in the real confusion only. The real confusion of a
+    statistic is then a curve of K values. The bootstrap (:func:`helpers.core.stats.bootstrap`) resamples the seeds,
+    then the test examples within each drawn seed, and recomputes the real confusion; the predicted matrices are held
+    fixed (the PCA is not refitted), so the interval covers which demonstrations and test examples were drawn, not
+    the PCA's own noise. The real confusion of a
     resample is cached (the bootstrap's resamples are the same in every call), which makes many estimates cheap.
     """
     import hashlib

@@ -256,7 +256,7 @@ def auc_estimates(per_seed: Sequence[dict[str, np.ndarray]], n_boot: int = N_BOO
                   renormalise_binary: bool = False) -> tuple[Estimate, Estimate]:
     """AUCROC_l and R_l (of the seed-mean AUCROC_l curve, as :func:`auc_curves`) with bootstrap intervals.
 
-    Stratified bootstrap over examples within seeds (:func:`helpers.core.stats.bootstrap_weighted`); R_l is recomputed
+    Hierarchical bootstrap over seeds and examples (:func:`helpers.core.stats.bootstrap_weighted`); R_l is recomputed
     from each replicate's mean AUC curve, so its interval includes the instability of the normalisation.
     """
     data = [(r["attention"], r["pred"]) for r in per_seed]

@@ -414,8 +414,10 @@ def fit_bias(train_logits: np.ndarray, gold: np.ndarray, temperature: bool = Fal
     scale a = 1/T, minimising the mean cross-entropy on the training prompts' label logits z.
 
     The loss is convex in (a, b) (the logits are linear in them), so L-BFGS finds the optimum; it stops when every
-    component of the gradient is below :data:`GTOL` (``grad_max`` reports where it stopped, ``converged`` whether
-    it met that rule). The bias is defined up to a constant; it is returned with mean 0. Used in: Anchor
+    component of the gradient is below :data:`GTOL` or the loss no longer decreases in double precision
+    (``grad_max`` reports where it stopped; ``converged`` is whether it is below 10 × :data:`GTOL`). When the
+    training examples are separable, a bias with a temperature has no finite optimum: the loss goes to 0 and the
+    scale grows until the loss stops decreasing. The bias is defined up to a constant; it is returned with mean 0. Used in: Anchor
     re-weighting.
     """
     from scipy.optimize import minimize
@@ -773,7 +775,8 @@ def accuracy(runs: Runs, method: str, task: str | None = None):
 
 
 def difference(runs: Runs, a: str, b: str, task: str | None = None):
-    """Paired accuracy difference a - b in points, over the same test examples within seeds (an Estimate)."""
+    """Paired accuracy difference a - b in points, over the same test examples (an Estimate; the bootstrap draws the
+    seeds, then the examples within each drawn seed, a and b together)."""
     from ..core.stats import bootstrap
 
     pairs = [x - y for x, y in zip(correctness(runs, a, task), correctness(runs, b, task), strict=True)]

@@ -149,8 +149,9 @@ def rules_markdown() -> str:
     from ..core.stats import LEVEL, WEAK_LEVEL
 
     lines = [f"Every rule reads intervals, never a point estimate alone: *reproduced* needs the {LEVEL:.0%} interval "
-             f"past the finding's threshold, *partly* at least the weaker {WEAK_LEVEL:.0%} interval (from the same "
-             "bootstrap replicates). Before any rule, a measurement on fewer than "
+             "past the finding's threshold; *partly* needs a stated weaker condition, most often the "
+             f"{WEAK_LEVEL:.0%} interval of the same bootstrap replicates past that threshold (each rule below says "
+             "which). Before any rule, a measurement on fewer than "
              f"{MIN_SEEDS} demonstration sets (seeds) says *{TOO_FEW_SEEDS}*, and a finding that presupposes a "
              "working in-context mapping (abstract labels, diagnosing confusions) says "
              f"*{NOT_TESTABLE}* when the model's accuracy is not above chance (its {LEVEL:.0%} interval).", ""]
