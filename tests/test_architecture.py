@@ -148,3 +148,18 @@ def test_used_in_lines_come_from_the_chapters():
     assert titles["reweighting"] in api.used_in("load_model")  # every chapter loads or keys a model
     assert api.used_in("no_such_function_anywhere") == []
     assert api.used_in("_private") == []
+
+
+def test_every_public_function_of_a_chapter_module_names_its_chapter():
+    """The book layer's chapter modules say which chapter uses each public function (as d2l's "Defined in")."""
+    import importlib
+    import inspect
+
+    pages = [p.stem for p in (ROOT / "helpers" / "pages").glob("*.py")
+             if p.stem not in ("__init__", "book", "plots", "verdicts", "api")]
+    assert len(pages) >= 7
+    for name in pages:
+        module = importlib.import_module(f"helpers.pages.{name}")
+        for fname, obj in vars(module).items():
+            if inspect.isfunction(obj) and obj.__module__ == module.__name__ and not fname.startswith("_"):
+                assert "Used in" in (obj.__doc__ or ""), f"helpers.pages.{name}.{fname}"

@@ -301,18 +301,6 @@ def test_sweep_figure_draws_both_metrics_against_k(loyalty):
     assert f"(n = {N} examples × {SEEDS} seeds × 2 tasks)" in fig.get_suptitle()
 
 
-def test_public_functions_say_where_they_are_used():
-    """Every public function names its chapter, and the page module never imports the command line layer."""
-    import inspect
-
-    source = inspect.getsource(page)
-    assert "helpers.cli" not in source and "from ..cli" not in source
-    for name in page.__all__:
-        obj = getattr(page, name)
-        if callable(obj):
-            assert "Used in: Aggregation" in obj.__doc__, name
-
-
 def test_verdict_margins_are_the_verdict_pages_position_control():
     from helpers.pages import aggregation as page
     from helpers.pages.verdicts import FINDINGS, evaluate

@@ -303,17 +303,6 @@ def test_summary_table(committed, base):
     assert row["no anchors: embeddings ρ"] == base[SECOND]["label-word embeddings"]["trec"].fmt(2)
 
 
-def test_public_functions_say_where_they_are_used():
-    import inspect
-
-    source = inspect.getsource(page)
-    assert "helpers.cli" not in source and "from ..cli" not in source
-    for name in page.__all__:
-        obj = getattr(page, name)
-        if callable(obj):
-            assert "Used in: Diagnosis" in obj.__doc__, name
-
-
 def test_the_chapter_glues_names_the_page_makes_and_states_its_verdict(committed, base, trec3, monkeypatch):
     from helpers.pages import verdicts
 

@@ -272,14 +272,3 @@ def test_accuracy_change_is_paired_over_the_same_examples():
     assert page.accuracy_change(one, one).fmt(1) == "0.0 [0.0, 0.0]"
     with pytest.raises(ValueError, match="same test examples"):
         page.accuracy_change(one, [{"gold": np.array([1, 1, 0, 1]), "pred": np.array([0, 1, 0, 1])}] * 3)
-
-
-def test_public_functions_say_where_they_are_used():
-    import inspect
-
-    source = inspect.getsource(page)
-    assert "helpers.cli" not in source and "from ..cli" not in source
-    for name in page.__all__:
-        obj = getattr(page, name)
-        if callable(obj):
-            assert "Used in: Extraction" in obj.__doc__, name
