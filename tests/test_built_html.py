@@ -40,6 +40,9 @@ def test_no_stderr_or_tracebacks(page):
     html = _text(page)
     assert 'class="output stderr"' not in html and "output_stderr" not in html, "a stderr block is shown"
     assert "Traceback (most recent call last)" not in html
+    # streams are merged into the cell output (nb_merge_streams), so a Python warning would show as text
+    warnings = re.findall(r"\b[A-Z]\w*Warning: .{0,80}", html)
+    assert not warnings, f"a warning is shown to the reader: {warnings[:2]}"
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
