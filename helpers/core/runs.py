@@ -19,9 +19,10 @@ site-packages. To refresh the committed results, point ``ANCHORS_RESULTS`` at th
 (``python -m helpers.cli.compute <chapter> --into-committed`` does that).
 
 **Where a relative folder points.** A relative ``ANCHORS_RESULTS`` is resolved once per process, at its first use
-(:func:`resolve_env_folder`): against the repository root in a source checkout (``ANCHORS_RESULTS=results`` is the
-repository's ``results/`` whether a chapter runs from the root or from ``book/``), else against the working
-directory; the absolute path is written back to the environment, so kernels and subprocesses started later agree.
+(:func:`helpers.core.models.resolve_env_folder`; ``ANCHORS_CACHE`` follows the same rule): against the repository
+root in a source checkout (``ANCHORS_RESULTS=results`` is the repository's ``results/`` whether a chapter runs from
+the root or from ``book/``), else against the working directory; the absolute path is written back to the
+environment, so kernels and subprocesses started later agree.
 
 **Safety.** Results are a flat dict of numeric numpy arrays saved as ``.npz`` (no pickles: an object array is
 refused when computed) next to a ``.json`` with the key's fields, the ``.npz``'s sha256 and its fields' dtypes and
@@ -69,6 +70,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .models import resolve_env_folder
 from .prompts import Prompt, build_prompt
 from .tasks import (TaskData, check_path_name, sample_demonstrations_per_example, sample_fixed_demonstrations,
                     subsample_test)
@@ -79,7 +81,7 @@ __all__ = ["ModelKey", "Profile", "PROFILES", "RESULTS_VERSION", "RESULTS_ENV", 
            "check_finite", "clean_stale_temporaries", "transformers_version", "write_json", "bench_file",
            "MismatchedResultError", "ResultsFolderError", "UnsavedResultWarning", "KEY_FIELDS", "TEMP_PREFIX",
            "normalise_settings", "read_result", "file_sha256", "check_arrays", "check_results_folder", "fallback_dir",
-           "resolve_env_folder", "bench_covers"]
+           "resolve_env_folder", "bench_covers", "CachedResult", "MissingFieldError"]
 
 RESULTS_VERSION = "1"
 RESULTS_ENV = "ANCHORS_RESULTS"
@@ -143,6 +145,29 @@ class MissingResultError(LookupError):
     """``ANCHORS_REQUIRE_CACHED=1`` and a result is not in any results folder."""
 
 
+class MissingFieldError(KeyError):
+    """A cached result has no field of that name (written by another version of the experiment, or edited)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class CachedResult(dict):
+    """A result read from the cache: a plain dict of arrays that knows its file, so that asking for a field it does
+    not hold is a :class:`MissingFieldError` naming the file, the field, the fields it has and the fix (not a bare
+    ``KeyError`` far from the cache)."""
+
+    def __init__(self, arrays: dict, path: Path):
+        super().__init__(arrays)
+        self.path = Path(path)
+
+    def __missing__(self, name):
+        raise MissingFieldError(
+            f"the cached result {self.path} has no field {name!r} (it holds {sorted(self)}): it was written by "
+            f"another version of the experiment, or edited. Delete {self.path.name} and its .json (the run is "
+            "recomputed), or, in the committed results, restore them (git checkout results/)")
+
+
 class ResultsFolderError(OSError):
     """The results folder cannot take a result (read-only, full, a file, no permission): raised *before* computing."""
 
@@ -161,30 +186,10 @@ class UnsavedResultWarning(UserWarning):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def resolve_env_folder(env: str, anchor: Path | None = None) -> Path | None:
-    """The folder named by the environment variable ``env``, as an absolute path, or ``None`` when it is unset.
-
-    A relative value is resolved **once** per process, at its first use: against ``anchor`` (for
-    ``ANCHORS_RESULTS``, the repository root in a source checkout, so ``ANCHORS_RESULTS=results`` means the
-    repository's ``results/`` from wherever a chapter runs, ``book/`` included), else against the working directory.
-    The absolute path is written back to the environment, so a later ``os.chdir``, a notebook kernel or a
-    subprocess started from here uses the same folder.
-    """
-    value = os.environ.get(env, "").strip()
-    if not value:
-        return None
-    path = Path(value).expanduser()
-    if path.is_absolute():
-        return path.resolve()
-    path = ((anchor / path) if anchor is not None else path).resolve()
-    os.environ[env] = str(path)
-    return path
-
-
 def results_dir() -> Path:
     """The writable results folder: ``$ANCHORS_RESULTS``, or ``~/.cache/anchors/results``.
 
-    A relative ``$ANCHORS_RESULTS`` is resolved once (:func:`resolve_env_folder`): against the repository root in a
+    A relative ``$ANCHORS_RESULTS`` is resolved once (:func:`helpers.core.models.resolve_env_folder`, the rule ``ANCHORS_CACHE`` follows too): against the repository root in a
     source checkout, else against the working directory.
     """
     checkout = REPO_ROOT if (REPO_ROOT / "pyproject.toml").is_file() else None
@@ -520,7 +525,7 @@ def _array_facts(result: dict[str, np.ndarray]) -> dict:
 
 
 def read_result(path: str | os.PathLike, fields: dict | None = None,
-                allow_nan: Collection[str] = ()) -> dict[str, np.ndarray]:
+                allow_nan: Collection[str] = (), expect: Collection[str] = ()) -> dict[str, np.ndarray]:
     """Read a cached ``.npz`` and check it against its ``.json`` and against the run asked for.
 
     * the ``.json`` beside it must exist and be readable;
@@ -528,7 +533,10 @@ def read_result(path: str | os.PathLike, fields: dict | None = None,
       those of ``fields`` (the request), when given: a file copied or renamed from another run is not returned;
     * the ``.npz`` must be readable and finite (outside ``allow_nan``);
     * when the ``.json`` holds them (every result written since they were added): the file's sha256, and its fields'
-      names, dtypes and shapes.
+      names, dtypes and shapes;
+    * it must hold every field named in ``expect`` (what the experiment reads from it).
+
+    Returns a :class:`CachedResult` (a dict whose missing field is an error naming the file).
 
     Raises :class:`MismatchedResultError`, :class:`UnreadableResultError` or :class:`NonFiniteResultError`, each
     naming the file.
@@ -574,14 +582,20 @@ def read_result(path: str | os.PathLike, fields: dict | None = None,
                 f"the cached result {path} does not hold what its {meta.name} records (fields {diff}: "
                 f"{_short({k: facts.get(k) for k in diff})} in the file, "
                 f"{_short({k: info['arrays'].get(k) for k in diff})} recorded)")
-    return result
+    absent = sorted(set(expect) - set(result))
+    if absent:
+        raise MismatchedResultError(
+            f"the cached result {path} has no field{'s' if len(absent) > 1 else ''} {absent}, which the experiment "
+            f"needs (it holds {sorted(result)}): it was written by another version of the experiment, or edited")
+    return CachedResult(result, path)
 
 
-def _read_checked(path: Path, fields: dict, allow_nan: Collection[str], committed: bool):
+def _read_checked(path: Path, fields: dict, allow_nan: Collection[str], committed: bool,
+                  expect: Collection[str] = ()):
     """A cached result that passes :func:`read_result`, or ``None`` (with a warning naming the file) so that the
     caller recomputes it. In the committed results a mismatch is an error: they are never silently replaced."""
     try:
-        return read_result(path, fields, allow_nan)
+        return read_result(path, fields, allow_nan, expect)
     except MismatchedResultError as err:
         if committed:
             raise MismatchedResultError(
@@ -782,6 +796,7 @@ def cached_run(
     recompute: bool = False,
     allow_nan: Collection[str] = (),
     lookup_only: bool = False,
+    expect: Collection[str] = (),
 ) -> dict[str, np.ndarray] | None:
     """Return the cached result of a run, or ``compute()`` it and cache it.
 
@@ -804,6 +819,10 @@ def cached_run(
         recompute: ignore cached results.
         allow_nan: fields of the result where NaN is legitimate (e.g. an AUC undefined in some layer).
         lookup_only: never compute; ``None`` when nothing is cached.
+        expect: fields the caller reads from the result: a cached result without one of them is refused when read
+            (recomputed in the user cache, an error in the committed results), and a computed result without one
+            is an error. Without ``expect``, a cached result is a :class:`CachedResult`: asking it for a field it
+            does not hold is an error naming the file.
     """
     fields = key_fields(experiment, lm, data, settings)
     rel = _relative_path(fields)
@@ -811,7 +830,8 @@ def cached_run(
         for i, d in enumerate(search_dirs(directory)):
             if (d / rel).is_file():
                 # search_dirs: the user cache (or ``directory``) first, then, only by default, the committed results
-                result = _read_checked(d / rel, fields, allow_nan, committed=directory is None and i > 0)
+                result = _read_checked(d / rel, fields, allow_nan, committed=directory is None and i > 0,
+                                       expect=expect)
                 if result is not None:
                     return result
     if lookup_only or compute is None:
@@ -830,6 +850,10 @@ def cached_run(
     wall, cpu = time.perf_counter(), time.process_time()
     what = f"{experiment} result for {fields['model'].get('name')} / {fields['task']}"
     result = check_arrays(compute(), what)
+    absent = sorted(set(expect) - set(result))
+    if absent:
+        raise KeyError(f"the {what} has no field {absent} of those the caller expects ({sorted(expect)}); nothing "
+                       "was cached")
     cost = {"wall_s": round(time.perf_counter() - wall, 2), "cpu_s": round(time.process_time() - cpu, 2),
             "threads": _torch_threads()}  # what this run cost (not part of the key)
     check_finite(result, allow_nan, what=what)
