@@ -86,6 +86,8 @@ def anchors_attention(
     layer = getattr(module, "layer_idx", None)
     hooks = _ACTIVE.get()
     for hook in hooks:
+        hook.begin(layer, attention_mask)  # which layers ran, and each prompt's real length (padding excluded)
+    for hook in hooks:
         if hook.acts_on(layer):
             hook.qk(layer, query, key)  # before the kv heads are repeated: key has H_kv heads
     groups = query.shape[1] // key.shape[1]
@@ -112,6 +114,8 @@ def anchors_attention(
             probs = hook.post_softmax(layer, probs)
             hook.seen.add(layer)
 
+    for hook in hooks:
+        hook.end()
     probs_used = F.dropout(probs, p=dropout, training=module.training)
     out = torch.matmul(probs_used, value).transpose(1, 2).contiguous()
     return out, probs
@@ -172,15 +176,70 @@ def _stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack([t.to(device) for t in tensors])
 
 
+def _check_layers(layers) -> frozenset[int] | None:
+    if layers is None:
+        return None
+    out = []
+    for x in layers:
+        if isinstance(x, bool) or int(x) != x:
+            raise ValueError(f"layers must be integer layer indices, got {x!r}")
+        if x < 0:
+            raise ValueError(
+                f"layer {x}: layers are 0-based indices (the first is 0, the last is n_layers - 1, e.g. "
+                "lm.n_layers - 1); a negative index does not count from the end here")
+        out.append(int(x))
+    return frozenset(out)
+
+
+def key_lengths(attention_mask: torch.Tensor | None, batch: int, keys: int) -> list[int]:
+    """Each example's real number of key columns in a forward pass: one past its last key that some query row may
+    attend to (right padding, which no row attends to, is excluded; a KV cache's entries count). ``keys`` for every
+    example when there is no mask."""
+    if attention_mask is None:
+        return [keys] * batch
+    m = attention_mask[:, 0, :, :keys]
+    allowed = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
+    seen = allowed.any(dim=1)  # (B or 1, S)
+    last = keys - seen.flip(-1).to(torch.int8).argmax(-1)
+    lengths = torch.where(seen.any(-1), last, torch.zeros_like(last)).tolist()
+    return lengths * batch if len(lengths) == 1 else lengths
+
+
 class Hook:
-    """Base class: acts on the layers in ``layers`` (``None`` = every layer). Subclasses override one method."""
+    """Base class: acts on the layers in ``layers`` (``None`` = every layer; 0-based, never negative). Subclasses
+    override one method.
+
+    Positions and rows a hook is given are checked against each prompt's **real** length (the padded batch's
+    right padding excluded, read from the attention mask): a position in a shorter prompt's padding is an error,
+    not an intervention that changes nothing."""
 
     def __init__(self, layers: Iterable[int] | None = None):
-        self.layers = None if layers is None else frozenset(int(x) for x in layers)
+        self.layers = _check_layers(layers)
         self.seen: set[int] = set()
+        self.ran: set = set()  # every layer the attention ran on while the hook was active
+        self._attention_mask = None
+        self._lengths: list[int] | None = None
 
     def acts_on(self, layer: int | None) -> bool:
         return self.layers is None or layer in self.layers
+
+    def begin(self, layer: int | None, attention_mask: torch.Tensor | None) -> None:
+        """Called by the attention function for every layer while the hook is active, before anything else."""
+        self.ran.add(layer)
+        self._attention_mask = attention_mask if self.acts_on(layer) else None
+        self._lengths = None
+
+    def end(self) -> None:
+        self._attention_mask = None
+        self._lengths = None
+
+    def real_rows(self, batch: int, rows: int, keys: int) -> list[int]:
+        """Each example's number of real query rows in the layer running now (rows of right padding excluded):
+        its real key count less the keys before the first query row (a KV cache)."""
+        if self._lengths is None:
+            self._lengths = key_lengths(self._attention_mask, batch, keys)
+        offset = keys - rows
+        return [max(0, min(rows, n - offset)) for n in self._lengths]
 
     def qk(self, layer: int, query: torch.Tensor, key: torch.Tensor) -> None:
         """See the query (B, H, T, D) and the un-repeated key (B, H_kv, S, D) of a layer, before the scores."""
@@ -192,23 +251,64 @@ class Hook:
         return probs
 
 
+def _resolve_rows(name: str, rows: list[list[int]], real: list[int], padded: int) -> list[list[int]]:
+    """Rows per example with negative ones counted from each prompt's own last real token (-1 is its last token,
+    not the batch's last padded row); ``ValueError`` for a row outside the prompt."""
+    out = []
+    for b, (wanted, n) in enumerate(zip(rows, real)):
+        resolved = []
+        for r in wanted:
+            q = r + n if r < 0 else r
+            if not 0 <= q < n:
+                where = "in its right padding" if n <= q < padded else "beyond the sequence"
+                raise ValueError(
+                    f"{name}: row {r} of example {b} is {where}: that prompt has {n} real tokens (rows 0-{n - 1}, or "
+                    f"-1 for its last), the batch is padded to {padded}")
+            resolved.append(q)
+        out.append(resolved)
+    return out
+
+
+def _rows_per_example(rows, batch: int, name: str) -> list[list[int]]:
+    """``rows`` (an int, a sequence, a (B,) or (B, K) tensor) as K rows for each of the ``batch`` examples."""
+    if isinstance(rows, int):
+        return [[rows]] * batch
+    t = torch.as_tensor(rows)
+    if t.ndim == 1 and t.numel() == batch:
+        t = t[:, None]
+    elif t.ndim == 1:
+        t = t[None].expand(batch, -1)
+    if t.ndim != 2 or t.shape[0] != batch:
+        raise ValueError(f"{name}: rows of shape {tuple(torch.as_tensor(rows).shape)} for a batch of {batch}")
+    return t.tolist()
+
+
 class Record(Hook):
     """Keep the post-softmax attention of each layer, detached.
 
-    ``rows``: optional LongTensor (B,) or (B, K) of query positions; then only those rows are kept, giving
-    (B, H, K, S) per layer instead of (B, H, T, S) (much less memory for long prompts and big models).
+    ``rows``: optional query rows to keep, giving (B, H, K, S) per layer instead of (B, H, T, S) (much less memory
+    for long prompts and big models): a LongTensor (B,) or (B, K) (one row, or K rows, per example), or an int or a
+    list of ints for the same rows in every example. A negative row counts from each prompt's **own** last real
+    token (``rows=-1`` is every prompt's last token, never a shorter prompt's padding); a row beyond a prompt's real
+    tokens is an error.
     """
 
-    def __init__(self, layers: Iterable[int] | None = None, rows: torch.Tensor | None = None):
+    def __init__(self, layers: Iterable[int] | None = None, rows=None):
         super().__init__(layers)
-        self.rows = None if rows is None else (rows if rows.ndim == 2 else rows[:, None])
+        if isinstance(rows, torch.Tensor) and rows.ndim not in (1, 2):
+            raise ValueError(f"Record rows must be (B,) or (B, K), got shape {tuple(rows.shape)}")
+        if rows is not None and not isinstance(rows, (int, torch.Tensor, Sequence)) or isinstance(rows, bool):
+            raise ValueError(f"Record rows must be an int, a list of ints or a LongTensor, got {rows!r}")
+        self.rows = rows
         self.attentions: dict[int, torch.Tensor] = {}
 
     def post_softmax(self, layer, probs):
         kept = probs.detach()
         if self.rows is not None:
-            rows = self.rows.to(probs.device)
-            batch = torch.arange(probs.shape[0], device=probs.device)[:, None]
+            b, _, t, s = probs.shape
+            wanted = _rows_per_example(self.rows, b, "Record")
+            rows = torch.tensor(_resolve_rows("Record", wanted, self.real_rows(b, t, s), t), device=probs.device)
+            batch = torch.arange(b, device=probs.device)[:, None]
             kept = kept[batch, :, rows].permute(0, 2, 1, 3)  # (B, K, H, S) -> (B, H, K, S)
         self.attentions[layer] = kept
         return probs
@@ -288,13 +388,25 @@ class Isolate(Hook):
             for b, rows in enumerate(positions):
                 for p in rows:
                     if p >= t:
-                        raise ValueError(f"position {p} of example {b} is beyond the sequence ({t} tokens)")
+                        raise ValueError(f"Isolate: position {p} of example {b} is beyond the sequence ({t} tokens)")
                     mask[b, 0, p, : p + offset] = True
             self._masks[key] = mask.to(device)
         return self._masks[key]
 
+    def _check_real(self, layer: int, shape: torch.Size) -> None:
+        batch, _, t, s = shape
+        real = self.real_rows(batch, t, s)
+        for b, (rows, n) in enumerate(zip(self.by_layer[layer], real)):
+            bad = sorted(p for p in rows if n <= p < t)
+            if bad:
+                raise ValueError(
+                    f"Isolate: positions {bad} of example {b} are in its right padding: that prompt has {n} real "
+                    f"tokens (positions 0-{n - 1}), the batch is padded to {t}; isolating padding changes nothing")
+
     def pre_softmax(self, layer, scores):
-        return scores.masked_fill(self._mask(layer, scores.shape, scores.device), self.fill)
+        mask = self._mask(layer, scores.shape, scores.device)
+        self._check_real(layer, scores.shape)
+        return scores.masked_fill(mask, self.fill)
 
 
 class Reweight(Hook):
@@ -408,11 +520,23 @@ class RecordQK(Hook):
         self.keys: dict[int, torch.Tensor] = {}
 
     def qk(self, layer, query, key):
-        batch = torch.arange(query.shape[0], device=query.device)
-        rows = self.rows.to(query.device)
+        b, t, s = query.shape[0], query.shape[2], key.shape[2]
+        if self.rows.shape[0] != b:
+            raise ValueError(f"RecordQK was built for a batch of {self.rows.shape[0]} examples, the batch has {b}")
+        real = self.real_rows(b, t, s)
+        resolved = _resolve_rows("RecordQK", [[r] for r in self.rows.tolist()], real, t)
+        offset = s - t
+        for i, (cols, n) in enumerate(zip(self.key_positions.tolist(), real)):
+            bad = [c for c in cols if not 0 <= c < n + offset]
+            if bad:
+                where = "beyond the sequence" if any(c >= s or c < 0 for c in bad) else "in its right padding"
+                raise ValueError(f"RecordQK: key positions {bad} of example {i} are {where}: that prompt has "
+                                 f"{n + offset} real keys (positions 0-{n + offset - 1}), the batch has {s}")
+        batch = torch.arange(b, device=query.device)
+        rows = torch.tensor([r[0] for r in resolved], device=query.device)
         self.queries[layer] = query.detach()[batch, :, rows, :].float().cpu()  # (B, H, D)
         cols = self.key_positions.to(key.device)
-        self.keys[layer] = key.detach()[batch[:, None], :, cols, :].float().cpu()  # (B, K, H_kv, D)
+        self.keys[layer] = key.detach()[batch.to(key.device)[:, None], :, cols, :].float().cpu()  # (B, K, H_kv, D)
 
     def post_softmax(self, layer, probs):  # marks the layer as seen; nothing to change
         return probs
@@ -428,6 +552,7 @@ def intervene(*hooks: Hook, strict: bool = True) -> Iterator[tuple[Hook, ...]]:
     """
     for hook in hooks:
         hook.seen = set()
+        hook.ran = set()
     token = _ACTIVE.set(_ACTIVE.get() + tuple(hooks))
     try:
         yield hooks
@@ -435,6 +560,14 @@ def intervene(*hooks: Hook, strict: bool = True) -> Iterator[tuple[Hook, ...]]:
         _ACTIVE.reset(token)
     if strict:
         for hook in hooks:
+            ran = sorted(x for x in hook.ran if x is not None)
+            if hook.layers is not None and ran and not hook.layers <= hook.seen:
+                missing = sorted(hook.layers - hook.seen)
+                beyond = [x for x in missing if x > ran[-1]]
+                why = (f"the model has {ran[-1] + 1} layers (0-{ran[-1]})" if beyond else
+                       f"the forward passes ran layers {ran[0]}-{ran[-1]} only")
+                raise RuntimeError(f"{type(hook).__name__} did not reach layers {missing}: {why}. Pass layers "
+                                   "between 0 and lm.n_layers - 1 (the attention ran, so the hooks are installed).")
             if not hook.seen:
                 raise RuntimeError(
                     f"{type(hook).__name__} never ran: the model does not use the '{NAME}' attention. "

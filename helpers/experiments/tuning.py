@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from ..core.attention import Record, Reweight, intervene
-from ..core.prompts import Prompt, label_token_ids
+from ..core.prompts import Prompt, check_finite_logits, label_token_ids
 from .reweighting import (KV, TrainConfig, _loss, adam_epochs, class_positions, evaluate, label_head, prefix_kv,
                           seed_setup, shared_prefix_length, train_beta)
 from ..core.runs import cached_run
@@ -190,7 +190,7 @@ def soft_logits(model, prompt: Prompt, soft: torch.Tensor | None, label_ids: Seq
     embeds = _with_soft(model, prompt.input_ids, soft, slot)
     with intervene(*hooks) if hooks else contextlib.nullcontext():
         hidden = model.base_model(inputs_embeds=embeds, use_cache=False).last_hidden_state
-    return label_head(model, hidden[0, prompt.target + m], label_ids)
+    return check_finite_logits(label_head(model, hidden[0, prompt.target + m], label_ids), model)
 
 
 def _cache(kv: KV | None, batch: int = 1):
@@ -215,7 +215,7 @@ def prefix_logits(model, prompt: Prompt, kv: KV | None, label_ids: Sequence[int]
         hidden = model.base_model(input_ids=ids, past_key_values=_cache(kv), use_cache=True,
                                   position_ids=torch.arange(m, m + ids.shape[1], device=device)[None]
                                   ).last_hidden_state
-    return label_head(model, hidden[0, prompt.target], label_ids)
+    return check_finite_logits(label_head(model, hidden[0, prompt.target], label_ids), model)
 
 
 def init_prefix(model, ids: Sequence[int]) -> KV:
@@ -241,8 +241,21 @@ def _continue(model, rests: Sequence[Sequence[int]], start: KV, first_position: 
     hidden = model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device),
                               past_key_values=_cache(start, b), use_cache=True,
                               position_ids=position_ids).last_hidden_state
-    return label_head(model, hidden[torch.arange(b, device=hidden.device),
-                                    torch.tensor(list(rows), device=hidden.device)], label_ids)
+    return check_finite_logits(label_head(model, hidden[torch.arange(b, device=hidden.device),
+                                                        torch.tensor(list(rows), device=hidden.device)], label_ids),
+                               model)
+
+
+def _check_trained(what: str, tensors) -> None:
+    """``FloatingPointError`` if a trained soft prompt or prefix holds a NaN or an infinity (a diverged training):
+    its logits would be NaN."""
+    for i, t in enumerate(tensors):
+        finite = torch.isfinite(t.detach())
+        if not bool(finite.all()):
+            raise FloatingPointError(
+                f"the {what} has {int((~finite).sum())} non-finite values of {t.numel()}"
+                f"{f' (tensor {i})' if len(tensors) > 1 else ''}: its logits would be NaN. Its training diverged "
+                "(lower the learning rate) or it was damaged; nothing was evaluated")
 
 
 def _batches(prompts, batch_size, desc, progress):
@@ -261,6 +274,7 @@ def evaluate_soft(lm, task, prompts: Sequence[Prompt], soft: torch.Tensor, batch
     slot = insert_slot(prompts[0])
     if slot > n:
         raise ValueError("the prompts share no BOS token to insert after")
+    _check_trained("soft prompt", [soft])
     m = soft.shape[0]
     device = next(model.parameters()).device
     out = []
@@ -283,6 +297,7 @@ def evaluate_prefix(lm, task, prompts: Sequence[Prompt], kv: KV, batch_size: int
     model = lm.model
     label_ids = list(label_token_ids(task, lm.tokenizer))
     n = shared_prefix_length(prompts)
+    _check_trained("prefix (keys and values)", [t for pair in kv for t in pair])
     m = kv[0][0].shape[-2]
     out = []
     with torch.no_grad():
