@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from ..core.prefix import PrefixCache, build_prefix, split_prompts, suffix_logits
-from ..core.prompts import Prompt, collate, label_token_ids, output_device, target_logits
+from ..core.prompts import Prompt, check_finite_logits, collate, label_token_ids, output_device, target_logits
 from ..core.runs import Profile, cached_run, make_prompts, settings_of
 from ..core.stats import Estimate, mean_estimate
 from ..core.tasks import Example, Task, TaskData, sample_fixed_demonstrations, subsample_test
@@ -183,7 +183,7 @@ def _last_token_logits(lm, id_lists: Sequence[Sequence[int]], batch_size: int) -
                 full = lm.model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=k,
                                 use_cache=False).logits
                 logits = full[torch.arange(len(rows), device=full.device), (last[:, 0] - (t - k)).to(full.device)]
-        out.append(logits.float().cpu())
+        out.append(check_finite_logits(logits, lm.model).float().cpu())
     return torch.cat(out)
 
 
