@@ -1025,3 +1025,61 @@ def test_a_cached_result_missing_a_field_is_refused_when_read(isolated):
         read["y"]
     with pytest.raises(KeyError, match="has no field"):
         cached_run("exp", lm, data, {"seed": 8}, lambda: {"x": np.ones(1)}, expect=("x", "y"))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The command line: sizes, options and tasks refused before a model loads
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv, message", [(["--reps", "0"], "at least 1"), (["--batch-sizes", "0"], "at least 1"),
+                                           (["--n", "-3"], "at least 1")])
+def test_bench_sizes_below_one_are_refused_before_anything_runs(monkeypatch, capsys, argv, message):
+    """Was: --reps 0 ran to a StatisticsError, --batch-sizes 0 to "range() arg 3 must not be zero", --n -3 ran
+    all but 3 examples."""
+    from helpers.cli import bench
+
+    monkeypatch.setattr(bench, "bench_compression", lambda *a, **k: pytest.fail("the benchmark started"))
+    with pytest.raises(SystemExit) as err:
+        bench.main(["compression", *argv])
+    assert err.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [(["aggregation", "--tasks"], "expected at least one argument"),
+                                           (["aggregation", "--tasks", "nope"], "nope"),
+                                           (["compression", "--seeds", "7"], "not seeds of compression")])
+def test_compute_refuses_what_it_would_ignore_before_loading_a_model(monkeypatch, capsys, argv, message):
+    """Was: --tasks without a value exited 0 having computed nothing; --seeds 7 for compression computed seed 42;
+    an unknown task was found only after the model had loaded."""
+    from helpers.cli import compute
+
+    monkeypatch.setattr("helpers.core.models.load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises((SystemExit, ValueError)) as err:
+        compute.main(argv + ["--profile", "quick"])
+    shown = str(err.value) + capsys.readouterr().err
+    assert message in shown and (not isinstance(err.value, SystemExit) or err.value.code == 2)
+
+
+def test_every_path_that_returns_logits_refuses_nan():
+    """A model whose weights hold a NaN: each logits path is a FloatingPointError, never NaN logits."""
+    from conftest import build_tiny_model
+
+    from helpers.core.attention import enable
+    from helpers.core.prefix import build_prefix, suffix_logits
+    from helpers.core.prompts import collate, target_label_logits, target_logits
+    from helpers.experiments import compression
+
+    model = enable(build_tiny_model("llama"), "anchors")  # its own copy: the shared tiny models stay clean
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("nan")
+    batch = collate([_long_prompt(6), _long_prompt(4)], 0)
+    prefix = build_prefix(model, [5, 6, 7])
+    lm = SimpleNamespace(model=model, device=torch.device("cpu"), tokenizer=SimpleNamespace(pad_token_id=0))
+    paths = {"target_logits": lambda: target_logits(model, batch),
+             "target_label_logits": lambda: target_label_logits(model, batch, [5, 6]),
+             "suffix_logits": lambda: suffix_logits(model, prefix, [[8, 9], [10]], 0),
+             "suffix label logits": lambda: suffix_logits(model, prefix, [[8, 9], [10]], 0, label_ids=[5, 6]),
+             "compression full prompts": lambda: compression._last_token_logits(lm, [[5, 6, 7], [8]], 2)}
+    for name, run in paths.items():
+        with pytest.raises(FloatingPointError, match="non-finite logits"):
+            run()
