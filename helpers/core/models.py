@@ -6,8 +6,10 @@ that implementation computes exactly what the model's own eager attention comput
 
 Offline models (no network): the three registered names below come from PyPI packages that carry a GGUF file.
 transformers de-quantises a GGUF to float32 when loading it, which takes 15-45 s; we do that once and keep a
-``save_pretrained`` copy in a cache folder (``$ANCHORS_CACHE`` or ``~/.cache/anchors/models``), so later loads take
-a few seconds.
+``save_pretrained`` copy in a cache folder (``$ANCHORS_CACHE/models`` or ``~/.cache/anchors/models``), so later loads
+take a few seconds. The copy carries a record of its files' sha256 (:func:`weights_record`), checked at every load
+(:func:`check_converted`), and a killed conversion's temporary folder is removed by the next load
+(:func:`clean_stale_conversions`).
 """
 
 from __future__ import annotations
@@ -635,6 +637,8 @@ def load_model(
         ModuleNotFoundError: a registered offline model whose package is not installed (the message gives the
             exact ``pip install`` command).
         ValueError: a name that is neither registered, nor a folder, nor looks like a hub id.
+        ConvertedModelError: the converted copy of an offline model is damaged or changed since its conversion
+            (:func:`check_converted`; the message names the folder to delete, which is then converted again).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
