@@ -25,6 +25,10 @@ The folder may have been received from someone else: a ``.json`` that cannot be 
 model would put the file outside the folder (``../..``, a separator), is reported and left alone; nothing is ever
 written outside ``folder``.
 
+``--model-identity MODEL`` re-keys current-format results of MODEL with the identity the installed model has now,
+when that identity only adds fields to the recorded one (e.g. the sha256 of the converted weights); a record whose
+identity differs in a field it already held (other package versions: other weights) is reported and left alone.
+
 ``--add-checksums`` gives current-format results written before the cache recorded them the sha256 of their ``.npz``
 and their fields' dtypes and shapes (which :func:`helpers.core.runs.read_result` then checks), after checking that
 the ``.json``'s key matches its fields and its file name and that the ``.npz`` is readable and finite. Nothing is
@@ -224,6 +228,59 @@ def drop_setting(root: Path, name: str, dry_run: bool) -> int:
     return 1 if left else 0
 
 
+def set_identity(root: Path, name: str, dry_run: bool) -> int:
+    """Current-format results of the model ``name``: give them the model's identity as computed now
+    (:func:`helpers.core.models.model_identity`) and the key that goes with it.
+
+    For an identity that gained a field while the weights stayed the same (e.g. the sha256 of the converted weights,
+    added to what the packages' versions already said): a record is moved only if every field its identity holds is
+    unchanged in the new one (the new identity adds, never alters); any other is reported and left alone, since it
+    was computed with other weights. The ``.npz`` moves unchanged. Re-runnable.
+    """
+    new_identity = model_identity(name)
+    moved = left = 0
+    for meta in sorted(root.glob("*/*.json")):
+        info, why = _read_info(meta)
+        if info is None:
+            print(f"LEFT {meta}: {why}")
+            left += 1
+            continue
+        old = info.get("model")
+        if info.get("format") != 2 or not isinstance(old, dict) or old.get("name") != name or old == new_identity:
+            continue
+        npz = meta.with_suffix(".npz")
+        fields = {k: info.get(k) for k in KEY_FIELDS}
+        problem = None
+        if not npz.is_file():
+            problem = "no .npz beside it"
+        elif _hash_fields(fields) != info.get("key"):
+            problem = "its key does not match its fields"
+        elif any(new_identity.get(k) != v for k, v in old.items()):
+            changed = sorted(k for k, v in old.items() if new_identity.get(k) != v)
+            problem = f"its model identity differs in {changed} from the installed model's: other weights"
+        if problem:
+            print(f"LEFT {meta}: {problem}")
+            left += 1
+            continue
+        fields["model"] = dict(new_identity)
+        target, why = _inside(root, fields)
+        if target is None:
+            print(f"LEFT {meta}: {why}")
+            left += 1
+            continue
+        new_info = {**info, **fields, "key": _hash_fields(fields), "identity_before": old}
+        if target.exists() and target != npz and target.read_bytes() != npz.read_bytes():
+            print(f"LEFT {meta}: {target} exists with other content")
+            left += 1
+            continue
+        print(f"{'would move' if dry_run else 'moved'} {npz.relative_to(root)} -> {target.relative_to(root)}")
+        moved += 1
+        if not dry_run:
+            _move(npz, meta, target, new_info)
+    print(f"{moved} re-keyed with the identity of {name}, {left} left alone")
+    return 1 if left else 0
+
+
 def add_checksums(root: Path, dry_run: bool) -> int:
     """Current-format results without a recorded sha256: record it, and the fields' dtypes and shapes, in the
     ``.json`` (rewritten atomically; the ``.npz`` is not touched). Re-runnable: files that have them are skipped."""
@@ -277,7 +334,12 @@ def main(argv=None) -> int:
                         help="current-format results: remove this setting from their key (e.g. seeds)")
     parser.add_argument("--add-checksums", action="store_true",
                         help="current-format results: record their .npz's sha256 and shapes in the .json")
+    parser.add_argument("--model-identity", default=None, metavar="MODEL",
+                        help="current-format results of MODEL: re-key them with its identity as computed now, if "
+                             "that only adds fields (e.g. the converted weights' sha256)")
     args = parser.parse_args(argv)
+    if args.model_identity:
+        return set_identity(args.folder, args.model_identity, args.dry_run)
     if args.add_checksums:
         return add_checksums(args.folder, args.dry_run)
     if args.drop_setting:

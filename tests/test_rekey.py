@@ -69,3 +69,35 @@ def test_rekey(tmp_path, capsys):
     assert np.isnan(load_result(moved)["auc"][0])
     assert json.loads(moved.with_suffix(".json").read_text())["allow_nan"] == ["auc"]
     assert cached_run("auc", lm, data, {"seed": 1}, lambda: 1 / 0, directory=root, allow_nan=("auc",))["auc"][1] == 0.6
+
+
+def test_model_identity_rekeys_only_an_identity_that_gains_fields(tmp_path, capsys, monkeypatch):
+    """--model-identity: the migration for an identity that gains the converted weights' sha256. Results whose
+    identity the new one only extends are re-keyed (and then found by cached_run); one with other package versions
+    (other weights) is left alone."""
+    from helpers.core.runs import key_fields, read_result
+    from helpers.core.tasks import TASKS, Example, TaskData
+
+    rows = (Example("a", 0), Example("b", 1))
+    data = TaskData(TASKS["sst2"], rows, rows, "memory")
+    old_identity = {"kind": "offline", "name": "m", "packages": {"pkg": "1.0"}}
+    new_identity = {**old_identity, "weights": "0123456789abcdef"}
+    old_lm = SimpleNamespace(identity=old_identity, dtype=torch.float32, device=torch.device("cpu"))
+    root = tmp_path / "results"
+    cached_run("exp", old_lm, data, {"seed": 1}, lambda: {"x": np.arange(3.0)}, directory=root)
+    other = SimpleNamespace(identity={**old_identity, "packages": {"pkg": "2.0"}}, dtype=torch.float32,
+                            device=torch.device("cpu"))
+    cached_run("exp", other, data, {"seed": 2}, lambda: {"x": np.ones(2)}, directory=root)
+    monkeypatch.setattr(rekey, "model_identity", lambda name: new_identity)
+    assert rekey.main([str(root), "--model-identity", "m", "--dry-run"]) == 1
+    assert find_result("exp", old_lm, data, {"seed": 1}, root) is not None  # a dry run moves nothing
+    assert rekey.main([str(root), "--model-identity", "m"]) == 1
+    out = capsys.readouterr().out
+    assert "1 re-keyed with the identity of m, 1 left alone" in out and "differs in ['packages']" in out
+    new_lm = SimpleNamespace(identity=new_identity, dtype=torch.float32, device=torch.device("cpu"))
+    path = find_result("exp", new_lm, data, {"seed": 1}, root)
+    assert path is not None and find_result("exp", old_lm, data, {"seed": 1}, root) is None
+    np.testing.assert_array_equal(read_result(path, key_fields("exp", new_lm, data, {"seed": 1}))["x"], np.arange(3.0))
+    assert json.loads(path.with_suffix(".json").read_text())["identity_before"] == old_identity
+    assert rekey.main([str(root), "--model-identity", "m"]) == 1  # re-runnable: the moved one is not moved again
+    assert "0 re-keyed" in capsys.readouterr().out
