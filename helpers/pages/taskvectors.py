@@ -1,0 +1,102 @@
+"""The chapter "Where does the task live?" (``book/task-vectors.ipynb``): its tables, figures and glued values.
+
+Everything here reads the task-vector experiment's results (:mod:`helpers.experiments.taskvectors`) in the shape the
+chapter collects them, ``runs = {task: [result per seed]}`` for one model. Nothing here loads or runs a model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from ..core.tasks import get_task
+from ..experiments import taskvectors as tv
+
+__all__ = ["NAMES", "COLORS", "best_layer_frame", "layer_figure", "floats_frame", "glued"]
+
+NAMES = {"icl": "ICL (full prompt)", "zero": "zero-shot", "skeleton": "demonstrations without text",
+         "tv": "task vector", "labels": "label words' states", "both": "both", "tv-other": "task vector, other task",
+         "tv-text": "non-label token's state"}
+COLORS = {"tv": "tab:blue", "labels": "tab:red", "both": "tab:purple", "tv-other": "tab:gray", "tv-text": "tab:olive"}
+Runs = Mapping[str, Sequence[dict]]
+
+
+def best_layer_frame(runs: Runs, what: str = "acc") -> pd.DataFrame:
+    """One row per task: each variant's accuracy (or label loyalty) in % with its 95% interval, the patched ones at
+    their layer (chosen on the even-indexed queries of all tasks, shown in the column name), on the odd-indexed
+    queries. Used in: Where does the task live?"""
+    table = tv.best_layer_table(runs, what)
+    rows, columns = {}, None
+    for task, row in table.items():
+        rows[get_task(task).title] = {(NAMES[v] if layer is None else f"{NAMES[v]} (layer {layer})"): est.fmt(1)
+                                      for v, (layer, est) in row.items()}
+        columns = list(rows[get_task(task).title])
+    frame = pd.DataFrame.from_dict(rows, orient="index", columns=columns)
+    frame.index.name = "task"
+    return frame
+
+
+def layer_figure(runs: Runs, what: str = "acc", variants: Sequence[str] = tv.PATCHED) -> plt.Figure:
+    """One panel per task: each patched variant's accuracy (or loyalty) in % per layer with its 95% band, the
+    unpatched baselines as horizontal lines (ICL solid, zero-shot dashed, demonstrations without text dotted).
+    Used in: Where does the task live?"""
+    tasks = list(runs)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.3 * len(tasks), 2.9), sharey=True, squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        layers = runs[task][0]["layers"]
+        for v in variants:
+            est = tv.layer_curve(runs[task], v, what)
+            ax.plot(layers, est.value, color=COLORS[v], label=NAMES[v], marker=".")
+            ax.fill_between(layers, est.low, est.high, color=COLORS[v], alpha=0.15, linewidth=0)
+        if what == "acc":
+            for base, style in (("icl", "-"), ("zero", "--"), ("skeleton", ":")):
+                value = 100 * np.mean([tv.metric(r, base).mean() for r in runs[task]])
+                ax.axhline(value, color="black", linestyle=style, linewidth=1, label=NAMES[base])
+        ax.set_title(get_task(task).title)
+        ax.set_xlabel("layer patched")
+    axes[0][0].set_ylabel("accuracy (%)" if what == "acc" else "label loyalty (%)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), frameon=False,
+               bbox_to_anchor=(0.5, -0.12))
+    fig.tight_layout()
+    return fig
+
+
+def floats_frame(runs: Runs) -> pd.DataFrame:
+    """Floats kept from the demonstrations, per task: a task vector, the label words' states, both, Hidden_anchor's
+    key/value cache and the uncompressed demonstration cache (all layers). Used in: Where does the task live?"""
+    rows = {}
+    for task, task_runs in runs.items():
+        r = task_runs[0]
+        rows[get_task(task).title] = {NAMES["tv"]: int(r["floats/tv"]), NAMES["labels"]: int(r["floats/labels"]),
+                                      NAMES["both"]: int(r["floats/both"]),
+                                      "Hidden_anchor cache": int(r["floats/anchor_cache"]),
+                                      "full demonstration cache": int(r["floats/full_cache"])}
+    frame = pd.DataFrame.from_dict(rows, orient="index")
+    frame.index.name = "task"
+    return frame
+
+
+def glued(runs: Runs) -> dict[str, str]:
+    """The numbers the chapter's text quotes: ``<variant>_<task>`` (accuracy in % at the variant's chosen layer,
+    with its interval), ``layer_<variant>``, ``n_test``, ``n_seeds`` and ``n_layers_run``, ``ratio_anchor_tv`` (Hidden_anchor's floats
+    over a task vector's, the smallest over tasks) and ``maxdiff`` (the split path's largest deviation from full
+    passes). Used in: Where does the task live?"""
+    table = tv.best_layer_table(runs)
+    out: dict[str, str] = {}
+    for task, row in table.items():
+        for v, (layer, est) in row.items():
+            out[f"{v.replace('-', '_')}_{task}"] = est.fmt(1)
+            if layer is not None:
+                out[f"layer_{v.replace('-', '_')}"] = str(layer)
+    first = next(iter(runs.values()))
+    out["n_test"] = str(len(first[0]["gold"]))
+    out["n_seeds"] = str(len(first))
+    out["n_layers_run"] = str(len(first[0]["layers"]))
+    ratios = [r[0]["floats/anchor_cache"] / r[0]["floats/tv"] for r in runs.values()]
+    out["ratio_anchor_tv"] = f"{min(ratios):,.0f}"
+    out["maxdiff"] = f"{max(float(r['check/split_max_diff']) for rs in runs.values() for r in rs):.1e}"
+    return out
