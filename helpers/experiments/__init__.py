@@ -14,7 +14,8 @@ import importlib
 __all__ = ["ORDER", "all_experiments", "get"]
 
 # The order of the verdict page's rows (the paper's order: analyses, then applications, then beyond the paper).
-ORDER = ("aggregation", "extraction", "reweighting", "compression", "diagnosis", "tuning", "meaning", "taskvectors")
+ORDER = ("aggregation", "extraction", "reweighting", "compression", "diagnosis", "tuning", "meaning", "taskvectors",
+         "heads")
 
 
 def get(name: str):

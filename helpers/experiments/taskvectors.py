@@ -31,12 +31,14 @@ odd-indexed ones (:func:`best_layer`, :func:`at_layer`).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from ..core.attention import Hook, intervene
 from ..core.findings import PARTLY, NOT_REPRODUCED, REPRODUCED, TASK_NAMES, Finding, Measured
 from ..core.patching import Read, Write, patch
 from ..core.prompts import Prompt, build_prompt, check_prompts, label_head, label_token_ids
@@ -157,13 +159,23 @@ def _last_token_masks(model, mask: torch.Tensor):
     return next(iter(out.values()))
 
 
+@contextlib.contextmanager
+def _acting(model, ops):
+    """Patching operations (:mod:`helpers.core.patching`) and attention hooks (:class:`helpers.core.attention.Hook`)
+    active together for one forward pass."""
+    hooks = [op for op in ops if isinstance(op, Hook)]
+    with patch(model, *[op for op in ops if not isinstance(op, Hook)]), intervene(*hooks):
+        yield
+
+
 def _split_last(lm, rows: Sequence[Sequence[int]], label_ids: Sequence[int], steps, batch_size: int,
                 before=None) -> list[torch.Tensor]:
     """Label-word logits at the last token of each row under several patches of that token alone, the rest run once.
 
     Every row but its last token runs once (right-padded, ``before(idx)`` gives the patching operations of that pass,
     e.g. the label words' states); then the last token runs once per step over that key/value cache, with
-    ``steps[s](idx)``'s operations (rows of a one-token pass: position 0). A patch of the last token changes nothing
+    ``steps[s](idx)``'s operations (patching operations, rows of a one-token pass: position 0; or attention hooks,
+    whose one query row is the last token and whose key columns are the prompt's positions). A patch of the last token changes nothing
     before it (causal attention), so each step equals a full pass with both patches (tested). Returns one (N, C)
     tensor per step."""
     from transformers import DynamicCache
@@ -184,7 +196,7 @@ def _split_last(lm, rows: Sequence[Sequence[int]], label_ids: Sequence[int], ste
         full_mask = _last_token_masks(lm.model, mask)
         for s, step in enumerate(steps):
             fresh = DynamicCache(kept)  # update() concatenates into new tensors: ``kept`` stays as it was
-            with torch.no_grad(), patch(lm.model, *step(idx)):
+            with torch.no_grad(), _acting(lm.model, step(idx)):
                 hidden = lm.model.base_model(input_ids=last, attention_mask=full_mask, position_ids=positions,
                                              past_key_values=fresh, use_cache=True).last_hidden_state
             out[s].append(label_head(lm.model, hidden[:, -1], label_ids).cpu())
