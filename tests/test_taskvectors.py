@@ -113,3 +113,44 @@ def test_layer_chosen_on_even_examples_reported_on_odd():
         tv.at_layer(runs["sst2"][0], "tv", 3)
     with pytest.raises(ValueError, match="acc"):
         tv.metric(runs["sst2"][0], "tv", "word")
+
+
+def _verdict_runs(tv_right, icl_right=True, n: int = 16) -> dict:
+    """Runs of the four tasks, 3 seeds: zero-shot and the controls wrong everywhere, ICL right (or wrong), the task
+    vector right where ``tv_right(seed, example)``."""
+    runs = {}
+    for t, task in enumerate(("sst2", "trec", "agnews", "emoc")):
+        rows = []
+        for s in range(3):
+            gold = np.random.default_rng([t, s]).integers(0, 2, n)
+            run = {"gold": gold, "layers": np.array([0, 2]), "icl/pred": gold if icl_right else 1 - gold}
+            for v in tv.BASELINES[1:]:
+                run[f"{v}/pred"] = 1 - gold
+            for v in tv.PATCHED:
+                run[f"{v}/pred"] = np.stack([1 - gold, 1 - gold])
+            run["tv/pred"][1] = [g if tv_right(t, s, i) else 1 - g for i, g in enumerate(gold)]
+            rows.append(run)
+        runs[task] = rows
+    return runs
+
+
+def test_the_verdict_rules_bite(monkeypatch):
+    from helpers.core.findings import NOT_REPRODUCED, NOT_TESTABLE, REPRODUCED, judge
+    from helpers.core.stats import pooled_over
+
+    finding = next(f for f in tv.EXPERIMENT.findings if f.id == "task-vector-recovers")
+    assert finding.needs_mapping and "95% interval" in tv.beats_both.__doc__
+
+    def verdict(runs):
+        monkeypatch.setattr(tv, "_all_runs", lambda model, profile: runs)
+        with pooled_over(4):
+            m = tv.tv_recovers("m", None)
+        return judge(finding, m), m
+
+    v, m = verdict(_verdict_runs(lambda t, s, i: True))
+    assert v == REPRODUCED and m.chance == (50 + 100 / 6 + 25 + 25) / 4
+    # ICL wrong everywhere: no working mapping to recover, whatever the task vector does
+    assert verdict(_verdict_runs(lambda t, s, i: True, icl_right=False))[0] == NOT_TESTABLE
+    # a positive point estimate from one query of one seed is not enough
+    v, m = verdict(_verdict_runs(lambda t, s, i: t == 0 and s == 0 and i < 2))  # the layer chosen on query 0
+    assert m.estimate.value > 0 and v == NOT_REPRODUCED
