@@ -7,6 +7,7 @@ import matplotlib
 matplotlib.use("Agg")
 
 import numpy as np
+import pytest
 
 from helpers.experiments import taskvectors as tv
 from helpers.pages import taskvectors as page
@@ -54,3 +55,36 @@ def test_floats_and_glued_values():
     assert values["layer_tv"] == "2" and values["tv_sst2"].startswith("100.0")
     assert values["n_test"] == "8" and values["n_seeds"] == "3" and values["ratio_anchor_tv"] == "216"
     assert values["maxdiff"] == "2.0e-06" and values["n_layers_run"] == "3"
+
+
+def _head_run(seed: int, layers: int = 4, heads: int = 3, n: int = 5) -> dict:
+    rng = np.random.default_rng(seed)
+    induction = rng.uniform(0, 0.05, (layers, heads))
+    induction[2, 1] = 0.9
+    saliency = rng.normal(0, 0.01, (n, layers, heads, 2))
+    saliency[:, 2, 1] = 0.5  # the same head carries the label words' information
+    base = np.tile([2.0, 0.0], (n, 1))
+    cut = np.tile(base[:, None, None], (1, layers, heads, 1)) + rng.normal(0, 0.01, (n, layers, heads, 2))
+    cut[:, 2, 1] = [0.0, 0.0]  # and cutting it costs the prediction
+    return {"induction": induction, "saliency": saliency, "isolation/base": base, "isolation/cut": cut,
+            "gold": np.zeros(n, dtype=int)}
+
+
+HEAD_RUNS = {"sst2": [_head_run(s) for s in range(3)], "trec": [_head_run(10 + s) for s in range(3)]}
+
+
+def test_head_maps_overlap_and_glued_values():
+    from helpers.experiments import heads as hd
+
+    fig = page.head_maps_figure(HEAD_RUNS)
+    images = [ax.images[0] for ax in fig.axes if ax.images]
+    assert len(images) == 3 and images[0].get_array().shape == (4, 3)
+    assert all(len(ax.patches) == hd.default_k(12) for ax in fig.axes if ax.images)  # the top-k heads outlined
+    frame = page.overlap_frame(HEAD_RUNS, k=1)
+    assert list(frame["top-1 shared"]) == ["1", "1", "1"]
+    assert float(frame.loc[frame.index[0], "shuffled: mean"]) == pytest.approx(1 / 12, abs=0.02)
+    values = page.heads_glued(HEAD_RUNS, hd.configure("quick"))
+    assert values["top_induction"] == values["top_saliency"] == values["top_isolation"] == "layer 2, head 1"
+    assert values["heads_total"] == "12" and values["heads_n_test"] == "5" and values["heads_n_seeds"] == "3"
+    assert values["max_isolation"] == f"{np.log(2) - np.log1p(np.exp(-2)):.2f}"  # log p from 2:0 logits to 0:0
+    assert values["heads_length"] == str(hd.configure("quick").length)

@@ -13,9 +13,11 @@ import numpy as np
 import pandas as pd
 
 from ..core.tasks import get_task
+from ..experiments import heads as hd
 from ..experiments import taskvectors as tv
 
-__all__ = ["NAMES", "COLORS", "best_layer_frame", "layer_figure", "floats_frame", "glued"]
+__all__ = ["NAMES", "COLORS", "best_layer_frame", "layer_figure", "floats_frame", "glued", "HEAD_NAMES",
+           "head_maps_figure", "overlap_frame", "heads_glued"]
 
 NAMES = {"icl": "ICL (full prompt)", "zero": "zero-shot", "skeleton": "demonstrations without text",
          "tv": "task vector", "labels": "label words' states", "both": "both", "tv-other": "task vector, other task",
@@ -99,4 +101,82 @@ def glued(runs: Runs) -> dict[str, str]:
     ratios = [r[0]["floats/anchor_cache"] / r[0]["floats/tv"] for r in runs.values()]
     out["ratio_anchor_tv"] = f"{min(ratios):,.0f}"
     out["maxdiff"] = f"{max(float(r['check/split_max_diff']) for rs in runs.values() for r in rs):.1e}"
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Heads
+# --------------------------------------------------------------------------------------------------------------------
+
+HEAD_NAMES = {"induction": "induction score", "saliency": "S_pq per head",
+              "isolation": "effect of cutting the head (nats)"}
+_PAIRS = (("induction", "saliency"), ("induction", "isolation"), ("saliency", "isolation"))
+
+
+def head_maps_figure(head_runs: Runs, measures: Sequence[str] = hd.MEASURES) -> plt.Figure:
+    """One layer × head map per measure (averaged over the tasks, seeds and prompts), the top-k heads of each
+    outlined. Used in: Where does the task live?"""
+    maps = {m: hd.head_map(head_runs, m) for m in measures}
+    first = next(iter(maps.values()))
+    k = hd.default_k(first.size)
+    fig, axes = plt.subplots(1, len(measures), figsize=(2.6 * len(measures), 0.22 * first.shape[0] + 1.6),
+                             squeeze=False)
+    for ax, m in zip(axes[0], measures):
+        values = maps[m]
+        image = ax.imshow(values, aspect="auto", cmap="viridis", origin="lower")
+        fig.colorbar(image, ax=ax, fraction=0.08, pad=0.03)
+        for flat in hd.top_k(values, k):
+            layer, head = divmod(flat, values.shape[1])
+            ax.add_patch(plt.Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="white", linewidth=1.2))
+        ax.set_title(HEAD_NAMES[m], fontsize=9)
+        ax.set_xlabel("head")
+        ax.set_xticks(range(values.shape[1]))
+    axes[0][0].set_ylabel("layer")
+    fig.tight_layout()
+    return fig
+
+
+def overlap_frame(head_runs: Runs, k: int | None = None) -> pd.DataFrame:
+    """Per pair of measures: Spearman's rank correlation over all heads of the mean maps, the top-k heads they share,
+    and both against shuffled heads (the share of 10,000 shuffles at least as large; the shuffles' mean and 95th
+    percentile for the shared heads). Used in: Where does the task live?"""
+    maps = {m: hd.head_map(head_runs, m) for m in hd.MEASURES}
+    k = k or hd.default_k(next(iter(maps.values())).size)
+    rows = {}
+    for a, b in _PAIRS:
+        o = hd.overlap(maps[a], maps[b], k)
+        rows[f"{HEAD_NAMES[a]} / {HEAD_NAMES[b]}"] = {
+            "Spearman": f"{o['spearman']:.2f}", "p (shuffled heads)": f"{o['spearman_p']:.4f}",
+            f"top-{k} shared": f"{o['top_k']:.0f}", "shuffled: mean": f"{o['top_k_null']:.2f}",
+            "shuffled: 95th percentile": f"{o['top_k_null_95']:.0f}", "p (shared)": f"{o['top_k_p']:.4f}"}
+    frame = pd.DataFrame.from_dict(rows, orient="index")
+    frame.index.name = "measures"
+    return frame
+
+
+def heads_glued(head_runs: Runs, config: hd.HeadConfig | None = None) -> dict[str, str]:
+    """The numbers the heads section quotes: ``heads_n_test``, ``heads_n_seeds``, ``heads_total``, ``heads_k``, and
+    with ``config`` ``heads_n_sequences`` and ``heads_length`` (the induction score's sequences); per measure ``top_<measure>`` (its highest head, "layer L, head
+    H") and ``max_<measure>``; per pair ``rho_<a>_<b>``, ``shared_<a>_<b>``, ``null_<a>_<b>``, ``null95_<a>_<b>``,
+    ``p_<a>_<b>`` (top-k shared heads' permutation p) and ``rhop_<a>_<b>``. Used in: Where does the task live?"""
+    maps = {m: hd.head_map(head_runs, m) for m in hd.MEASURES}
+    first_runs = next(iter(head_runs.values()))
+    size = next(iter(maps.values())).size
+    k = hd.default_k(size)
+    out = {"heads_n_test": str(len(first_runs[0]["gold"])), "heads_n_seeds": str(len(first_runs)),
+           "heads_total": str(size), "heads_k": str(k)}
+    if config is not None:
+        out["heads_n_sequences"], out["heads_length"] = str(config.n_sequences), str(config.length)
+    for m, values in maps.items():
+        layer, head = divmod(int(np.argmax(values)), values.shape[1])
+        out[f"top_{m}"] = f"layer {layer}, head {head}"
+        out[f"max_{m}"] = f"{values.max():.2f}"
+    for a, b in _PAIRS:
+        o = hd.overlap(maps[a], maps[b], k)
+        out[f"rho_{a}_{b}"] = f"{o['spearman']:.2f}"
+        out[f"rhop_{a}_{b}"] = f"{o['spearman_p']:.4f}"
+        out[f"shared_{a}_{b}"] = f"{o['top_k']:.0f}"
+        out[f"null_{a}_{b}"] = f"{o['top_k_null']:.1f}"
+        out[f"null95_{a}_{b}"] = f"{o['top_k_null_95']:.0f}"
+        out[f"p_{a}_{b}"] = f"{o['top_k_p']:.4f}"
     return out
