@@ -24,14 +24,18 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from dataclasses import asdict
+
 from . import plots
+from .summaries import summarised, summary
 from ..core.runs import Profile, make_prompts
 from ..core.saliency import normalise_per_layer
 from ..core.stats import Estimate, bootstrap, pooled_over
 from ..core.tasks import TaskData, get_task
-from ..experiments.aggregation import KS, gap_over_layers, loyalty_difference, ww_smallest_share
+from ..experiments.aggregation import (KS, flow_estimate, flow_gap_estimate, gap_over_layers, lead_layers,
+                                       loyalty_difference, loyalty_estimates, ww_smallest_share)
 
-__all__ = ["SHALLOW_LAST", "CONDITIONS", "flow_figure", "flow_table", "flow_values", "attention_window",
+__all__ = ["SHALLOW_LAST", "CONDITIONS", "flow_estimates", "lead_of", "loyalty_summaries", "flow_figure", "flow_table", "flow_values", "attention_window",
            "control_estimate", "control_figure", "control_values", "strip_figure", "matrix_figure", "isolation_n",
            "loyalty_figure", "loyalty_tables", "loyalty_values", "sweep_figure"]
 
@@ -59,6 +63,20 @@ def _n_layers(flows: Mapping[str, Sequence[np.ndarray]]) -> int:
 # ------------------------------------------------------------------------------------------------------------------
 
 
+@summarised("aggregation/flow-estimates")
+def flow_estimates(flows: Mapping[str, Sequence[np.ndarray]]) -> dict[str, Estimate]:
+    """``{task: flow_estimate}`` (:func:`helpers.experiments.aggregation.flow_estimate`), computed once per content
+    of ``flows`` (a stored summary, :mod:`helpers.pages.summaries`). Used in: Aggregation."""
+    return {name: flow_estimate(f) for name, f in flows.items()}
+
+
+@summarised("aggregation/lead-layers")
+def lead_of(flows: Mapping[str, Sequence[np.ndarray]]) -> dict[str, dict]:
+    """``{task: lead_layers(flow_gap_estimate)}``: where S_pq first leads, falls behind again and leads for good,
+    computed once per content of ``flows``. Used in: Aggregation."""
+    return {name: lead_layers(flow_gap_estimate(f)) for name, f in flows.items()}
+
+
 def flow_figure(flow_est: Mapping, model: str, marked_layers: Sequence[int] = ()) -> plt.Figure:
     """The three flows per layer, one panel per task, with 95% bands (:func:`helpers.pages.plots.flow_panels`).
 
@@ -74,6 +92,13 @@ def flow_table(flows: Mapping[str, Sequence[np.ndarray]], flow_est: Mapping, lea
 
     Returns a pandas Styler with its caption. Used in: Aggregation.
     """
+    return pd.DataFrame(_flow_rows(flows, lead)).set_index("task").style.set_caption(
+        f"Where S_pq (label → target) overtakes S_wp (text → label); layers numbered from 1. "
+        f"Intervals: 95% bootstrap, n = {_n_flow(flow_est)} per task.")
+
+
+@summarised("aggregation/flow-table")
+def _flow_rows(flows: Mapping[str, Sequence[np.ndarray]], lead: Mapping[str, dict]) -> list[dict]:
     n_layers = _n_layers(flows)
     rows = []
     for name, f in flows.items():
@@ -88,11 +113,10 @@ def flow_table(flows: Mapping[str, Sequence[np.ndarray]], flow_est: Mapping, lea
                 f"{gap_over_layers(f, ld['for_good'] or n_layers, n_layers).fmt(2)}",
             "same signs in every seed": "yes" if ld["per_seed_agree"] else "no",
         })
-    return pd.DataFrame(rows).set_index("task").style.set_caption(
-        f"Where S_pq (label → target) overtakes S_wp (text → label); layers numbered from 1. "
-        f"Intervals: 95% bootstrap, n = {_n_flow(flow_est)} per task.")
+    return rows
 
 
+@summarised("aggregation/flow-values")
 def flow_values(flows: Mapping[str, Sequence[np.ndarray]], flow_est: Mapping, lead: Mapping[str, dict]) -> dict:
     """The numbers the flow section's prose quotes: sample size, number of layers, where S_pq first leads and leads
     for good, the layers where S_wp leads again per task (how many in all, and how many of them with an interval
@@ -128,18 +152,31 @@ def attention_window(lm, data: Mapping[str, TaskData], profile: Profile, model: 
     """The model's attention window beside the prompts' length: its global-attention layers, sliding window, the
     longest prompt of the flow runs (in tokens) and the RoPE base of the local and global layers.
 
+    ``lm`` is a :class:`helpers.pages.book.PageModel` (or a loaded model); the longest prompt is a stored summary
+    keyed on the model and the data, so no tokenizer is loaded when it is stored.
+
     Returns ``({glue name: text}, a one-row DataFrame)``. Used in: Aggregation.
     """
-    cfg = lm.model.config.get_text_config() if hasattr(lm.model.config, "get_text_config") else lm.model.config
-    max_prompt = max(len(p) for d in data.values() for seed in profile.seeds
-                     for p in make_prompts(lm, d, seed, profile.n_test, 1, per_example=True))
-    rope = getattr(cfg, "rope_parameters", None) or {}
+    from .book import PageModel, _safe, attention_settings
+
+    def longest():
+        return max(len(p) for d in data.values() for seed in profile.seeds
+                   for p in make_prompts(lm, d, seed, profile.n_test, 1, per_example=True))
+
+    if isinstance(lm, PageModel):  # its facts and the longest prompt are stored summaries
+        settings = lm.facts
+        max_prompt = summary(f"aggregation/longest-prompt/{_safe(lm.name)}/{_safe(profile.name)}", longest,
+                             depends={"model": dict(lm.identity), "profile": asdict(profile),
+                                      "data": {t: d.fingerprint for t, d in data.items()}})
+    else:
+        settings, max_prompt = attention_settings(lm.model.config), longest()
+    rope = settings.get("rope_theta") or {}
 
     def theta(kind):
-        value = rope.get(kind, {}).get("rope_theta")
+        value = rope.get(kind)
         return f"{float(value):,.0f}" if value is not None else "n/a"
 
-    window = getattr(cfg, "sliding_window", None)
+    window = settings.get("sliding_window")
     values = {"global_layers": _joined(global_layers) or "none (all layers alike)", "window": str(window),
               "max_prompt": str(max_prompt), "rope_local": theta("sliding_attention"),
               "rope_global": theta("full_attention")}
@@ -166,8 +203,13 @@ def control_estimate(per_seed: Sequence[np.ndarray]) -> Estimate:
     one task, with the book's bootstrap intervals (seeds, then examples). ``per_seed``: one task's
     ``saliency_control_runs``.
 
-    Returns an Estimate. Used in: Aggregation.
+    Returns an Estimate (computed once per content of ``per_seed``). Used in: Aggregation.
     """
+    return _control_estimate(per_seed)
+
+
+@summarised("aggregation/control-estimate")
+def _control_estimate(per_seed: Sequence[np.ndarray]) -> Estimate:
     return bootstrap(per_seed, _control_curves)
 
 
@@ -234,6 +276,7 @@ def _layer_mean(where: int, measure: int | None, first: int, last: int, raw: boo
     return stat
 
 
+@summarised("aggregation/control-values")
 def control_values(ctrl: Mapping[str, Sequence[np.ndarray]], deep_from: int) -> dict:
     """The numbers the control's prose quotes, each the mean of the tasks (the bootstrap draws the seeds within each
     task): normalised S_wp over layers 1-:data:`SHALLOW_LAST` and normalised S_pq over layers ``deep_from``-L at the
@@ -344,6 +387,19 @@ def loyalty_tables(per_task: Mapping[str, Mapping], avg: Mapping, iso: Mapping[s
     return {key: frame(metric) for key, metric in TABLES.items()}
 
 
+@summarised("aggregation/loyalty-summaries")
+def loyalty_summaries(iso: Mapping[str, Sequence]) -> tuple[dict, dict]:
+    """``(per_task, avg)``: :func:`helpers.experiments.aggregation.loyalty_estimates` of each task's isolation runs,
+    and of all tasks' runs pooled (the seeds drawn within each task), computed once per content of ``iso``. Used in:
+    Aggregation."""
+    pooled = [r for runs in iso.values() for r in runs]
+    per_task = {name: loyalty_estimates(r) for name, r in iso.items()}
+    with pooled_over(len(iso)):  # the seeds are drawn within each task
+        avg = loyalty_estimates(pooled)
+    return per_task, avg
+
+
+@summarised("aggregation/loyalty-values")
 def loyalty_values(avg: Mapping, iso: Mapping[str, Sequence]) -> dict:
     """The numbers the isolation section's prose quotes: the sample, label and word loyalty per condition (k = 5),
     the cost of isolating random tokens, label words against random tokens (paired differences over the tasks'
@@ -388,11 +444,11 @@ def verdict_margins(model: str, profile="book") -> dict[str, str]:
     """The position-control margins the flow verdicts require (:func:`helpers.experiments.aggregation.control_margin`,
     as the verdict page computes them): ``flow_shallow_margin`` (S_wp over layers 1-5) and ``flow_deep_margin``
     (S_pq over the last 5 layers), label words minus random positions, or "not computed". Used in: Aggregation."""
-    from .verdicts import FINDINGS, evaluate
+    from .verdicts import FINDINGS, cached_evaluate
 
     out = {}
     for fid in ("flow-shallow", "flow-deep"):
-        measured, _ = evaluate(FINDINGS[fid], model, profile)
+        measured, _ = cached_evaluate(FINDINGS[fid], model, profile)
         margin = None if measured is None else measured.support.get("position control")
         out[fid.replace("-", "_") + "_margin"] = "not computed" if margin is None else margin.fmt(2)
     return out

@@ -19,11 +19,13 @@ import numpy as np
 import pandas as pd
 
 from . import plots
+from .summaries import summarised
 from ..core.stats import paired_difference
 from ..core.tasks import get_task
-from ..experiments.extraction import accuracy_estimate, attention_shares, deep_auc_estimate, layer_passing
+from ..experiments.extraction import (accuracy_estimate, attention_shares, auc_estimates, deep_auc_estimate,
+                                      layer_passing)
 
-__all__ = ["PAPER_ACC", "auc_figure", "deep_estimates", "accuracy_table", "auc_table", "one_shot_values",
+__all__ = ["PAPER_ACC", "auc_estimates_of", "auc_figure", "deep_estimates", "accuracy_table", "auc_table", "one_shot_values",
            "sink_figure", "renorm_figure", "renorm_values", "example_figure", "example_outcome", "two_shot_figure",
            "two_shot_table", "accuracy_change", "two_shot_values"]
 
@@ -71,6 +73,16 @@ def auc_figure(est: Mapping[str, Mapping[str, tuple]], marked_layers: Mapping[st
                                        "class", n=f"{_n(est)} per task", marked_layers=marked_layers)
 
 
+@summarised("extraction/auc-estimates")
+def auc_estimates_of(per_task: Mapping[str, Sequence[dict]], renormalise_binary: bool = False) -> dict:
+    """``{task: auc_estimates(runs)}`` (:func:`helpers.experiments.extraction.auc_estimates`: the (AUCROC_l, R_l)
+    Estimates), computed once per content of the runs (a stored summary, :mod:`helpers.pages.summaries`).
+
+    Used in: Extraction."""
+    return {name: auc_estimates(rs, renormalise_binary=renormalise_binary) for name, rs in per_task.items()}
+
+
+@summarised("extraction/deep-estimates")
 def deep_estimates(runs: Mapping[str, Mapping[str, Sequence[dict]]]) -> dict:
     """The mean AUCROC_l over the last third of the layers with its interval
     (:func:`helpers.experiments.extraction.deep_auc_estimate`), per model and task.
@@ -86,6 +98,13 @@ def accuracy_table(runs: Mapping[str, Mapping[str, Sequence[dict]]], est: Mappin
 
     Returns a pandas Styler with its caption. Used in: Extraction (``acc_table``).
     """
+    return pd.DataFrame(_accuracy_rows(runs)).set_index(["model", "task"]).style.set_caption(
+        f"Accuracy against the gold label with one demonstration per class (95% intervals; n = {_n(est)} per row), "
+        "beside the paper's GPT2-XL accuracy (Table 1, 1-shot ICL).")
+
+
+@summarised("extraction/accuracy-table")
+def _accuracy_rows(runs: Mapping[str, Mapping[str, Sequence[dict]]]) -> list[dict]:
     rows = []
     for m, per_task in runs.items():
         for name, rs in per_task.items():
@@ -94,9 +113,7 @@ def accuracy_table(runs: Mapping[str, Mapping[str, Sequence[dict]]], est: Mappin
                          "paper, GPT2-XL": f"{PAPER_ACC[name]:.1f}",
                          "classes predicted": f"{len(np.unique(np.concatenate([x['pred'] for x in rs])))} of "
                                               f"{task.n_classes}"})
-    return pd.DataFrame(rows).set_index(["model", "task"]).style.set_caption(
-        f"Accuracy against the gold label with one demonstration per class (95% intervals; n = {_n(est)} per row), "
-        "beside the paper's GPT2-XL accuracy (Table 1, 1-shot ICL).")
+    return rows
 
 
 def auc_table(est: Mapping, deep: Mapping) -> "pd.io.formats.style.Styler":
@@ -118,6 +135,7 @@ def auc_table(est: Mapping, deep: Mapping) -> "pd.io.formats.style.Styler":
         "(drawn dashed in the figure).")
 
 
+@summarised("extraction/one-shot-values")
 def one_shot_values(runs: Mapping[str, Mapping[str, Sequence[dict]]], est: Mapping, deep: Mapping, model: str,
                     second_model: str | None = None) -> dict:
     """The numbers the one-shot section's prose quotes: the models' names, the deep AUCROC and the accuracy per task,
@@ -211,6 +229,7 @@ def renorm_figure(raw, ren, model: str, marked_layers: Sequence[int] = ()) -> pl
     return fig
 
 
+@summarised("extraction/renorm-values")
 def renorm_values(runs: Sequence[dict], raw, ren) -> dict:
     """How much renormalising over the two label words changes SST-2's AUCROC_l: the largest difference and its
     layer, the layers where the two fall on opposite sides of 0.5, and the renormalised deep AUCROC.
@@ -267,15 +286,21 @@ def two_shot_table(runs: Mapping[str, Sequence[dict]], runs2: Mapping[str, Seque
 
     Returns a pandas Styler with its caption. Used in: Extraction (``two_shot_table``).
     """
+    return pd.DataFrame(_two_shot_rows(runs, runs2, est2)).set_index("task").style.set_caption(
+        f"{model}, one vs two demonstrations per class (95% intervals; n = {est2[next(iter(est2))][0].n} per task). "
+        f"'undetermined': the interval of R_l leaves {_undetermined_limits()}.")
+
+
+@summarised("extraction/two-shot-table")
+def _two_shot_rows(runs: Mapping[str, Sequence[dict]], runs2: Mapping[str, Sequence[dict]], est2: Mapping
+                   ) -> list[dict]:
     rows = []
     for name, (_, r) in est2.items():
         rows.append({"task": get_task(name).title, "accuracy %, 1 per class": accuracy_estimate(runs[name]).fmt(1),
                      "2 per class": accuracy_estimate(runs2[name]).fmt(1),
                      "AUCROC, last third": deep_auc_estimate(runs2[name]).fmt(2),
                      "R_l ≥ 0.5 from layer": _passing_or_undetermined(r)})
-    return pd.DataFrame(rows).set_index("task").style.set_caption(
-        f"{model}, one vs two demonstrations per class (95% intervals; n = {est2[next(iter(est2))][0].n} per task). "
-        f"'undetermined': the interval of R_l leaves {_undetermined_limits()}.")
+    return rows
 
 
 def _correct(run: dict) -> np.ndarray:
@@ -294,6 +319,7 @@ def accuracy_change(runs: Sequence[dict], runs2: Sequence[dict]):
     return paired_difference([_correct(b) for b in runs2], [_correct(a) for a in runs]).scaled(100)
 
 
+@summarised("extraction/two-shot-values")
 def two_shot_values(runs: Mapping[str, Sequence[dict]], runs2: Mapping[str, Sequence[dict]], est2: Mapping) -> dict:
     """The two-shot numbers the prose quotes, per task: accuracy, its change from one demonstration per class
     (:func:`accuracy_change`), the layer where R_l reaches 0.5 (or "undetermined") and the deep AUCROC; and the tasks

@@ -17,7 +17,8 @@ A researcher can plug another measurement into a row with :func:`register` (or t
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+import re
+from dataclasses import asdict, replace
 
 import numpy as np
 
@@ -31,10 +32,11 @@ from ..experiments.compression import faster, keeps_most  # noqa: F401  (the rul
 from ..experiments.diagnosis import confusion_rule  # noqa: F401
 from ..experiments.reweighting import beats_every_control  # noqa: F401
 from ..experiments.protocol import evaluate
+from . import summaries
 from ..experiments.tuning import float_error  # noqa: F401
 
 __all__ = ["Finding", "Measured", "FINDINGS", "VERDICTS", "REPRODUCED", "PARTLY", "NOT_REPRODUCED", "NOT_YET_RUN",
-           "register", "computes", "evaluate", "verdict_rows", "lookup", "MODELS", "to_html", "summary_counts",
+           "register", "computes", "evaluate", "cached_evaluate", "verdict_rows", "lookup", "MODELS", "to_html", "summary_counts",
            "landing_figure",
            # the rules, re-exported for the page's readers (helpers.core.findings and the experiments define them)
            "above_zero", "majority", "strongly_lowers", "barely_matters", "near_point_eight", "second_half", "faster",
@@ -70,9 +72,30 @@ def computes(finding_id: str, **kw):
     return wrap
 
 
+def cached_evaluate(finding: Finding, model: str, profile: Profile | str = "book") -> tuple[Measured | None, str]:
+    """:func:`~helpers.experiments.protocol.evaluate`, computed once: a stored summary
+    (:func:`helpers.pages.summaries.summary`) that is recomputed only when a result it reads, or the code that
+    computes it, changes. The verdict page, the landing page and each chapter's conclusions read verdicts this way.
+    A finding whose compute function lives outside this package (plugged in with :func:`register`) is evaluated
+    every time."""
+    profile = PROFILES[profile] if isinstance(profile, str) else profile
+    compute = finding.compute
+    module = getattr(compute, "__module__", "") or ""
+    if compute is None or not module.startswith("helpers."):
+        return evaluate(finding, model, profile)
+    name = f"verdicts/{finding.id}/{_safe(model)}/{_safe(profile.name)}"
+    depends = {"profile": asdict(profile), "compute": f"{module}.{compute.__qualname__}",
+               "rule": f"{getattr(finding.rule, '__module__', '')}.{getattr(finding.rule, '__qualname__', '')}"}
+    return summaries.summary(name, lambda: evaluate(finding, model, profile), depends)
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+=-]+", "--", str(text)).strip("-") or "x"
+
+
 def verdict_rows(models: Sequence[str] = MODELS, profile: Profile | str = "book") -> list[dict]:
-    """One dict per finding: the finding, and per model ``(Measured | None, verdict)``."""
-    return [{"finding": f, **{m: evaluate(f, m, profile) for m in models}} for f in FINDINGS.values()]
+    """One dict per finding: the finding, and per model ``(Measured | None, verdict)`` (:func:`cached_evaluate`)."""
+    return [{"finding": f, **{m: cached_evaluate(f, m, profile) for m in models}} for f in FINDINGS.values()]
 
 
 def to_html(rows: list[dict], models: Sequence[str] = MODELS, link_prefix: str = "") -> str:
@@ -123,7 +146,7 @@ def to_html(rows: list[dict], models: Sequence[str] = MODELS, link_prefix: str =
 def verdict_of(finding_id: str, model: str = MODELS[0], profile: Profile | str = "book") -> str:
     """The verdict word of one finding for one model: what the verdict page shows, and what a chapter glues in its
     own conclusion, so the two cannot disagree."""
-    return evaluate(FINDINGS[finding_id], model, profile)[1]
+    return cached_evaluate(FINDINGS[finding_id], model, profile)[1]
 
 
 def chapter_verdicts(chapter: str, models: Sequence[str] = MODELS, profile: Profile | str = "book") -> dict[str, str]:
@@ -136,7 +159,7 @@ def chapter_verdicts(chapter: str, models: Sequence[str] = MODELS, profile: Prof
             continue
         name = "verdict_" + f.id.replace("-", "_")
         for i, m in enumerate(models):
-            word = evaluate(f, m, profile)[1]
+            word = cached_evaluate(f, m, profile)[1]
             out[f"{name}__{m.replace('-', '_').replace('.', '_')}"] = word
             if i == 0:
                 out[name] = word
