@@ -448,3 +448,115 @@ def test_fitted_bias_reaches_the_optimum_of_the_convex_problem():
     skewed = z + np.array([3.0, 0, 0, 0])
     p = lambda u: np.exp(u - np.logaddexp.reduce(u, axis=1, keepdims=True))  # noqa: E731
     assert p(batch_calibration(skewed)).mean(0).std() < p(skewed).mean(0).std()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Equal-leverage controls, learning rates chosen on held-out training examples, the matched probe
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["gemma-3-270m", "qwen2.5-coder-0.5b"])
+def test_control_positions_are_the_tokens_around_each_label_word(name, data_dir, offline_tokenizers):
+    from helpers.experiments.reweighting import colon_positions, demonstration_tokens, newline_positions
+
+    tok = offline_tokenizers[name]
+    lm = SimpleNamespace(tokenizer=tok, max_length=32_768)
+    for task in TASKS:
+        data = load_task(task, data_dir)
+        C = data.task.n_classes
+        p = seed_setup(lm, data, 43, 2).test_prompts[0]
+        for c, (nl, co) in enumerate(zip(newline_positions(p, C), colon_positions(p, C))):
+            d = p.label_classes.index(c)
+            assert nl == [p.label_spans[d][1]] and co == [p.label_spans[d][0] - 1]
+            assert tok.decode([p.input_ids[nl[0]]]).startswith("\n")
+            assert tok.decode([p.input_ids[co[0]]]).endswith(":")
+        seen = set()
+        for d, (lo, hi) in enumerate(p.label_spans):
+            own = set(demonstration_tokens(p, d))
+            assert not own & set(range(lo, hi)) and not own & seen and not own & set(p.special_positions)
+            assert set(p.text_positions[d]) <= own and hi in own and lo - 1 in own
+            seen |= own
+        assert max(seen) < p.query_start
+
+
+def test_most_attended_token_is_chosen_per_demonstration_and_never_a_label():
+    from helpers.experiments.reweighting import demonstration_tokens, most_attended
+
+    p = Prompt(text="", input_ids=tuple(range(10)), label_positions=(2, 5), label_classes=(0, 1),
+               label_spans=((2, 3), (5, 6)), format_positions=(), text_positions=((1,), (4,)), query_positions=(8,),
+               query_start=7, target=9, label=0, special_positions=(0,))
+    assert demonstration_tokens(p, 0) == (1, 3) and demonstration_tokens(p, 1) == (4, 6)  # BOS and labels out
+    attention_row = np.zeros(len(p))
+    attention_row[[0, 2, 5]] = 9.0  # BOS and the label words: never candidates
+    attention_row[1], attention_row[3], attention_row[6] = 1.0, 0.5, 2.0
+    assert most_attended(attention_row, p).tolist() == [1, 6]
+
+
+def test_train_beta_in_half_of_the_layers_leaves_the_others_at_zero(sst2_lm):
+    lm, data = sst2_lm
+    setup = seed_setup(lm, data, 42, 4)
+    C = data.task.n_classes
+    out = train_beta(lm, data.task, setup.train_prompts[:4], lambda p: class_positions(p, C), 42,
+                     TrainConfig(epochs=2), progress=False, layers=[0])
+    assert np.abs(out["beta"][0]).max() > 0 and np.abs(out["beta"][1:]).max() == 0
+    every = train_beta(lm, data.task, setup.train_prompts[:4], lambda p: class_positions(p, C), 42,
+                       TrainConfig(epochs=2), progress=False)
+    assert (np.abs(every["beta"]).reshape(lm.n_layers, -1).max(1) > 0).all()
+
+
+def test_select_lr_uses_only_training_examples_and_picks_the_lowest_heldout_loss(sst2_lm, monkeypatch):
+    from helpers.experiments import reweighting as rw
+
+    lm, data = sst2_lm
+    setup = seed_setup(lm, data, 42, 4)
+    train = setup.train_prompts
+    seen_fit, seen_eval = [], []
+
+    def fake_train(lm_, task, prompts, positions, seed, config, progress=True, layers=None):
+        seen_fit.append((config.lr, prompts))
+        return {"beta": np.full((lm.n_layers, lm.n_heads, 2), config.lr, dtype=np.float32)}
+
+    def fake_evaluate(lm_, task, prompts, beta=None, positions=None, **kw):
+        seen_eval.append(prompts)
+        lr = float(beta.flatten()[0])
+        gold = np.array([p.label for p in prompts])
+        good = 3.0 if abs(lr - 0.03) < 1e-9 else 0.3  # the middle rate separates the held-out fold best
+        return np.stack([np.where(gold == 0, good, -good), np.where(gold == 1, good, -good)], 1)
+
+    monkeypatch.setattr(rw, "train_beta", fake_train)
+    monkeypatch.setattr(rw, "evaluate", fake_evaluate)
+    out = rw.select_lr(lm, data.task, train, lambda p: class_positions(p, 2), 42, grid=(0.01, 0.03, 0.1), folds=2)
+    assert float(out["lr"]) == 0.03 and out["heldout_loss"].shape == (3, 2)
+    train_set = {p.input_ids for p in train}
+    assert all({p.input_ids for p in ps} <= train_set for _, ps in seen_fit)
+    assert all({p.input_ids for p in ps} <= train_set for ps in seen_eval)
+    for (_, fit), held in zip(seen_fit, seen_eval):  # a fold is never trained on the examples it is scored on
+        assert not {p.input_ids for p in fit} & {p.input_ids for p in held}
+
+
+def test_probe_has_betas_parameter_count_and_learns_a_separable_task():
+    from helpers.experiments.reweighting import PROBE_C_GRID, fit_probe
+
+    rng = np.random.default_rng(0)
+    d, C = 64, 3
+    centres = rng.standard_normal((C, d)) * 3
+    ytr, yte = np.repeat(np.arange(C), 8), np.repeat(np.arange(C), 20)
+    xtr = centres[ytr] + rng.standard_normal((len(ytr), d))
+    xte = centres[yte] + rng.standard_normal((len(yte), d))
+    n_params = 4 * 3 * C  # beta of a 4-layer, 3-head model
+    out = fit_probe(xtr, ytr, xte, n_params, C, seed=1)
+    assert int(out["n_params"]) == n_params and int(out["k"]) == 11
+    assert (out["logits"].argmax(1) == yte).mean() > 0.9
+    assert float(out["C"]) in PROBE_C_GRID and out["fold_loss"].shape[0] == len(PROBE_C_GRID)
+    noise = fit_probe(rng.standard_normal((24, d)), ytr, xte, n_params, C, seed=1)  # nothing to learn
+    assert (noise["logits"].argmax(1) == yte).mean() < 0.6
+
+
+def test_contextual_calibration_over_several_inputs_averages_their_priors():
+    from helpers.experiments.reweighting import contextual_calibration_mean
+
+    z = np.array([[2.0, 0.0], [0.0, 0.1]])
+    one = np.array([[1.0, 0.0]])
+    np.testing.assert_allclose(contextual_calibration_mean(z, one), contextual_calibration(z, one[0]))
+    two = np.array([[1.0, 0.0], [0.0, 1.0]])  # opposite priors: their mean is uniform, nothing changes the argmax
+    assert (contextual_calibration_mean(z, two).argmax(1) == z.argmax(1)).all()

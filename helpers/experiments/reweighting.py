@@ -301,7 +301,8 @@ def adam_epochs(params: list[torch.Tensor], step: Callable[[int], torch.Tensor],
 
 
 def train_beta(lm, task: Task, train_prompts: Sequence[Prompt], positions: Callable[[Prompt], list[list[int]]],
-               seed: int, config: TrainConfig = TrainConfig(), progress: bool = True) -> dict[str, np.ndarray]:
+               seed: int, config: TrainConfig = TrainConfig(), progress: bool = True,
+               layers: Sequence[int] | None = None) -> dict[str, np.ndarray]:
     """Learn beta (L, H, C) on ``train_prompts`` (paper §3.1). Returns the arrays of the module docstring.
 
     ``beta`` (L, H, C); ``epoch_loss`` (epochs,): the mean of the losses seen during each epoch (what an optimiser
@@ -309,6 +310,9 @@ def train_beta(lm, task: Task, train_prompts: Sequence[Prompt], positions: Calla
     over all training examples at beta = 0 and with the final beta (not counted in the timings); ``train_s``: wall
     time of the whole training including the prefix passes; ``prefix_s``: of those passes; ``step_s``: mean time of
     one step (forward + backward + Adam).
+
+    ``positions(prompt)`` gives G groups of K positions (G = C for the label words; one multiplier per layer, head
+    and group). ``layers``: train beta only in these layers (the others stay 0), to locate the gain.
     """
     model = lm.model
     if any(p.requires_grad for p in model.parameters()):
@@ -321,24 +325,34 @@ def train_beta(lm, task: Task, train_prompts: Sequence[Prompt], positions: Calla
     shared, sharing = demonstration_prefix(model, train_prompts)
     prefixes = [prefix_states(model, p, shared if i in sharing else None) for i, p in enumerate(train_prompts)]
     prefix_s = time.perf_counter() - t0
-    beta = torch.zeros(lm.n_layers, lm.n_heads, n_classes, device=next(model.parameters()).device,
-                       requires_grad=True)
+    device = next(model.parameters()).device
+    n_groups = len(pos[0]) if pos else n_classes
+    beta = torch.zeros(lm.n_layers, lm.n_heads, n_groups, device=device, requires_grad=True)
+    mask = None
+    if layers is not None:
+        mask = torch.zeros(lm.n_layers, 1, 1, device=device)
+        mask[list(layers)] = 1.0
+
+    def effective() -> torch.Tensor:
+        return beta if mask is None else beta * mask
 
     def full_loss() -> float:
         with torch.no_grad():
-            return float(np.mean([_loss(cached_step(model, p, pre, beta, ps, label_ids), y).item()
+            return float(np.mean([_loss(cached_step(model, p, pre, effective(), ps, label_ids), y).item()
                                   for p, pre, ps, y in zip(train_prompts, prefixes, pos, gold)]))
 
     epoch_loss, steps = adam_epochs(
-        [beta], lambda i: _loss(cached_step(model, train_prompts[i], prefixes[i], beta, pos[i], label_ids), gold[i]),
+        [beta],
+        lambda i: _loss(cached_step(model, train_prompts[i], prefixes[i], effective(), pos[i], label_ids), gold[i]),
         len(train_prompts), seed, config, config.lr, f"train beta {task.name}", progress)
     train_s = time.perf_counter() - t0
     loss_end = full_loss()
     with torch.no_grad():
-        final = beta.detach().clone()
+        final = effective().detach().clone()
+        kept = beta.detach().clone()
         beta.zero_()
         loss_start = full_loss()
-        beta.copy_(final)
+        beta.copy_(kept)
     return {
         "beta": final.cpu().numpy().copy(),
         "epoch_loss": np.array(epoch_loss),
@@ -470,6 +484,334 @@ def with_fitted_controls(runs: Runs) -> Runs:
     each seed's 1-shot ICL run."""
     return {t: {**by, **{m: [fitted_control_run(r, m) for r in by["icl-1"]] for m in FITTED_CONTROLS}}
             for t, by in runs.items()}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Equal-leverage controls: other positions for the same betas, beta in half of the layers, a matched linear probe
+# --------------------------------------------------------------------------------------------------------------------
+
+CONTENT_FREE_INPUTS = ("N/A", "", "[MASK]")  # the three content-free inputs of Zhao et al. (2021)
+POSITION_CONTROLS = ("beta-newline", "beta-colon", "beta-attended", "beta-bos")
+LAYER_HALVES = ("beta-shallow", "beta-deep")
+VARIANTS = POSITION_CONTROLS + LAYER_HALVES  # beta trained elsewhere: its own runs, its own learning rate
+VARIANT_TITLES = {
+    "beta-newline": "Control: the same betas on the token after each label word (the newline)",
+    "beta-colon": "Control: the same betas on the token before each label word (the colon)",
+    "beta-attended": "Control: the same betas on each demonstration's most-attended non-label token",
+    "beta-bos": "Control: betas on the first (BOS) token, one group",
+    "beta-shallow": "Anchor re-weighting in the shallow half of the layers only",
+    "beta-deep": "Anchor re-weighting in the deep half of the layers only",
+    "probe": "Control: linear probe on q's last hidden state, as many parameters as beta",
+    "contextual-3": "Control: contextual calibration, mean of three content-free inputs",
+}
+LR_GRID = (0.01, 0.1, 0.3)  # learning rates tried for every trained beta: the paper's 0.01 and two larger
+LR_FOLDS = 2
+PROBE_C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)  # inverse L2 strengths tried for the probe
+
+
+def demonstration_tokens(prompt: Prompt, d: int) -> tuple[int, ...]:
+    """Demonstration ``d``'s tokens other than its label word: its input prefix, text, label prefix and the token
+    after the label word (the newline), from the prompt's construction."""
+    if d > 0:
+        start = prompt.label_spans[d - 1][1] + 1
+    else:
+        start = max(prompt.special_positions) + 1 if prompt.special_positions else 0
+    a, b = prompt.label_spans[d]
+    return tuple(p for p in range(start, b + 1) if not a <= p < b and p < prompt.query_start)
+
+
+def _grouped(prompt: Prompt, n_classes: int, per_demo: Sequence[int]) -> list[list[int]]:
+    """One position per demonstration, grouped by the demonstration's class like :func:`class_positions`."""
+    groups = [[int(p) for p, k in zip(per_demo, prompt.label_classes) if k == c] for c in range(n_classes)]
+    if len({len(g) for g in groups}) != 1 or not groups[0]:
+        raise ValueError("a position control needs the same number of demonstrations per class")
+    return groups
+
+
+def newline_positions(prompt: Prompt, n_classes: int) -> list[list[int]]:
+    """The token right after each label word (the newline that ends the demonstration), grouped by class."""
+    return _grouped(prompt, n_classes, [end for _, end in prompt.label_spans])
+
+
+def colon_positions(prompt: Prompt, n_classes: int) -> list[list[int]]:
+    """The token right before each label word (the colon of the label prefix), grouped by class."""
+    return _grouped(prompt, n_classes, [start - 1 for start, _ in prompt.label_spans])
+
+
+def bos_positions(prompt: Prompt, n_classes: int) -> list[list[int]]:
+    """The first special (BOS) token as one group: beta (L, H, 1), one multiplier per layer and head."""
+    if not prompt.special_positions:
+        raise ValueError("this tokenizer adds no BOS token: the BOS control does not apply")
+    return [[int(prompt.special_positions[0])]]
+
+
+def most_attended(attention: np.ndarray, prompt: Prompt) -> np.ndarray:
+    """Per demonstration, its non-label token (:func:`demonstration_tokens`) with the largest attention from q,
+    ``attention`` (S,) being q's attention averaged over the training prompts, layers and heads. Chosen on the
+    training prompts, so the test examples never pick their own control."""
+    return np.array([max(demonstration_tokens(prompt, d), key=lambda p: attention[p])
+                     for d in range(len(prompt.label_spans))])
+
+
+def target_readout(lm, prompts: Sequence[Prompt], batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """q's last hidden state (N, d) and q's attention per layer averaged over heads (N, L, S_max, zero-padded), in
+    full forward passes without intervention."""
+    from ..core.attention import Record
+
+    model = lm.model
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    states, attn = [], np.zeros((len(prompts), lm.n_layers, width), dtype=np.float32)
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i : i + batch_size]
+        batch = collate(chunk, lm.tokenizer.pad_token_id, lm.max_length)
+        rec = Record(rows=batch.target)
+        with torch.no_grad(), intervene(rec):
+            hidden = model.base_model(input_ids=batch.input_ids.to(device),
+                                      attention_mask=batch.attention_mask.to(device), use_cache=False).last_hidden_state
+        rows = hidden[torch.arange(len(chunk), device=hidden.device), batch.target.to(hidden.device)]
+        states.append(rows.float().cpu().numpy())
+        a = rec.stacked()[:, :, :, 0].mean(2).float().cpu().numpy()  # (L, B, S)
+        attn[i : i + len(chunk), :, : a.shape[-1]] = a.transpose(1, 0, 2)
+    return np.concatenate(states), attn
+
+
+def position_sets(prompt: Prompt, n_classes: int, seed: int, attended: Sequence[int]) -> dict[str, list[int]]:
+    """Every position set whose attention share the chapter reports, flattened: the label words' first tokens and
+    each control's positions."""
+    sets = {"label words": [p for g in class_positions(prompt, n_classes) for p in g],
+            "newline": [p for g in newline_positions(prompt, n_classes) for p in g],
+            "colon": [p for g in colon_positions(prompt, n_classes) for p in g],
+            "random text": [p for g in random_positions(prompt, n_classes, seed) for p in g],
+            "most attended": [int(p) for p in attended]}
+    if prompt.special_positions:
+        sets["BOS"] = [int(prompt.special_positions[0])]
+    return sets
+
+
+def attention_share(attn: np.ndarray, prompts: Sequence[Prompt], sets: Callable[[Prompt], dict[str, list[int]]]
+                    ) -> dict[str, np.ndarray]:
+    """q's attention share (summed over a set's positions, mean over heads) per set and layer, averaged over the
+    prompts: ``{set: (L,)}``."""
+    out: dict[str, list[np.ndarray]] = {}
+    for a, p in zip(attn, prompts):
+        for name, pos in sets(p).items():
+            out.setdefault(name, []).append(a[:, pos].sum(1))
+    return {k: np.mean(v, axis=0) for k, v in out.items()}
+
+
+def variant_positions(method: str, n_classes: int, seed: int, attended: Sequence[int] | None = None):
+    """``positions(prompt)`` and the layers (None = all) of a trained beta (:data:`VARIANTS`, ``anchor``,
+    ``random``)."""
+    if method in ("anchor", "beta-shallow", "beta-deep"):
+        return (lambda p: class_positions(p, n_classes))
+    if method == "random":
+        return lambda p: random_positions(p, n_classes, seed)
+    if method == "beta-newline":
+        return lambda p: newline_positions(p, n_classes)
+    if method == "beta-colon":
+        return lambda p: colon_positions(p, n_classes)
+    if method == "beta-bos":
+        return lambda p: bos_positions(p, n_classes)
+    if method == "beta-attended":
+        if attended is None:
+            raise ValueError("beta-attended needs the most-attended positions (the 'states' run)")
+        return lambda p: _grouped(p, n_classes, attended)
+    raise ValueError(f"unknown trained beta {method!r}")
+
+
+def variant_layers(method: str, n_layers: int) -> tuple[int, ...] | None:
+    """The layers a trained beta acts in: the shallow or deep half for :data:`LAYER_HALVES`, else all (None)."""
+    half = n_layers // 2
+    return {"beta-shallow": tuple(range(half)), "beta-deep": tuple(range(half, n_layers))}.get(method)
+
+
+def stratified_folds(labels: Sequence[int], k: int, seed: int) -> list[np.ndarray]:
+    """``k`` held-out folds of example indices with each class spread evenly (scikit-learn's StratifiedKFold,
+    shuffled by ``seed``)."""
+    from sklearn.model_selection import StratifiedKFold
+
+    y = np.asarray(labels)
+    return [test for _, test in StratifiedKFold(k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y)]
+
+
+def select_lr(lm, task: Task, train_prompts: Sequence[Prompt], positions, seed: int, layers=None,
+              config: TrainConfig = TrainConfig(), grid: Sequence[float] = LR_GRID, folds: int = LR_FOLDS,
+              progress: bool = True) -> dict[str, np.ndarray]:
+    """A learning rate for a trained beta chosen on held-out *training* examples: for each rate of ``grid``, beta is
+    trained on all folds but one and its cross-entropy measured on the held-out fold (stratified folds of the
+    auxiliary examples); the rate with the lowest mean held-out loss wins (ties: the smaller rate). The test
+    examples are never used. Returns ``grid``, ``heldout_loss`` (rates, folds), ``heldout_acc`` and ``lr``.
+    Used in: Anchor re-weighting."""
+    gold = np.array([p.label for p in train_prompts])
+    label_ids = list(label_token_ids(task, lm.tokenizer))
+    loss = np.zeros((len(grid), folds))
+    acc = np.zeros((len(grid), folds))
+    for g, lr in enumerate(grid):
+        cfg = TrainConfig(epochs=config.epochs, lr=float(lr), betas=config.betas,
+                          extra_per_class=config.extra_per_class)
+        for f, held in enumerate(stratified_folds(gold, folds, seed)):
+            fit_on = [p for i, p in enumerate(train_prompts) if i not in set(held.tolist())]
+            trained = train_beta(lm, task, fit_on, positions, seed, cfg, progress=progress, layers=layers)
+            beta = torch.from_numpy(trained["beta"]).to(lm.device)
+            logits = evaluate(lm, task, [train_prompts[i] for i in held], beta, positions, progress=False)
+            z = torch.as_tensor(logits, dtype=torch.float64)
+            loss[g, f] = float(F.cross_entropy(z, torch.as_tensor(gold[held])).item())
+            acc[g, f] = float((logits.argmax(1) == gold[held]).mean())
+    del label_ids
+    best = int(np.argmin(loss.mean(1)))
+    return {"grid": np.array(grid, dtype=float), "heldout_loss": loss, "heldout_acc": acc,
+            "lr": np.array(float(grid[best]))}
+
+
+def fit_probe(train_states: np.ndarray, train_gold: np.ndarray, test_states: np.ndarray, n_params: int,
+              n_classes: int, seed: int, grid: Sequence[float] = PROBE_C_GRID) -> dict[str, np.ndarray]:
+    """The linear-probe control: multinomial logistic regression on q's last hidden state, projected by a seeded
+    random Gaussian matrix to k dimensions so that its ``(k + 1) * C`` parameters equal ``n_params`` (beta's
+    L x H x C), standardised on the training examples, its L2 strength chosen by stratified k-fold held-out
+    log-loss on the training examples (k = the examples per class, at most 4), then refitted on all of them by
+    L-BFGS to convergence (scikit-learn). Returns the test logits (N, C), the chosen ``C`` and the fold losses.
+    Used in: Anchor re-weighting."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import log_loss
+
+    y = np.asarray(train_gold, dtype=int)
+    d = train_states.shape[1]
+    k = max(1, min(d, n_params // n_classes - 1))
+    proj = np.random.default_rng([seed, 31]).standard_normal((d, k)) / np.sqrt(d)
+    xtr, xte = train_states.astype(np.float64) @ proj, test_states.astype(np.float64) @ proj
+    mu, sd = xtr.mean(0), xtr.std(0) + 1e-8
+    xtr, xte = (xtr - mu) / sd, (xte - mu) / sd
+    folds = stratified_folds(y, max(2, min(4, int(np.bincount(y).min()))), seed)
+    losses = np.zeros((len(grid), len(folds)))
+    for g, c in enumerate(grid):
+        for f, held in enumerate(folds):
+            keep = np.setdiff1d(np.arange(len(y)), held)
+            m = LogisticRegression(C=c, max_iter=10_000, tol=1e-10).fit(xtr[keep], y[keep])
+            losses[g, f] = log_loss(y[held], m.predict_proba(xtr[held]), labels=list(range(n_classes)))
+    best = float(grid[int(np.argmin(losses.mean(1)))])
+    model = LogisticRegression(C=best, max_iter=10_000, tol=1e-10).fit(xtr, y)
+    if list(model.classes_) != list(range(n_classes)):
+        raise ValueError(f"the probe's training examples cover classes {list(model.classes_)}, not all {n_classes}")
+    logits = model.predict_log_proba(xte)
+    return {"logits": logits, "C": np.array(best), "fold_loss": losses, "k": np.array(k),
+            "n_params": np.array((k + 1) * n_classes)}
+
+
+def contextual_calibration_mean(logits: np.ndarray, content_free_logits: np.ndarray) -> np.ndarray:
+    """Contextual calibration with several content-free inputs (Zhao et al., 2021): p_cf is the mean of their label
+    distributions, and the corrected logits are z - log p_cf. Used in: Anchor re-weighting."""
+    cf = np.asarray(content_free_logits, dtype=np.float64)
+    p_cf = np.exp(cf - np.logaddexp.reduce(cf, axis=1, keepdims=True)).mean(0)
+    return np.asarray(logits, dtype=np.float64) - np.log(p_cf)[None]
+
+
+TUNED = ("anchor", "random") + VARIANTS  # every trained beta: its learning rate from :func:`select_lr`
+
+
+def _variant_settings(profile: Profile, seed: int, method: str, config: TrainConfig, **extra) -> dict:
+    return settings_of(profile, seed=seed, method=method, n_test=n_test_of(profile), shots=1,
+                       extra_per_class=config.extra_per_class, **extra)
+
+
+def states_run(lm, data: TaskData, profile: Profile, seed: int, setup=None, config: TrainConfig = TrainConfig(),
+               progress: bool = True, **kw) -> dict[str, np.ndarray] | None:
+    """What the untrained controls and the attention shares need, per seed (no intervention): the label logits of
+    the three content-free inputs (:data:`CONTENT_FREE_INPUTS`) with the seed's demonstrations; q's last hidden
+    state for the training and test prompts (the probe); each demonstration's most-attended non-label token on the
+    training prompts (``attended``); q's attention share per layer (mean over heads and test prompts) of the label
+    words and of every control's positions (``share_<set>``, :func:`position_sets`). Used in: Anchor re-weighting."""
+    task = data.task
+
+    def compute() -> dict[str, np.ndarray]:
+        s = setup() if callable(setup) else (setup or seed_setup(lm, data, seed, n_test_of(profile), config))
+        demos = [data.train[j] for j in s.demos]
+        cf = [build_prompt(task, demos, text, lm.tokenizer, lm.max_length) for text in CONTENT_FREE_INPUTS]
+        test_states, test_attn = target_readout(lm, s.test_prompts, profile.batch_size)
+        train_states, train_attn = target_readout(lm, s.train_prompts, profile.batch_size)
+        attended = most_attended(train_attn.mean((0, 1)), s.train_prompts[0])
+        shares = attention_share(test_attn, s.test_prompts,
+                                 lambda p: position_sets(p, task.n_classes, seed, attended))
+        return {"cf3_logits": evaluate(lm, task, cf, progress=False, shared_prefix=False),
+                "test_states": test_states, "train_states": train_states,
+                "train_gold": np.array([p.label for p in s.train_prompts]),
+                "gold": np.array([p.label for p in s.test_prompts]), "test_index": np.array(s.test),
+                "attended": attended,
+                **{f"share_{k.replace(' ', '_')}": v.astype(np.float32) for k, v in shares.items()}}
+
+    settings = _variant_settings(profile, seed, "states", config, content_free=list(CONTENT_FREE_INPUTS))
+    return _cached(lm, data, settings, compute, **kw)
+
+
+def lr_search_run(lm, data: TaskData, profile: Profile, method: str, setup=None, config: TrainConfig = TrainConfig(),
+                  progress: bool = True, **kw) -> dict[str, np.ndarray] | None:
+    """The learning rate of one trained beta (:data:`TUNED`) for a task: :func:`select_lr` on the first re-weighting
+    seed's training examples, then held fixed for every seed. Used in: Anchor re-weighting."""
+    task = data.task
+    seed = reweighting_seeds(profile)[0]
+    attended = None
+    if method == "beta-attended":
+        states = states_run(lm, data, profile, seed, setup, config, progress, **kw)
+        if states is None:
+            return None
+        attended = states["attended"]
+
+    def compute() -> dict[str, np.ndarray]:
+        s = setup() if callable(setup) else (setup or seed_setup(lm, data, seed, n_test_of(profile), config))
+        positions = variant_positions(method, task.n_classes, seed, attended)
+        return select_lr(lm, task, s.train_prompts, positions, seed, variant_layers(method, lm.n_layers), config,
+                         progress=progress)
+
+    settings = _variant_settings(profile, seed, "lr-search", config, target=method, grid=list(LR_GRID),
+                                 folds=LR_FOLDS, epochs=config.epochs, betas=list(config.betas))
+    return _cached(lm, data, settings, compute, **kw)
+
+
+def tuned_run(lm, data: TaskData, profile: Profile, seed: int, method: str, setup=None,
+              config: TrainConfig = TrainConfig(), progress: bool = True, **kw) -> dict[str, np.ndarray] | None:
+    """A trained beta (:data:`TUNED`) at the learning rate :func:`lr_search_run` chose, trained on the seed's
+    auxiliary examples and evaluated on its test examples (scored like every method). Used in: Anchor
+    re-weighting."""
+    task = data.task
+    search = lr_search_run(lm, data, profile, method, None, config, progress, **kw)
+    if search is None:
+        return None
+    tuned = TrainConfig(epochs=config.epochs, lr=float(search["lr"]), betas=config.betas,
+                        extra_per_class=config.extra_per_class)
+    if method in ("anchor", "random"):
+        return reweighting_run(lm, data, profile, seed, method, tuned, setup, progress, **kw)
+    attended = None
+    if method == "beta-attended":
+        states = states_run(lm, data, profile, seed, setup, config, progress, **kw)
+        if states is None:
+            return None
+        attended = states["attended"]
+
+    def compute() -> dict[str, np.ndarray]:
+        s = setup() if callable(setup) else (setup or seed_setup(lm, data, seed, n_test_of(profile), config))
+        positions = variant_positions(method, task.n_classes, seed, attended)
+        trained = train_beta(lm, task, s.train_prompts, positions, seed, tuned, progress=progress,
+                             layers=variant_layers(method, lm.n_layers))
+        beta = torch.from_numpy(trained["beta"]).to(lm.device)
+        logits = evaluate(lm, task, s.test_prompts, beta, positions, batch_size=profile.batch_size,
+                          progress=progress, desc=f"evaluate {method}")
+        return {**_scored_setup(logits, s), **trained, "positions": np.array(positions(s.test_prompts[0]))}
+
+    settings = _variant_settings(profile, seed, method, tuned, epochs=tuned.epochs, lr=tuned.lr,
+                                 betas=list(tuned.betas), lr_from="lr-search")
+    return _cached(lm, data, settings, compute, **kw)
+
+
+def fitted_extra_run(icl: dict[str, np.ndarray], states: dict[str, np.ndarray], method: str, n_params: int,
+                     n_classes: int, seed: int) -> dict[str, np.ndarray]:
+    """One seed's ``probe`` or ``contextual-3`` result (no model needed: from the stored ICL logits and states)."""
+    if not np.array_equal(icl["test_index"], states["test_index"]):
+        raise ValueError("the states run was not made on the same test examples as icl-1")
+    if method == "contextual-3":
+        return _scored(contextual_calibration_mean(icl["logits"], states["cf3_logits"]), icl["gold"],
+                       icl["test_index"])
+    fit = fit_probe(states["train_states"], states["train_gold"], states["test_states"], n_params, n_classes, seed)
+    return {**_scored(fit.pop("logits"), icl["gold"], icl["test_index"]), **fit}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -845,21 +1187,100 @@ def reweighting_gain(model: str, profile: Profile) -> Measured | None:
 CONTROLS = ("random", "contextual", "bias-fit", "bias-temperature", "batch")  # what re-weighting must beat
 
 
-def reweighting_vs_controls(model: str, profile: Profile) -> Measured | None:
-    """Re-weighting minus each equally cheap control on the same examples (paired), mean of the 4 tasks; the row
-    shows the smallest of these differences (the control closest to re-weighting): re-weighting must beat every
-    control, so none is chosen on the test examples. The learned bias is the one fitted to convergence."""
+def control_runs(lm, data: TaskData, profile: Profile, seeds: Sequence[int], methods: Sequence[str] = TUNED,
+                 progress: bool = True, **kw) -> dict[str, list]:
+    """The tuned betas (:data:`TUNED`, keys ``anchor-tuned``/``random-tuned`` for the two the paper's table also has
+    at lr 0.01, the variants under their own names) and the ``states`` run, per seed: ``{method: [run or None]}``."""
+    out: dict[str, list] = {"states": []}
+    for m in methods:
+        out[_tuned_key(m)] = []
+    for seed in seeds:
+        setup = functools.cache(lambda seed=seed: seed_setup(lm, data, seed, n_test_of(profile)))
+        out["states"].append(states_run(lm, data, profile, seed, setup, progress=progress, **kw))
+        for m in methods:
+            out[_tuned_key(m)].append(tuned_run(lm, data, profile, seed, m, setup, progress=progress, **kw))
+    return out
+
+
+def tuned_methods(lm) -> tuple[str, ...]:
+    """The trained betas that apply to a model: the BOS control only where its tokenizer adds a BOS token (and only
+    when a tokenizer is at hand: a lookup by model key leaves it out)."""
+    tok = getattr(lm, "tokenizer", None)
+    ids = tok("x")["input_ids"] if tok is not None else []
+    has_bos = bool(ids) and tok.bos_token_id is not None and ids[0] == tok.bos_token_id
+    return TUNED if has_bos else tuple(m for m in TUNED if m != "beta-bos")
+
+
+def _tuned_key(method: str) -> str:
+    return f"{method}-tuned" if method in ("anchor", "random") else method
+
+
+def with_extra_controls(runs: Runs) -> Runs:
+    """``runs`` with the probe and three-input contextual calibration added (from ``icl-1`` and ``states``; the
+    probe gets as many parameters as the seed's beta, whose shape is read from the ``anchor`` run)."""
+    out = {}
+    for t, by in runs.items():
+        task = get_task(t)
+        n = int(np.prod(by["anchor"][0]["beta"].shape))
+        extra = {m: [fitted_extra_run(i, st, m, n, task.n_classes, int(seed))
+                     for i, st, seed in zip(by["icl-1"], by["states"], by["seeds"])]
+                 for m in ("probe", "contextual-3")}
+        out[t] = {**by, **extra}
+    return out
+
+
+def _control_runs(model: str, profile: Profile, methods: Sequence[str]) -> dict | None:
+    """Every task's runs with the fitted controls and the tuned betas ``methods``, over the seeds where all of them
+    are cached, or None."""
     runs = _reweighting_runs(model, profile)
     if runs is None:
         return None
-    runs = with_fitted_controls(runs)
-    diffs = {c: difference(runs, "anchor", c) for c in CONTROLS}
-    closest = min(CONTROLS, key=lambda c: float(diffs[c].value))
+    lm = ModelKey.of(model)
+    seeds = list(_cached_seeds(model, profile))
+    out = {}
+    for t in TASK_NAMES:
+        extra = control_runs(lm, load_task(t), profile, seeds, methods, progress=False, lookup_only=True)
+        out[t] = extra
+    keep = [i for i in range(len(seeds)) if all(extra[m][i] is not None for extra in out.values() for m in extra)]
+    if not keep:
+        return None
+    merged = {}
+    for t in TASK_NAMES:
+        by = {m: [runs[t][m][i] for i in keep] for m in runs[t]}
+        by.update({m: [out[t][m][i] for i in keep] for m in out[t]})
+        by["seeds"] = [seeds[i] for i in keep]
+        merged[t] = by
+    return with_extra_controls(with_fitted_controls(merged))
+
+
+def _cached_seeds(model: str, profile: Profile) -> tuple[int, ...]:
+    lm = ModelKey.of(model)
+    seeds = set(reweighting_seeds(profile))
+    for t in TASK_NAMES:
+        seeds &= set(available_seeds(lm, load_task(t), profile))
+    return tuple(s for s in reweighting_seeds(profile) if s in seeds)
+
+
+CONTROL_BETAS = ("random", "beta-attended", "beta-newline", "beta-colon")  # beta elsewhere, each at its own lr
+VERDICT_CONTROLS = ("random-tuned", "beta-attended", "beta-newline", "beta-colon", "contextual-3", "bias-fit",
+                    "bias-temperature", "batch", "probe")
+
+
+def reweighting_vs_controls(model: str, profile: Profile) -> Measured | None:
+    """Re-weighting (at its learning rate chosen on held-out training examples) minus each equally cheap control
+    on the same examples (paired), mean of the 4 tasks; the row shows the smallest of these differences (the
+    control closest to re-weighting): re-weighting must beat every control, so none is chosen on the test
+    examples. Trained controls have their own learning rates; fitted ones are fitted to convergence."""
+    runs = _control_runs(model, profile, ("anchor",) + CONTROL_BETAS)
+    if runs is None:
+        return None
+    diffs = {c: difference(runs, "anchor-tuned", c) for c in VERDICT_CONTROLS}
+    closest = min(VERDICT_CONTROLS, key=lambda c: float(diffs[c].value))
     est = diffs[closest]
-    per_task = {t: difference(runs, "anchor", closest, task=t) for t in TASK_NAMES}
+    per_task = {t: difference(runs, "anchor-tuned", closest, task=t) for t in TASK_NAMES}
     ahead = [get_task(t).title for t, e in per_task.items() if e.low > 0]
     behind = [get_task(t).title for t, e in per_task.items() if e.high < 0]
-    others = "; ".join(f"{_TITLE_SHORT[c]} {diffs[c].fmt(1)}" for c in CONTROLS if c != closest)
+    others = "; ".join(f"{_TITLE_SHORT[c]} {diffs[c].fmt(1)}" for c in VERDICT_CONTROLS if c != closest)
     return Measured(est, unit=" points", digits=1, n_text=f"{est.n} seeds × 4 tasks", support=diffs,
                     note=f"paired: re-weighting minus the closest control ({_TITLE_SHORT[closest]}), mean of 4 tasks; "
                          f"ahead on {', '.join(ahead) or 'no task'}, behind on {', '.join(behind) or 'no task'}; "
@@ -867,7 +1288,10 @@ def reweighting_vs_controls(model: str, profile: Profile) -> Measured | None:
 
 
 _TITLE_SHORT = {"random": "random positions", "contextual": "contextual calibration", "bias-fit": "fitted bias",
-                "bias-temperature": "fitted bias and temperature", "batch": "batch calibration"}
+                "bias-temperature": "fitted bias and temperature", "batch": "batch calibration",
+                "random-tuned": "random positions", "beta-attended": "most-attended tokens",
+                "beta-newline": "newlines", "beta-colon": "colons", "contextual-3": "contextual calibration",
+                "probe": "linear probe"}
 
 
 def beats_every_control(m: Measured) -> str:
@@ -886,9 +1310,13 @@ def beats_every_control(m: Measured) -> str:
 
 
 def run(lm, data: TaskData, config: Profile, seed: int, lookup_only: bool = False) -> dict:
-    """One (task, seed): every method (:data:`METHODS`), trained and evaluated on the same examples."""
-    return {m: r[0] for m, r in reweighting_runs(lm, data, config, seeds=[seed], progress=not lookup_only,
-                                                 lookup_only=lookup_only).items()}
+    """One (task, seed): every method (:data:`METHODS`), trained and evaluated on the same examples, then the
+    states run and every tuned beta (:data:`TUNED`; a learning-rate search on the first seed of each)."""
+    out = {m: r[0] for m, r in reweighting_runs(lm, data, config, seeds=[seed], progress=not lookup_only,
+                                                lookup_only=lookup_only).items()}
+    extra = control_runs(lm, data, config, [seed], tuned_methods(lm), progress=not lookup_only,
+                         lookup_only=lookup_only)
+    return {**out, **{m: r[0] for m, r in extra.items()}}
 
 
 EXPERIMENT = Experiment(
