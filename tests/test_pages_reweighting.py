@@ -346,3 +346,49 @@ def test_the_chapter_glues_the_verdict_words_it_uses(monkeypatch):
     assert used and used <= set(glued), used - set(glued)
     assert 'chapter_verdicts("book/reweighting"' in text
     assert "(sec-reweighting-gain)=" in text and "(sec-reweighting-controls)=" in text
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Equal-leverage controls
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _leverage_runs():
+    """Two tasks, one seed, four examples: tuned re-weighting 100/75 (SST-2/TREC), every verdict control 50/25
+    except the most-attended token (75/75); attention shares: label words 5%, most attended 20%, the others 1%."""
+    from helpers.experiments import reweighting as rw
+
+    R = _runs()
+    for t, by in R.items():
+        c = 2 if t == "sst2" else 6
+        by["anchor-tuned"] = [_result([1, 1, 1, 1] if t == "sst2" else [1, 1, 1, 0], c)]
+        for m in rw.VERDICT_CONTROLS:
+            by[m] = [_result([1, 1, 1, 0] if m == "beta-attended" else ([1, 0, 1, 0] if t == "sst2" else [1, 0, 0, 0]), c)]
+        shares = {"label_words": 0.05, "most_attended": 0.2, "newline": 0.01, "colon": 0.01, "random_text": 0.01}
+        by["states"] = [{f"share_{k}": np.full(N_LAYERS, v) for k, v in shares.items()}]
+    return R
+
+
+def test_leverage_table_shows_each_controls_lever_and_the_paired_difference():
+    R = _leverage_runs()
+    table = page.leverage_table(R, MODEL)
+    rows = table.loc[MODEL]
+    assert rows.loc[page.LEVERAGE_SHORT["anchor-tuned"], "attention share %"] == "5.00"
+    assert rows.loc[page.LEVERAGE_SHORT["beta-attended"], "attention share %"] == "20.00"
+    assert rows.loc[page.LEVERAGE_SHORT["probe"], "attention share %"] == "—"
+    assert rows.loc[page.LEVERAGE_SHORT["beta-attended"], "re-weighting minus it (95%)"].startswith("12.5")
+    assert rows.loc[page.LEVERAGE_SHORT["batch"], "the verdict needs it beaten"] == "yes"
+    values = page.leverage_values(R, {"sst2": {"anchor": {"lr": np.array(0.1)}}, "trec": {"anchor": {"lr": np.array(0.3)}}})
+    assert values["lev_closest"] == page.LEVERAGE_SHORT["beta-attended"]
+    assert values["lev_lrs"] == "SST-2 0.1; TREC 0.3"
+    assert values["lev_beta_attended_share"] == "20.00%"
+    fig = page.leverage_figure(R, MODEL)
+    assert fig.axes[0].get_xscale() == "log" and len(fig.axes[0].texts) == 5
+
+
+def test_lr_table_lists_the_grid_and_the_choice():
+    s = {"grid": np.array([0.01, 0.1, 0.3]), "heldout_loss": np.array([[0.9, 0.7], [0.5, 0.4], [0.6, 0.8]]),
+         "lr": np.array(0.1)}
+    table = page.lr_table({MODEL: {"sst2": {"anchor": s}}})
+    row = table.iloc[0]
+    assert row["chosen lr"] == "0.1" and row["held-out loss, lr 0.01"] == 0.8 and row["held-out loss, lr 0.1"] == 0.45

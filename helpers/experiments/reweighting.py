@@ -67,6 +67,11 @@ __all__ = [
     "seed_setup", "reweighting_run", "reweighting_runs", "n_test_of", "measure", "PAPER_TABLE1", "correctness", "available_seeds",
     "accuracy", "difference", "best_control", "cost_table", "FITTED_CONTROLS", "FITTED_TITLES", "fit_bias",
     "batch_calibration", "fitted_control_run", "with_fitted_controls",
+    "CONTENT_FREE_INPUTS", "POSITION_CONTROLS", "LAYER_HALVES", "VARIANTS", "VARIANT_TITLES", "LR_GRID", "TUNED",
+    "VERDICT_CONTROLS", "CONTROL_BETAS", "demonstration_tokens", "newline_positions", "colon_positions",
+    "bos_positions", "most_attended", "target_readout", "select_lr", "fit_probe", "contextual_calibration_mean",
+    "states_run", "lr_search_run", "tuned_run", "control_runs", "cached_control_runs", "cached_lr_searches",
+    "tuned_methods", "with_extra_controls", "stratified_folds",
 ]
 
 RESULTS_FOLDER = "reweighting"  # the results sub-folder of its runs
@@ -1229,28 +1234,45 @@ def with_extra_controls(runs: Runs) -> Runs:
     return out
 
 
-def _control_runs(model: str, profile: Profile, methods: Sequence[str]) -> dict | None:
-    """Every task's runs with the fitted controls and the tuned betas ``methods``, over the seeds where all of them
-    are cached, or None."""
+def cached_control_runs(model: str, profile: Profile,
+                        methods: Sequence[str] = ("anchor", "random", "beta-attended", "beta-newline", "beta-colon"),
+                        optional: Sequence[str] = ("beta-bos", "beta-shallow", "beta-deep")) -> dict | None:
+    """Every task's cached runs (nothing is computed) with the fitted controls, the probe, three-input contextual
+    calibration and the tuned betas ``methods``, over the seeds where all of them are cached; the ``optional``
+    tuned betas are added where they are cached for those seeds too. None where no seed is complete.
+    Used in: Anchor re-weighting."""
     runs = _reweighting_runs(model, profile)
     if runs is None:
         return None
     lm = ModelKey.of(model)
     seeds = list(_cached_seeds(model, profile))
-    out = {}
-    for t in TASK_NAMES:
-        extra = control_runs(lm, load_task(t), profile, seeds, methods, progress=False, lookup_only=True)
-        out[t] = extra
-    keep = [i for i in range(len(seeds)) if all(extra[m][i] is not None for extra in out.values() for m in extra)]
+    out = {t: control_runs(lm, load_task(t), profile, seeds, tuple(methods) + tuple(optional), progress=False,
+                           lookup_only=True) for t in TASK_NAMES}
+    required = ["states"] + [_tuned_key(m) for m in methods]
+    keep = [i for i in range(len(seeds)) if all(out[t][m][i] is not None for t in TASK_NAMES for m in required)]
     if not keep:
         return None
+    complete = required + [_tuned_key(m) for m in optional
+                           if all(out[t][_tuned_key(m)][i] is not None for t in TASK_NAMES for i in keep)]
     merged = {}
     for t in TASK_NAMES:
         by = {m: [runs[t][m][i] for i in keep] for m in runs[t]}
-        by.update({m: [out[t][m][i] for i in keep] for m in out[t]})
+        by.update({m: [out[t][m][i] for i in keep] for m in complete})
         by["seeds"] = [seeds[i] for i in keep]
         merged[t] = by
     return with_extra_controls(with_fitted_controls(merged))
+
+
+def cached_lr_searches(model: str, profile: Profile, methods: Sequence[str] = TUNED) -> dict[str, dict[str, dict]]:
+    """``{task: {method: search}}`` of the cached learning-rate searches (:func:`lr_search_run`; nothing is
+    computed; methods without a search are left out). Used in: Anchor re-weighting."""
+    lm = ModelKey.of(model)
+    out = {}
+    for t in TASK_NAMES:
+        data = load_task(t)
+        found = {m: lr_search_run(lm, data, profile, m, progress=False, lookup_only=True) for m in methods}
+        out[t] = {m: r for m, r in found.items() if r is not None}
+    return out
 
 
 def _cached_seeds(model: str, profile: Profile) -> tuple[int, ...]:
@@ -1271,7 +1293,7 @@ def reweighting_vs_controls(model: str, profile: Profile) -> Measured | None:
     on the same examples (paired), mean of the 4 tasks; the row shows the smallest of these differences (the
     control closest to re-weighting): re-weighting must beat every control, so none is chosen on the test
     examples. Trained controls have their own learning rates; fitted ones are fitted to convergence."""
-    runs = _control_runs(model, profile, ("anchor",) + CONTROL_BETAS)
+    runs = cached_control_runs(model, profile, ("anchor",) + CONTROL_BETAS, optional=())
     if runs is None:
         return None
     diffs = {c: difference(runs, "anchor-tuned", c) for c in VERDICT_CONTROLS}

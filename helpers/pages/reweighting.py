@@ -21,7 +21,8 @@ __all__ = ["ORDER", "SHORT", "TITLES", "CONTROLS", "COMPARED", "with_controls", 
            "accuracy_table", "headline_values", "forest_estimates", "forest_figure", "controls_table",
            "controls_values", "fit_table", "fit_values", "resolution_values", "beta_figure", "beta_layers_figure", "beta_values",
            "training_figure", "loss_table", "prior_table", "prior_values", "cost_frame", "cost_values",
-           "second_model_values", "glued_values"]
+           "second_model_values", "glued_values", "lr_table", "leverage_table", "leverage_figure", "leverage_values",
+           "LEVERAGE_SHORT"]
 
 ORDER = ["icl-1", "icl-5", "anchor", "random", "contextual", "bias", *rw.FITTED_CONTROLS]
 SHORT = {"icl-1": "ICL 1-shot", "icl-5": "ICL 5-shot (AG News 3)", "anchor": "anchor re-weighting",
@@ -530,4 +531,145 @@ def glued_values(runs: Mapping[str, Runs], seeds: Mapping[str, Mapping[str, Sequ
     out |= beta_values(R) | prior_values(R) | cost_values(R)
     if second_model and runs.get(second_model):
         out |= second_model_values(runs[second_model], seeds[second_model])
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Controls with the same leverage, each trained at its own learning rate (helpers.experiments.reweighting)
+# --------------------------------------------------------------------------------------------------------------------
+
+LEVERAGE_SETS = {"anchor-tuned": "label words", "random-tuned": "random text", "beta-attended": "most attended",
+                 "beta-newline": "newline", "beta-colon": "colon", "beta-bos": "BOS",
+                 "beta-shallow": "label words", "beta-deep": "label words"}
+LEVERAGE_SHORT = {"anchor-tuned": "anchor re-weighting (tuned lr)", "random-tuned": "random text tokens",
+                  "beta-attended": "most-attended non-label token", "beta-newline": "newline after the label",
+                  "beta-colon": "colon before the label", "beta-bos": "BOS token",
+                  "beta-shallow": "label words, shallow half only", "beta-deep": "label words, deep half only",
+                  "probe": "linear probe (β's parameter count)", "contextual-3": "contextual calibration (3 inputs)",
+                  "bias-fit": "fitted label bias", "bias-temperature": "fitted bias and temperature",
+                  "batch": "batch calibration"}
+
+
+def lr_table(searches: Mapping[str, Mapping[str, Mapping[str, dict]]]) -> pd.DataFrame:
+    """The learning-rate search of every trained β: ``searches`` is ``{model: {task: {method: search}}}``
+    (:func:`helpers.experiments.reweighting.lr_search_run`); one row per (model, method, task), the mean held-out
+    cross-entropy at each rate of the grid and the rate chosen (lowest held-out loss).
+
+    Used in: Anchor re-weighting."""
+    rows = []
+    for model, by_task in searches.items():
+        for task, by_method in by_task.items():
+            for method, s in by_method.items():
+                row = {"model": model, "trained β": LEVERAGE_SHORT.get(rw._tuned_key(method), method),
+                       "task": TASKS[task].title}
+                for lr, loss in zip(s["grid"], s["heldout_loss"].mean(1)):
+                    row[f"held-out loss, lr {lr:g}"] = round(float(loss), 3)
+                row["chosen lr"] = f"{float(s['lr']):g}"
+                rows.append(row)
+    return pd.DataFrame(rows).set_index(["model", "trained β", "task"])
+
+
+def _share(R: Runs, method: str) -> float | None:
+    """q's attention share (%) of a trained β's positions: mean over layers, test prompts, seeds and tasks."""
+    name = LEVERAGE_SETS.get(method)
+    if name is None:
+        return None
+    key = "share_" + name.replace(" ", "_")
+    vals = []
+    for by in R.values():
+        for st in by["states"]:
+            if key not in st:
+                return None
+            share = np.asarray(st[key])
+            if method == "beta-shallow":
+                share = share[: len(share) // 2]
+            elif method == "beta-deep":
+                share = share[len(share) // 2 :]
+            vals.append(float(share.mean()))
+    return 100 * float(np.mean(vals))
+
+
+def leverage_table(R: Runs, model: str) -> pd.DataFrame:
+    """Anchor re-weighting at its chosen learning rate against every control of the verdict
+    (:data:`helpers.experiments.reweighting.VERDICT_CONTROLS`) and, where computed, the BOS control and β in one half
+    of the layers: per method, q's attention share of its positions (mean over layers; the lever it has), its
+    accuracy, re-weighting minus it on the average over tasks (95% and 80% intervals) and per task, and whether the
+    verdict needs it beaten. ``R`` holds one model's runs with the controls
+    (:func:`helpers.experiments.reweighting.cached_control_runs`).
+
+    Used in: Anchor re-weighting."""
+    rows = []
+    extra = [m for m in ("beta-bos", "beta-shallow", "beta-deep") if all(m in by for by in R.values())]
+    for c in ["anchor-tuned", *rw.VERDICT_CONTROLS, *extra]:
+        share = _share(R, c)
+        row = {"model": model, "method": LEVERAGE_SHORT[c],
+               "attention share %": "—" if share is None else f"{share:.2f}",
+               "accuracy %": rw.accuracy(R, c).fmt(1)}
+        if c == "anchor-tuned":
+            row.update({"re-weighting minus it (95%)": "—", "80% interval": "—"})
+            row.update({TASKS[t].title: "—" for t in R})
+            row["the verdict needs it beaten"] = "—"
+        else:
+            d = rw.difference(R, "anchor-tuned", c)
+            row.update({"re-weighting minus it (95%)": d.fmt(1), "80% interval": f"[{d.weak_low:.1f}, {d.weak_high:.1f}]"})
+            row.update({TASKS[t].title: rw.difference(R, "anchor-tuned", c, t).fmt(1) for t in R})
+            row["the verdict needs it beaten"] = "yes" if c in rw.VERDICT_CONTROLS else "no (locates the gain)"
+        rows.append(row)
+    return pd.DataFrame(rows).set_index(["model", "method"])
+
+
+def leverage_figure(R: Runs, model: str) -> plt.Figure:
+    """Each trained β's effect against its lever: x, q's attention share of its positions (log scale); y, its
+    accuracy minus 1-shot ICL on the average over tasks (95% interval), for anchor re-weighting and every position
+    control. A control with as much attention as the label words that gains as much would mean the label words are
+    not special. Returns the Figure.
+
+    Used in: Anchor re-weighting."""
+    methods = [m for m in ("anchor-tuned", "random-tuned", "beta-attended", "beta-newline", "beta-colon", "beta-bos")
+               if all(m in by for by in R.values())]
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), constrained_layout=True)
+    for m in methods:
+        share = _share(R, m)
+        e = rw.difference(R, m, "icl-1")
+        colour = "#1f77b4" if m == "anchor-tuned" else "#777777"
+        ax.plot([share, share], [e.low, e.high], color=colour, lw=1.4)
+        ax.plot([share], [e.value], "o", color=colour, ms=6, mec="white", mew=0.7)
+        ax.annotate(LEVERAGE_SETS[m], (share, e.value), xytext=(6, 4), textcoords="offset points", fontsize=8.5,
+                    color=colour)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("q's attention share of the re-weighted positions (%, mean over layers; log scale)")
+    ax.set_ylabel("accuracy minus 1-shot ICL (points)")
+    ax.grid(alpha=0.3)
+    ax.set_title(f"{model}: gain against leverage (95% intervals over seeds, then examples)", fontsize=10)
+    return fig
+
+
+def leverage_values(R: Runs, searches: Mapping[str, Mapping[str, dict]]) -> dict[str, str]:
+    """Glue for the equal-leverage section: ``lev_<key>_share`` / ``lev_<key>_diff`` / ``lev_<key>_acc`` per method
+    of :func:`leverage_table`, ``lev_closest`` and ``lev_closest_diff`` (the verdict control closest to tuned
+    re-weighting), ``lev_beaten`` / ``lev_not_beaten`` (verdict controls whose 95% interval of re-weighting minus
+    them lies above 0, and the others), ``lev_anchor_gain`` (tuned re-weighting minus 1-shot ICL), ``lev_lrs``
+    (the rates chosen for anchor re-weighting per task), ``lev_n_seeds`` and ``lev_grid``.
+
+    Used in: Anchor re-weighting."""
+    out: dict[str, str] = {}
+    diffs = {c: rw.difference(R, "anchor-tuned", c) for c in rw.VERDICT_CONTROLS}
+    for c in ["anchor-tuned", *rw.VERDICT_CONTROLS, "beta-bos", "beta-shallow", "beta-deep"]:
+        if not all(c in by for by in R.values()):
+            continue
+        share = _share(R, c)
+        k = _key(c)
+        out[f"lev_{k}_share"] = "—" if share is None else f"{share:.2f}%"
+        out[f"lev_{k}_acc"] = rw.accuracy(R, c).fmt(1)
+        if c != "anchor-tuned":
+            out[f"lev_{k}_diff"] = rw.difference(R, "anchor-tuned", c).fmt(1)
+    closest = min(rw.VERDICT_CONTROLS, key=lambda c: float(diffs[c].value))
+    out["lev_closest"], out["lev_closest_diff"] = LEVERAGE_SHORT[closest], diffs[closest].fmt(1)
+    out["lev_beaten"] = "; ".join(LEVERAGE_SHORT[c] for c in rw.VERDICT_CONTROLS if diffs[c].low > 0) or "none"
+    out["lev_not_beaten"] = "; ".join(LEVERAGE_SHORT[c] for c in rw.VERDICT_CONTROLS if not diffs[c].low > 0) or "none"
+    out["lev_anchor_gain"] = rw.difference(R, "anchor-tuned", "icl-1").fmt(1)
+    out["lev_lrs"] = "; ".join(f"{TASKS[t].title} {float(s['anchor']['lr']):g}" for t, s in searches.items())
+    out["lev_n_seeds"] = str(len(next(iter(R.values()))["icl-1"]))
+    out["lev_grid"] = ", ".join(f"{x:g}" for x in rw.LR_GRID)
     return out
