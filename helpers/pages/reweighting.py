@@ -599,7 +599,7 @@ def leverage_table(R: Runs, model: str) -> pd.DataFrame:
 
     Used in: Anchor re-weighting."""
     rows = []
-    extra = [m for m in ("beta-bos", "beta-shallow", "beta-deep") if all(m in by for by in R.values())]
+    extra = [m for m in rw.OPTIONAL_BETAS if all(m in by for by in R.values())]
     for c in ["anchor-tuned", *rw.VERDICT_CONTROLS, *extra]:
         share = _share(R, c)
         row = {"model": model, "method": LEVERAGE_SHORT[c],
@@ -655,7 +655,7 @@ def leverage_values(R: Runs, searches: Mapping[str, Mapping[str, dict]]) -> dict
     Used in: Anchor re-weighting."""
     out: dict[str, str] = {}
     diffs = {c: rw.difference(R, "anchor-tuned", c) for c in rw.VERDICT_CONTROLS}
-    for c in ["anchor-tuned", *rw.VERDICT_CONTROLS, "beta-bos", "beta-shallow", "beta-deep"]:
+    for c in ["anchor-tuned", *rw.VERDICT_CONTROLS, *rw.OPTIONAL_BETAS]:
         if not all(c in by for by in R.values()):
             continue
         share = _share(R, c)
