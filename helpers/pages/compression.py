@@ -28,6 +28,7 @@ from ..core.tasks import TASKS, TaskData
 from ..experiments.compression import (PAPER_LENGTHS, PAPER_SPEEDUP, PAPER_TABLE2, anchor_positions, table2,
                                        variant_metrics)
 from . import plots
+from .summaries import content_hash, summarised, summary
 
 __all__ = ["VARIANTS", "NAMES", "SWEEP_TASKS", "EQUAL", "FULL", "read_bench", "example_prompt", "kept_tokens_html",
            "kept_values", "loyalty_tables", "loyalty_table", "table2_values", "padded_ceiling", "mean_ratio",
@@ -63,8 +64,12 @@ def read_bench(model: str) -> tuple[dict, dict | None]:
 def example_prompt(lm, data: TaskData, seed: int) -> Prompt:
     """The prompt of the first test example of ``seed`` (one demonstration per class): the chapter's example.
 
+    A stored summary (:func:`helpers.pages.book.cached_prompts`): no tokenizer is loaded when it is stored.
+
     Used in: Compression."""
-    return make_prompts(lm, data, seed, 1)[0]
+    from .book import cached_prompts
+
+    return cached_prompts(lm, data, seed, 1)[0]
 
 
 def kept_tokens_html(lm, prompt: Prompt) -> str:
@@ -72,7 +77,10 @@ def kept_tokens_html(lm, prompt: Prompt) -> str:
     the tokenizer added boxed), the demonstrations' dropped text struck through, the query plain.
 
     Used in: Compression."""
-    tokens = [lm.tokenizer.decode([t]) for t in prompt.input_ids]
+    from .book import token_table
+
+    table = token_table(lm, list(prompt.input_ids), f"compression-example-{content_hash(list(prompt.input_ids))}")
+    tokens = [table.decode([t]) for t in prompt.input_ids]
     label_tokens = [i for s, e in prompt.label_spans for i in range(s, e)]
     return plots.kept_tokens_html(tokens, anchor_positions(prompt), prompt.query_start, label_tokens,
                                   prompt.special_positions)
@@ -90,6 +98,7 @@ def kept_values(prompt: Prompt) -> dict[str, int]:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+@summarised("compression/table2")
 def loyalty_tables(runs: Mapping[str, Mapping[str, Sequence[dict]]]) -> dict[str, dict[str, dict]]:
     """Table 2 of every model, ``{model: table2(...)}``, with the tasks held fixed: the bootstrap draws the seeds
     (demonstration sets) within each task, then the test examples within each drawn seed, as the verdict page does
@@ -229,7 +238,7 @@ def speed_table(bench: Mapping, cost: Mapping | None, lm, data: Mapping[str, Tas
             a, b = cost["fixed_s"], cost["per_token_s"]
             row["batch-1 bound with fixed cost"] = f"{(a + b * b1['L_full']) / (a + b * b1['L_x']):.1f}×"
         if b8:
-            ceiling8 = padded_ceiling(make_prompts(lm, data[name], 42, b8["n"]), 8)
+            ceiling8 = _padded_ceiling8(lm, data[name], b8["n"])
             row["ceiling with padding, batch 8"] = f"{ceiling8:.1f}×"
             row["full recomputation, batch 8, % of ceiling"] = \
                 f"{100 * b8['ratios'][FULL]['median'] / b8['ceiling']:.0f}%"
@@ -241,6 +250,16 @@ def speed_table(bench: Mapping, cost: Mapping | None, lm, data: Mapping[str, Tas
                     "paper GPT-J": f"{PAPER_SPEEDUP['GPT-J'][name]}×"})
         rows.append(row)
     return pd.DataFrame(rows).set_index("task").T
+
+
+def _padded_ceiling8(lm, data: TaskData, n: int) -> float:
+    """:func:`padded_ceiling` at batch 8 of the benchmark's prompts (seed 42, ``n`` examples), a stored summary keyed
+    on the model and the data (no tokenizer is loaded when it is stored)."""
+    from .book import _safe
+
+    return summary(f"compression/padded-ceiling/{_safe(lm.name)}/{data.task.name}-n{n}",
+                   lambda: padded_ceiling(make_prompts(lm, data, 42, n), 8),
+                   depends={"model": dict(lm.identity), "data": data.fingerprint})
 
 
 def _median(by_batch: Mapping, batch: str, ratio: str = FULL) -> float:
@@ -414,6 +433,7 @@ def sweep_values(bench: Mapping, sweep: Mapping[str, Mapping[int, Sequence[dict]
     return out
 
 
+@summarised("compression/glued-values")
 def glued_values(prompt: Prompt, runs, tables, bench: Mapping, cost: Mapping | None, sweep, model: str,
                  second_model: str | None = None) -> dict[str, object]:
     """Every value the chapter glues, ``{name: value}``: :func:`kept_values` of the example prompt,

@@ -26,6 +26,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from .summaries import summarised
 from . import plots
 from ..core.stats import N_BOOT
 from ..core.tasks import get_task
@@ -79,6 +80,21 @@ def stored_runs(lm, data, profile, seeds: Sequence[int]) -> dict[int, dict]:
     return out
 
 
+@summarised("diagnosis/summaries")
+def summaries_of(runs: Runs, layer_of: Mapping[str, int], m: int) -> dict:
+    """``{model: {task: helpers.experiments.diagnosis.summary(runs, layer, M)}}`` at each model's chosen layer,
+    computed once per content of the runs (a stored summary, :mod:`helpers.pages.summaries`). Used in: Diagnosis."""
+    return {mod: {name: dg.summary(rs, layer_of[mod], m) for name, rs in per.items()} for mod, per in runs.items()}
+
+
+@summarised("diagnosis/curves")
+def curves_of(runs: Runs, m: int) -> dict:
+    """``{model: {task: helpers.experiments.diagnosis.layer_curve(runs, M)}}`` (ρ in every layer), computed once per
+    content of the runs. Used in: Diagnosis."""
+    return {mod: {name: dg.layer_curve(rs, m) for name, rs in per.items()} for mod, per in runs.items()}
+
+
+@summarised("diagnosis/run-values")
 def run_values(runs: Runs, n_layers: Mapping[str, int], layer_of: Mapping[str, int],
                seeds_of: Mapping[str, Mapping[str, Sequence[int]]], model: str,
                second_model: str | None = None) -> dict:
@@ -263,6 +279,12 @@ def direction_sweep(runs: Runs, layer_of: Mapping[str, int], m: int,
     Returns ``({"m_span": the largest range of ρ over M}, a DataFrame with a row per model and task)``.
     Used in: Diagnosis.
     """
+    rows, spans = _sweep_rows(runs, layer_of, m, n_boot)
+    return {"m_span": f"{max(spans):.2f}"}, pd.DataFrame(rows).set_index(["model", "task"])
+
+
+@summarised("diagnosis/direction-sweep")
+def _sweep_rows(runs: Runs, layer_of: Mapping[str, int], m: int, n_boot: int) -> tuple[list, list]:
     stored = min(r["khat"].shape[-1] for per in runs.values() for rs in per.values() for r in rs)
     ms = [mm for mm in dg.MS if mm <= stored]
     rows, spans = [], []
@@ -277,9 +299,10 @@ def direction_sweep(runs: Runs, layer_of: Mapping[str, int], m: int,
             row["variance in the top 10 directions %"] = round(100 * float(np.mean(
                 [r["explained"][layer_of[mod], :10].sum() for r in rs])), 1)
             rows.append(row)
-    return {"m_span": f"{max(spans):.2f}"}, pd.DataFrame(rows).set_index(["model", "task"])
+    return rows, [float(x) for x in spans]
 
 
+@summarised("diagnosis/baselines")
 def baseline_estimates(runs: Runs, layer_of: Mapping[str, int], m: int, n_boot: int = N_BOOT) -> dict:
     """ρ of every predictor of :data:`helpers.experiments.diagnosis.BASELINES` at the chosen layer.
 

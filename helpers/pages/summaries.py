@@ -350,11 +350,12 @@ def summary_dirs() -> list[Path]:
     return dirs
 
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]*(/[A-Za-z0-9][A-Za-z0-9._+=-]*)*")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+=-]*(_[A-Za-z0-9.+=-]+)*(/[A-Za-z0-9][A-Za-z0-9.+=-]*(_[A-Za-z0-9.+=-]+)*)*")
 
 
 def _path(folder: Path, name: str) -> Path:
-    return folder / f"{name}.json"
+    """One flat folder (an installed package ships it as one package-data folder): ``a/b/c`` is ``a__b__c.json``."""
+    return folder / f"{name.replace('/', '__')}.json"
 
 
 def _normal(depends) -> dict:
@@ -369,44 +370,45 @@ def last_status() -> dict[str, str]:
 USED_LOG = ".used"  # in $ANCHORS_SUMMARIES: the names of the summaries a build asked for (see prune)
 
 
-def _note_use(name: str) -> None:
+def _note_use(name: str, computed: bool = False) -> None:
     target = os.environ.get(SUMMARIES_ENV, "").strip()
     if target:
         folder = summary_dirs()[0]
         try:
             folder.mkdir(parents=True, exist_ok=True)
             with open(folder / USED_LOG, "a", encoding="utf-8") as f:
-                f.write(name + "\n")
+                f.write(("! " if computed else "") + name + "\n")
         except OSError:
             pass
 
 
-def prune(folder: str | os.PathLike) -> list[Path]:
+def prune(folder: str | os.PathLike) -> tuple[list[Path], set[str], set[str]]:
     """Remove the summaries in ``folder`` that the last build did not ask for (not named in its ``.used`` log), and
     the log: what ``make book`` runs after a complete build, so the committed summaries are exactly what the book
-    reads. Nothing is removed without a log. Returns what was removed."""
+    reads. Nothing is removed without a log. Returns what was removed, the names used and those computed."""
     folder = Path(folder)
     log = folder / USED_LOG
     if not log.is_file():
-        return []
-    used = {line.strip() for line in log.read_text(encoding="utf-8").splitlines() if line.strip()}
+        return [], set(), set()
+    lines = [line.strip() for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]
+    computed = {line[2:] for line in lines if line.startswith("! ")}
+    used = {line.removeprefix("! ") for line in lines}
     removed = []
-    for p in sorted(folder.rglob("*.json")):
-        if p.relative_to(folder).with_suffix("").as_posix() not in used:
+    keep = {_path(folder, name).name for name in used}
+    for p in sorted(folder.glob("*.json")):
+        if p.name not in keep:
             p.unlink()
             removed.append(p)
-    for d in sorted((d for d in folder.rglob("*") if d.is_dir()), key=lambda d: -len(d.parts)):
-        if not any(d.iterdir()):
-            d.rmdir()
     log.unlink()
-    return removed
+    return removed, used, computed
 
 
 def summary(name: str, compute: Callable[[], T], depends: Mapping | None = None) -> T:
     """``compute()``, or its stored value while everything it was computed from is unchanged (module docstring).
 
-    ``name`` identifies the summary and is its file's path under a summaries folder (``verdicts/flow-shallow/
-    gemma-3-270m/book``: letters, digits and ``. _ + = -``, ``/`` between parts); ``depends`` adds what the
+    ``name`` identifies the summary and names its file in a summaries folder (``verdicts/flow-shallow/
+    gemma-3-270m/book`` is ``verdicts__flow-shallow__gemma-3-270m__book.json``: letters, digits and ``. _ + = -``,
+    ``/`` between parts); ``depends`` adds what the
     computation reads besides the results cache and the package's code (JSON values, or :func:`content_hash` of
     arrays passed in)."""
     if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
@@ -439,6 +441,7 @@ def summary(name: str, compute: Callable[[], T], depends: Mapping | None = None)
     encoded = encode(value, f"the summary {name!r}")
     _MEMORY[name] = (record, decode(encoded))  # the same value a later read would return
     _STATUS[name] = "computed"
+    _note_use(name, computed=True)
     target = os.environ.get(SUMMARIES_ENV, "").strip()
     if target:
         _write(_path(summary_dirs()[0], name), {**record, "seconds": round(time.perf_counter() - start, 2),
@@ -481,8 +484,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Stored page summaries.")
     p.add_argument("--prune", type=Path, required=True, help="remove the summaries the last build did not use")
     args = p.parse_args(argv)
-    removed = prune(args.prune)
-    print(f"{len(removed)} unused summaries removed from {args.prune}")
+    removed, used, computed = prune(args.prune)
+    print(f"page summaries: {len(used) - len(computed)} read, {len(computed)} computed, {len(removed)} unused removed "
+          f"({args.prune})")
+    for name in sorted(computed):
+        print(f"  computed: {name}")
     return 0
 
 

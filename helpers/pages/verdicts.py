@@ -198,10 +198,15 @@ def landing_figure(model: str = MODELS[0], task: str = "sst2", profile: Profile 
     from ..experiments.aggregation import flow_estimate, saliency_runs
 
     profile = PROFILES[profile] if isinstance(profile, str) else profile
-    runs = lookup(saliency_runs, model, task, profile)
-    if runs is None:
+
+    def estimate():
+        runs = lookup(saliency_runs, model, task, profile)
+        return None if runs is None else flow_estimate(runs)
+
+    est = summaries.summary(f"landing/{_safe(model)}/{task}/{_safe(profile.name)}", estimate,
+                            depends={"profile": asdict(profile)})
+    if est is None:
         return None
-    est = flow_estimate(runs)
     layers = np.arange(1, est.value.shape[1] + 1)
     fig, ax = plt.subplots(figsize=(plots.PAGE_WIDTH / 2, 3.2), layout="constrained")
     for i, m in enumerate(("S_wp", "S_pq")):
