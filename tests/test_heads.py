@@ -137,3 +137,27 @@ def test_the_rule_needs_the_interval_and_the_baseline():
     assert hd.agree(_measured(around_zero, 5, 2)) == PARTLY
     assert hd.agree(_measured(around_zero, 1, 2)) == NOT_REPRODUCED
     assert hd.agree(_measured([[0.01, 0.02, 0.015, 0.012]] * 3, 2, 2)) == PARTLY  # a tiny positive point is not enough
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Committed book-profile results: a recomputed slice equals the committed one (slow: a real model)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_committed_heads_slice(offline_model, data_dir, monkeypatch, tmp_path):
+    monkeypatch.setenv("ANCHORS_RESULTS", str(tmp_path / "empty-user-cache"))
+    lm = offline_model("gemma-3-270m")
+    data = load_task("sst2", data_dir)
+    config = hd.configure("book")
+    committed = hd.head_runs(lm, data, config, [42], lookup_only=True)[0]
+    assert committed is not None, "committed heads results missing or stale (settings/version changed?)"
+    ids = hd.repeated_random_tokens(lm.tokenizer, config.n_sequences, config.length, 42 * 10 + 0)
+    np.testing.assert_allclose(hd.induction_scores(lm.model, ids), committed["induction"], rtol=1e-4, atol=1e-6)
+    prompts = make_prompts(lm, data, 42, config.n_test, 1, per_example=False)[:2]
+    np.testing.assert_allclose(hd.head_saliency(lm, data.task, prompts, 2), committed["saliency"][:2],
+                               rtol=1e-3, atol=1e-7)
+    layer = 11
+    iso = hd.head_isolation(lm, data.task, prompts, [layer], batch_size=2)
+    np.testing.assert_allclose(iso["base"], committed["isolation/base"][:2], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(iso["cut"][:, 0], committed["isolation/cut"][:2, layer], rtol=1e-4, atol=1e-4)

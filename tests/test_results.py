@@ -45,6 +45,8 @@ DEDICATED = {
     "meaning-isolation": ("test_meaning.py", "test_committed_meaning_slice"),
     "meaning-saliency": ("test_meaning.py", "test_committed_meaning_slice"),
     "tuning": ("test_tuning_results.py", "test_committed_tuning_slice"),
+    "taskvectors": ("test_taskvectors.py", "test_committed_taskvectors_slice"),
+    "heads": ("test_heads.py", "test_committed_heads_slice"),
 }
 
 

@@ -154,3 +154,34 @@ def test_the_verdict_rules_bite(monkeypatch):
     # a positive point estimate from one query of one seed is not enough
     v, m = verdict(_verdict_runs(lambda t, s, i: t == 0 and s == 0 and i < 2))  # the layer chosen on query 0
     assert m.estimate.value > 0 and v == NOT_REPRODUCED
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Committed book-profile results: a recomputed slice equals the committed one (slow: a real model)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_committed_taskvectors_slice(offline_model, data_dir, monkeypatch, tmp_path):
+    monkeypatch.setenv("ANCHORS_RESULTS", str(tmp_path / "empty-user-cache"))
+    lm = offline_model("gemma-3-270m")
+    data = load_task("sst2", data_dir)
+    committed = tv.taskvector_runs(lm, data, tv.configure("book"), [42], lookup_only=True, progress=False)[0]
+    assert committed is not None, "committed task-vector results missing or stale (settings/version changed?)"
+    n = len(committed["gold"])
+    prompts = make_prompts(lm, data, 42, n, 1, per_example=False)[:5]
+    label_ids = list(label_token_ids(data.task, lm.tokenizer))
+    icl_rows = [p.input_ids for p in prompts]
+    np.testing.assert_allclose(tv._run(lm, icl_rows[:4], label_ids, 4), committed["icl/logits"][:4], atol=1e-3)
+    zero_rows = [tv.zero_shot_ids(p) for p in prompts[:4]]
+    np.testing.assert_allclose(tv._run(lm, zero_rows, label_ids, 4), committed["zero/logits"][:4], atol=1e-3)
+    # the task vector at one layer: query i gets the state at q of query i + 1's ICL prompt (full passes here)
+    where = 2
+    layer = int(committed["layers"][where])
+    from helpers.core.patching import Read
+
+    read = Read(layer, [[p.target] for p in prompts[1:5]])
+    tv._run(lm, icl_rows[1:5], label_ids, 4, lambda _i, _c: [read])
+    fresh = tv._run(lm, zero_rows, label_ids, 4,
+                    lambda _i, chunk: [Write(layer, [[len(r) - 1] for r in chunk], read.value)])
+    np.testing.assert_allclose(fresh, committed["tv/logits"][where, :4], atol=1e-3)
