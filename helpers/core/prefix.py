@@ -45,8 +45,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PrefixCache", "build_prefix", "suffix_logits", "layer_windows", "split_prompts", "SharedPrefix",
-           "key_positions", "to_original_positions", "shared_count"]
+__all__ = ["PrefixCache", "build_prefix", "suffix_logits", "suffix_hidden", "output_logits", "layer_windows",
+           "split_prompts", "SharedPrefix", "key_positions", "to_original_positions", "shared_count"]
 
 
 def layer_windows(model) -> tuple[tuple[str, ...], tuple[int | None, ...]]:
@@ -115,6 +115,18 @@ class PrefixCache:
             values.append(v[:, :, idx.to(v.device)])
             pos.append(p[idx])
         return PrefixCache(tuple(keys), tuple(values), tuple(pos), self.length, self.layer_types, self.windows)
+
+    def truncate(self, n: int) -> "PrefixCache":
+        """The cache of the first ``n`` tokens of an uncompressed cache (every position kept): what a prefix of
+        ``n`` tokens would have given, since no token attends to a later one. Entries a sliding-window layer can no
+        longer see from ``n`` are dropped, as :func:`build_prefix` does."""
+        if not 1 <= n <= self.length:
+            raise ValueError(f"a truncated cache keeps 1..{self.length} tokens, not {n}")
+        if any(p.numel() != self.length for p in self.positions):
+            raise ValueError("only an uncompressed cache (build_prefix(..., drop_unreachable=False)) can be truncated")
+        cut = PrefixCache(tuple(k[:, :, :n] for k in self.keys), tuple(v[:, :, :n] for v in self.values),
+                          tuple(p[:n] for p in self.positions), n, self.layer_types, self.windows)
+        return cut.keep(range(n))
 
 
 def build_prefix(model, input_ids: Sequence[int], hooks: Sequence = (), start: PrefixCache | None = None,
@@ -198,6 +210,84 @@ def _masks(prefix: PrefixCache, valid: torch.Tensor, dtype: torch.dtype) -> dict
     return out
 
 
+def _suffix_inputs(model, prefix: PrefixCache, suffixes: Sequence[Sequence[int]], pad_id: int,
+                   restart_positions: bool):
+    """The right-padded ids, masks, position ids, expanded cache and last-token rows of a batch of suffixes."""
+    from transformers import DynamicCache
+
+    if not suffixes or any(len(s) == 0 for s in suffixes):
+        raise ValueError("suffix_logits needs at least one suffix, and no empty suffix")
+    device = next(model.parameters()).device
+    b, t = len(suffixes), max(len(s) for s in suffixes)
+    flat = [tok for s in suffixes for tok in list(s) + [pad_id] * (t - len(s))]
+    ids = torch.tensor(flat, dtype=torch.long, device=device).view(b, t)
+    lengths = torch.tensor([len(s) for s in suffixes], device=device)
+    valid = torch.arange(t, device=device)[None, :] < lengths[:, None]
+    start = 0 if restart_positions else prefix.length
+    position_ids = (start + torch.arange(t, device=device))[None].expand(b, -1)
+    dtype = next(model.parameters()).dtype
+    masks = _masks(prefix, valid, dtype)
+    config = model.config.get_text_config(decoder=True)
+    if getattr(config, "layer_types", None) is not None:
+        attention_mask = masks
+    else:
+        if len(masks) != 1:
+            raise NotImplementedError("a model with mixed layer types but no config.layer_types")
+        attention_mask = next(iter(masks.values()))
+    cache = DynamicCache(
+        [(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in zip(prefix.keys, prefix.values)]
+    )
+    return ids, attention_mask, position_ids, cache, lengths - 1
+
+
+def _hidden_at(model, ids, attention_mask, position_ids, cache, last) -> torch.Tensor:
+    """The final hidden states (after the final norm) at row ``last[b]`` of each example: (B, D), on the last
+    layer's device (the first one's, or another where the model is split over devices)."""
+    hidden = model.base_model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids,
+                              past_key_values=cache, use_cache=cache is not None).last_hidden_state
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last.to(hidden.device)]
+
+
+def suffix_hidden(model, prefix: PrefixCache, suffixes: Sequence[Sequence[int]], pad_id: int = 0,
+                  restart_positions: bool = False) -> torch.Tensor:
+    """The final hidden states at the last token of each suffix over the shared prefix cache: (B, D), as
+    :func:`suffix_logits` computes them, before the output layer (:func:`output_logits`). Experiments that answer
+    many batches collect these rows and send them through the output layer together: one large product instead of
+    a memory-bound one per batch (Gemma's output layer has 262k rows).
+
+    Used in: Shallow layers gather, deep layers extract: saliency and isolation; Anchor-only context compression.
+    """
+    ids, attention_mask, position_ids, cache, last = _suffix_inputs(model, prefix, suffixes, pad_id,
+                                                                    restart_positions)
+    return _hidden_at(model, ids, attention_mask, position_ids, cache, last)
+
+
+def output_logits(model, hidden: torch.Tensor, rows_per_product: int = 512) -> torch.Tensor:
+    """Full-vocabulary logits (N, V), float32, from final hidden states (N, D): the model's output layer (with its
+    bias and final-logit soft-capping where it has them), on the output layer's device, in products of at most
+    ``rows_per_product`` rows (memory: rows x V floats). Equal to the logits a forward pass returns (tested).
+
+    Used in: Shallow layers gather, deep layers extract: saliency and isolation; Anchor-only context compression.
+    """
+    from .prompts import check_finite_logits
+
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for attr in ("logit_scale", "logits_scaling", "output_multiplier_scale"):
+        if getattr(cfg, attr, None) not in (None, 1, 1.0):
+            raise NotImplementedError(f"{cfg.model_type}: the output logits are scaled by {attr}")
+    head = model.get_output_embeddings()
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    out = []
+    for start in range(0, hidden.shape[0], rows_per_product):
+        logits = head(hidden[start : start + rows_per_product].to(head.weight.device))
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        out.append(check_finite_logits(logits.float(), model))
+    if not out:
+        return hidden.new_zeros((0, head.weight.shape[0]), dtype=torch.float32)
+    return torch.cat(out)
+
+
 def suffix_logits(
     model,
     prefix: PrefixCache,
@@ -216,37 +306,13 @@ def suffix_logits(
     """
     from .prompts import check_finite_logits, label_head
 
-    from transformers import DynamicCache
-
-    if not suffixes or any(len(s) == 0 for s in suffixes):
-        raise ValueError("suffix_logits needs at least one suffix, and no empty suffix")
-    device = next(model.parameters()).device
-    b, t = len(suffixes), max(len(s) for s in suffixes)
-    ids = torch.full((b, t), pad_id, dtype=torch.long, device=device)
-    valid = torch.zeros((b, t), dtype=torch.bool, device=device)
-    for i, s in enumerate(suffixes):
-        ids[i, : len(s)] = torch.tensor(list(s), device=device)
-        valid[i, : len(s)] = True
-    start = 0 if restart_positions else prefix.length
-    position_ids = (start + torch.arange(t, device=device))[None].expand(b, -1)
-    dtype = next(model.parameters()).dtype
-    masks = _masks(prefix, valid, dtype)
-    config = model.config.get_text_config(decoder=True)
-    if getattr(config, "layer_types", None) is not None:
-        attention_mask = masks
-    else:
-        if len(masks) != 1:
-            raise NotImplementedError("a model with mixed layer types but no config.layer_types")
-        attention_mask = next(iter(masks.values()))
-    cache = DynamicCache(
-        [(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in zip(prefix.keys, prefix.values)]
-    )
-    last = (valid.sum(1) - 1)[:, None]
+    ids, attention_mask, position_ids, cache, last = _suffix_inputs(model, prefix, suffixes, pad_id,
+                                                                    restart_positions)
+    device = ids.device
+    b, t = ids.shape
+    last = last[:, None]
     if label_ids is not None:
-        hidden = model.base_model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids,
-                                  past_key_values=cache, use_cache=True).last_hidden_state
-        # the last layer's device: the first one's, or another where the model is split over devices
-        rows = hidden[torch.arange(b, device=hidden.device), last[:, 0].to(hidden.device)]
+        rows = _hidden_at(model, ids, attention_mask, position_ids, cache, last[:, 0])
         return check_finite_logits(label_head(model, rows, label_ids), model)
     if _output_device(model) == device:
         out = model(

@@ -4,7 +4,7 @@ If the label words, with the template's formatting tokens, hold what the model n
 demonstrations' input text can be dropped from the key/value cache. The demonstrations are run once
 (:func:`helpers.core.prefix.build_prefix`); in **every layer** only the kept positions' keys and values remain; each
 query is answered from that short cache with position ids continuing from the uncompressed length
-(:func:`helpers.core.prefix.suffix_logits`).
+(:func:`helpers.core.prefix.suffix_hidden`, :func:`helpers.core.prefix.output_logits`).
 
 Variants (Table 2 of the paper, plus two ablations of ours):
 
@@ -34,8 +34,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..core.prefix import PrefixCache, build_prefix, split_prompts, suffix_logits
-from ..core.prompts import Prompt, check_finite_logits, collate, label_token_ids, output_device, target_logits
+from ..core.prefix import PrefixCache, build_prefix, output_logits, split_prompts, suffix_hidden
+from ..core.prompts import Prompt, collate, label_token_ids, target_logits
 from ..core.runs import Profile, cached_run, make_prompts, settings_of
 from ..core.stats import Estimate, mean_estimate
 from ..core.tasks import Example, Task, TaskData, sample_fixed_demonstrations, subsample_test
@@ -150,22 +150,37 @@ def _batches(n: int, size: int):
         yield range(start, min(n, start + size))
 
 
+def _length_batches(lengths: Sequence[int], size: int) -> list[list[int]]:
+    """Indices sorted by length (stable), in batches of ``size``: a batch is padded only to its own longest."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[s : s + size] for s in range(0, len(order), size)]
+
+
+def _in_input_order(batches: list[list[int]], rows: list[torch.Tensor]) -> torch.Tensor:
+    """Rows computed batch by batch (``batches`` of indices) put back in input order."""
+    order = torch.tensor([i for idx in batches for i in idx])
+    out = torch.cat(rows)
+    return out[torch.argsort(order).to(out.device)]
+
+
 def _over_cache(lm, cache: PrefixCache, suffixes, batch_size: int, restart_positions: bool = False) -> torch.Tensor:
-    """Logits (N, V) of every suffix over one cache, in batches sized to the cache."""
+    """Logits (N, V) of every suffix over one cache, float32: suffixes sorted by length into batches sized to the
+    cache, their last rows through the output layer together (:func:`helpers.core.prefix.output_logits`)."""
     size = max(1, min(batch_size, _MAX_BATCH_ENTRIES // max(1, max(cache.entries()))))
-    out = []
-    for idx in _batches(len(suffixes), size):
-        with torch.no_grad():
-            out.append(suffix_logits(lm.model, cache, [suffixes[i] for i in idx], lm.tokenizer.pad_token_id,
-                                     restart_positions=restart_positions).float())
-    return torch.cat(out)
+    batches = _length_batches([len(s) for s in suffixes], size)
+    with torch.no_grad():
+        rows = [suffix_hidden(lm.model, cache, [suffixes[i] for i in idx], lm.tokenizer.pad_token_id,
+                              restart_positions=restart_positions) for idx in batches]
+        return output_logits(lm.model, _in_input_order(batches, rows))
 
 
 def _last_token_logits(lm, id_lists: Sequence[Sequence[int]], batch_size: int) -> torch.Tensor:
-    """Logits (N, V) at the last token of each (complete) prompt, right-padded batches, no cache."""
-    out = []
+    """Logits (N, V) at the last token of each (complete) prompt, no cache: prompts sorted by length into
+    right-padded batches, their last rows through the output layer together."""
     device = lm.device
-    for idx in _batches(len(id_lists), batch_size):
+    batches = _length_batches([len(r) for r in id_lists], batch_size)
+    hidden = []
+    for idx in batches:
         rows = [list(id_lists[i]) for i in idx]
         t = max(len(r) for r in rows)
         ids = torch.full((len(rows), t), lm.tokenizer.pad_token_id, dtype=torch.long)
@@ -173,18 +188,13 @@ def _last_token_logits(lm, id_lists: Sequence[Sequence[int]], batch_size: int) -
         for b, r in enumerate(rows):
             ids[b, : len(r)] = torch.tensor(r)
             mask[b, : len(r)] = 1
-        last = (mask.sum(1) - 1)[:, None]
+        last = mask.sum(1) - 1
         with torch.no_grad():
-            if output_device(lm.model) == device:
-                logits = lm.model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                  logits_to_keep=last.to(device), use_cache=False).logits[:, 0, :]
-            else:  # split over devices: keep the last k positions (an int) and take each row's own
-                k = t - int(last.min())
-                full = lm.model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=k,
-                                use_cache=False).logits
-                logits = full[torch.arange(len(rows), device=full.device), (last[:, 0] - (t - k)).to(full.device)]
-        out.append(check_finite_logits(logits, lm.model).float().cpu())
-    return torch.cat(out)
+            h = lm.model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                    use_cache=False).last_hidden_state
+            hidden.append(h[torch.arange(len(rows), device=h.device), last.to(h.device)])
+    with torch.no_grad():
+        return output_logits(lm.model, _in_input_order(batches, hidden)).cpu()
 
 
 def _summarise(logits: torch.Tensor, label_ids: list[int]) -> tuple[np.ndarray, np.ndarray]:

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from ..core.attention import Isolate, intervene
-from ..core.prefix import SharedPrefix, build_prefix, split_prompts, suffix_logits
-from ..core.prompts import Prompt, check_prompts, collate, label_token_ids, target_logits
+from ..core.prefix import SharedPrefix, build_prefix, output_logits, split_prompts, suffix_hidden
+from ..core.prompts import Prompt, check_prompts, collate, label_token_ids
 from ..core.tasks import Task
 
 __all__ = ["TOP_K_STORED", "isolated_layers", "random_positions", "condition_name", "run_isolation",
@@ -57,6 +57,29 @@ def condition_name(what: str, where: str, k: int) -> str:
     return f"{what}-{where}-{k}"
 
 
+def _first_drawn(per_layer: dict[int, list[int]]) -> int:
+    """The earliest position a random draw isolates in any layer: every token before it is computed as without
+    isolation, in every layer (a token attends only to itself and earlier ones)."""
+    return min(min(v) for v in per_layer.values())
+
+
+def _target_hidden(model, chunk: Sequence[Prompt], pad_id: int) -> torch.Tensor:
+    """Final hidden states at each full prompt's target q: (B, D) (the rows :func:`target_logits` sends through the
+    output layer)."""
+    batch = collate(chunk, pad_id)
+    device = next(model.parameters()).device
+    hidden = model.base_model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                              use_cache=False).last_hidden_state
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), batch.target.to(hidden.device)]
+
+
+def _by_length(indices: Sequence[int], length, batch_size: int) -> list[list[int]]:
+    """``indices`` sorted by ``length(i)`` (stable), cut into batches of ``batch_size``: a batch is padded only to
+    its own longest member."""
+    ordered = sorted(indices, key=length)
+    return [ordered[s : s + batch_size] for s in range(0, len(ordered), batch_size)]
+
+
 def run_isolation(
     lm,
     task: Task,
@@ -67,6 +90,8 @@ def run_isolation(
     progress: bool = True,
     random_ks: Sequence[int] | None = None,
     shared_prefix: bool = True,
+    probabilities: bool = False,
+    output_rows: int = 512,
 ) -> dict[str, np.ndarray]:
     """Predictions and top-10 tokens at q with no isolation and under every (label|random, first|last, k) condition.
 
@@ -76,12 +101,22 @@ def run_isolation(
     ``shared_prefix`` (prompts with one fixed demonstration set): the "none" and label conditions run the
     demonstrations once per condition, with the label words isolated while that prefix is computed
     (:func:`helpers.core.prefix.build_prefix`), and each query as a suffix over it: the same numbers as full prompts
-    (tested), a fraction of the work. The random control draws positions in the query too and differs per example:
-    it always runs full prompts, as do prompts whose demonstration tokens differ (``split_prompts``).
+    (tested), a fraction of the work. The random control draws different positions for every example, so each
+    example runs from its first drawn position on (in any layer), over the un-isolated demonstrations' cache
+    truncated there (:meth:`helpers.core.prefix.PrefixCache.truncate`: the tokens before it are computed as without
+    isolation); prompts whose demonstration tokens differ run in full (``split_prompts``). Queries are sorted by
+    length into batches, and the q rows of every condition go through the output layer together at the end
+    (:func:`helpers.core.prefix.output_logits`, in products of ``output_rows`` rows). Against running every
+    condition's batches in input order with the output layer per batch, predictions and top-10 tokens are identical
+    and probabilities move by a few 1e-6 (float32 sums rounded in another order; tested).
 
     Returns arrays keyed ``"none/pred"``, ``"none/top"`` and ``"<what>-<where>-<k>/pred"``, ``.../top``: predicted
     class (N,) and the ids of the top-10 full-vocabulary tokens (N, 10), plus ``"gold"`` (N,) and ``"shared_prefix"``
     (N,) - 1 where the example ran as a suffix over the shared demonstrations, 0 where it ran as a full prompt.
+    ``probabilities``: also ``".../prob"``, the full-vocabulary probabilities of the top-10 tokens (N, 10), and
+    ``".../label_prob"``, the label words' probabilities renormalised over the labels (N, C) (not stored in the
+    cached results; for checking two implementations against each other).
+    Used in: Shallow layers gather, deep layers extract: saliency and isolation; Anchors without meaning.
     """
     from tqdm.auto import tqdm
 
@@ -92,60 +127,93 @@ def run_isolation(
         (w, p, k) for k in ks for p in ("first", "last") for w in ("label", "random") if w == "label" or k in random_ks
     ]
     n = len(prompts)
+    pad = lm.tokenizer.pad_token_id
     split = split_prompts(prompts) if shared_prefix else SharedPrefix((), (), tuple(range(n)))
-    preds = {("none" if w == "none" else condition_name(w, p, k)): np.zeros(n, dtype=np.int64) for w, p, k in conditions}
-    tops = {name: np.zeros((n, TOP_K_STORED), dtype=np.int64) for name in preds}
+    names = ["none" if w == "none" else condition_name(w, p, k) for w, p, k in conditions]
+    rows: dict[str, list] = {name: [] for name in names}  # (indices, final hidden states at q) per batch
 
-    def store(name, idx, logits):
-        logits = logits.float()
-        preds[name][idx] = logits[:, label_ids].argmax(-1).cpu().numpy()
-        tops[name][idx] = logits.topk(TOP_K_STORED, dim=-1).indices.cpu().numpy()
-
-    def full_hooks(what, where, k, chunk, idx):
+    def full_hooks(what, where, k, idx):
+        layers = isolated_layers(lm.n_layers, k, where) if what != "none" else []
         if what == "label":
-            return [Isolate([p.label_positions for p in chunk], isolated_layers(lm.n_layers, k, where))]
+            return [Isolate([prompts[i].label_positions for i in idx], layers)]
         if what == "random":
-            layers = isolated_layers(lm.n_layers, k, where)
-            per_example = [random_positions(p, layers, seed, i) for i, p in zip(idx, chunk)]
+            per_example = [random_positions(prompts[i], layers, seed, i) for i in idx]
             return [Isolate({layer: [r[layer] for r in per_example] for layer in layers})]
         return []
 
     shared = list(split.shared)
+    n_demo = len(split.ids)
     if shared:
         labels = {prompts[i].label_positions for i in shared}
         if len(labels) != 1:
             raise ValueError("prompts sharing their demonstration tokens have different label positions")
         label_positions = list(next(iter(labels)))
-    full_runs = [(c, list(range(n)) if c[0] == "random" else list(split.apart)) for c in conditions]
-    prefix_runs = [c for c in conditions if c[0] != "random"] if shared else []
-    total = sum(-(-len(i) // batch_size) for _, i in full_runs) + len(prefix_runs) * -(-len(shared) // batch_size)
+    suffix_length = lambda i: len(prompts[i]) - n_demo  # noqa: E731
+    full_length = lambda i: len(prompts[i])  # noqa: E731
+    apart_batches = _by_length(split.apart, full_length, batch_size)
+    shared_batches = _by_length(shared, suffix_length, batch_size)
+    random_batches = _by_length(shared, full_length, batch_size)
+    total = len(conditions) * len(apart_batches) + len(conditions) * len(shared_batches)
     bar = tqdm(total=total, desc=f"isolation {task.name}", disable=not progress)
-    for what, where, k in prefix_runs:
-        name = "none" if what == "none" else condition_name(what, where, k)
-        hooks = [Isolate([label_positions], isolated_layers(lm.n_layers, k, where))] if what == "label" else []
-        prefix = build_prefix(lm.model, split.ids, hooks)
-        for start in range(0, len(shared), batch_size):
-            idx = shared[start : start + batch_size]
-            with torch.no_grad():
-                logits = suffix_logits(lm.model, prefix, [split.suffix(prompts[i]) for i in idx],
-                                       lm.tokenizer.pad_token_id)
-            store(name, idx, logits)
-            bar.update()
-    for (what, where, k), indices in full_runs:
-        name = "none" if what == "none" else condition_name(what, where, k)
-        for start in range(0, len(indices), batch_size):
-            idx = indices[start : start + batch_size]
-            chunk = [prompts[i] for i in idx]
-            batch = collate(chunk, lm.tokenizer.pad_token_id)
-            with torch.no_grad(), intervene(*full_hooks(what, where, k, chunk, idx)):
-                logits = target_logits(lm.model, batch)
-            store(name, idx, logits)
-            bar.update()
+    with torch.no_grad():
+        plain = build_prefix(lm.model, split.ids, drop_unreachable=False) if shared else None
+        for (what, where, k), name in zip(conditions, names):
+            if not shared:
+                break
+            if what == "random":  # each example from its first drawn position on, over the plain prefix up to it
+                layers = isolated_layers(lm.n_layers, k, where)
+                for idx in random_batches:
+                    per_example = [random_positions(prompts[i], layers, seed, i) for i in idx]
+                    cut = min(n_demo, min(_first_drawn(r) for r in per_example))
+                    hook = Isolate({layer: [[q - cut for q in r[layer]] for r in per_example] for layer in layers})
+                    suffixes = [prompts[i].input_ids[cut:] for i in idx]
+                    with intervene(hook):
+                        if cut == 0:
+                            hidden = _target_hidden(lm.model, [prompts[i] for i in idx], pad)
+                        else:
+                            hidden = suffix_hidden(lm.model, plain.truncate(cut), suffixes, pad)
+                    rows[name].append((idx, hidden))
+                    bar.update()
+                continue
+            if what == "label":
+                hooks = [Isolate([label_positions], isolated_layers(lm.n_layers, k, where))]
+                prefix = build_prefix(lm.model, split.ids, hooks)
+            else:
+                prefix = plain.keep(range(n_demo))  # drops what sliding windows can no longer see, as build_prefix
+            for idx in shared_batches:
+                rows[name].append((idx, suffix_hidden(lm.model, prefix, [split.suffix(prompts[i]) for i in idx], pad)))
+                bar.update()
+        for (what, where, k), name in zip(conditions, names):
+            for idx in apart_batches:
+                with intervene(*full_hooks(what, where, k, idx)):
+                    rows[name].append((idx, _target_hidden(lm.model, [prompts[i] for i in idx], pad)))
+                bar.update()
+        # every condition's q rows through the output layer together
+        parts = [(name, idx, h) for name in names for idx, h in rows[name]]
+        order = [(name, i) for name, idx, _ in parts for i in idx]
+        logits = output_logits(lm.model, torch.cat([h.to(parts[0][2].device) for _, _, h in parts]),
+                               rows_per_product=output_rows)
     bar.close()
+    preds = logits[:, label_ids].argmax(-1).cpu().numpy()
+    top = logits.topk(TOP_K_STORED, dim=-1)
+    top_ids = top.indices.cpu().numpy()
     out = {"gold": np.array([p.label for p in prompts])}
-    for name in preds:
-        out[f"{name}/pred"] = preds[name]
-        out[f"{name}/top"] = tops[name]
+    for name in names:
+        out[f"{name}/pred"] = np.zeros(n, dtype=np.int64)
+        out[f"{name}/top"] = np.zeros((n, TOP_K_STORED), dtype=np.int64)
+        if probabilities:
+            out[f"{name}/prob"] = np.zeros((n, TOP_K_STORED), dtype=np.float64)
+            out[f"{name}/label_prob"] = np.zeros((n, len(label_ids)), dtype=np.float64)
+    if probabilities:
+        log_z = torch.logsumexp(logits, dim=-1, keepdim=True)
+        prob = (top.values - log_z).exp().cpu().numpy()
+        label_prob = torch.softmax(logits[:, label_ids], dim=-1).cpu().numpy()
+    for r, (name, i) in enumerate(order):
+        out[f"{name}/pred"][i] = preds[r]
+        out[f"{name}/top"][i] = top_ids[r]
+        if probabilities:
+            out[f"{name}/prob"][i] = prob[r]
+            out[f"{name}/label_prob"][i] = label_prob[r]
     flags = np.zeros(n, dtype=np.int64)
     flags[shared] = 1
     out["shared_prefix"] = flags
