@@ -325,8 +325,8 @@ def _untimed(result):
     difference (see :func:`test_saliency_on_a_device`)."""
     if isinstance(result, dict):
         return {k: _untimed(v) for k, v in result.items()
-                if not any(w in k for w in ("time", "_s", "ratio", "ceiling", "break_even", "/", "fixed", "per_",
-                                            "flows_max_rel_diff"))}
+                if not any(w in k for w in ("time", "_s", "ratio", "load", "ceiling", "break_even", "/", "fixed",
+                                            "per_", "flows_max_rel_diff"))}
     return result
 
 

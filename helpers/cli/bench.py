@@ -4,13 +4,16 @@
     python -m helpers.cli.bench compression --model gemma-3-270m    # how much faster is answering from the anchors?
     python -m helpers.cli.bench forward-cost --model gemma-3-270m   # why batch 1 stays below the token ceiling
 
-``speed``: per experiment (isolation, extraction, saliency) and task, the per-prompt cost of the current path and
-of the old one (full prompts; full-vocabulary logits; saliency in fixed batches of 4 in input order), timed in one
-process on the same prompts, one thread, repetitions interleaved (the order rotates), a warm-up excluded; median and
-min over repetitions. Each is also set against its floor: isolation and extraction against one plain forward pass
-per condition at the prompt's real length (batch 1, no hooks); saliency against one forward pass plus the backward
-pass to the input embeddings at the real length (batch 1). The results of the two paths are compared (predictions
-and top-10 identical; attention and saliency to 1e-5 relative). Output: ``results/speed-bench/<model>.json``.
+``speed``: per experiment (isolation, extraction, saliency) and task, the per-prompt cost of the current path, of
+the path before it (isolation: queries in input order, the random control as full prompts, the output layer once
+per batch; extraction: full prompts; saliency: full-vocabulary logits in fixed batches of 4 in input order), of its
+like-for-like floor (the very same batches with no hook) and its physical floor: the FLOPs of the path's own work
+(real tokens, no padding; :func:`forward_flops`) at this machine's matrix-product rate on the model's own weight
+shapes, measured in the same rounds (:class:`GemmRate`). Timed in one process on the same prompts, one thread,
+repetitions interleaved (the order rotates), a warm-up excluded; median and min over repetitions. The 1-minute load
+average is read before and after every series; a series during which it moved by more than 1 is discarded and run
+again (:func:`timed_series`). The results of the two paths are compared (predictions and top-10 identical;
+attention and saliency to 1e-5 relative). Output: ``results/speed-bench/<model>.json``.
 
 ``compression``:
 
@@ -22,11 +25,14 @@ each query are timed, in one process, one thread, at batch 1 (as the paper's tim
 * ``anchor`` - Hidden_anchor: only the query, over the compressed cache (formatting + label + added tokens);
 * ``prefix`` - only the query, over the *uncompressed* demonstration cache (plain prefix caching, no compression).
 
-Repetitions are interleaved (the order of the modes rotates), a warm-up pass of every mode is excluded, and each
-repetition's times give ratios; we report the median and the range over repetitions. The one-off cost of building the
+The queries are sorted by length before batching. Repetitions are interleaved (the order of the modes rotates,
+with a round of :class:`GemmRate` among them for each mode's physical floor), a warm-up pass of every mode is
+excluded, the load average is checked around each series as for ``speed``, and each repetition's times give ratios; we report the median and the range over repetitions. The one-off cost of building the
 caches (one forward pass over the demonstrations) is timed separately, with the number of queries after which it
 pays for itself. The ceiling is the token-count ratio (L_demo + L_x) / L_x of Table 6: what the speed-up would be if
-time were proportional to the tokens a forward pass processes.
+time were proportional to the tokens a forward pass processes. A pass also has a fixed cost (``forward-cost``: time
+against length fitted as a + b·T, measured at the start of the run); at batch 1 the attainable ceiling is then
+(a + b·L_full) / (a + b·L_x), recorded beside the token ceiling.
 
 ``--device cuda`` (``cuda:1``, ``mps``, ...) times every benchmark on that device instead of the CPU: the model is
 moved there, the device is synchronised before every clock reading (a GPU's kernels run asynchronously), and the CPU's
@@ -57,6 +63,7 @@ from ..core.prefix import build_prefix, suffix_logits
 from ..core.prompts import collate, target_logits
 from ..core.runs import bench_file, make_prompts, write_json
 from ..core.tasks import TASKS, load_task
+from .floors import GemmRate, forward_flops, head_flops, load_average, timed_series
 
 MODES = ("full", "anchor", "prefix")
 
@@ -78,14 +85,18 @@ def load_for_bench(model: str, device=None):
     return load_model(model, device=device)
 
 
-def bench_task(lm, data, shots: int, n: int, reps: int, batch_size: int = 1, seed: int = 42) -> dict:
-    """Times of the three modes over the same ``n`` test examples, in batches of ``batch_size`` (right padding)."""
+def bench_task(lm, data, shots: int, n: int, reps: int, batch_size: int = 1, seed: int = 42, gemm=None,
+               fit: dict | None = None) -> dict:
+    """Times of the three modes over the same ``n`` test examples, sorted by length into batches of ``batch_size``
+    (right padding), with each mode's physical floor (its FLOPs at the GEMM rate of the same rounds) and, given a
+    :func:`forward_times` ``fit``, the ceiling a fixed cost per pass leaves attainable."""
     prompts = make_prompts(lm, data, seed, n, shots, per_example=False)
     prefix_ids, suffixes = demonstration_split(prompts)
     model = lm.model
     device = lm.device
     pad = lm.tokenizer.pad_token_id
     kept = anchor_positions(prompts[0])
+    gemm = gemm or GemmRate(model)
 
     def build():
         full = build_prefix(model, prefix_ids)
@@ -110,14 +121,28 @@ def bench_task(lm, data, shots: int, n: int, reps: int, batch_size: int = 1, see
                 else:
                     suffix_logits(model, anchor_cache if mode == "anchor" else full_cache, [s for _, s in chunk], pad)
 
-        items = list(zip(prompts, suffixes))
+        items = sorted(zip(prompts, suffixes), key=lambda x: len(x[1]))  # by length: a batch pads to its longest
         for mode in MODES:  # warm-up, excluded
             run(mode, items[:2])
-        times: dict[str, list[float]] = {m: [] for m in MODES}
-        for r in range(reps):
-            order = MODES[r % 3 :] + MODES[: r % 3]
-            for mode in order:
-                times[mode].append(_time(lambda: run(mode, items), device))
+
+        def series():
+            times: dict[str, list[float]] = {m: [] for m in (*MODES, "gemm")}
+            for r in range(reps):
+                order = (*MODES, "gemm")[r % 4 :] + (*MODES, "gemm")[: r % 4]
+                for mode in order:
+                    times[mode].append(_time(gemm if mode == "gemm" else (lambda: run(mode, items)), device))
+            return times
+
+        times, load = timed_series(series)
+    gemm_s = times.pop("gemm")
+    kept_n = max(anchor_cache.entries())
+    flops = {
+        "full": sum(forward_flops(model, len(p)) for p in prompts),
+        "anchor": sum(forward_flops(model, len(x), kept_n) for x in suffixes),
+        "prefix": sum(forward_flops(model, len(x), len(prefix_ids)) for x in suffixes),
+    }
+    flops = {m: f + head_flops(model, n) for m, f in flops.items()}
+    physical = {m: [gemm.floor_s(f, g) for g in gemm_s] for m, f in flops.items()}
 
     ratios = {
         "full/anchor": [f / a for f, a in zip(times["full"], times["anchor"])],
@@ -132,7 +157,7 @@ def bench_task(lm, data, shots: int, n: int, reps: int, batch_size: int = 1, see
     build = statistics.median(build_times)
     per_query = {m: statistics.median(t) / n for m, t in times.items()}
     saving = per_query["full"] - per_query["anchor"]
-    return {
+    out = {
         "shots": shots,
         "batch_size": batch_size,
         "n": n,
@@ -147,23 +172,41 @@ def bench_task(lm, data, shots: int, n: int, reps: int, batch_size: int = 1, see
         "per_query_s": per_query,
         "ratios": {k: {"median": statistics.median(v), "min": min(v), "max": max(v), "all": v} for k, v in ratios.items()},
         "fraction_of_ceiling": statistics.median(ratios["full/anchor"]) / ceiling,
+        "gflop": {m: f / 1e9 for m, f in flops.items()},
+        "physical_floor_s": physical,
+        "ratio_to_physical_floor": {m: statistics.median([t / f for t, f in zip(times[m], physical[m])])
+                                    for m in MODES},
+        "gemm_gflop_per_s": [gemm.flops / g / 1e9 for g in gemm_s],
+        "load": load,
         "cache_build_s": build,
         "break_even_queries": build / saving if saving > 0 else None,
         "cache_bytes": {"full": full_cache.nbytes(), "anchor": anchor_cache.nbytes()},
     }
+    if fit is not None:  # a pass costs a + b·T: at batch 1 the attainable speed-up is (a + b·L_full) / (a + b·L_x)
+        a = fit["fixed_in_tokens"]
+        attainable = (a * n + sum(l_full)) / (a * n + sum(l_x)) if batch_size == 1 else None
+        out["attainable_ceiling"] = attainable
+        out["fraction_of_attainable"] = (statistics.median(ratios["full/anchor"]) / attainable
+                                         if attainable else None)
+    return out
 
 
 def bench_compression(model: str, tasks, n: int, reps: int, sweep_tasks, sweep_shots, sweep_n: int,
                       sweep_reps: int, out: Path, batch_sizes=(1, 8), device=None) -> dict:
     lm = load_for_bench(model, device)
+    gemm = GemmRate(lm.model)
+    fit, fit_load = timed_series(lambda: forward_times(lm, reps=3))
     result = {
+        "load_at_start": load_average(),
+        "forward_cost": {**fit, "load": fit_load},
         "model": model,
         "device": str(lm.device),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "machine": platform.machine(),
         "cpu_count": os.cpu_count(),
-        "note": "CPU shared with other processes; ratios are taken within one process, modes interleaved",
+        "note": "CPU shared with other processes; ratios are taken within one process, modes interleaved; a series "
+                "during which the 1-minute load average moved by more than 1 is discarded and run again",
         "tasks": {},
         "sweep": {},
     }
@@ -172,9 +215,13 @@ def bench_compression(model: str, tasks, n: int, reps: int, sweep_tasks, sweep_s
         result["tasks"][name] = {}
         for b in batch_sizes:
             t0 = time.perf_counter()
-            r = result["tasks"][name][str(b)] = bench_task(lm, data, shots=1, n=n, reps=reps, batch_size=b)
+            r = result["tasks"][name][str(b)] = bench_task(lm, data, shots=1, n=n, reps=reps, batch_size=b, gemm=gemm,
+                                                           fit=fit)
+            extra = (f", attainable {r['attainable_ceiling']:.2f}x" if r.get("attainable_ceiling") else "")
             print(f"{name} batch {b}: full/anchor {r['ratios']['full/anchor']['median']:.2f}x "
-                  f"(ceiling {r['ceiling']:.2f}x), {time.perf_counter() - t0:.0f} s", flush=True)
+                  f"(ceiling {r['ceiling']:.2f}x{extra}), over physical floor "
+                  + ", ".join(f"{m} {v:.2f}" for m, v in r["ratio_to_physical_floor"].items())
+                  + f"; {time.perf_counter() - t0:.0f} s", flush=True)
             write_json(out, result)
     for name in sweep_tasks:
         data = load_task(name)
@@ -182,7 +229,7 @@ def bench_compression(model: str, tasks, n: int, reps: int, sweep_tasks, sweep_s
         for shots in sweep_shots:
             for b in batch_sizes:
                 try:
-                    r = bench_task(lm, data, shots=shots, n=sweep_n, reps=sweep_reps, batch_size=b)
+                    r = bench_task(lm, data, shots=shots, n=sweep_n, reps=sweep_reps, batch_size=b, gemm=gemm)
                 except ValueError as err:  # longer than the context
                     print(f"{name} {shots} shots skipped: {err}")
                     break

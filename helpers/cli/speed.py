@@ -1,7 +1,11 @@
 """The speed benchmark of shared-prefix execution (``python -m helpers.cli.bench speed``; see :mod:`helpers.cli.bench`).
 
-The old paths are kept here, only as the benchmark's reference: isolation and extraction with full prompts
-(``shared_prefix=False`` of the functions themselves) and saliency with full-vocabulary logits in fixed batches.
+The earlier paths are kept here, only as the benchmark's reference: isolation as it ran before its queries were
+sorted by length and its output layer batched (:func:`previous_isolation`), extraction with full prompts
+(``shared_prefix=False``) and saliency with full-vocabulary logits in fixed batches. Every path is set beside two
+floors: its like-for-like floor (the same batches with no hook: :func:`_isolation_floor`, :func:`_extraction_floor`,
+:func:`_gradient_floor`) and its physical floor (its own work's FLOPs, :func:`isolation_flops` and the like, at the
+GEMM rate measured in the same rounds on the model's own weight shapes, :class:`helpers.cli.bench.GemmRate`).
 """
 
 from __future__ import annotations
@@ -26,12 +30,9 @@ from ..core.runs import bench_file, make_prompts, write_json
 from ..core.saliency import flow_measures, saliency_flow
 from ..core.tasks import load_task
 
-__all__ = ["bench_speed", "speed_path", "old_saliency_flow", "TARGETS"]
+__all__ = ["bench_speed", "speed_path", "old_saliency_flow", "previous_isolation", "isolation_flops",
+           "extraction_flops", "saliency_flops"]
 
-# The issue's targets: old/new per experiment and task; saliency: new/floor at most 1.15.
-TARGETS = {("isolation", "agnews"): 2.0, ("isolation", "sst2"): 1.5, ("extraction", "agnews"): 2.0,
-           ("extraction", "sst2"): 1.5}
-SALIENCY_FLOOR_TARGET = 1.15
 
 
 def old_saliency_flow(lm, task, prompts, batch_size: int = 4) -> np.ndarray:
@@ -52,27 +53,180 @@ def old_saliency_flow(lm, task, prompts, batch_size: int = 4) -> np.ndarray:
     return np.stack(out)
 
 
-def _forward_floor(lm, prompts) -> None:
-    """One plain forward pass per prompt at its real length, batch 1, logits at the last token only.
+def previous_isolation(lm, task, prompts, ks=KS, seed: int = 0, batch_size: int = 8, random_ks=RANDOM_KS,
+                       probabilities: bool = False) -> dict[str, np.ndarray]:
+    """Isolation as it ran before queries were sorted by length and the output layer batched: the "none" and label
+    conditions as suffixes over each condition's prefix in input order, the random control as full prompts, the
+    output layer once per batch. The benchmark's and the tests' reference for :func:`run_isolation` (the same
+    outputs, ``probabilities`` as there)."""
+    from ..core.prefix import build_prefix, split_prompts, suffix_logits
+    from ..core.attention import Isolate
+    from ..experiments.isolation import TOP_K_STORED, condition_name, isolated_layers, random_positions
 
-    Isolation's floor is ``n_conditions`` such passes per prompt: timed once and multiplied (the passes are
-    identical), which saves the benchmark a third of its time."""
+    label_ids = list(label_token_ids(task, lm.tokenizer))
+    conditions = [("none", "", 0)] + [
+        (w, p, k) for k in ks for p in ("first", "last") for w in ("label", "random") if w == "label" or k in random_ks
+    ]
+    n = len(prompts)
+    split = split_prompts(prompts)
+    out: dict[str, np.ndarray] = {"gold": np.array([p.label for p in prompts])}
+
+    def store(name, idx, logits):
+        logits = logits.float()
+        for key, shape in (("pred", ()), ("top", (TOP_K_STORED,))):
+            out.setdefault(f"{name}/{key}", np.zeros((n, *shape), dtype=np.int64))
+        out[f"{name}/pred"][idx] = logits[:, label_ids].argmax(-1).cpu().numpy()
+        top = logits.topk(TOP_K_STORED, dim=-1)
+        out[f"{name}/top"][idx] = top.indices.cpu().numpy()
+        if probabilities:
+            out.setdefault(f"{name}/prob", np.zeros((n, TOP_K_STORED)))
+            out.setdefault(f"{name}/label_prob", np.zeros((n, len(label_ids))))
+            out[f"{name}/prob"][idx] = (top.values - torch.logsumexp(logits, -1, keepdim=True)).exp().cpu().numpy()
+            out[f"{name}/label_prob"][idx] = torch.softmax(logits[:, label_ids], -1).cpu().numpy()
+
+    def full_hooks(what, where, k, chunk, idx):
+        if what == "label":
+            return [Isolate([p.label_positions for p in chunk], isolated_layers(lm.n_layers, k, where))]
+        if what == "random":
+            layers = isolated_layers(lm.n_layers, k, where)
+            per_example = [random_positions(p, layers, seed, i) for i, p in zip(idx, chunk)]
+            return [Isolate({layer: [r[layer] for r in per_example] for layer in layers})]
+        return []
+
+    shared = list(split.shared)
+    label_positions = list(prompts[shared[0]].label_positions) if shared else []
+    for what, where, k in conditions:
+        name = "none" if what == "none" else condition_name(what, where, k)
+        if what != "random" and shared:
+            hooks = [Isolate([label_positions], isolated_layers(lm.n_layers, k, where))] if what == "label" else []
+            prefix = build_prefix(lm.model, split.ids, hooks)
+            for start in range(0, len(shared), batch_size):
+                idx = shared[start : start + batch_size]
+                with torch.no_grad():
+                    logits = suffix_logits(lm.model, prefix, [split.suffix(prompts[i]) for i in idx],
+                                           lm.tokenizer.pad_token_id)
+                store(name, idx, logits)
+        indices = list(range(n)) if what == "random" else list(split.apart)
+        for start in range(0, len(indices), batch_size):
+            idx = indices[start : start + batch_size]
+            chunk = [prompts[i] for i in idx]
+            with torch.no_grad(), intervene(*full_hooks(what, where, k, chunk, idx)):
+                logits = target_logits(lm.model, collate(chunk, lm.tokenizer.pad_token_id))
+            store(name, idx, logits)
+    flags = np.zeros(n, dtype=np.int64)
+    flags[shared] = 1
+    out["shared_prefix"] = flags
+    return out
+
+
+def _isolation_floor(lm, task, prompts, ks=KS, random_ks=RANDOM_KS, seed: int = 0, batch_size: int = 8) -> None:
+    """Isolation's like-for-like floor: the very passes :func:`run_isolation` makes (each condition's prefix, the
+    same length-sorted suffix batches, the random control from the same cut over the plain prefix, one output-layer
+    product), with no hook: what isolation costs beyond plain inference."""
+    from ..core.prefix import build_prefix, output_logits, split_prompts, suffix_hidden
+    from ..experiments.isolation import _by_length, _first_drawn, isolated_layers, random_positions
+
+    split = split_prompts(prompts)
+    n_demo, shared, pad = len(split.ids), list(split.shared), lm.tokenizer.pad_token_id
+    rows = []
     with torch.no_grad():
-        for p in prompts:
-            lm.model(input_ids=torch.tensor([p.input_ids], device=lm.device), logits_to_keep=1, use_cache=False)
+        plain = build_prefix(lm.model, split.ids, drop_unreachable=False)
+        for k in ks:
+            for where in ("first", "last"):
+                prefix = build_prefix(lm.model, split.ids)  # the label condition's prefix pass, unhooked
+                for idx in _by_length(shared, lambda i: len(prompts[i]), batch_size):
+                    rows.append(suffix_hidden(lm.model, prefix, [split.suffix(prompts[i]) for i in idx], pad))
+                if k in random_ks:
+                    layers = isolated_layers(lm.n_layers, k, where)
+                    for idx in _by_length(shared, lambda i: len(prompts[i]), batch_size):
+                        cut = min(n_demo, min(_first_drawn(random_positions(prompts[i], layers, seed, i))
+                                              for i in idx))
+                        rows.append(suffix_hidden(lm.model, plain.truncate(cut), [prompts[i].input_ids[cut:]
+                                                                                   for i in idx], pad))
+        none = plain.keep(range(n_demo))
+        for idx in _by_length(shared, lambda i: len(prompts[i]), batch_size):
+            rows.append(suffix_hidden(lm.model, none, [split.suffix(prompts[i]) for i in idx], pad))
+        output_logits(lm.model, torch.cat(rows))
 
 
-def _gradient_floor(lm, task, prompts) -> None:
-    """Forward plus the backward pass to the input embeddings, per prompt at its real length, batch 1."""
+def isolation_flops(lm, prompts, ks=KS, random_ks=RANDOM_KS, seed: int = 0) -> float:
+    """FLOPs of isolation's own work, no padding: per "none" and label condition the demonstrations once and every
+    query's tokens over them; per random condition each example from its own first drawn position on; one
+    output-layer row per example and condition (prompts that share their demonstrations)."""
+    from ..core.prefix import split_prompts
+    from ..experiments.isolation import _first_drawn, isolated_layers, random_positions
+    from .floors import forward_flops, head_flops
+
+    split = split_prompts(prompts)
+    n_demo = len(split.ids)
+    model = lm.model
+    per_condition = forward_flops(model, n_demo) + sum(forward_flops(model, len(p) - n_demo, n_demo) for p in prompts)
+    n_plain = 1 + 2 * len(ks)
+    flops = n_plain * per_condition
+    for k in random_ks:
+        for where in ("first", "last"):
+            layers = isolated_layers(lm.n_layers, k, where)
+            for i, p in enumerate(prompts):
+                cut = min(n_demo, _first_drawn(random_positions(p, layers, seed, i)))
+                flops += forward_flops(model, len(p) - cut, cut)
+    return flops + head_flops(model, (n_plain + 2 * len(random_ks)) * len(prompts))
+
+
+def _extraction_floor(lm, task, prompts, batch_size: int = 8) -> None:
+    """Extraction's like-for-like floor: the demonstrations once and the same suffix batches (input order), the
+    label words' logits only, with no hook recording attention."""
+    from ..core.prefix import build_prefix, split_prompts, suffix_logits
+
+    split = split_prompts(prompts)
+    ids = list(label_token_ids(task, lm.tokenizer))
+    shared = list(split.shared)
+    with torch.no_grad():
+        prefix = build_prefix(lm.model, split.ids)
+        for start in range(0, len(shared), batch_size):
+            idx = shared[start : start + batch_size]
+            suffix_logits(lm.model, prefix, [split.suffix(prompts[i]) for i in idx], lm.tokenizer.pad_token_id,
+                          label_ids=ids)
+
+
+def extraction_flops(lm, prompts) -> float:
+    """FLOPs of extraction's work: the demonstrations once, every query over them (the label rows of the output
+    layer are negligible)."""
+    from ..core.prefix import split_prompts
+    from .floors import forward_flops
+
+    n_demo = len(split_prompts(prompts).ids)
+    return forward_flops(lm.model, n_demo) + sum(forward_flops(lm.model, len(p) - n_demo, n_demo) for p in prompts)
+
+
+def _gradient_floor(lm, task, prompts, batch_size: int = 4) -> None:
+    """Saliency's like-for-like floor: forward plus the backward pass to the input embeddings, on the same
+    length-sorted batches as :func:`saliency_flow` (its default token budget), no hook."""
+    from ..core.prompts import length_batches
+
     ids = list(label_token_ids(task, lm.tokenizer))
     emb = lm.model.get_input_embeddings()
-    for p in prompts:
-        x = emb(torch.tensor([p.input_ids], device=emb.weight.device)).detach().requires_grad_()
+    lengths = [len(p) for p in prompts]
+    for idx in length_batches(lengths, batch_size * int(np.median(lengths)), batch_size):
+        batch = collate([prompts[i] for i in idx], lm.tokenizer.pad_token_id)
+        device = emb.weight.device
+        x = emb(batch.input_ids.to(device)).detach().requires_grad_()
         with torch.enable_grad():
-            hidden = lm.model.base_model(inputs_embeds=x, use_cache=False).last_hidden_state[:, -1]
-            logits = label_head(lm.model, hidden, ids)
-            loss = F.cross_entropy(logits, torch.tensor([p.label], device=logits.device))
+            hidden = lm.model.base_model(inputs_embeds=x, attention_mask=batch.attention_mask.to(device),
+                                         use_cache=False).last_hidden_state
+            rows = hidden[torch.arange(len(idx), device=hidden.device), batch.target.to(hidden.device)]
+            logits = label_head(lm.model, rows, ids)
+            loss = F.cross_entropy(logits, batch.labels.to(logits.device), reduction="sum")
         loss.backward()
+
+
+def saliency_flops(lm, prompts) -> float:
+    """FLOPs of saliency's work: each prompt's forward pass at its real length, and the backward pass to the inputs:
+    the weights need no gradient, so each linear layer's product is done once more (for its input's gradient) and
+    each attention product twice (for both operands)."""
+    from .floors import forward_flops
+
+    parts = [forward_flops(lm.model, len(p), split=True) for p in prompts]
+    return sum(2 * linear + 3 * attention for linear, attention in parts)
 
 
 def _time(fn, device="cpu") -> float:
@@ -113,7 +267,24 @@ def _max_rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
-def bench_task(lm, data, n: int, reps: int, seed: int = 42) -> dict:
+def _series(modes: dict, reps: int, device, gemm, flops: dict[str, float]) -> tuple[dict, dict]:
+    """One interleaved series of ``modes`` plus a GEMM round (:class:`helpers.cli.bench.GemmRate`), under the load
+    check of :func:`helpers.cli.bench.timed_series`; each mode in ``flops`` gets its physical floor per round."""
+    from .floors import timed_series
+
+    t, record = timed_series(lambda: _interleaved({**modes, "gemm": gemm}, reps, device))
+    for name, f in flops.items():
+        t[f"physical:{name}"] = [gemm.floor_s(f, g) for g in t["gemm"]]
+    record["gemm_gflop_per_s"] = [gemm.flops / g / 1e9 for g in t.pop("gemm")]
+    return t, record
+
+
+def bench_task(lm, data, n: int, reps: int, seed: int = 42, gemm=None) -> dict:
+    """Every path, its previous version where there is one, its like-for-like floor (the same batches, no hook) and
+    its physical floor (its FLOPs at the GEMM rate measured in the same rounds), one series per experiment."""
+    from .floors import GemmRate
+
+    gemm = gemm or GemmRate(lm.model)
     task = data.task
     fixed = make_prompts(lm, data, seed, n, 1, per_example=False)
     own = make_prompts(lm, data, seed, n, 1, per_example=True)
@@ -121,42 +292,47 @@ def bench_task(lm, data, n: int, reps: int, seed: int = 42) -> dict:
     out: dict = {"n_prompts": n, "mean_tokens_fixed": float(np.mean([len(p) for p in fixed])),
                  "mean_tokens_saliency": float(np.mean([len(p) for p in own])),
                  "demonstration_tokens": fixed[0].query_start}
-    iso_kw = dict(ks=KS, random_ks=RANDOM_KS, seed=seed, batch_size=8, progress=False)
+    iso_kw = dict(ks=KS, random_ks=RANDOM_KS, seed=seed, batch_size=8)
     res: dict = {}
     modes = {
-        "new": lambda: res.__setitem__("new", run_isolation(lm, task, fixed, **iso_kw)),
-        "old": lambda: res.__setitem__("old", run_isolation(lm, task, fixed, shared_prefix=False, **iso_kw)),
-        "floor": lambda: _forward_floor(lm, fixed),  # one pass per prompt; the floor is n_conditions of them
+        "new": lambda: res.__setitem__("new", run_isolation(lm, task, fixed, progress=False, **iso_kw)),
+        "previous": lambda: res.__setitem__("previous", previous_isolation(lm, task, fixed, **iso_kw)),
+        "floor": lambda: _isolation_floor(lm, task, fixed, **iso_kw),
     }
-    t = _interleaved(modes, reps, lm.device)
-    t["floor"] = [x * n_conditions for x in t["floor"]]
-    same = all(np.array_equal(res["new"][k], res["old"][k]) for k in res["old"] if k != "shared_prefix")
-    out["isolation"] = {**_summary(t, n), "old/new": _ratio(t, "old", "new"), "new/floor": _ratio(t, "new", "floor"),
-                        "old/floor": _ratio(t, "old", "floor"), "conditions": n_conditions,
-                        "equal_predictions_and_top10": bool(same),
-                        "fallback_prompts": int(n - res["new"]["shared_prefix"].sum())}
+    flops = {"new": isolation_flops(lm, fixed, KS, RANDOM_KS, seed)}
+    t, load = _series(modes, reps, lm.device, gemm, flops)
+    same = all(np.array_equal(res["new"][k], res["previous"][k]) for k in res["previous"])
+    out["isolation"] = {**_summary(t, n), "previous/new": _ratio(t, "previous", "new"),
+                        "new/floor": _ratio(t, "new", "floor"), "new/physical": _ratio(t, "new", "physical:new"),
+                        "previous/physical": _ratio(t, "previous", "physical:new"),
+                        "floor/physical": _ratio(t, "floor", "physical:new"), "gflop": flops["new"] / 1e9,
+                        "conditions": n_conditions, "equal_predictions_and_top10": bool(same),
+                        "fallback_prompts": int(n - res["new"]["shared_prefix"].sum()), "load": load}
     modes = {
         "new": lambda: res.__setitem__("new", label_attention(lm, task, fixed, batch_size=8, progress=False)),
         "old": lambda: res.__setitem__("old", label_attention(lm, task, fixed, batch_size=8, progress=False,
                                                               shared_prefix=False)),
-        "floor": lambda: _forward_floor(lm, fixed),
+        "floor": lambda: _extraction_floor(lm, task, fixed, batch_size=8),
     }
-    t = _interleaved(modes, reps, lm.device)
+    flops = {"new": extraction_flops(lm, fixed)}
+    t, load = _series(modes, reps, lm.device, gemm, flops)
     out["extraction"] = {**_summary(t, n), "old/new": _ratio(t, "old", "new"), "new/floor": _ratio(t, "new", "floor"),
-                         "old/floor": _ratio(t, "old", "floor"),
+                         "new/physical": _ratio(t, "new", "physical:new"),
+                         "floor/physical": _ratio(t, "floor", "physical:new"), "gflop": flops["new"] / 1e9,
                          "attention_max_rel_diff": _max_rel(res["new"]["attention"], res["old"]["attention"]),
                          "equal_predictions": bool(np.array_equal(res["new"]["pred"], res["old"]["pred"])),
-                         "fallback_prompts": int(n - res["new"]["shared_prefix"].sum())}
+                         "fallback_prompts": int(n - res["new"]["shared_prefix"].sum()), "load": load}
     modes = {
         "new": lambda: res.__setitem__("new", saliency_flow(lm, task, own, batch_size=4, progress=False)),
-        "new-batch1": lambda: res.__setitem__("new1", saliency_flow(lm, task, own, batch_size=1, progress=False)),
         "old": lambda: res.__setitem__("old", old_saliency_flow(lm, task, own, batch_size=4)),
-        "floor": lambda: _gradient_floor(lm, task, own),
+        "floor": lambda: _gradient_floor(lm, task, own, batch_size=4),
     }
-    t = _interleaved(modes, reps, lm.device)
+    flops = {"new": saliency_flops(lm, own)}
+    t, load = _series(modes, reps, lm.device, gemm, flops)
     out["saliency"] = {**_summary(t, n), "old/new": _ratio(t, "old", "new"), "new/floor": _ratio(t, "new", "floor"),
-                       "new-batch1/floor": _ratio(t, "new-batch1", "floor"), "old/floor": _ratio(t, "old", "floor"),
-                       "flows_max_rel_diff": _max_rel(res["new"], res["old"])}
+                       "new/physical": _ratio(t, "new", "physical:new"),
+                       "floor/physical": _ratio(t, "floor", "physical:new"), "gflop": flops["new"] / 1e9,
+                       "flows_max_rel_diff": _max_rel(res["new"], res["old"]), "load": load}
     return out
 
 
@@ -165,19 +341,25 @@ def speed_path(model: str, write: bool = False) -> Path:
 
 
 def bench_speed(model: str, tasks, n: int, reps: int, out: Path, device=None) -> dict:
+    from .floors import GemmRate, load_average
+
     if torch.device(device or "cpu").type == "cpu":  # one CPU thread, as every committed run; not on a GPU
         torch.set_num_threads(1)
     lm = load_model(model, device=device)
+    gemm = GemmRate(lm.model)
     result = {"model": model, "device": str(lm.device), "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "machine": platform.machine(), "cpu_count": os.cpu_count(),
-              "note": "CPU shared with other processes; ratios within one process, modes interleaved",
-              "targets": {f"{e}/{t}": v for (e, t), v in TARGETS.items()},
-              "saliency_floor_target": SALIENCY_FLOOR_TARGET, "tasks": {}}
+              "machine": platform.machine(), "cpu_count": os.cpu_count(), "load_at_start": load_average(),
+              "note": "CPU shared with other processes; ratios within one process, modes interleaved; a series "
+                      "during which the 1-minute load average moved by more than 1 is discarded and run again",
+              "gemm_rows": gemm.rows, "tasks": {}}
     for name in tasks:
         t0 = time.perf_counter()
-        r = result["tasks"][name] = bench_task(lm, load_task(name), n=n, reps=reps)
+        r = result["tasks"][name] = bench_task(lm, load_task(name), n=n, reps=reps, gemm=gemm)
         write_json(out, result)
-        print(f"{name}: isolation {r['isolation']['old/new']['median']:.2f}x, extraction "
-              f"{r['extraction']['old/new']['median']:.2f}x, saliency {r['saliency']['old/new']['median']:.2f}x "
-              f"(new/floor {r['saliency']['new/floor']['median']:.2f}); {time.perf_counter() - t0:.0f} s", flush=True)
+        iso, ext, sal = r["isolation"], r["extraction"], r["saliency"]
+        print(f"{name}: isolation previous/new {iso['previous/new']['median']:.2f}x, new/floor "
+              f"{iso['new/floor']['median']:.2f}, new/physical {iso['new/physical']['median']:.2f}; extraction old/new "
+              f"{ext['old/new']['median']:.2f}x, new/physical {ext['new/physical']['median']:.2f}; saliency old/new "
+              f"{sal['old/new']['median']:.2f}x, new/floor {sal['new/floor']['median']:.2f}, new/physical "
+              f"{sal['new/physical']['median']:.2f}; {time.perf_counter() - t0:.0f} s", flush=True)
     return result
