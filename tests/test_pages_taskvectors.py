@@ -88,3 +88,15 @@ def test_head_maps_overlap_and_glued_values():
     assert values["heads_total"] == "12" and values["heads_n_test"] == "5" and values["heads_n_seeds"] == "3"
     assert values["max_isolation"] == f"{np.log(2) - np.log1p(np.exp(-2)):.2f}"  # log p from 2:0 logits to 0:0
     assert values["heads_length"] == str(hd.configure("quick").length)
+
+
+def test_finding_values_name_every_row(monkeypatch, tmp_path):
+    from helpers.experiments import heads as hd
+
+    monkeypatch.setenv("ANCHORS_RESULTS", str(tmp_path))
+    monkeypatch.setattr(hd, "_all_runs", lambda model, profile: {t: HEAD_RUNS["sst2"] for t in
+                                                                 ("sst2", "trec", "agnews", "emoc")})
+    monkeypatch.setattr(tv, "_all_runs", lambda model, profile: None)
+    values = page.finding_values("no-such-model")
+    assert values["est_task_vector_recovers"] == "not yet run" and values["n_task_vector_recovers"] == ""
+    assert values["est_heads_saliency_isolation"].count("[") == 1 and values["n_heads_saliency_isolation"]

@@ -17,7 +17,7 @@ from ..experiments import heads as hd
 from ..experiments import taskvectors as tv
 
 __all__ = ["NAMES", "COLORS", "best_layer_frame", "layer_figure", "floats_frame", "glued", "HEAD_NAMES",
-           "head_maps_figure", "overlap_frame", "heads_glued"]
+           "head_maps_figure", "overlap_frame", "heads_glued", "finding_values"]
 
 NAMES = {"icl": "ICL (full prompt)", "zero": "zero-shot", "skeleton": "demonstrations without text",
          "tv": "task vector", "labels": "label words' states", "both": "both", "tv-other": "task vector, other task",
@@ -179,4 +179,19 @@ def heads_glued(head_runs: Runs, config: hd.HeadConfig | None = None) -> dict[st
         out[f"null_{a}_{b}"] = f"{o['top_k_null']:.1f}"
         out[f"null95_{a}_{b}"] = f"{o['top_k_null_95']:.0f}"
         out[f"p_{a}_{b}"] = f"{o['top_k_p']:.4f}"
+    return out
+
+
+def finding_values(model: str, profile: str = "book") -> dict[str, str]:
+    """The chapter's verdict rows as numbers: ``est_<finding>`` (the estimate with its 95% interval and unit) and
+    ``n_<finding>`` (its sample size) for every finding of the task-vector and heads experiments, read from the
+    cache; "not yet run" where a result is missing. Used in: Where does the task live?"""
+    from ..experiments.protocol import evaluate
+
+    out = {}
+    for f in (*tv.EXPERIMENT.findings, *hd.EXPERIMENT.findings):
+        name = f.id.replace("-", "_")
+        measured, word = evaluate(f, model, profile)
+        out[f"est_{name}"] = word if measured is None else measured.text()
+        out[f"n_{name}"] = "" if measured is None else measured.n
     return out
