@@ -54,6 +54,7 @@ Profiles size the runs:
 from __future__ import annotations
 
 import errno
+import importlib.metadata
 import hashlib
 import json
 import math
@@ -310,9 +311,7 @@ def _check_writable(directory: Path) -> None:
 
 def transformers_version() -> str:
     """transformers' major.minor version (see the module docstring for why not the patch)."""
-    import transformers
-
-    return ".".join(transformers.__version__.split(".")[:2])
+    return ".".join(importlib.metadata.version("transformers").split(".")[:2])  # without importing transformers
 
 
 def _versions() -> dict:
