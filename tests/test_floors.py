@@ -44,3 +44,24 @@ def test_a_series_is_run_again_while_the_load_moves(monkeypatch):
     monkeypatch.setattr(floors, "load_average", lambda: next(loads))
     _, record = floors.timed_series(lambda: None, retries=2)
     assert record["attempts"] == 3 and record["load_moved_more_than_max"]
+
+
+def test_the_cost_table_sums_the_recorded_costs_per_chapter(tmp_path):
+    import json
+
+    from helpers.cli.bench import cost_table
+
+    def put(folder, name, task, cost):
+        (tmp_path / folder).mkdir(exist_ok=True)
+        info = {"model": {"name": "m"}, "task": task, **({"cost": cost} if cost else {})}
+        (tmp_path / folder / f"{name}.json").write_text(json.dumps(info))
+
+    put("isolation", "a", "sst2", {"wall_s": 10, "cpu_s": 60, "threads": 1})
+    put("saliency", "b", "sst2", {"wall_s": 5, "cpu_s": 30, "threads": 1})
+    put("extraction", "c", "sst2", None)
+    bench = tmp_path / "speed.json"
+    bench.write_text(json.dumps({"tasks": {"sst2": {"isolation": {"previous/new": {"median": 1.5}}}}}))
+    rows = {r["chapter"]: r for r in cost_table(tmp_path, bench)}
+    assert rows["book/aggregation"]["results"] == 2 and rows["book/aggregation"]["cpu_s"] == 90
+    assert rows["book/aggregation"]["cpu_s_after"] == 60 / 1.5 + 30
+    assert rows["book/extraction"]["costed"] == 0 and rows["book/extraction"]["results"] == 1

@@ -3,6 +3,7 @@
     python -m helpers.cli.bench speed --model gemma-3-270m          # shared-prefix execution vs the old path (issue 12)
     python -m helpers.cli.bench compression --model gemma-3-270m    # how much faster is answering from the anchors?
     python -m helpers.cli.bench forward-cost --model gemma-3-270m   # why batch 1 stays below the token ceiling
+    python -m helpers.cli.bench cost                                # recorded CPU cost per chapter (committed results)
 
 ``speed``: per experiment (isolation, extraction, saliency) and task, the per-prompt cost of the current path, of
 the path before it (isolation: queries in input order, the random control as full prompts, the output layer once
@@ -273,6 +274,61 @@ def forward_times(lm, lengths=(1, 4, 16, 64, 256), reps: int = 5) -> dict:
             "median_s": med.tolist(), "fixed_s": float(a), "per_token_s": float(b), "fixed_in_tokens": float(a / b)}
 
 
+# Results folders that are not an experiment's own name: the experiment whose chapter reads them.
+_FOLDER_EXPERIMENT = {"saliency": "aggregation", "saliency-control": "aggregation", "saliency-examples": "aggregation",
+                      "isolation": "aggregation", "meaning-attention": "meaning", "meaning-isolation": "meaning",
+                      "meaning-saliency": "meaning"}
+
+
+def cost_table(folder: Path, speed_bench: Path | None = None) -> list[dict]:
+    """The recorded cost of the committed results, per chapter and model: results, how many recorded their cost
+    (``cost`` in their ``.json``: wall and CPU seconds of the computation, its threads), and the CPU seconds they
+    record. With the speed benchmark's JSON, isolation's CPU after the change (both chapters that run it) is
+    estimated from it: the recorded CPU divided by the benchmark's previous/new median for the task (SST-2's where
+    the task was not benchmarked); every other result's is its recorded CPU."""
+    import json
+
+    from ..experiments import get
+
+    ratios = {}
+    if speed_bench is not None and speed_bench.is_file():
+        for task, r in json.loads(speed_bench.read_text())["tasks"].items():
+            if "previous/new" in r.get("isolation", {}):
+                ratios[task] = r["isolation"]["previous/new"]["median"]
+    rows: dict[tuple[str, str], dict] = {}
+    for path in sorted(folder.glob("*/*.json")):
+        if path.parent.name in ("compression-bench", "speed-bench", "summaries"):
+            continue
+        info = json.loads(path.read_text())
+        experiment = _FOLDER_EXPERIMENT.get(path.parent.name, path.parent.name)
+        try:
+            chapter = get(experiment).chapter
+        except KeyError:
+            chapter = experiment
+        model = info.get("model", {}).get("name", "?") if isinstance(info.get("model"), dict) else str(info.get("model"))
+        row = rows.setdefault((chapter, model), {"chapter": chapter, "model": model, "results": 0, "costed": 0,
+                                                 "wall_s": 0.0, "cpu_s": 0.0, "cpu_s_after": 0.0})
+        row["results"] += 1
+        cost = info.get("cost")
+        if not cost:
+            continue
+        row["costed"] += 1
+        row["wall_s"] += cost.get("wall_s", 0.0)
+        row["cpu_s"] += cost.get("cpu_s", 0.0)
+        speed_up = ratios.get(info.get("task"), ratios.get("sst2")) if path.parent.name in ("isolation", "meaning-isolation") else None
+        row["cpu_s_after"] += cost.get("cpu_s", 0.0) / speed_up if speed_up else cost.get("cpu_s", 0.0)
+    return sorted(rows.values(), key=lambda r: (r["chapter"], r["model"]))
+
+
+def print_cost_table(rows: list[dict]) -> None:
+    print("| chapter | model | results (cost recorded) | CPU min recorded | CPU min after (isolation from the "
+          "speed bench) |")
+    print("| --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['chapter']} | {r['model']} | {r['results']} ({r['costed']}) | {r['cpu_s'] / 60:.1f} | "
+              f"{r['cpu_s_after'] / 60:.1f} |")
+
+
 def bench_path(model: str, write: bool = False) -> Path:
     """The benchmark's JSON for ``model``: for reading, the first found in the results folders (the user cache, then
     the committed results); with ``write``, where a new run goes (the user cache, or ``$ANCHORS_RESULTS``)."""
@@ -282,7 +338,7 @@ def bench_path(model: str, write: bool = False) -> Path:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m helpers.cli.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["speed", "compression", "forward-cost"])
+    p.add_argument("what", choices=["speed", "compression", "forward-cost", "cost"])
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--device", type=device_name, default=None,
                    help="where the model runs: cpu (the default; timed on one thread), cuda, cuda:1, mps, ...")
@@ -306,6 +362,12 @@ def main(argv=None) -> None:
         tasks = args.tasks if args.tasks != list(TASKS) else ["sst2", "agnews"]
         bench_speed(args.model, tasks, n=args.n, reps=args.reps, out=args.out or speed_path(args.model, write=True),
                     device=args.device)
+        return
+    if args.what == "cost":
+        from ..core.runs import REPO_ROOT
+        from .speed import speed_path
+
+        print_cost_table(cost_table(Path(REPO_ROOT) / "results", speed_path(args.model)))
         return
     if args.what == "forward-cost":
         path = args.out or bench_path(args.model, write=True).with_name(f"{args.model.replace('/', '--')}-forward-cost.json")
