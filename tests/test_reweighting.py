@@ -560,3 +560,32 @@ def test_contextual_calibration_over_several_inputs_averages_their_priors():
     np.testing.assert_allclose(contextual_calibration_mean(z, one), contextual_calibration(z, one[0]))
     two = np.array([[1.0, 0.0], [0.0, 1.0]])  # opposite priors: their mean is uniform, nothing changes the argmax
     assert (contextual_calibration_mean(z, two).argmax(1) == z.argmax(1)).all()
+
+
+@pytest.mark.slow
+def test_states_lr_search_and_a_tuned_control_run_end_to_end(tmp_path, monkeypatch, data_dir):
+    """On a real small model (quick profile, SST-2): the states run, the learning-rate search on training examples
+    and a tuned position control, cached and found again."""
+    from helpers.core.models import load_model
+    from helpers.core.runs import PROFILES
+    from helpers.experiments import reweighting as rw
+
+    monkeypatch.setenv("ANCHORS_RESULTS", str(tmp_path))
+    torch.set_num_threads(1)
+    lm = load_model("smollm2-135m")
+    profile, data = PROFILES["quick"], load_task("sst2", data_dir)
+    seed = rw.reweighting_seeds(profile)[0]
+    states = rw.states_run(lm, data, profile, seed, progress=False)
+    p = rw.seed_setup(lm, data, seed, rw.n_test_of(profile)).test_prompts[0]
+    assert states["cf3_logits"].shape == (3, 2) and states["test_states"].shape[0] == rw.n_test_of(profile)
+    assert all(int(a) in rw.demonstration_tokens(p, d) for d, a in enumerate(states["attended"]))
+    label_share = states["share_label_words"]
+    assert label_share.shape == (lm.n_layers,) and (label_share > 0).all() and (label_share < 1).all()
+    run = rw.tuned_run(lm, data, profile, seed, "beta-attended", progress=False)
+    search = rw.lr_search_run(lm, data, profile, "beta-attended", progress=False, lookup_only=True)
+    assert float(search["lr"]) in rw.LR_GRID and search["heldout_loss"].shape == (len(rw.LR_GRID), rw.LR_FOLDS)
+    flat = sorted(int(x) for x in np.asarray(run["positions"]).ravel())
+    assert flat == sorted(int(a) for a in states["attended"])
+    deep = rw.tuned_run(lm, data, profile, seed, "beta-deep", progress=False)
+    assert np.abs(deep["beta"][: lm.n_layers // 2]).max() == 0 and np.abs(deep["beta"][lm.n_layers // 2:]).max() > 0
+    assert rw.tuned_run(lm, data, profile, seed, "beta-attended", progress=False, lookup_only=True) is not None
