@@ -28,3 +28,18 @@ def test_the_workflow_builds_from_committed_results_checks_and_deploys_main_only
     assert "refs/heads/main" in deploy["if"] and deploy["needs"] == "build"
     cff = yaml.safe_load((ROOT / "CITATION.cff").read_text())
     assert cff["repository-code"] == yaml.safe_load((ROOT / "_config.yml").read_text())["repository"]["url"]
+
+
+def test_every_folder_of_data_files_is_a_listed_package():
+    """Each results sub-folder (and helpers/core/data) is in pyproject's ``packages``, so an install ships it and
+    setuptools warns about no unlisted package; a new results folder must be added there."""
+    setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(setup["packages"])
+    assert setup["package-dir"]["helpers._results"] == "results"
+    folders = {f"helpers._results.{p.name}" for p in (ROOT / "results").iterdir()
+               if p.is_dir() and any(p.glob("*.json"))}
+    assert folders - listed == set(), "add these results folders to [tool.setuptools] packages in pyproject.toml"
+    assert "helpers.core.data" in listed and "helpers.core.data" in setup["package-data"]
+    stale = {p for p in listed if p.startswith("helpers._results.")
+             and not (ROOT / "results" / p.removeprefix("helpers._results.")).is_dir()}
+    assert not stale, f"listed packages with no folder: {sorted(stale)}"
