@@ -100,3 +100,13 @@ def test_finding_values_name_every_row(monkeypatch, tmp_path):
     values = page.finding_values("no-such-model")
     assert values["est_task_vector_recovers"] == "not yet run" and values["n_task_vector_recovers"] == ""
     assert values["est_heads_saliency_isolation"].count("[") == 1 and values["n_heads_saliency_isolation"]
+
+
+def test_relations_follow_the_intervals():
+    values = page.relations(RUNS)
+    # every patched variant is right at layer 2 (chosen), zero-shot wrong everywhere, the skeleton right everywhere
+    assert values["rel_tv_zero_sst2"] == "above" and values["count_tv_zero"] == "2 of 2"
+    assert values["rel_labels_skeleton_trec"] == "level with" and values["count_labels_skeleton"] == "0 of 2"
+    assert values["rel_icl_zero_sst2"] == "above" and values["rel_icl_chance_trec"] == "above"
+    wrong = {t: [dict(r, **{"tv/pred": np.stack([1 - r["gold"]] * 3)}) for r in rs] for t, rs in RUNS.items()}
+    assert page.relations(wrong)["rel_tv_labels_sst2"] == "below"  # a task vector wrong at every layer

@@ -17,7 +17,8 @@ from ..experiments import heads as hd
 from ..experiments import taskvectors as tv
 
 __all__ = ["NAMES", "COLORS", "best_layer_frame", "layer_figure", "floats_frame", "glued", "HEAD_NAMES",
-           "head_maps_figure", "overlap_frame", "heads_glued", "finding_values"]
+           "head_maps_figure", "overlap_frame", "heads_glued", "finding_values", "COMPARISONS", "relation",
+           "relations"]
 
 NAMES = {"icl": "ICL (full prompt)", "zero": "zero-shot", "skeleton": "demonstrations without text",
          "tv": "task vector", "labels": "label words' states", "both": "both", "tv-other": "task vector, other task",
@@ -194,4 +195,44 @@ def finding_values(model: str, profile: str = "book") -> dict[str, str]:
         measured, word = evaluate(f, model, profile)
         out[f"est_{name}"] = word if measured is None else measured.text()
         out[f"n_{name}"] = "" if measured is None else measured.n
+    return out
+
+
+# What the chapter's text compares, per task, at each variant's chosen layer (odd-indexed queries): (a, b).
+COMPARISONS = (("tv", "zero"), ("labels", "skeleton"), ("tv", "labels"), ("both", "labels"), ("icl", "zero"),
+               ("tv", "tv-other"), ("labels", "tv-text"))
+
+
+def relation(diff) -> str:
+    """The word the text uses for a paired difference a - b (an Estimate): "above" where its 95% interval lies above
+    0, "below" where it lies below 0, "level with" otherwise. Used in: Where does the task live?"""
+    return "above" if diff.low > 0 else "below" if diff.high < 0 else "level with"
+
+
+def relations(runs: Runs) -> dict[str, str]:
+    """Glued comparison words: ``rel_<a>_<b>_<task>`` (:func:`relation` of a - b on that task, paired, each variant
+    at its layer chosen on the even-indexed queries of all tasks, reported on the odd ones), ``count_<a>_<b>`` (on how
+    many tasks a is above b, "2 of 4") and ``rel_icl_chance_<task>`` (full ICL against chance accuracy, by its 95%
+    interval). Used in: Where does the task live?"""
+    from ..core.stats import mean_estimate, paired_difference
+
+    layers = {v: tv.best_layer(runs, v) for v in tv.PATCHED}
+    out: dict[str, str] = {}
+    for a, b in COMPARISONS:
+        above = 0
+        for task, task_runs in runs.items():
+            diff = paired_difference([tv.at_layer(r, a, layers.get(a)) for r in task_runs],
+                                     [tv.at_layer(r, b, layers.get(b)) for r in task_runs])
+            word = relation(diff)
+            above += word == "above"
+            out[f"rel_{a}_{b}_{task}".replace("-", "_")] = word
+        out[f"count_{a}_{b}".replace("-", "_")] = f"{above} of {len(runs)}"
+    n_above = 0
+    for task, task_runs in runs.items():
+        acc = mean_estimate([tv.at_layer(r, "icl", None) for r in task_runs]).scaled(100)
+        chance = 100 / get_task(task).n_classes
+        word = "above" if acc.low > chance else "below" if acc.high < chance else "level with"
+        n_above += word == "above"
+        out[f"rel_icl_chance_{task}"] = word
+    out["count_icl_chance"] = f"{n_above} of {len(runs)}"
     return out
