@@ -44,8 +44,8 @@ from .protocol import Experiment
 from .taskvectors import _split_last
 
 __all__ = ["MEASURES", "HeadConfig", "configure", "repeated_random_tokens", "induction_scores", "head_saliency",
-           "CutHead", "head_isolation", "head_run", "head_runs", "head_map", "rank", "top_k", "overlap",
-           "EXPERIMENT"]
+           "CutHead", "head_isolation", "head_run", "head_runs", "per_example", "head_map", "rank", "top_k",
+           "overlap", "default_k", "saliency_matches_isolation", "agree", "EXPERIMENT"]
 
 MEASURES = ("induction", "saliency", "isolation")
 FILL = -1e4  # the official code's isolation fill
