@@ -638,6 +638,12 @@ def leverage_figure(R: Runs, model: str) -> plt.Figure:
                     color=colour)
     ax.axhline(0, color="k", lw=0.8)
     ax.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    lo, hi = ax.get_xlim()
+    ax.set_xlim(lo, hi * 1.6)  # room for the rightmost label
     ax.set_xlabel("q's attention share of the re-weighted positions (%, mean over layers; log scale)")
     ax.set_ylabel("accuracy minus 1-shot ICL (points)")
     ax.grid(alpha=0.3)
