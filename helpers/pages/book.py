@@ -133,6 +133,8 @@ def cached_prompts(lm, data, seed: int, n_test: int, shots_per_class: int = 1, p
     from ..core.runs import make_prompts
     from .summaries import summary
 
+    if not _identity_of(lm):  # a bare tokenizer holder (a test): nothing to key a summary on
+        return make_prompts(lm, data, seed, n_test, shots_per_class, per_example)
     name = (f"prompts/{_safe(lm.name)}/{data.task.name}/seed{seed}-n{n_test}-shots{shots_per_class}"
             f"{'-per-example' if per_example else ''}")
     return summary(name, lambda: make_prompts(lm, data, seed, n_test, shots_per_class, per_example),
@@ -176,5 +178,12 @@ def token_table(lm, ids, label: str) -> TokenTable:
         return {"ids": wanted, "tokens": [str(t) for t in tok.convert_ids_to_tokens(wanted)],
                 "decoded": [tok.decode([i]) for i in wanted]}
 
+    if not _identity_of(lm):
+        return TokenTable(compute())
     return TokenTable(summary(f"tokens/{_safe(lm.name)}/{_safe(label)}", compute,
                               depends={"model": dict(lm.identity), "ids": wanted}))
+
+
+def _identity_of(lm) -> dict:
+    """A model's identity (what keys its stored summaries), or ``{}`` for an object without one."""
+    return dict(getattr(lm, "identity", None) or {})
