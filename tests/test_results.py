@@ -26,7 +26,7 @@ SLICE = 4  # examples recomputed per (experiment, model, task)
 
 # Committed folders that are not run-cache results (the benchmarks' timings; checked in tests/test_speed_bench.py and
 # tests/test_compression_results.py::test_bench_file_is_consistent).
-NOT_RUN_CACHE = {"compression-bench", "speed-bench"}
+NOT_RUN_CACHE = {"compression-bench", "speed-bench", "summaries", "build-bench"}  # not run-cache results
 
 
 def _infos() -> list[tuple[Path, dict]]:
