@@ -46,8 +46,10 @@ demo: $(STAMP)
 # ANCHORS_RECOMPUTE=1 (then the chapters compute what is missing, which can take hours on a CPU) or after `make compute`.
 # The summaries the pages show (verdict estimates, bootstraps, tables' numbers, a model's facts) are stored in
 # SUMMARIES (helpers.pages.summaries): read while the results, code and data they come from are unchanged, computed
-# and stored again otherwise; after a complete build the ones it did not use are removed. Commit them with the results.
+# and stored again otherwise; after a build from scratch (make clean) the ones it did not use are removed. Commit them with the results.
 SUMMARIES ?= $(CURDIR)/results/summaries
+# From scratch (no _build), every page runs, so the summaries the build did not use can go.
+FULL_BUILD := $(if $(wildcard _build/.doctrees),0,1)
 book: $(STAMP)
 	# The verdict page reads every chapter's committed results, which Sphinx does not see as its dependencies:
 	# touching it makes an incremental build re-run it, so it never shows stale verdicts.
@@ -55,7 +57,8 @@ book: $(STAMP)
 	rm -f $(SUMMARIES)/.used
 	ANCHORS_SUMMARIES=$(SUMMARIES) ANCHORS_REQUIRE_CACHED=$(if $(filter 1,$(ANCHORS_RECOMPUTE)),0,1) \
 		$(BIN)/jupyter-book build . --builder html
-	$(BIN)/python -m helpers.pages.summaries --prune $(SUMMARIES)
+	$(if $(filter 1,$(FULL_BUILD)),$(BIN)/python -m helpers.pages.summaries --prune $(SUMMARIES),\
+		echo "an incremental build ran only the changed pages: no summary removed (make clean; make book prunes)")
 
 # How long `make book` takes from the committed results after `make clean` (results/build-bench/book.json).
 build-benchmark: $(STAMP)
