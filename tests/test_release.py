@@ -43,3 +43,17 @@ def test_every_folder_of_data_files_is_a_listed_package():
     stale = {p for p in listed if p.startswith("helpers._results.")
              and not (ROOT / "results" / p.removeprefix("helpers._results.")).is_dir()}
     assert not stale, f"listed packages with no folder: {sorted(stale)}"
+
+
+def test_every_chapter_installs_the_release_it_was_written_for():
+    """A chapter opened in Colab installs this package's tagged version, never a moving main."""
+    import json
+
+    import helpers
+
+    for path in sorted((ROOT / "book").glob("*.ipynb")):
+        cells = json.loads(path.read_text())["cells"]
+        install = next(("".join(c["source"]) for c in cells if "google.colab" in "".join(c["source"])), None)
+        assert install is not None, f"{path.name}: no Colab install cell"
+        assert f'"{helpers.__version__}"' in install, f"{path.name}: not this release's version"
+        assert "@v{VERSION}" in install, f"{path.name}: the install is not pinned to the release"
