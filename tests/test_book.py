@@ -46,7 +46,7 @@ def test_first_code_cell_installs_from_the_configured_repository_only_in_colab()
         code = [c for c in _cells(chapter) if c["cell_type"] == "code"]
         first = "".join(code[0]["source"])
         assert '"google.colab" in sys.modules' in first, chapter
-        assert f'REPO = "{url}"' in first, f"{chapter}: install cell does not use {url}"
+        assert f'REPO, VERSION = "{url}", ' in first, f"{chapter}: install cell does not use {url}"
         others = "".join("".join(c["source"]) for c in code[1:])
         assert "github.com" not in others, f"{chapter}: a second repository URL"
 

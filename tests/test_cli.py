@@ -18,7 +18,7 @@ def test_plan_is_seed_major_over_the_experiments_own_seeds():
     assert [(w[0].name, w[2], w[3]) for w in work] == [("extraction", 42, "sst2"), ("extraction", 42, "trec")]
     everything = compute.plan(_args("all", "--profile", "quick", "--tasks", "sst2"), "gemma-3-270m")
     assert [w[0].name for w in everything] == ["aggregation", "extraction", "reweighting", "compression",
-                                               "diagnosis", "tuning", "meaning"]
+                                               "diagnosis", "tuning", "meaning", "taskvectors", "heads"]
 
 
 def test_options_and_seeds_an_experiment_does_not_take_are_refused():

@@ -658,7 +658,7 @@ def select_lr(lm, task: Task, train_prompts: Sequence[Prompt], positions, seed: 
         for f, held in enumerate(stratified_folds(gold, folds, seed)):
             fit_on = [p for i, p in enumerate(train_prompts) if i not in set(held.tolist())]
             trained = train_beta(lm, task, fit_on, positions, seed, cfg, progress=progress, layers=layers)
-            beta = torch.from_numpy(trained["beta"]).to(lm.device)
+            beta = torch.from_numpy(trained["beta"]).to(next(lm.model.parameters()).device)
             logits = evaluate(lm, task, [train_prompts[i] for i in held], beta, positions, progress=False)
             z = torch.as_tensor(logits, dtype=torch.float64)
             loss[g, f] = float(F.cross_entropy(z, torch.as_tensor(gold[held])).item())
@@ -1332,13 +1332,16 @@ def beats_every_control(m: Measured) -> str:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+PROTOCOL_BETAS = ("anchor", "random", "beta-attended", "beta-newline", "beta-colon")  # what `compute` runs per seed;
+# the BOS control and the layer halves are computed by calling :func:`tuned_run` (the chapter shows them where cached)
+
+
 def run(lm, data: TaskData, config: Profile, seed: int, lookup_only: bool = False) -> dict:
     """One (task, seed): every method (:data:`METHODS`), trained and evaluated on the same examples, then the
-    states run and every tuned beta (:data:`TUNED`; a learning-rate search on the first seed of each)."""
+    states run and the tuned betas of :data:`PROTOCOL_BETAS` (a learning-rate search on the first seed of each)."""
     out = {m: r[0] for m, r in reweighting_runs(lm, data, config, seeds=[seed], progress=not lookup_only,
                                                 lookup_only=lookup_only).items()}
-    extra = control_runs(lm, data, config, [seed], tuned_methods(lm), progress=not lookup_only,
-                         lookup_only=lookup_only)
+    extra = control_runs(lm, data, config, [seed], PROTOCOL_BETAS, progress=not lookup_only, lookup_only=lookup_only)
     return {**out, **{m: r[0] for m, r in extra.items()}}
 
 
