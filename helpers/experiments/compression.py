@@ -221,7 +221,7 @@ def compression_run(
     (n_random, N, C); ``gold`` (N,); ``kept/<variant>`` (cached tokens per layer, for ``random`` per trial);
     ``lengths/demo`` (demonstration tokens, added tokens excluded), ``lengths/prefix`` (with them),
     ``lengths/query`` (N,); ``cache_bytes/full`` and ``cache_bytes/anchor``; ``check/full_prompt_max_diff``: the
-    largest |logit difference| between the cached full-ICL path and a plain forward pass of the full prompts of
+    largest absolute logit difference between the cached full-ICL path and a plain forward pass of the full prompts of
     the first batch.
 
     ``restart_positions``: the query's position ids restart at 0 over every cache (the official GPT-2 run) instead of

@@ -88,7 +88,8 @@ def record_qk(lm, task: Task, prompts: Sequence[Prompt], batch_size: int = 8,
     Every prompt must have one demonstration per class and the same demonstrations (scheme A).
     Prompts are batched by length (less padding); results come back in the order of ``prompts``.
     Returns ``queries`` (N, L, H·D) float32 (heads flattened), ``keys`` (L, C, H_kv, D) float32 from the shortest
-    prompt (class order), ``key_spread`` (L,) the largest |k - k_first| over prompts relative to max |k_first|, ``probs``
+    prompt (class order), ``key_spread`` (L,) the largest ``|k - k_first|`` over prompts
+    relative to the largest ``|k_first|``, ``probs``
     (N, C) label probabilities, ``pred`` (N,), ``gold`` (N,).
     """
     from tqdm.auto import tqdm

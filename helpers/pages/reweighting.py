@@ -365,7 +365,7 @@ def _mean_abs_beta(results: Sequence[dict]) -> np.ndarray:
 
 
 def beta_layers_figure(R: Runs) -> plt.Figure:
-    """Mean |β| per layer (over heads and classes), anchor against random-position re-weighting, one panel per task
+    """Mean ``|β|`` per layer (over heads and classes), anchor against random-position re-weighting, one panel per task
     (line: mean over seeds; band: range over seeds); returns the Figure.
 
     Used in: Anchor re-weighting."""
@@ -388,7 +388,7 @@ def beta_layers_figure(R: Runs) -> plt.Figure:
 
 
 def beta_values(R: Runs) -> dict[str, str]:
-    """``{"beta_deep_share": "NN%"}``: the share of anchor re-weighting's total |β| (mean over seeds) held by the
+    """``{"beta_deep_share": "NN%"}``: the share of anchor re-weighting's total ``|β|`` (mean over seeds) held by the
     second half of the layers, averaged over tasks.
 
     Used in: Anchor re-weighting."""
