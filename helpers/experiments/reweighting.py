@@ -748,18 +748,25 @@ def states_run(lm, data: TaskData, profile: Profile, seed: int, setup=None, conf
     return _cached(lm, data, settings, compute, **kw)
 
 
+def _attended(lm, data: TaskData, profile: Profile, seed: int, method: str, setup, config: TrainConfig,
+              progress: bool, **kw) -> tuple[bool, np.ndarray | None]:
+    """The most-attended positions ``beta-attended`` needs (from the seed's states run), or None for other methods;
+    the flag is False when a lookup-only call finds no states run."""
+    if method != "beta-attended":
+        return True, None
+    states = states_run(lm, data, profile, seed, setup, config, progress, **kw)
+    return (False, None) if states is None else (True, states["attended"])
+
+
 def lr_search_run(lm, data: TaskData, profile: Profile, method: str, setup=None, config: TrainConfig = TrainConfig(),
                   progress: bool = True, **kw) -> dict[str, np.ndarray] | None:
     """The learning rate of one trained beta (:data:`TUNED`) for a task: :func:`select_lr` on the first re-weighting
     seed's training examples, then held fixed for every seed. Used in: Anchor re-weighting."""
     task = data.task
     seed = reweighting_seeds(profile)[0]
-    attended = None
-    if method == "beta-attended":
-        states = states_run(lm, data, profile, seed, setup, config, progress, **kw)
-        if states is None:
-            return None
-        attended = states["attended"]
+    found, attended = _attended(lm, data, profile, seed, method, setup, config, progress, **kw)
+    if not found:
+        return None
 
     def compute() -> dict[str, np.ndarray]:
         s = setup() if callable(setup) else (setup or seed_setup(lm, data, seed, n_test_of(profile), config))
@@ -785,12 +792,9 @@ def tuned_run(lm, data: TaskData, profile: Profile, seed: int, method: str, setu
                         extra_per_class=config.extra_per_class)
     if method in ("anchor", "random"):
         return reweighting_run(lm, data, profile, seed, method, tuned, setup, progress, **kw)
-    attended = None
-    if method == "beta-attended":
-        states = states_run(lm, data, profile, seed, setup, config, progress, **kw)
-        if states is None:
-            return None
-        attended = states["attended"]
+    found, attended = _attended(lm, data, profile, seed, method, setup, config, progress, **kw)
+    if not found:
+        return None
 
     def compute() -> dict[str, np.ndarray]:
         s = setup() if callable(setup) else (setup or seed_setup(lm, data, seed, n_test_of(profile), config))
