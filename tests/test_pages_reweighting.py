@@ -338,6 +338,10 @@ def test_the_chapter_glues_the_verdict_words_it_uses(monkeypatch):
     page's words), and the chapter calls it."""
     from helpers.pages import verdicts
 
+    from helpers.pages import summaries
+
+    monkeypatch.setattr(summaries, "summary_dirs", lambda: [])  # no stored verdicts: they come from ``evaluate``
+    monkeypatch.setattr(summaries, "_MEMORY", {})
     monkeypatch.setattr(verdicts, "evaluate", lambda finding, model, profile="book": (None, f"word of {model}"))
     glued = verdicts.chapter_verdicts("book/reweighting")
     assert glued["verdict_reweighting_vs_controls"] == f"word of {verdicts.MODELS[0]}"
