@@ -719,6 +719,11 @@ def _variant_settings(profile: Profile, seed: int, method: str, config: TrainCon
                        extra_per_class=config.extra_per_class, **extra)
 
 
+def _setup_of(setup, lm, data: TaskData, profile: Profile, seed: int, config: TrainConfig) -> SeedSetup:
+    """``setup`` itself, or what its factory builds, or the seed's set-up built now (only when something runs)."""
+    return setup() if callable(setup) else (setup or seed_setup(lm, data, seed, n_test_of(profile), config))
+
+
 def states_run(lm, data: TaskData, profile: Profile, seed: int, setup=None, config: TrainConfig = TrainConfig(),
                progress: bool = True, **kw) -> dict[str, np.ndarray] | None:
     """What the untrained controls and the attention shares need, per seed (no intervention): the label logits of
@@ -729,7 +734,7 @@ def states_run(lm, data: TaskData, profile: Profile, seed: int, setup=None, conf
     task = data.task
 
     def compute() -> dict[str, np.ndarray]:
-        s = setup() if callable(setup) else (setup or seed_setup(lm, data, seed, n_test_of(profile), config))
+        s = _setup_of(setup, lm, data, profile, seed, config)
         demos = [data.train[j] for j in s.demos]
         cf = [build_prompt(task, demos, text, lm.tokenizer, lm.max_length) for text in CONTENT_FREE_INPUTS]
         test_states, test_attn = target_readout(lm, s.test_prompts, profile.batch_size)
@@ -769,7 +774,7 @@ def lr_search_run(lm, data: TaskData, profile: Profile, method: str, setup=None,
         return None
 
     def compute() -> dict[str, np.ndarray]:
-        s = setup() if callable(setup) else (setup or seed_setup(lm, data, seed, n_test_of(profile), config))
+        s = _setup_of(setup, lm, data, profile, seed, config)
         positions = variant_positions(method, task.n_classes, seed, attended)
         return select_lr(lm, task, s.train_prompts, positions, seed, variant_layers(method, lm.n_layers), config,
                          progress=progress)
@@ -797,7 +802,7 @@ def tuned_run(lm, data: TaskData, profile: Profile, seed: int, method: str, setu
         return None
 
     def compute() -> dict[str, np.ndarray]:
-        s = setup() if callable(setup) else (setup or seed_setup(lm, data, seed, n_test_of(profile), config))
+        s = _setup_of(setup, lm, data, profile, seed, config)
         positions = variant_positions(method, task.n_classes, seed, attended)
         trained = train_beta(lm, task, s.train_prompts, positions, seed, tuned, progress=progress,
                              layers=variant_layers(method, lm.n_layers))
