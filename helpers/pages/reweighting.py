@@ -627,7 +627,7 @@ def leverage_figure(R: Runs, model: str) -> plt.Figure:
     Used in: Anchor re-weighting."""
     methods = [m for m in ("anchor-tuned", "random-tuned", "beta-attended", "beta-newline", "beta-colon", "beta-bos")
                if all(m in by for by in R.values())]
-    fig, ax = plt.subplots(figsize=(5.4, 3.6), constrained_layout=True)  # under 640 px: scales on a phone
+    fig, ax = plt.subplots(figsize=(5.4, 3.6), constrained_layout=True)  # one panel: the book's figure width
     for m in methods:
         share = _share(R, m)
         e = rw.difference(R, m, "icl-1")
