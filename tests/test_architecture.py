@@ -103,6 +103,17 @@ def test_an_option_an_experiment_does_not_take_is_refused():
     assert get("extraction").config("quick", shots=[2]).shots == (2,)
 
 
+def test_reweighting_takes_the_controls_to_run_and_refuses_unknown_ones():
+    from helpers.experiments import get
+    from helpers.experiments.reweighting import PROTOCOL_BETAS
+
+    rw = get("reweighting")
+    assert rw.config("quick").betas == PROTOCOL_BETAS
+    assert rw.config("quick", methods=["beta-shallow", "beta-bos"]).betas == ("beta-shallow", "beta-bos")
+    with pytest.raises(ValueError, match="unknown re-weighting controls"):
+        rw.config("quick", methods=["prompt-16"])
+
+
 def test_the_verdict_page_lists_the_experiments_findings_in_order():
     from helpers.experiments import all_experiments
     from helpers.pages import verdicts

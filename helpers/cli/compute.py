@@ -52,7 +52,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--analyses-tasks", nargs="+", default=None, choices=list(TASKS),
                    help="meaning: tasks besides SST-2 that also get isolation and saliency")
     g.add_argument("--methods", nargs="+", default=None,
-                   help="tuning: only these methods (icl-1, anchor, prompt-m, prefix-m, pez-m, position-shift-floor)")
+                   help="tuning: only these methods (icl-1, anchor, prompt-m, prefix-m, pez-m, position-shift-floor); "
+                        "reweighting: these tuned betas besides the paper's methods (default anchor random "
+                        "beta-attended beta-newline beta-colon; also beta-bos beta-shallow beta-deep)")
     return p
 
 

@@ -1341,23 +1341,41 @@ def beats_every_control(m: Measured) -> str:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-PROTOCOL_BETAS = ("anchor", "random", "beta-attended", "beta-newline", "beta-colon")  # what `compute` runs per seed;
-# the BOS control and the layer halves are computed by calling :func:`tuned_run` (the chapter shows them where cached)
+PROTOCOL_BETAS = ("anchor", "random", "beta-attended", "beta-newline", "beta-colon")  # what `compute` runs per seed
+# by default; ``--methods`` adds the BOS control and the layer halves (the chapter shows them where cached)
 
 
-def run(lm, data: TaskData, config: Profile, seed: int, lookup_only: bool = False) -> dict:
+@dataclass(frozen=True)
+class ReweightingPlan:
+    """The re-weighting chapter's profile and the tuned betas to run besides the paper's methods (default
+    :data:`PROTOCOL_BETAS`; any of :data:`TUNED`)."""
+
+    profile: Profile
+    betas: tuple[str, ...] = PROTOCOL_BETAS
+
+
+def configure(profile: str = "book", methods=None) -> ReweightingPlan:
+    betas = tuple(methods) if methods else PROTOCOL_BETAS
+    unknown = set(betas) - set(TUNED)
+    if unknown:
+        raise ValueError(f"unknown re-weighting controls {sorted(unknown)}; choose from {TUNED}")
+    return ReweightingPlan(PROFILES[profile], betas)
+
+
+def run(lm, data: TaskData, plan: ReweightingPlan, seed: int, lookup_only: bool = False) -> dict:
     """One (task, seed): every method (:data:`METHODS`), trained and evaluated on the same examples, then the
-    states run and the tuned betas of :data:`PROTOCOL_BETAS` (a learning-rate search on the first seed of each)."""
+    states run and the plan's tuned betas (a learning-rate search on the first seed of each)."""
+    config = plan.profile
     out = {m: r[0] for m, r in reweighting_runs(lm, data, config, seeds=[seed], progress=not lookup_only,
                                                 lookup_only=lookup_only).items()}
-    extra = control_runs(lm, data, config, [seed], PROTOCOL_BETAS, progress=not lookup_only, lookup_only=lookup_only)
+    extra = control_runs(lm, data, config, [seed], plan.betas, progress=not lookup_only, lookup_only=lookup_only)
     return {**out, **{m: r[0] for m, r in extra.items()}}
 
 
 EXPERIMENT = Experiment(
     name="reweighting", title="Anchor re-weighting", chapter="book/reweighting",
-    configure=lambda profile="book": PROFILES[profile], seeds=lambda config, model: reweighting_seeds(config),
-    run=run,
+    configure=configure, seeds=lambda plan, model: reweighting_seeds(plan.profile), run=run,
+    options=frozenset({"methods"}),
     findings=(
         Finding("reweighting-gain", "Anchor re-weighting improves 1-shot ICL accuracy, on average over the 4 tasks.",
                 "+16.7 points (51.90 → 68.64, GPT2-XL, Table 1)", "§3.1", "book/reweighting",
