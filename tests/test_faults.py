@@ -1027,6 +1027,129 @@ def test_a_cached_result_missing_a_field_is_refused_when_read(isolated):
         cached_run("exp", lm, data, {"seed": 8}, lambda: {"x": np.ones(1)}, expect=("x", "y"))
 
 
+def _arrays(*names, n=3):
+    return {name: np.arange(n, dtype=np.int64) for name in names}
+
+
+def _stub_extraction(monkeypatch, computed):
+    from helpers.experiments import extraction
+
+    monkeypatch.setattr(extraction, "make_prompts", lambda *a, **k: [])
+    monkeypatch.setattr(extraction, "label_attention",
+                        lambda *a, **k: computed.append(1) or _arrays(*extraction.FIELDS, "shared_prefix"))
+    return lambda lm, data: extraction.extraction_runs(lm, data, runs.PROFILES["quick"], shots=1)[0]
+
+
+def _stub_isolation(monkeypatch, computed):
+    from helpers.experiments import aggregation
+    from helpers.experiments.isolation import isolation_fields
+
+    monkeypatch.setattr(aggregation, "make_prompts", lambda *a, **k: [])
+    monkeypatch.setattr(aggregation, "run_isolation", lambda lm, task, prompts, ks, random_ks, **k: computed.append(1)
+                        or _arrays(*isolation_fields(ks, random_ks), "gold", "shared_prefix"))
+    return lambda lm, data: aggregation.isolation_runs(lm, data, runs.PROFILES["quick"])[0]
+
+
+def _stub_diagnosis(monkeypatch, computed):
+    from helpers.experiments import diagnosis
+
+    monkeypatch.setattr(diagnosis, "make_prompts", lambda *a, **k: [])
+    monkeypatch.setattr(diagnosis, "diagnose",
+                        lambda *a, **k: computed.append(1) or _arrays(*diagnosis.FIELDS, "sigma", "query_pc"))
+    return lambda lm, data: diagnosis.diagnosis_runs(lm, data, runs.PROFILES["quick"], seeds=(42,))[0]
+
+
+def _stub_meaning(monkeypatch, computed):
+    from helpers.experiments import meaning
+
+    monkeypatch.setattr(meaning, "make_prompts", lambda *a, **k: [])
+    monkeypatch.setattr(meaning, "label_attention",
+                        lambda *a, **k: computed.append(1) or _arrays(*meaning.ATTENTION_FIELDS, "probs"))
+    return lambda lm, data: meaning.attention_runs(lm, data, "quick")[0]
+
+
+def _stub_taskvectors(monkeypatch, computed):
+    from helpers.experiments import taskvectors as tv
+
+    monkeypatch.setattr(tv, "load_task", lambda name: None)
+    monkeypatch.setattr(tv, "task_vector_run",
+                        lambda *a, **k: computed.append(1) or _arrays(*tv.FIELDS, "icl/logits", "positions/text"))
+    return lambda lm, data: tv.taskvector_runs(lm, data, tv.configure("quick"), [42], progress=False)[0]
+
+
+def _stub_heads(monkeypatch, computed):
+    from helpers.experiments import heads
+
+    monkeypatch.setattr(heads, "head_run", lambda *a, **k: computed.append(1) or _arrays(*heads.FIELDS))
+    return lambda lm, data: heads.head_runs(lm, data, heads.configure("quick"), [42])[0]
+
+
+def _without(path: Path, field: str, into: Path) -> Path:
+    """The result ``path`` less ``field``, written at its place under the results folder ``into`` with a consistent
+    record (its own checksum and shapes): what an older version of the experiment wrote."""
+    arrays = dict(runs.load_result(path))
+    del arrays[field]
+    info = json.loads(path.with_suffix(".json").read_text())
+    info.pop("sha256")
+    info.pop("arrays")
+    target = into / path.parent.name / path.name
+    runs.save_result(target, arrays, info)
+    return target
+
+
+@pytest.mark.parametrize("experiment, field, stub", [
+    ("extraction", "first_token", _stub_extraction),  # read only by the chapter's attention-share figure
+    ("isolation", "random-first-5/top", _stub_isolation),  # a condition's field: isolation_fields(ks, random_ks)
+    ("diagnosis", "embedding_dist", _stub_diagnosis),  # read only by one baseline of the predictors' table
+    ("meaning-attention", "gold", _stub_meaning),
+    ("taskvectors", "floats/full_cache", _stub_taskvectors),  # read only by the memory table
+    ("heads", "isolation/cut", _stub_heads),
+])
+def test_an_experiments_cached_result_without_a_field_it_reads_is_refused(isolated, monkeypatch, experiment, field,
+                                                                          stub):
+    """Was: the experiments passed no ``expect``, so a result of an older version (or an edited one) was returned
+    and the chapter failed far away, at the first figure or table that reads the field. Now: in the user cache it is
+    reported (naming the file and the field) and recomputed; in the committed results it is an error naming them."""
+    import re
+
+    computed = []
+    lm, data = fake_lm(), fake_data()
+    lm.n_layers = 4  # what a task-vector run reads of the model before it computes
+    call = stub(monkeypatch, computed)
+    call(lm, data)  # computed (with the stub) into the user cache, whole
+    (path,) = (isolated / "user" / experiment).glob("*.npz")
+    _without(path, field, isolated / "user")
+    with pytest.warns(UserWarning, match=re.escape(f"{path} has no field ['{field}'], which the experiment needs")
+                      + ".*recomputing"):
+        out = call(lm, data)
+    assert len(computed) == 2 and field in out and field in runs.load_result(path)
+    committed = _without(path, field, isolated / "committed")
+    path.unlink()
+    path.with_suffix(".json").unlink()
+    with pytest.raises(MismatchedResultError, match=re.escape(f"{committed} has no field ['{field}']")
+                       + ".*git checkout"):
+        call(lm, data)
+    assert len(computed) == 2  # refused when read, nothing computed in its place
+
+
+def test_every_committed_result_holds_the_fields_its_experiment_expects():
+    """A field an experiment expects that a committed result lacks would make that result an error in the book:
+    every committed result of the experiments that pass ``expect`` holds every field they name
+    (``scripts/check_expected_fields.py``)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("check_expected_fields",
+                                                  ROOT / "scripts" / "check_expected_fields.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    files = script.result_files()
+    if not files:
+        pytest.skip("no committed results in this checkout")
+    assert {p.parent.name for p in files} == set(script.EXPECTED)  # every experiment that expects has results
+    missing = {str(p.relative_to(ROOT)): m for p in files if (m := script.missing_fields(p))}
+    assert not missing, missing
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The command line: sizes, options and tasks refused before a model loads
 # --------------------------------------------------------------------------------------------------------------------

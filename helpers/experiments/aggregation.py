@@ -17,8 +17,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .isolation import (condition_name, label_loyalty, label_loyalty_per_example, run_isolation, word_loyalty,
-                        word_loyalty_per_example)
+from .isolation import (condition_name, isolation_fields, label_loyalty, label_loyalty_per_example, run_isolation,
+                        word_loyalty, word_loyalty_per_example)
 from ..core.prompts import collate, label_token_ids
 from ..core.runs import Profile, cached_run, make_prompts, settings_of
 from ..core.saliency import normalise_per_layer, saliency_flow, saliency_matrices
@@ -32,11 +32,16 @@ from .protocol import Experiment
 
 __all__ = ["saliency_runs", "saliency_examples", "isolation_runs", "flow_curves", "crossover_layer",
            "loyalty_table", "flow_estimate", "flow_gap_estimate", "lead_layers", "loyalty_per_example",
-           "loyalty_estimates", "loyalty_difference", "gap_over_layers", "ww_smallest_share", "KS", "RANDOM_KS", "LOYALTY_METRICS"]
+           "loyalty_estimates", "loyalty_difference", "gap_over_layers", "ww_smallest_share", "KS", "RANDOM_KS", "LOYALTY_METRICS",
+           "FLOW_FIELDS", "EXAMPLE_FIELDS"]
 
 KS = (1, 3, 5, 7)
 LOYALTY_METRICS = ("label loyalty", "word loyalty@5", "word loyalty@10")
 RANDOM_KS = (5,)  # the random control at k = 5 (the main figure); pass random_ks=KS for the full sweep
+# What the chapter reads from each cached result, passed to cached_run as ``expect`` (a cached result without one of
+# them is refused when read); isolation's depend on its ks (helpers.experiments.isolation.isolation_fields).
+FLOW_FIELDS = ("flows",)  # saliency and saliency-control
+EXAMPLE_FIELDS = ("matrices", "lengths", "label_positions", "target", "input_ids")  # saliency-examples
 
 
 def saliency_runs(lm, data: TaskData, profile: Profile, shots: int = 1, **kw) -> list[np.ndarray]:
@@ -48,7 +53,7 @@ def saliency_runs(lm, data: TaskData, profile: Profile, shots: int = 1, **kw) ->
             return {"flows": saliency_flow(lm, data.task, prompts, batch_size=max(1, profile.batch_size // 2))}
 
         settings = settings_of(profile, seed=seed, shots=shots, n_test=profile.n_test)
-        result = cached_run("saliency", lm, data, settings, compute, **kw)
+        result = cached_run("saliency", lm, data, settings, compute, expect=FLOW_FIELDS, **kw)
         out.append(None if result is None else result["flows"])  # None: lookup-only and not cached
     return out
 
@@ -70,7 +75,7 @@ def saliency_control_runs(lm, data: TaskData, profile: Profile, shots: int = 1, 
                                            control_seed=seed)}
 
         settings = settings_of(profile, seed=seed, shots=shots, n_test=n_test, control="random-non-label")
-        result = cached_run("saliency-control", lm, data, settings, compute, **kw)
+        result = cached_run("saliency-control", lm, data, settings, compute, expect=FLOW_FIELDS, **kw)
         out.append(None if result is None else result["flows"])
     return out
 
@@ -102,7 +107,7 @@ def saliency_examples(lm, data: TaskData, n: int = 3, seed: int = 42, pool: int 
         }
 
     return cached_run("saliency-examples", lm, data, {"n": n, "seed": seed, "pool": pool}, compute,
-                      **kw)
+                      expect=EXAMPLE_FIELDS, **kw)
 
 
 def isolation_runs(lm, data: TaskData, profile: Profile, ks: Sequence[int] = KS, shots: int = 1,
@@ -118,7 +123,7 @@ def isolation_runs(lm, data: TaskData, profile: Profile, ks: Sequence[int] = KS,
 
         settings = settings_of(profile, seed=seed, shots=shots, ks=list(ks), random_ks=list(random_ks),
                                n_test=n_test)
-        out.append(cached_run("isolation", lm, data, settings, compute, **kw))
+        out.append(cached_run("isolation", lm, data, settings, compute, expect=isolation_fields(ks, random_ks), **kw))
     return out
 
 

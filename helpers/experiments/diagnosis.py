@@ -54,10 +54,13 @@ from .protocol import Experiment
 __all__ = ["M_MAX", "MS", "N_QUERY_PCS", "default_layer", "flatten_heads", "record_qk", "anchor_projection",
            "normalised_distances", "predicted_confusion", "real_confusion", "pairwise_auc", "pair_values",
            "pair_names", "pair_spearman", "permutation_test", "most_confused", "diagnose", "diagnosis_runs",
-           "n_test_of", "BASELINES", "predictors", "spearman_estimate", "layer_curve", "summary"]
+           "n_test_of", "BASELINES", "predictors", "spearman_estimate", "layer_curve", "summary", "FIELDS"]
 
 M_MAX = 50  # principal directions kept in the stored results (the paper: M = 10; Figure 14 up to 200)
 MS = (5, 10, 20, 50)  # the M sweep of the chapter
+# What the chapter reads from a cached run (passed to cached_run as ``expect``: a cached result without one of them is
+# refused when read); ``sigma`` and ``query_pc`` are stored for inspection, not read.
+FIELDS = ("probs", "pred", "gold", "keys", "key_spread", "khat", "explained", "class_query_dist", "embedding_dist")
 N_QUERY_PCS = 3  # coordinates of each query on the first principal directions, kept for the scatter plot
 
 
@@ -348,7 +351,8 @@ def diagnosis_runs(lm, data: TaskData, profile: Profile, seeds: Sequence[int] | 
 
         settings = settings_of(profile, seed=seed, shots=1, n_test=n_test, m_max=M_MAX)
         # a class with no test example has no mean query: NaN distances (documented in diagnose)
-        out.append(cached_run("diagnosis", lm, data, settings, compute, allow_nan=("class_query_dist",), **kw))
+        out.append(cached_run("diagnosis", lm, data, settings, compute, allow_nan=("class_query_dist",),
+                              expect=FIELDS, **kw))
     return out
 
 

@@ -37,9 +37,13 @@ from .protocol import Experiment
 
 __all__ = ["LAYOUT", "label_attention", "auc_per_layer", "auc_per_layer_weighted", "cumulative_contribution",
            "extraction_runs", "auc_curves", "auc_estimates", "deep_auc_estimate", "accuracy_estimate", "layer_passing",
-           "attention_shares"]
+           "attention_shares", "FIELDS"]
 
 LAYOUT = ("example", "layer", "class")
+# What the chapter reads from a cached run (passed to cached_run as ``expect``: a cached result without one of them is
+# refused when read): the attention and the sink's share (its figures), the probabilities (the worked example), the
+# prediction and the gold label (AUCROC_l, R_l, accuracy). ``shared_prefix`` is a record of how it ran, not read.
+FIELDS = ("attention", "first_token", "probs", "pred", "gold")
 
 
 def label_attention(lm, task: Task, prompts: Sequence[Prompt], batch_size: int = 8,
@@ -234,7 +238,7 @@ def extraction_runs(lm, data: TaskData, profile: Profile, shots: int = 1, **kw) 
             return label_attention(lm, data.task, prompts, batch_size=profile.batch_size)
 
         settings = settings_of(profile, seed=seed, shots=shots, n_test=profile.n_test_extraction or profile.n_test)
-        out.append(cached_run("extraction", lm, data, settings, compute, **kw))
+        out.append(cached_run("extraction", lm, data, settings, compute, expect=FIELDS, **kw))
     return out
 
 

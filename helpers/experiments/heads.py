@@ -45,10 +45,13 @@ from .taskvectors import _split_last
 
 __all__ = ["MEASURES", "HeadConfig", "configure", "repeated_random_tokens", "induction_scores", "head_saliency",
            "CutHead", "head_isolation", "head_run", "head_runs", "per_example", "head_map", "rank", "top_k",
-           "overlap", "default_k", "saliency_matches_isolation", "agree", "EXPERIMENT"]
+           "overlap", "default_k", "saliency_matches_isolation", "agree", "EXPERIMENT", "FIELDS"]
 
 MEASURES = ("induction", "saliency", "isolation")
 FILL = -1e4  # the official code's isolation fill
+# What the chapter reads from a cached run (passed to cached_run as ``expect``: a cached result without one of them is
+# refused when read): the three measures' inputs (:func:`per_example`) and the gold labels (the sample size).
+FIELDS = ("induction", "saliency", "isolation/base", "isolation/cut", "gold")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -239,7 +242,7 @@ def head_runs(lm, data: TaskData, config: HeadConfig, seeds: Sequence[int] | Non
             return head_run(lm, data, seed, config.n_test, config.n_sequences, config.length,
                             config.profile.batch_size)
 
-        out.append(cached_run("heads", lm, data, settings, compute, lookup_only=lookup_only))
+        out.append(cached_run("heads", lm, data, settings, compute, lookup_only=lookup_only, expect=FIELDS))
     return out
 
 

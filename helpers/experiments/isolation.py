@@ -27,8 +27,8 @@ from ..core.prefix import SharedPrefix, build_prefix, output_logits, split_promp
 from ..core.prompts import Prompt, check_prompts, collate, label_token_ids
 from ..core.tasks import Task
 
-__all__ = ["TOP_K_STORED", "isolated_layers", "random_positions", "condition_name", "run_isolation",
-           "label_loyalty", "word_loyalty", "label_loyalty_per_example", "word_loyalty_per_example"]
+__all__ = ["TOP_K_STORED", "isolated_layers", "random_positions", "condition_name", "isolation_fields",
+           "run_isolation", "label_loyalty", "word_loyalty", "label_loyalty_per_example", "word_loyalty_per_example"]
 
 TOP_K_STORED = 10
 
@@ -55,6 +55,23 @@ def random_positions(prompt: Prompt, layers: Sequence[int], seed: int, index: in
 
 def condition_name(what: str, where: str, k: int) -> str:
     return f"{what}-{where}-{k}"
+
+
+def _conditions(ks: Sequence[int], random_ks: Sequence[int] | None) -> list[tuple[str, str, int]]:
+    """(what, where, k) of every condition :func:`run_isolation` runs, ``("none", "", 0)`` first."""
+    random_ks = ks if random_ks is None else random_ks
+    return [("none", "", 0)] + [
+        (w, p, k) for k in ks for p in ("first", "last") for w in ("label", "random") if w == "label" or k in random_ks
+    ]
+
+
+def isolation_fields(ks: Sequence[int] = (1, 3, 5, 7), random_ks: Sequence[int] | None = None) -> tuple[str, ...]:
+    """The fields the readers of a :func:`run_isolation` result read (the loyalties,
+    :func:`helpers.experiments.aggregation.loyalty_per_example`): ``"<condition>/pred"`` and ``".../top"`` of every
+    condition it runs with these ``ks`` and ``random_ks``, ``"none"`` included. The experiments pass them to
+    :func:`helpers.core.runs.cached_run` as ``expect``: a cached result without one is refused when read."""
+    names = ["none" if w == "none" else condition_name(w, p, k) for w, p, k in _conditions(ks, random_ks)]
+    return tuple(f"{name}/{part}" for name in names for part in ("pred", "top"))
 
 
 def _first_drawn(per_layer: dict[int, list[int]]) -> int:
@@ -122,10 +139,7 @@ def run_isolation(
 
     check_prompts(lm, prompts, task)
     label_ids = list(label_token_ids(task, lm.tokenizer))
-    random_ks = ks if random_ks is None else random_ks
-    conditions = [("none", "", 0)] + [
-        (w, p, k) for k in ks for p in ("first", "last") for w in ("label", "random") if w == "label" or k in random_ks
-    ]
+    conditions = _conditions(ks, random_ks)
     n = len(prompts)
     pad = lm.tokenizer.pad_token_id
     split = split_prompts(prompts) if shared_prefix else SharedPrefix((), (), tuple(range(n)))

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 
 from .extraction import label_attention
-from .isolation import run_isolation
+from .isolation import isolation_fields, run_isolation
 from ..core.runs import cached_run, make_prompts
 from ..core.saliency import saliency_flow
 from ..core.stats import Estimate, mean_estimate
@@ -43,12 +43,18 @@ __all__ = ["REGIMES", "ABSTRACT_WORDS", "RANDOM_LABEL_SEED", "MeaningConfig", "C
            "flip_permutation", "regime_task", "regime_data", "regime_of", "base_name", "attention_runs",
            "isolation_runs", "saliency_runs", "agreement_estimates", "shown_word_rate", "compute_chapter",
            "SEVERAL_SHOTS", "SIGNATURES", "isolation_gap", "loyalties", "deep_flow_gap", "crossover", "signatures",
-           "holds", "verdict", "Scope", "BOOK_SCOPES", "scope_of", "chapter_runs", "abstract_anchor_finding"]
+           "holds", "verdict", "Scope", "BOOK_SCOPES", "scope_of", "chapter_runs", "abstract_anchor_finding",
+           "ATTENTION_FIELDS", "FLOW_FIELDS"]
 
 REGIMES = ("natural", "abstract", "flipped", "random")
 ABSTRACT_WORDS = (" A", " B", " C", " D", " E", " F")
 RANDOM_LABEL_SEED = 2022  # the generator of the random-label regime's demonstration labels (Min et al., 2022)
 _SEP = "+"  # "sst2+flipped": a regime's task name
+# What the chapter reads from each cached run, passed to cached_run as ``expect`` (a cached result without one of them
+# is refused when read): the attention runs' prediction, gold label and attention (accuracy, AUCROC_l), the flows;
+# the isolation runs' fields depend on k (helpers.experiments.isolation.isolation_fields).
+ATTENTION_FIELDS = ("attention", "pred", "gold")
+FLOW_FIELDS = ("flows",)
 
 
 def with_label_words(task: Task | str, words: Sequence[str], name: str) -> Task:
@@ -171,7 +177,7 @@ def attention_runs(lm, data: TaskData, config: MeaningConfig | str, shots: int =
             return label_attention(lm, data.task, prompts, batch_size=config.batch_size)
 
         out.append(cached_run("meaning-attention", lm, data, config.settings("attention", seed, shots), compute,
-                              **kw))
+                              expect=ATTENTION_FIELDS, **kw))
     return out
 
 
@@ -188,7 +194,7 @@ def isolation_runs(lm, data: TaskData, config: MeaningConfig | str, shots: int =
                                  batch_size=config.batch_size, random_ks=())
 
         out.append(cached_run("meaning-isolation", lm, data, config.settings("isolation", seed, shots), compute,
-                              **kw))
+                              expect=isolation_fields((config.isolation_k,), ()), **kw))
     return out
 
 
@@ -204,7 +210,8 @@ def saliency_runs(lm, data: TaskData, config: MeaningConfig | str, shots: int = 
             prompts = make_prompts(lm, data, seed, config.n_test_saliency, shots, per_example=True)
             return {"flows": saliency_flow(lm, data.task, prompts, batch_size=max(1, config.batch_size // 2))}
 
-        result = cached_run("meaning-saliency", lm, data, config.settings("saliency", seed, shots), compute, **kw)
+        result = cached_run("meaning-saliency", lm, data, config.settings("saliency", seed, shots), compute,
+                            expect=FLOW_FIELDS, **kw)
         out.append(None if result is None else result["flows"])
     return out
 

@@ -51,11 +51,16 @@ from .protocol import Experiment
 __all__ = ["VARIANTS", "BASELINES", "PATCHED", "TaskVectorConfig", "configure", "other_task", "zero_shot_ids",
            "skeleton_prompt", "text_token", "task_vector_run", "taskvector_runs", "floats_kept", "metric",
            "best_layer", "at_layer", "layer_curve", "best_layer_table", "tv_recovers", "labels_carry",
-           "tv_versus_labels", "beats_both", "ahead", "chance", "EXPERIMENT"]
+           "tv_versus_labels", "beats_both", "ahead", "chance", "EXPERIMENT", "FIELDS"]
 
 BASELINES = ("icl", "zero", "skeleton")
 PATCHED = ("tv", "labels", "both", "tv-other", "tv-text")
 VARIANTS = BASELINES + PATCHED
+# What the chapter reads from a cached run (passed to cached_run as ``expect``: a cached result without one of them is
+# refused when read): every variant's prediction, the gold label and the layers run (accuracy, loyalty, layer
+# curves), the floats the memory table compares and the split path's check. The logits and positions are not read.
+FIELDS = ("gold", "layers", *(f"{v}/pred" for v in VARIANTS),
+          *(f"floats/{v}" for v in ("tv", "labels", "both", "anchor_cache", "full_cache")), "check/split_max_diff")
 _ZERO_BATCH = 32  # short prompts (zero-shot, skeleton): larger batches
 
 
@@ -398,7 +403,7 @@ def taskvector_runs(lm, data: TaskData, config: TaskVectorConfig, seeds: Sequenc
             return task_vector_run(lm, data, load_task(other_task(data.task.name)), seed, n_test, layers,
                                    config.profile.batch_size, progress)
 
-        out.append(cached_run("taskvectors", lm, data, settings, compute, lookup_only=lookup_only))
+        out.append(cached_run("taskvectors", lm, data, settings, compute, lookup_only=lookup_only, expect=FIELDS))
     return out
 
 
