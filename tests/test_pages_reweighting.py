@@ -14,6 +14,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from helpers.core.runs import PROFILES  # noqa: E402
+from helpers.pages import plots  # noqa: E402
 from helpers.pages import reweighting as page  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,7 +143,7 @@ def test_forest_figure_has_one_panel_per_comparison():
     assert [ax.get_title() for ax in shown] == [f"minus {name}" for name in est]
     bold = {ax.get_title().removeprefix("minus ") for ax in shown if ax.title.get_fontweight() == "bold"}
     assert bold == {page.SHORT[c] for c in page.CONTROLS}
-    assert fig._suptitle.get_text().startswith("m: anchor re-weighting minus each method (n = 4 × 1 per task")
+    assert fig._suptitle.get_text().startswith("m: anchor re-weighting minus each method\n(n = 4 × 1 per task")
     assert fig._supxlabel.get_text().endswith("paired bootstrap over test examples (one seed))")
     # each row: the 95% bar, the 80% bar and the point; the 95% bar spans the interval
     lines = shown[0].lines
@@ -150,6 +151,15 @@ def test_forest_figure_has_one_panel_per_comparison():
     np.testing.assert_allclose(lines[0].get_xdata(), [e.low, e.high])
     np.testing.assert_allclose(lines[1].get_xdata(), [e.weak_low, e.weak_high])
     assert lines[1].get_linewidth() > lines[0].get_linewidth()
+
+
+def test_forest_figures_fit_the_page_and_the_second_model_always_has_one():
+    fig = page.forest_figure(_runs(), "m")
+    assert fig.get_size_inches()[0] <= plots.PAGE_WIDTH
+    assert page.second_forest_figure(_runs(), "m").axes[0].get_title() == "minus ICL 1-shot"
+    for missing in (None, {}):
+        empty = page.second_forest_figure(missing, "q")
+        assert isinstance(empty, plt.Figure) and empty.axes[0].texts[0].get_text() == "q: no committed results"
 
 
 def test_forest_colours_follow_the_verdict_rule():
@@ -243,7 +253,9 @@ def test_beta_figure_draws_one_heatmap_per_task():
 
 def test_beta_layers_figure_plots_mean_abs_beta_per_layer():
     fig = page.beta_layers_figure(_runs())
-    assert tuple(fig.get_size_inches()) == (11, 2.7) and len(fig.axes) == 2
+    width, _ = fig.get_size_inches()
+    assert width <= plots.PAGE_WIDTH and len(fig.axes) == 2  # at the page's width: labels stay at their size
+    assert fig.axes[0].get_xlabel() == "layer" and fig.axes[0].get_ylabel() == "mean |β|"
     anchor, random = fig.axes[0].lines
     np.testing.assert_allclose(anchor.get_ydata(), [1, 1, 3, 3])
     np.testing.assert_allclose(random.get_ydata(), [1, 1, 1, 1])

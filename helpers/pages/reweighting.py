@@ -18,7 +18,8 @@ from ..experiments import reweighting as rw
 from . import plots
 
 __all__ = ["ORDER", "SHORT", "TITLES", "CONTROLS", "COMPARED", "with_controls", "seeds_shown", "has_average",
-           "accuracy_table", "headline_values", "forest_estimates", "forest_figure", "controls_table",
+           "accuracy_table", "headline_values", "forest_estimates", "forest_figure", "second_forest_figure",
+           "controls_table",
            "controls_values", "fit_table", "fit_values", "resolution_values", "beta_figure", "beta_layers_figure", "beta_values",
            "training_figure", "loss_table", "prior_table", "prior_values", "cost_frame", "cost_values",
            "second_model_values", "glued_values", "lr_table", "leverage_table", "leverage_figure", "leverage_values",
@@ -190,10 +191,10 @@ def forest_figure(R: Runs, model: str) -> plt.Figure:
     Used in: Anchor re-weighting (the default model and the second model)."""
     est = forest_estimates(R)
     rows = list(next(iter(est.values())))
-    n_cols = 4
+    n_cols = 2  # two panels a row keep the labels at their size on the book's page (four made them ~7 px)
     n_rows = -(-len(est) // n_cols)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(11, 0.95 + n_rows * (0.3 * len(rows) + 0.75)), sharex=True,
-                             sharey=True, squeeze=False, constrained_layout=True)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(plots.PAGE_WIDTH, 0.9 + n_rows * (0.26 * len(rows) + 0.62)),
+                             sharex=True, sharey=True, squeeze=False, constrained_layout=True)
     by_name = {SHORT[m]: m for m in COMPARED}
     for ax, (name, per_row) in zip(axes.flat, est.items()):
         for i, e in enumerate(per_row.values()):
@@ -213,8 +214,21 @@ def forest_figure(R: Runs, model: str) -> plt.Figure:
     first = next(iter(est[SHORT["icl-1"]].values()))
     over = "seeds, then examples" if first.n_seeds > 1 else "test examples (one seed)"
     fig.supxlabel(FOREST_XLABEL.format(over=over), fontsize=9)
-    fig.suptitle(f"{model}: anchor re-weighting minus each method (n = {first.n} per task; bold: the controls "
+    fig.suptitle(f"{model}: anchor re-weighting minus each method\n(n = {first.n} per task; bold: the controls "
                  f"it must beat)", fontsize=10)
+    return fig
+
+
+def second_forest_figure(R2: Runs | None, model: str) -> plt.Figure:
+    """:func:`forest_figure` for the second model, or (``R2`` None or empty: no runs) a figure that says so, so the
+    chapter's numbered figure always has an image.
+
+    Used in: Anchor re-weighting."""
+    if R2:
+        return forest_figure(R2, model)
+    fig, ax = plt.subplots(figsize=(6, 1.2))
+    ax.axis("off")
+    ax.text(0.5, 0.5, f"{model}: no committed results", ha="center", va="center")
     return fig
 
 
@@ -369,8 +383,13 @@ def beta_layers_figure(R: Runs) -> plt.Figure:
     (line: mean over seeds; band: range over seeds); returns the Figure.
 
     Used in: Anchor re-weighting."""
-    fig, axes = plt.subplots(1, len(R), figsize=(11, 2.7), sharey=True, squeeze=False, constrained_layout=True)
-    axes = axes[0]
+    n_cols = min(2, len(R))  # two panels a row: four side by side had ~7 px labels on the book's page
+    n_rows = -(-len(R) // n_cols)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(plots.PAGE_WIDTH, 2.3 * n_rows + 0.6), sharex=True,
+                             sharey=True, squeeze=False, constrained_layout=True)
+    axes = axes.flatten()
+    for ax in axes[len(R):]:
+        ax.set_visible(False)
     for ax, name in zip(axes, R):
         for method, style in [("anchor", "-"), ("random", "--")]:
             per_layer = _mean_abs_beta(R[name][method])
@@ -378,12 +397,16 @@ def beta_layers_figure(R: Runs) -> plt.Figure:
             ax.plot(layers, per_layer.mean(0), style, marker=".", label=SHORT[method])
             ax.fill_between(layers, per_layer.min(0), per_layer.max(0), alpha=0.2, lw=0)
         ax.set_title(TASKS[name].title, fontsize=10)
-        ax.set_xlabel("layer")
-        ax.set_xticks(layers[:: max(1, len(layers) // 6)])
+        ax.set_xticks(plots.layer_ticks(len(layers)))
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("mean |β| over heads and classes")
+    for i, ax in enumerate(axes[:len(R)]):
+        if i >= len(R) - n_cols:  # the bottom panel of each column
+            ax.set_xlabel("layer")
+            ax.xaxis.set_tick_params(labelbottom=True)
+        if i % n_cols == 0:
+            ax.set_ylabel("mean |β|")
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncol=2, fontsize=9)
+    fig.legend(handles, labels, loc="outside lower center", ncol=2, fontsize=9, frameon=False)
     return fig
 
 
