@@ -306,6 +306,9 @@ def test_sweep_figure_draws_three_panels():
     assert legend == ["ceiling of full recomputation", "equal work, batch 1", "equal work, batch 8",
                       "full recomputation, batch 1", "full recomputation, batch 8"]
     np.testing.assert_allclose(memory.lines[0].get_ydata(), [1.0, 18.5], atol=1e-6)
+    assert max(speed.lines[0].get_ydata()) < speed.get_ylim()[1]  # the ceiling stays inside the axes
+    for panel in (speed, memory):  # the legends sit below the panels, not over the data
+        assert panel.get_legend()._loc == 9 and panel.get_legend().get_bbox_to_anchor()._bbox.y1 < 0.5
 
 
 def test_sweep_values():

@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 import matplotlib
 import matplotlib.pyplot as plt
 import matplotlib.ticker
+import numpy as np
 import pandas as pd
 
 from ..core.prompts import Prompt
@@ -383,12 +384,14 @@ def sweep_figure(bench: Mapping, sweep: Mapping[str, Mapping[int, Sequence[dict]
     ax = fig.axes[0]
     ax.lines[0].set_label("ceiling of full recomputation")
     ax.set_yscale("log", base=2)  # equal work stays near 1 while full recomputation climbs towards the ceiling
-    ax.set_ylim(0.5, 256)  # room for the legend above the points
-    ax.set_yticks([0.5, 1, 2, 4, 8, 16, 32])
+    top = 2.0 ** np.ceil(np.log2(1.2 * max(max(ceiling[1]), *(max(hi) for _, _, _, hi in speed.values()))))
+    ax.set_ylim(0.5, top)  # the ceiling and every bar inside the axes; the legends sit below the panels
+    ax.set_yticks([t for t in 2.0 ** np.arange(-1, 10) if t <= top])
     ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}"))
     ax.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.set_ylabel("Hidden_anchor's speed-up (×)")
-    ax.legend(fontsize=7, loc="upper left")
+    for panel in fig.axes[:2]:
+        panel.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
     return fig
 
 
