@@ -44,6 +44,10 @@ def test_layer_figure_draws_every_variant_and_the_baselines():
     ax = fig.axes[0]
     assert len(ax.lines) == len(tv.PATCHED) + 3
     np.testing.assert_allclose(ax.lines[0].get_ydata(), [0, 100, 0])
+    from helpers.pages.plots import PAGE_WIDTH
+
+    assert fig.get_size_inches()[0] <= PAGE_WIDTH  # at the page's width, so the labels keep their size
+    assert fig.axes[0].get_ylabel() == "accuracy (%)" and fig.axes[-1].get_xlabel() == "layer patched"
     fig_l = page.layer_figure(RUNS, "loyalty", variants=("tv",))
     assert len(fig_l.axes[0].lines) == 1
 

@@ -15,6 +15,7 @@ import pandas as pd
 from ..core.tasks import get_task
 from ..experiments import heads as hd
 from ..experiments import taskvectors as tv
+from . import plots
 
 __all__ = ["NAMES", "COLORS", "best_layer_frame", "layer_figure", "floats_frame", "glued", "HEAD_NAMES",
            "head_maps_figure", "overlap_frame", "heads_glued", "finding_values", "COMPARISONS", "relation",
@@ -47,8 +48,13 @@ def layer_figure(runs: Runs, what: str = "acc", variants: Sequence[str] = tv.PAT
     unpatched baselines as horizontal lines (ICL solid, zero-shot dashed, demonstrations without text dotted).
     Used in: Where does the task live?"""
     tasks = list(runs)
-    fig, axes = plt.subplots(1, len(tasks), figsize=(3.3 * len(tasks), 2.9), sharey=True, squeeze=False)
-    for ax, task in zip(axes[0], tasks):
+    n_cols = min(2, len(tasks))  # two panels a row at the page's width: four side by side shrank the labels
+    n_rows = -(-len(tasks) // n_cols)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(plots.PAGE_WIDTH, 2.5 * n_rows + 0.9), sharex=True, sharey=True,
+                             squeeze=False, layout="constrained")
+    for ax in axes.flat[len(tasks):]:
+        ax.set_visible(False)
+    for i, (ax, task) in enumerate(zip(axes.flat, tasks)):
         layers = runs[task][0]["layers"]
         for v in variants:
             est = tv.layer_curve(runs[task], v, what)
@@ -59,12 +65,14 @@ def layer_figure(runs: Runs, what: str = "acc", variants: Sequence[str] = tv.PAT
                 value = 100 * np.mean([tv.metric(r, base).mean() for r in runs[task]])
                 ax.axhline(value, color="black", linestyle=style, linewidth=1, label=NAMES[base])
         ax.set_title(get_task(task).title)
-        ax.set_xlabel("layer patched")
-    axes[0][0].set_ylabel("accuracy (%)" if what == "acc" else "label loyalty (%)")
+        ax.grid(alpha=0.3)
+        if i >= len(tasks) - n_cols:
+            ax.set_xlabel("layer patched")
+            ax.xaxis.set_tick_params(labelbottom=True)
+        if i % n_cols == 0:
+            ax.set_ylabel("accuracy (%)" if what == "acc" else "label loyalty (%)")
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), frameon=False,
-               bbox_to_anchor=(0.5, -0.12))
-    fig.tight_layout()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 3), frameon=False)
     return fig
 
 
