@@ -211,6 +211,7 @@ def test_example_figure_and_outcome(committed):
     assert [line.get_label() for line in lines] == ["Negative", "Positive", "first token (sink)"]
     assert list(lines[0].get_ydata()) == pytest.approx(list(r["attention"][0][:, 0] / 4))
     assert [p.get_width() for p in b.patches] == pytest.approx(list(r["probs"][0]))
+    assert a.get_xlabel() == "layer" and b.get_xlabel() == "probability"  # both axes labelled
     run = {"gold": np.array([1, 0]), "pred": np.array([0, 0])}
     assert page.example_outcome(run, "sst2") == "gold: Positive, predicted: Negative"
     assert page.example_outcome(run, "sst2", i=1) == "gold: Negative, predicted: Negative"

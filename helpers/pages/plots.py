@@ -352,6 +352,7 @@ def attention_example(attention: np.ndarray, probs: np.ndarray, class_names: Seq
     b.set_yticks(range(len(class_names)), class_names)
     b.invert_yaxis()
     b.set_xlim(0, 1)
+    b.set_xlabel("probability")
     b.set_title("label probabilities")
     return fig
 
