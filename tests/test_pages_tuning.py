@@ -201,10 +201,14 @@ def test_layer_and_floor_curves_have_one_row_per_prompt(committed):
 
 def test_params_figure_one_panel_per_task_and_the_average(figures):
     fig = figures["params"]
-    assert len(fig.axes) == 3 and tuple(fig.get_size_inches()) == pytest.approx((11.5, 3.7))
-    assert [ax.get_title() for ax in fig.axes] == ["SST-2 (n = 64 × 1)", "TREC (n = 64 × 1)",
-                                                   "average over 2 tasks (n = 64 × 1 × 2)"]
-    assert all(ax.get_xscale() == "log" for ax in fig.axes)
+    assert len(fig.axes) == 4 and tuple(fig.get_size_inches()) == pytest.approx((7.8, 6.4))  # two panels a row
+    assert not fig.axes[-1].axison and fig.axes[-1].get_legend() is not None
+    prompt = [t for t in fig.axes[0].texts if t.get_color() == "tab:blue"]
+    prefix = [t for t in fig.axes[0].texts if t.get_color() == "tab:orange"]
+    assert prompt and prefix and {t.get_ha() for t in prompt} == {"right"} and {t.get_ha() for t in prefix} == {"left"}
+    assert [ax.get_title() for ax in fig.axes[:3]] == ["SST-2 (n = 64 × 1)", "TREC (n = 64 × 1)",
+                                                       "average over 2 tasks (n = 64 × 1 × 2)"]
+    assert all(ax.get_xscale() == "log" for ax in fig.axes[:3])
     assert len(fig.axes[0].containers) == 4  # error bars of anchor re-weighting, prompt, prefix and PEZ
     assert MODEL in fig._suptitle.get_text()
 

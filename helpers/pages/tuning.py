@@ -33,6 +33,8 @@ AVERAGE = "average over tasks"
 COLORS = {"prompt": "tab:blue", "prefix": "tab:orange", "pez": "tab:green", "anchor": "tab:red"}
 STYLES = {1: ":", 4: "--", 8: "-.", 16: "-", 0: "-"}  # line style per prompt / prefix length m
 BELOW = {"prompt": True, "prefix": False, "pez": False, "anchor": False}  # first m-label of each kind; then alternating
+LEFT = {"prompt": True, "prefix": False, "pez": False, "anchor": False}  # m-labels left of the points (prompt tuning's
+# largest m and prefix-tuning's smallest train about as many parameters, so their labels would meet)
 CONTEXT = ("prompt", "prefix", "pez")  # the methods that change the context
 FIXED_RATES = ("Each method was trained at one fixed learning rate, with no search and none chosen on held-out "
                "training data, so these gains compare optimisation settings as well as what each parametrisation can "
@@ -189,7 +191,7 @@ def params_figure(model: str, by_task: ByTask, order: Sequence[str]) -> plt.Figu
     Used in: Tuning the context or tuning the anchors."""
     avg = averaged(by_task, order)
     panels = list(by_task) + ([AVERAGE] if avg else [])
-    ncols = len(panels) if len(panels) <= 3 else 2
+    ncols = min(2, len(panels))  # two panels a row at most: three side by side shrank the labels on the page
     nrows = -(-len(panels) // ncols)
     spare = nrows * ncols > len(panels)
     fig, axes = plt.subplots(nrows, ncols, figsize=(3.7 * ncols + 0.4, 3.2 * nrows + (0 if spare else 0.5)),
@@ -219,8 +221,10 @@ def params_figure(model: str, by_task: ByTask, order: Sequence[str]) -> plt.Figu
             for i, (x, e, meth) in enumerate(zip(xs, es, ms)):
                 if tu.method_kind(meth)[1]:
                     below = BELOW[kind] != (i % 2 == 1)
-                    ax.annotate(f"m={tu.method_kind(meth)[1]}", (x, e.value), textcoords="offset points",
-                                xytext=(4, -12 if below else 5), fontsize=8, color=c)
+                    left = LEFT[kind]  # prompt tuning's labels left of its points, the others right: at the same
+                    ax.annotate(f"m={tu.method_kind(meth)[1]}", (x, e.value), textcoords="offset points",  # size
+                                xytext=(-5 if left else 5, -12 if below else 5), fontsize=8, color=c,  # no overlap
+                                ha="right" if left else "left")
         ax.set_xscale("log")
         ax.set_xlim(1, 3e5)
         ax.set_title(title, fontsize=10)
