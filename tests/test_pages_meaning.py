@@ -215,7 +215,7 @@ def test_flow_figure(res, drawn):
     a1, a4, b1, b4 = fig.axes
     assert a1.get_title() == "model-a\nSST-2, 1 per class (n = 6 × 2)"
     assert len(a1.get_lines()) == 4 + 1  # four regimes and the zero line
-    assert not b4.axison and [t.get_text() for t in b4.texts] == ["not run"]
+    assert not b4.axison and [t.get_text() for t in b4.texts] == ["not run on this model"] and not b4.lines  # no empty plot
     assert b1.axison and b1.get_title() == "model-b\nSST-2, 1 per class (n = 6 × 1)"
     assert [t.get_text() for t in fig.legends[0].get_texts()] == list(REGIMES)
 
@@ -241,7 +241,7 @@ def test_isolation_figure(res, drawn):
     assert len(a1.patches) == 2 * len(REGIMES)
     assert [round(p.get_height()) for p in a1.patches[:2]] == [17, 100]  # natural: first k, last k
     assert a4.get_title() == "model-a\nSST-2, 4 per class (n = 6 × 2)"
-    assert not b4.axison and [t.get_text() for t in b4.texts] == ["not run"] and not b4.patches
+    assert not b4.axison and [t.get_text() for t in b4.texts] == ["not run on this model"] and not b4.patches
     labels = [t.get_text() for t in fig.legends[0].get_texts()]
     assert labels == [f"label words, first {K} layers", f"label words, last {K} layers"]
     assert f"first or last {K} layers" in fig.get_suptitle()

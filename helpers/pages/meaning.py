@@ -190,8 +190,11 @@ def _new_figure(n_rows: int, n_cols: int, height: float) -> tuple[Figure, np.nda
 
 
 def _not_run(ax) -> None:
+    """A panel with no results: no axes and no reference lines (they drew an empty plot), only a note."""
+    for artist in [*ax.lines, *ax.patches, *ax.collections]:
+        artist.remove()
     ax.set_axis_off()
-    ax.text(0.5, 0.5, "not run", ha="center", va="center", transform=ax.transAxes)
+    ax.text(0.5, 0.5, "not run on this model", ha="center", va="center", transform=ax.transAxes, color="#555")
 
 
 def _yerr(e) -> list[list[float]]:
