@@ -339,6 +339,7 @@ def test_glued_values_cover_every_name_the_chapter_uses(committed):
     assert {"verdict_reweighting_gain", "verdict_reweighting_vs_controls"} <= verdicts
     assert used - verdicts and used - verdicts <= set(values), (used - verdicts) - set(values)
     assert "best_control" not in values and values["closest_control"] in {page.SHORT[c] for c in page.CONTROLS}
+    assert values["lev_halves_note"] == ""  # the stand-in runs have no layer halves: no sentence about them
     assert values["n_test"] == 64 and values["n_seeds"] == 1 and values["missing_seeds"] == "43, 44"
     assert values["second_average_note"].startswith("Averaged over the four tasks, anchor re-weighting minus")
     without = page.glued_values({MODEL: committed}, seeds, MODEL, None, PROFILES["book"])

@@ -679,7 +679,8 @@ def leverage_values(R: Runs, searches: Mapping[str, Mapping[str, dict]]) -> dict
     of :func:`leverage_table`, ``lev_closest`` and ``lev_closest_diff`` (the verdict control closest to tuned
     re-weighting), ``lev_beaten`` / ``lev_not_beaten`` (verdict controls whose 95% interval of re-weighting minus
     them lies above 0, and the others), ``lev_anchor_gain`` (tuned re-weighting minus 1-shot ICL), ``lev_lrs``
-    (the rates chosen for anchor re-weighting per task), ``lev_n_seeds`` and ``lev_grid``.
+    (the rates chosen for anchor re-weighting per task), ``lev_halves_note`` (the layer halves against β in every
+    layer, where both are computed; else empty), ``lev_n_seeds`` and ``lev_grid``.
 
     Used in: Anchor re-weighting."""
     out: dict[str, str] = {}
@@ -703,6 +704,13 @@ def leverage_values(R: Runs, searches: Mapping[str, Mapping[str, dict]]) -> dict
     out["lev_optional_note"] = ("Beside them, not needed by the verdict: " + "; ".join(
         f"{LEVERAGE_SHORT[c]} ({out[f'lev_{_key(c)}_share']} of the attention), re-weighting minus it "
         f"{rw.difference(R, 'anchor-tuned', c).fmt(1)}" for c in optional) + ".") if optional else ""
+    halves = all(c in by for c in rw.LAYER_HALVES for by in R.values())
+    out["lev_halves_note"] = (
+        f"Restricted to the deep half of the layers, β on the label words trails β in every layer by "
+        f"{out['lev_beta_deep_diff']} points; restricted to the shallow half, by {out['lev_beta_shallow_diff']}. "
+        + ("Both intervals include 0, so these seeds do not place the gain in one half."
+           if all(rw.difference(R, "anchor-tuned", c).low <= 0 <= rw.difference(R, "anchor-tuned", c).high
+                  for c in rw.LAYER_HALVES) else "")) if halves else ""
     out["lev_n_seeds"] = str(len(next(iter(R.values()))["icl-1"]))
     out["lev_grid"] = ", ".join(f"{x:g}" for x in rw.LR_GRID)
     return out
