@@ -97,3 +97,57 @@ def test_every_launch_button_opens_a_notebook_of_the_repository():
         for url in set(re.findall(r'https://colab\.research\.google\.com/github/[^"\s]+', _text(page))):
             path = url.split("/blob/", 1)[1].split("/", 1)[1]
             assert path.endswith(".ipynb") and (ROOT / path).is_file(), f"{page.name}: {url}"
+
+
+CHAPTER_PAGES = [p for p in PAGES if (ROOT / "book" / f"{p.stem}.ipynb").exists()]
+
+
+def _figures(html: str) -> tuple[list[dict], list[str]]:
+    """The page's ``<figure>`` elements (``{"id", "images", "caption"}``, the caption as text) and the sources of
+    the images that sit in no figure."""
+    from html.parser import HTMLParser
+
+    class Parser(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.figures, self.bare, self.current, self.in_caption = [], [], None, 0
+
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            if tag == "figure":
+                self.current = {"id": attrs.get("id", ""), "images": [], "caption": ""}
+            elif tag == "figcaption" and self.current is not None:
+                self.in_caption += 1
+            elif tag == "img":
+                (self.current["images"] if self.current is not None else self.bare).append(attrs.get("src", ""))
+
+        def handle_endtag(self, tag):
+            if tag == "figure" and self.current is not None:
+                self.figures.append(self.current)
+                self.current = None
+            elif tag == "figcaption" and self.in_caption:
+                self.in_caption -= 1
+
+        def handle_data(self, data):
+            if self.in_caption and self.current is not None:
+                self.current["caption"] += data
+
+    parser = Parser()
+    parser.feed(html)
+    return parser.figures, parser.bare
+
+
+@pytest.mark.parametrize("page", CHAPTER_PAGES, ids=lambda p: p.name)
+def test_every_chapter_image_is_a_numbered_captioned_figure_the_text_references(page):
+    """Every image of a chapter sits in a figure numbered "Fig. N" with a caption, and the page's text links to it
+    (a bare ``plt.show()`` output cannot be referenced)."""
+    html = _text(page)
+    article = re.search(r'<article class="bd-article".*?</article>', html, flags=re.S)
+    assert article, "no article in the page"
+    figures, bare = _figures(article.group(0))
+    assert not bare, f"{len(bare)} image(s) outside a numbered figure, e.g. {bare[0][:60]}"
+    for fig in (f for f in figures if f["images"]):
+        caption = " ".join(fig["caption"].split())
+        assert re.match(r"Fig\. \d+\b", caption), f"figure {fig['id'] or fig['images'][0][:40]} is not numbered"
+        assert len(caption.split(maxsplit=2)) == 3 and len(caption) > 40, f"{fig['id']}: no caption ({caption!r})"
+        assert fig["id"] and f'href="#{fig["id"]}"' in html, f"{fig['id'] or caption[:30]}: the text never refers to it"
