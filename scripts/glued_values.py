@@ -73,7 +73,7 @@ def notebook_values(notebook: Path, timeout: int = 1800) -> dict[str, str]:
 # Values at the floor of double precision, which differ between CPUs for the same results: how many L-BFGS fits got
 # their largest gradient component below 1e-9, and the largest one left (e.g. "18 of 24" and 1.2e-08 on one CPU, "21
 # of 24" and 3.5e-08 on another). Only their form is compared.
-VARIES_BY_CPU = {"reweighting:fit_rule_met": r"\d+ of \d+", "reweighting:fit_grad_worst": r"\d\.\de-\d\d"}
+VARIES_BY_CPU = {"reweighting:fit_rule_met": r"'\d+ of \d+'", "reweighting:fit_grad_worst": r"'\d\.\de-\d\d'"}
 
 
 def differences(a: dict[str, str], b: dict[str, str]) -> list[str]:
