@@ -19,7 +19,7 @@ from ..core.tasks import get_task
 
 __all__ = ["flow_panels", "loyalty_bars", "loyalty_sweep", "saliency_matrix", "saliency_strip", "saliency_explorer",
            "auc_panels", "attention_example", "layer_ticks", "global_layers", "mark_layers", "BOOK_RC",
-           "PAGE_WIDTH"]
+           "PAGE_WIDTH", "panel_grid"]
 
 PAGE_WIDTH = 7.0  # inches; shown at ~100 px per inch on the book's page, so 10 pt text stays ~10 pt
 BOOK_RC = {
@@ -41,6 +41,27 @@ def _grid(n: int, width: float = 3.4, height: float = 2.8):
     fig, axes = plt.subplots(1, n, figsize=(width * n * scale, height * max(scale, 0.8)), squeeze=False,
                              constrained_layout=True)
     return fig, axes[0]
+
+
+def panel_grid(n: int, row_height: float = 2.5, extra: float = 0.9, xlabel: str = "", ylabel: str = "",
+               cols: int = 2) -> tuple[plt.Figure, list]:
+    """``n`` panels at the page's width, ``cols`` a row (more side by side shrink their labels below reading size),
+    sharing both axes: the x label and tick labels on the bottom panel of each column, the y label on the first of
+    each row, the unused slots hidden. Returns the figure and the ``n`` axes in reading order."""
+    cols = min(cols, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(PAGE_WIDTH, row_height * rows + extra), squeeze=False, sharex=True,
+                             sharey=True, layout="constrained")
+    flat = list(axes.flat)
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    for i, ax in enumerate(flat[:n]):
+        if i >= n - cols:  # the lowest panel of its column
+            ax.set_xlabel(xlabel)
+            ax.xaxis.set_tick_params(labelbottom=True)
+        if i % cols == 0:
+            ax.set_ylabel(ylabel)
+    return fig, flat[:n]
 
 
 def layer_ticks(n_layers: int) -> list[int]:
@@ -86,12 +107,8 @@ def _layer_axis(ax, n_layers: int, label: bool = True) -> None:
 def flow_panels(curves: Mapping[str, np.ndarray | Estimate], title: str = "", n: str = "",
                 marked_layers: Sequence[int] = ()) -> plt.Figure:
     """One panel per task (2 per row): normalised S_wp, S_pq, S_ww per layer (3, L), with 95% bands for Estimates."""
-    n_tasks = len(curves)
-    cols = min(2, n_tasks)
-    rows = -(-n_tasks // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(PAGE_WIDTH, 2.5 * rows + 0.9), squeeze=False, sharex=True,
-                             sharey=True, layout="constrained")
-    for ax, (task, c) in zip(axes.flat, curves.items()):
+    fig, axes = panel_grid(len(curves), xlabel="layer", ylabel="relative size")
+    for ax, (task, c) in zip(axes, curves.items()):
         value, low, high = _parts(c)
         layers = np.arange(1, value.shape[1] + 1)
         mark_layers(ax, marked_layers)
@@ -102,14 +119,7 @@ def flow_panels(curves: Mapping[str, np.ndarray | Estimate], title: str = "", n:
         ax.set_title(get_task(task).title)
         ax.set_ylim(0, 1)
         _layer_axis(ax, len(layers), label=False)
-    for ax in axes.flat[n_tasks:]:
-        ax.set_visible(False)
-    for ax in axes[-1]:
-        ax.set_xlabel("layer")
-        ax.xaxis.set_tick_params(labelbottom=True)
-    for ax in axes[:, 0]:
-        ax.set_ylabel("relative size")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
+    handles, labels = axes[0].get_legend_handles_labels()
     if any(isinstance(c, Estimate) for c in curves.values()):
         labels = labels + ["95% bootstrap band"]
         handles = handles + [plt.Rectangle((0, 0), 1, 1, color="#999", alpha=0.3)]

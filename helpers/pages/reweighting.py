@@ -383,13 +383,7 @@ def beta_layers_figure(R: Runs) -> plt.Figure:
     (line: mean over seeds; band: range over seeds); returns the Figure.
 
     Used in: Anchor re-weighting."""
-    n_cols = min(2, len(R))  # two panels a row: four side by side had ~7 px labels on the book's page
-    n_rows = -(-len(R) // n_cols)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(plots.PAGE_WIDTH, 2.3 * n_rows + 0.6), sharex=True,
-                             sharey=True, squeeze=False, constrained_layout=True)
-    axes = axes.flatten()
-    for ax in axes[len(R):]:
-        ax.set_visible(False)
+    fig, axes = plots.panel_grid(len(R), row_height=2.3, extra=0.6, xlabel="layer", ylabel="mean |β|")
     for ax, name in zip(axes, R):
         for method, style in [("anchor", "-"), ("random", "--")]:
             per_layer = _mean_abs_beta(R[name][method])
@@ -399,12 +393,6 @@ def beta_layers_figure(R: Runs) -> plt.Figure:
         ax.set_title(TASKS[name].title, fontsize=10)
         ax.set_xticks(plots.layer_ticks(len(layers)))
         ax.grid(alpha=0.3)
-    for i, ax in enumerate(axes[:len(R)]):
-        if i >= len(R) - n_cols:  # the bottom panel of each column
-            ax.set_xlabel("layer")
-            ax.xaxis.set_tick_params(labelbottom=True)
-        if i % n_cols == 0:
-            ax.set_ylabel("mean |β|")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=2, fontsize=9, frameon=False)
     return fig
@@ -704,13 +692,16 @@ def leverage_values(R: Runs, searches: Mapping[str, Mapping[str, dict]]) -> dict
     out["lev_optional_note"] = ("Beside them, not needed by the verdict: " + "; ".join(
         f"{LEVERAGE_SHORT[c]} ({out[f'lev_{_key(c)}_share']} of the attention), re-weighting minus it "
         f"{rw.difference(R, 'anchor-tuned', c).fmt(1)}" for c in optional) + ".") if optional else ""
-    halves = all(c in by for c in rw.LAYER_HALVES for by in R.values())
-    out["lev_halves_note"] = (
-        f"Restricted to the deep half of the layers, β on the label words trails β in every layer by "
-        f"{out['lev_beta_deep_diff']} points; restricted to the shallow half, by {out['lev_beta_shallow_diff']}. "
-        + ("Both intervals include 0, so these seeds do not place the gain in one half."
-           if all(rw.difference(R, "anchor-tuned", c).low <= 0 <= rw.difference(R, "anchor-tuned", c).high
-                  for c in rw.LAYER_HALVES) else "")) if halves else ""
+    out["lev_halves_note"] = ""
+    if all(c in by for c in rw.LAYER_HALVES for by in R.values()):
+        half = {c: rw.difference(R, "anchor-tuned", c) for c in rw.LAYER_HALVES}
+        short = [c.removeprefix("beta-") for c in rw.LAYER_HALVES if half[c].low > 0]  # resolved shortfalls
+        out["lev_halves_note"] = (
+            f"Restricted to the deep half of the layers, β on the label words trails β in every layer by "
+            f"{half['beta-deep'].fmt(1)} points; restricted to the shallow half, by {half['beta-shallow'].fmt(1)}. "
+            + {0: "Both intervals include 0, so these seeds do not place the gain in one half.",
+               1: f"Only the {short[0]} half alone falls short of β in every layer (its 95% interval lies above 0).",
+               2: "Each half alone falls short of β in every layer (both 95% intervals lie above 0)."}[len(short)])
     out["lev_n_seeds"] = str(len(next(iter(R.values()))["icl-1"]))
     out["lev_grid"] = ", ".join(f"{x:g}" for x in rw.LR_GRID)
     return out

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import matplotlib.ticker
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -48,13 +49,9 @@ def layer_figure(runs: Runs, what: str = "acc", variants: Sequence[str] = tv.PAT
     unpatched baselines as horizontal lines (ICL solid, zero-shot dashed, demonstrations without text dotted).
     Used in: Where does the task live?"""
     tasks = list(runs)
-    n_cols = min(2, len(tasks))  # two panels a row at the page's width: four side by side shrank the labels
-    n_rows = -(-len(tasks) // n_cols)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(plots.PAGE_WIDTH, 2.5 * n_rows + 0.9), sharex=True, sharey=True,
-                             squeeze=False, layout="constrained")
-    for ax in axes.flat[len(tasks):]:
-        ax.set_visible(False)
-    for i, (ax, task) in enumerate(zip(axes.flat, tasks)):
+    fig, axes = plots.panel_grid(len(tasks), xlabel="layer patched",
+                                 ylabel="accuracy (%)" if what == "acc" else "label loyalty (%)")
+    for ax, task in zip(axes, tasks):
         layers = runs[task][0]["layers"]
         for v in variants:
             est = tv.layer_curve(runs[task], v, what)
@@ -66,12 +63,8 @@ def layer_figure(runs: Runs, what: str = "acc", variants: Sequence[str] = tv.PAT
                 ax.axhline(value, color="black", linestyle=style, linewidth=1, label=NAMES[base])
         ax.set_title(get_task(task).title)
         ax.grid(alpha=0.3)
-        if i >= len(tasks) - n_cols:
-            ax.set_xlabel("layer patched")
-            ax.xaxis.set_tick_params(labelbottom=True)
-        if i % n_cols == 0:
-            ax.set_ylabel("accuracy (%)" if what == "acc" else "label loyalty (%)")
-    handles, labels = axes[0][0].get_legend_handles_labels()
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # layers are whole numbers
+    handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 3), frameon=False)
     return fig
 
