@@ -20,7 +20,7 @@ def _run(seed: int, n: int = 8) -> dict:
            "skeleton/pred": gold.copy(), "check/split_max_diff": np.array(2e-6)}
     for v in tv.PATCHED:
         pred = np.stack([1 - gold] * 3)
-        pred[1] = gold  # layer 2 is right everywhere
+        pred[1] = gold  # model layer index 2 is right everywhere (shown as layer 3: the book counts layers from 1)
         run[f"{v}/pred"] = pred
     run.update({"floats/tv": np.array(640), "floats/labels": np.array(1280), "floats/both": np.array(1920),
                 "floats/anchor_cache": np.array(138240), "floats/full_cache": np.array(488448)})
@@ -33,7 +33,7 @@ RUNS = {"sst2": [_run(s) for s in range(3)], "trec": [_run(10 + s) for s in rang
 def test_best_layer_frame():
     frame = page.best_layer_frame(RUNS)
     assert list(frame.index) == ["SST-2", "TREC"]
-    assert frame.loc["SST-2", "task vector (layer 2)"].startswith("100.0")
+    assert frame.loc["SST-2", "task vector (layer 3)"].startswith("100.0")
     assert frame.loc["TREC", "zero-shot"].startswith("0.0")
     loyalty = page.best_layer_frame(RUNS, "loyalty")
     assert loyalty.loc["SST-2", "ICL (full prompt)"].startswith("100.0")
@@ -56,7 +56,7 @@ def test_floats_and_glued_values():
     frame = page.floats_frame(RUNS)
     assert frame.loc["SST-2", "Hidden_anchor cache"] == 138240
     values = page.glued(RUNS)
-    assert values["layer_tv"] == "2" and values["tv_sst2"].startswith("100.0")
+    assert values["layer_tv"] == "3" and values["tv_sst2"].startswith("100.0")
     assert values["n_test"] == "8" and values["n_seeds"] == "3" and values["ratio_anchor_tv"] == "216"
     assert values["maxdiff"] == "2.0e-06" and values["n_layers_run"] == "3"
 
@@ -83,12 +83,13 @@ def test_head_maps_overlap_and_glued_values():
     fig = page.head_maps_figure(HEAD_RUNS)
     images = [ax.images[0] for ax in fig.axes if ax.images]
     assert len(images) == 3 and images[0].get_array().shape == (4, 3)
+    assert images[0].get_extent()[2:] == [0.5, 4.5]  # rows are layers 1..4, counted from 1 as in the rest of the book
     assert all(len(ax.patches) == hd.default_k(12) for ax in fig.axes if ax.images)  # the top-k heads outlined
     frame = page.overlap_frame(HEAD_RUNS, k=1)
     assert list(frame["top-1 shared"]) == ["1", "1", "1"]
     assert float(frame.loc[frame.index[0], "shuffled: mean"]) == pytest.approx(1 / 12, abs=0.02)
     values = page.heads_glued(HEAD_RUNS, hd.configure("quick"))
-    assert values["top_induction"] == values["top_saliency"] == values["top_isolation"] == "layer 2, head 1"
+    assert values["top_induction"] == values["top_saliency"] == values["top_isolation"] == "layer 3, head 1"  # index 2, counted from 1
     assert values["heads_total"] == "12" and values["heads_n_test"] == "5" and values["heads_n_seeds"] == "3"
     assert values["max_isolation"] == f"{np.log(2) - np.log1p(np.exp(-2)):.2f}"  # log p from 2:0 logits to 0:0
     assert values["heads_length"] == str(hd.configure("quick").length)

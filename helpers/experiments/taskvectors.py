@@ -491,13 +491,13 @@ def _pooled(runs, a: str, b: str) -> tuple[Estimate, int, int]:
 
 
 def _measured(runs, a: str, b: str, control: str, note: str) -> Measured:
-    diff, la, lb = _pooled(runs, a, b)
+    diff, la, lb = _pooled(runs, a, b)  # model layer indices; the note counts layers from 1, as the book does
     vs_control, _, _ = _pooled(runs, a, control)
     acc = mean_estimate([at_layer(r, a, la) for rs in runs.values() for r in rs]).scaled(100)
     icl = mean_estimate([at_layer(r, "icl", None) for rs in runs.values() for r in rs]).scaled(100)
     n_seeds = len(next(iter(runs.values())))
     return Measured(diff, unit=" points", digits=1, n_text=f"{diff.n_examples} × {n_seeds} seeds × 4 tasks",
-                    note=note.format(layer=la, acc=acc.fmt(1), control=vs_control.fmt(1)) + f"; ICL {icl.fmt(1)}%",
+                    note=note.format(layer=la + 1, acc=acc.fmt(1), control=vs_control.fmt(1)) + f"; ICL {icl.fmt(1)}%",
                     support={"vs control": vs_control, "accuracy": acc, "layer": la},
                     accuracy=icl, chance=chance(runs))
 

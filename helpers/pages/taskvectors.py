@@ -36,7 +36,7 @@ def best_layer_frame(runs: Runs, what: str = "acc") -> pd.DataFrame:
     table = tv.best_layer_table(runs, what)
     rows, columns = {}, None
     for task, row in table.items():
-        rows[get_task(task).title] = {(NAMES[v] if layer is None else f"{NAMES[v]} (layer {layer})"): est.fmt(1)
+        rows[get_task(task).title] = {(NAMES[v] if layer is None else f"{NAMES[v]} (layer {layer + 1})"): est.fmt(1)
                                       for v, (layer, est) in row.items()}
         columns = list(rows[get_task(task).title])
     frame = pd.DataFrame.from_dict(rows, orient="index", columns=columns)
@@ -55,8 +55,8 @@ def layer_figure(runs: Runs, what: str = "acc", variants: Sequence[str] = tv.PAT
         layers = runs[task][0]["layers"]
         for v in variants:
             est = tv.layer_curve(runs[task], v, what)
-            ax.plot(layers, est.value, color=COLORS[v], label=NAMES[v], marker=".")
-            ax.fill_between(layers, est.low, est.high, color=COLORS[v], alpha=0.15, linewidth=0)
+            ax.plot(layers + 1, est.value, color=COLORS[v], label=NAMES[v], marker=".")
+            ax.fill_between(layers + 1, est.low, est.high, color=COLORS[v], alpha=0.15, linewidth=0)
         if what == "acc":
             for base, style in (("icl", "-"), ("zero", "--"), ("skeleton", ":")):
                 value = 100 * np.mean([tv.metric(r, base).mean() for r in runs[task]])
@@ -95,7 +95,7 @@ def glued(runs: Runs) -> dict[str, str]:
         for v, (layer, est) in row.items():
             out[f"{v.replace('-', '_')}_{task}"] = est.fmt(1)
             if layer is not None:
-                out[f"layer_{v.replace('-', '_')}"] = str(layer)
+                out[f"layer_{v.replace('-', '_')}"] = str(layer + 1)
     first = next(iter(runs.values()))
     out["n_test"] = str(len(first[0]["gold"]))
     out["n_seeds"] = str(len(first))
@@ -125,11 +125,12 @@ def head_maps_figure(head_runs: Runs, measures: Sequence[str] = hd.MEASURES) -> 
                              squeeze=False)
     for ax, m in zip(axes[0], measures):
         values = maps[m]
-        image = ax.imshow(values, aspect="auto", cmap="viridis", origin="lower")
+        image = ax.imshow(values, aspect="auto", cmap="viridis", origin="lower",
+                          extent=(-0.5, values.shape[1] - 0.5, 0.5, values.shape[0] + 0.5))  # layers from 1
         fig.colorbar(image, ax=ax, fraction=0.08, pad=0.03)
         for flat in hd.top_k(values, k):
             layer, head = divmod(flat, values.shape[1])
-            ax.add_patch(plt.Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="white", linewidth=1.2))
+            ax.add_patch(plt.Rectangle((head - 0.5, layer + 0.5), 1, 1, fill=False, edgecolor="white", linewidth=1.2))
         ax.set_title(HEAD_NAMES[m], fontsize=9)
         ax.set_xlabel("head")
         ax.set_xticks(range(values.shape[1]))
@@ -171,7 +172,7 @@ def heads_glued(head_runs: Runs, config: hd.HeadConfig | None = None) -> dict[st
         out["heads_n_sequences"], out["heads_length"] = str(config.n_sequences), str(config.length)
     for m, values in maps.items():
         layer, head = divmod(int(np.argmax(values)), values.shape[1])
-        out[f"top_{m}"] = f"layer {layer}, head {head}"
+        out[f"top_{m}"] = f"layer {layer + 1}, head {head}"
         out[f"max_{m}"] = f"{values.max():.2f}"
     for a, b in _PAIRS:
         o = hd.overlap(maps[a], maps[b], k)
