@@ -410,3 +410,19 @@ def test_lr_table_lists_the_grid_and_the_choice():
     table = page.lr_table({MODEL: {"sst2": {"anchor": s}}})
     row = table.iloc[0]
     assert row["chosen lr"] == "0.1" and row["held-out loss, lr 0.01"] == 0.8 and row["held-out loss, lr 0.1"] == 0.45
+
+
+def test_the_layer_halves_sentence_says_which_half_falls_short():
+    """With both halves computed the note reads their differences: a half as good as β in every layer and one that
+    is wrong everywhere give "Only the shallow half ..."; two halves as good as β give "Both intervals include 0"."""
+    R = _leverage_runs()
+    for t, by in R.items():
+        c = 2 if t == "sst2" else 6
+        by["beta-deep"] = [dict(by["anchor-tuned"][0])]
+        by["beta-shallow"] = [_result([0, 0, 0, 0], c)]
+    searches = {"sst2": {"anchor": {"lr": np.array(0.1)}}, "trec": {"anchor": {"lr": np.array(0.3)}}}
+    note = page.leverage_values(R, searches)["lev_halves_note"]
+    assert note.startswith("Restricted to the deep half") and "Only the shallow half alone falls short" in note
+    for by in R.values():
+        by["beta-shallow"] = [dict(by["anchor-tuned"][0])]
+    assert "Both intervals include 0" in page.leverage_values(R, searches)["lev_halves_note"]

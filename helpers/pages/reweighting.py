@@ -699,9 +699,10 @@ def leverage_values(R: Runs, searches: Mapping[str, Mapping[str, dict]]) -> dict
         out["lev_halves_note"] = (
             f"Restricted to the deep half of the layers, β on the label words trails β in every layer by "
             f"{half['beta-deep'].fmt(1)} points; restricted to the shallow half, by {half['beta-shallow'].fmt(1)}. "
-            + {0: "Both intervals include 0, so these seeds do not place the gain in one half.",
-               1: f"Only the {short[0]} half alone falls short of β in every layer (its 95% interval lies above 0).",
-               2: "Each half alone falls short of β in every layer (both 95% intervals lie above 0)."}[len(short)])
+            + ("Both intervals include 0, so these seeds do not place the gain in one half." if not short else
+               f"Only the {short[0]} half alone falls short of β in every layer (its 95% interval lies above 0)."
+               if len(short) == 1 else
+               "Each half alone falls short of β in every layer (both 95% intervals lie above 0)."))
     out["lev_n_seeds"] = str(len(next(iter(R.values()))["icl-1"]))
     out["lev_grid"] = ", ".join(f"{x:g}" for x in rw.LR_GRID)
     return out
