@@ -252,3 +252,54 @@ def test_compression_run_returns_label_logits_and_can_restart_positions(offline_
     moved = np.abs(restarted["anchor/label_logits"] - out["anchor/label_logits"]).max()
     assert moved > 1e-5  # other position ids: other numbers (absolute positions and rotary alike)
     assert restarted["check/full_prompt_max_diff"] > 1e-5
+
+
+@pytest.mark.parametrize("name", OFFLINE_NAMES)
+@pytest.mark.parametrize("task_name", ("sst2", "trec"))
+def test_formatting_only_cache_and_zero_shot_prompt(offline_tokenizers, data_dir, name, task_name):
+    """The formatting-only cache is Hidden_anchor's set less every label-word token (the added tokens stay); the
+    zero-shot prompt is the added tokens then the query's own tokens, which is the query tokenised on its own."""
+    from helpers.experiments.compression import formatting_positions, zero_shot_ids
+
+    tok = offline_tokenizers[name]
+    data = load_task(task_name, data_dir)
+    _, test, prompts = _prompts(tok, data)
+    for p, q in zip(prompts, test):
+        labels = {i for s, e in p.label_spans for i in range(s, e)}
+        kept = formatting_positions(p)
+        assert set(kept) == set(anchor_positions(p)) - labels and not set(kept) & labels
+        assert set(kept) | set(labels_only_positions(p)) == set(anchor_positions(p))
+        assert set(p.special_positions) <= set(kept)
+        assert set(formatting_positions(p, bos=False)) == set(kept) - set(p.special_positions)
+        pieces = [tok.decode([p.input_ids[i]], skip_special_tokens=True) for i in kept]
+        pieces = "".join("\n" if s.endswith("\n") and s.rstrip("\n").strip() else s for s in pieces)  # Qwen's "?\n"
+        assert squash(pieces) == squash((f"{data.task.input_prefix}:\n{data.task.label_prefix}:\n") * len(p.label_spans))
+        ids = zero_shot_ids(p)
+        assert ids[len(ids) - (len(p) - p.query_start):] == p.input_ids[p.query_start:]
+        alone = tok(f"{data.task.input_prefix}: {q.text}\n{data.task.label_prefix}:").input_ids
+        assert list(ids) == list(alone)
+
+
+def test_compression_run_formatting_and_zero_shot(offline_tokenizers, data_dir):
+    """The two variants beside Table 2 on a tiny model: the formatting-only cache holds the anchor cache less the
+    label tokens, and zero-shot equals a plain forward pass of the added tokens and the query."""
+    from conftest import tiny_loaded_model
+
+    from helpers.core.prompts import label_token_ids
+    from helpers.core.runs import make_prompts
+    from helpers.experiments.compression import compression_run, formatting_positions, zero_shot_ids
+
+    lm = tiny_loaded_model("llama", offline_tokenizers["gemma-3-270m"], "tiny-llama")
+    data = load_task("sst2", data_dir)
+    prompts = make_prompts(lm, data, seed=42, n_test=4, shots_per_class=1)
+    out = compression_run(lm, data.task, prompts, seed=42, n_random=0, variants=("full", "formatting", "zero-shot"),
+                          batch_size=2, progress=False)
+    assert int(out["kept/formatting"]) == len(formatting_positions(prompts[0])) and int(out["kept/zero-shot"]) == -1
+    labels = list(label_token_ids(data.task, lm.tokenizer))
+    for i, p in enumerate(prompts):
+        with torch.no_grad():
+            plain = lm.model(torch.tensor([zero_shot_ids(p)])).logits[0, -1, labels]
+        np.testing.assert_allclose(out["zero-shot/label_logits"][i], plain.numpy(), atol=1e-4)
+    assert out["check/full_prompt_max_diff"] < 1e-4
+    with pytest.raises(ValueError, match="unknown variants"):
+        compression_run(lm, data.task, prompts, variants=("full", "nothing"), progress=False)

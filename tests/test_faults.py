@@ -1206,3 +1206,23 @@ def test_every_path_that_returns_logits_refuses_nan():
     for name, run in paths.items():
         with pytest.raises(FloatingPointError, match="non-finite logits"):
             run()
+
+
+def _stub_compression(monkeypatch, computed):
+    from helpers.experiments import compression as comp
+
+    monkeypatch.setattr(comp, "make_prompts", lambda *a, **k: [])
+    monkeypatch.setattr(comp, "sample_fixed_demonstrations", lambda *a, **k: [[]])
+    monkeypatch.setattr(comp, "subsample_test", lambda *a, **k: [])
+    monkeypatch.setattr(comp, "compression_run", lambda *a, variants, n_random, **k: computed.append(1) or _arrays(
+        *comp.expected_fields(variants, n_random), "kept/anchor"))
+    return lambda lm, data: comp.compression_runs(lm, data, runs.PROFILES["quick"], seeds=[42], progress=False)[0]
+
+
+@pytest.mark.parametrize("field", ["full/top", "check/full_prompt_max_diff", "random/top"])
+def test_a_compression_result_without_a_field_it_reads_is_refused(isolated, monkeypatch, field):
+    """Was: compression's runs passed no ``expect``, so a result without word loyalty's top tokens, the full-prompt
+    check or the random draws' top tokens was returned, and the chapter failed at Table 2. Now refused as the other
+    experiments' (the test above)."""
+    test_an_experiments_cached_result_without_a_field_it_reads_is_refused(isolated, monkeypatch, "compression", field,
+                                                                          _stub_compression)

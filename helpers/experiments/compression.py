@@ -21,6 +21,16 @@ Variants (Table 2 of the paper, plus two ablations of ours):
 * ``text`` - Text_anchor: the demonstrations as text with their input reduced to the bare prefix
   (``Review:\\nSentiment: Negative\\n...``, :func:`text_anchor_text`), a normal forward pass.
 
+Two more variants, not in Table 2's run (:data:`EXTRA_VARIANTS`), and one more setting, each its own cached run
+beside it (:data:`TABLE2_EXTRAS`):
+
+* ``formatting`` - the formatting-only cache: Hidden_anchor's kept set without the label words' tokens
+  (:func:`formatting_positions`): how much loyalty the template alone keeps;
+* ``zero-shot`` - no demonstrations at all: the tokens the tokenizer added and the query, a plain forward pass
+  (:func:`zero_shot_ids`): the loyalty any cache gets for free;
+* ``restart_positions=True`` - full ICL over the cache and Hidden_anchor with the query's positions restarted at 0
+  (the official GPT-2 run).
+
 Metrics (per example, then averaged): label loyalty (prediction equals the full-ICL prediction), word loyalty
 (Jaccard of the top-5 full-vocabulary tokens with full ICL's), accuracy (against gold).
 """
@@ -45,9 +55,10 @@ from ..core.tasks import get_task, load_task
 from .protocol import Experiment
 
 __all__ = [
-    "PAPER_TABLE2", "PAPER_SPEEDUP", "PAPER_LENGTHS", "TABLE2_VARIANTS", "SHOTS_VARIANTS", "TOP_K_STORED", "demonstration_split", "anchor_positions",
-    "labels_only_positions", "random_positions", "random_trials", "text_anchor_text", "compression_run",
-    "compression_runs", "table2_n_test", "table2_n_random", "table2_seeds", "shots_sweep", "SWEEP_SHOTS", "label_agreement", "top_k_jaccard", "best_trial", "variant_metrics", "table2",
+    "PAPER_TABLE2", "PAPER_SPEEDUP", "PAPER_LENGTHS", "TABLE2_VARIANTS", "EXTRA_VARIANTS", "VARIANTS", "TABLE2_EXTRAS",
+    "SHOTS_VARIANTS", "TOP_K_STORED", "demonstration_split", "anchor_positions", "labels_only_positions",
+    "formatting_positions", "zero_shot_ids", "random_positions", "random_trials", "text_anchor_text", "compression_run",
+    "compression_runs", "expected_fields", "table2_has_extras", "table2_extras", "table2_n_test", "table2_n_random", "table2_seeds", "shots_sweep", "SWEEP_SHOTS", "label_agreement", "top_k_jaccard", "best_trial", "variant_metrics", "table2",
 ]
 
 # The paper's numbers (Tables 2, 3 and 6; ../shared/docs/paper-spec.md §6), for side-by-side tables.
@@ -64,6 +75,14 @@ PAPER_SPEEDUP = {  # Table 3: Hidden_anchor over full ICL, per task
 PAPER_LENGTHS = {"sst2": (18, 19), "trec": (61, 7), "agnews": (151, 37), "emoc": (53, 12)}  # Table 6: L_demo, L_x
 
 TABLE2_VARIANTS = ("full", "anchor", "anchor-nobos", "labels-only", "random", "text")
+EXTRA_VARIANTS = ("formatting", "zero-shot")  # run beside Table 2 (TABLE2_EXTRAS), not in its run: its key stays
+VARIANTS = TABLE2_VARIANTS + EXTRA_VARIANTS  # every variant compression_run knows
+# The runs beside Table 2 (same seeds, tasks and test examples; for the default model, :func:`table2_extras`):
+# part name -> compression_runs options. Each is its own cached run, so Table 2's results are read unchanged.
+TABLE2_EXTRAS = {
+    "formatting and zero-shot": {"variants": ("full", "formatting", "zero-shot")},
+    "restarted positions": {"variants": ("full", "anchor"), "restart_positions": True},
+}
 SHOTS_VARIANTS = ("full", "anchor", "text")
 TOP_K_STORED = 10
 _MAX_BATCH_ENTRIES = 4096  # cap on batch × cached tokens for one batched query pass (memory on a CPU)
@@ -111,6 +130,21 @@ def labels_only_positions(prompt: Prompt, bos: bool = True) -> tuple[int, ...]:
     """Every token of each label word (and the added tokens): the paper's footnote-6 ablation."""
     kept = set(_demo_label_tokens(prompt)) | (set(prompt.special_positions) if bos else set())
     return tuple(sorted(kept))
+
+
+def formatting_positions(prompt: Prompt, bos: bool = True) -> tuple[int, ...]:
+    """The formatting-only cache: :func:`anchor_positions` without the label words' tokens (the template's
+    formatting tokens of the demonstrations and, with ``bos``, the tokens the tokenizer added)."""
+    labels = set(_demo_label_tokens(prompt))
+    return tuple(i for i in anchor_positions(prompt, bos) if i not in labels)
+
+
+def zero_shot_ids(prompt: Prompt) -> tuple[int, ...]:
+    """The prompt without its demonstrations: the tokens the tokenizer added before them (Gemma's BOS), then the
+    query's tokens as the prompt tokenised them (from ``query_start``), so the query is token for token the one every
+    other variant answers."""
+    added = [prompt.input_ids[i] for i in prompt.special_positions if i < prompt.query_start]
+    return tuple(added) + tuple(prompt.input_ids[prompt.query_start:])
 
 
 def random_positions(prompt: Prompt, rng: np.random.Generator) -> tuple[int, ...]:
@@ -222,18 +256,19 @@ def compression_run(
     ``lengths/demo`` (demonstration tokens, added tokens excluded), ``lengths/prefix`` (with them),
     ``lengths/query`` (N,); ``cache_bytes/full`` and ``cache_bytes/anchor``; ``check/full_prompt_max_diff``: the
     largest absolute logit difference between the cached full-ICL path and a plain forward pass of the full prompts of
-    the first batch.
+    the first batch. ``kept/text`` and ``kept/zero-shot`` are -1 (a plain forward pass, no cache).
 
     ``restart_positions``: the query's position ids restart at 0 over every cache (the official GPT-2 run) instead of
     continuing from the uncompressed prefix's length (the default: the query sees the distances of the full
     prompt). Full ICL then differs from a plain forward pass too (``check/full_prompt_max_diff`` says by how much).
+    Text_anchor and zero-shot have no cache and do not change with it.
     Used in: Anchor-only context compression.
     """
     from tqdm.auto import tqdm
 
-    unknown = set(variants) - set(TABLE2_VARIANTS)
+    unknown = set(variants) - set(VARIANTS)
     if unknown:
-        raise ValueError(f"unknown variants {sorted(unknown)}; choose from {TABLE2_VARIANTS}")
+        raise ValueError(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
     if "text" in variants and len(text_prompts) != len(prompts):
         raise ValueError("Text_anchor needs one text prompt per prompt")
     label_ids = list(label_token_ids(task, lm.tokenizer))
@@ -288,6 +323,12 @@ def compression_run(
             pred, top, kept, _ = over(anchor_positions(p0, bos=False), variant)
         elif variant == "labels-only":
             pred, top, kept, _ = over(labels_only_positions(p0), variant)
+        elif variant == "formatting":
+            pred, top, kept, _ = over(formatting_positions(p0), variant)
+        elif variant == "zero-shot":  # no cache: the added tokens and the query, positions from 0
+            ids = [zero_shot_ids(p) for p in prompts]
+            pred, top = scored(_last_token_logits(lm, ids, batch_size), variant)
+            kept = -1
         elif variant == "text":
             ids = [lm.tokenizer(t).input_ids for t in text_prompts]
             pred, top = scored(_last_token_logits(lm, ids, batch_size), variant)
@@ -315,10 +356,29 @@ def compression_run(
     return out
 
 
+def expected_fields(variants: Sequence[str], n_random: int) -> tuple[str, ...]:
+    """The fields the chapter and the verdict read from a run of ``variants`` with ``n_random`` random draws (passed
+    to ``cached_run`` as ``expect``: a cached result without one is refused when read, and
+    ``scripts/check_expected_fields.py`` checks every committed result against it): ``gold``, full ICL's
+    prediction, top tokens and full-prompt check, ``<variant>/pred`` and ``/top`` of every other variant but
+    ``anchor-nobos`` (absent where the tokenizer adds no token: it would equal ``anchor``), and ``random/pred`` and
+    ``/top`` when there are draws."""
+    fields = ["gold"]
+    if "full" in variants:
+        fields += ["full/pred", "full/top", "check/full_prompt_max_diff"]
+    for v in variants:
+        if v not in ("full", "random", "anchor-nobos"):
+            fields += [f"{v}/pred", f"{v}/top"]
+    if "random" in variants and n_random > 0:
+        fields += ["random/pred", "random/top"]
+    return tuple(fields)
+
+
 def _experiment(lm, data: TaskData, settings: dict, compute, lookup_only: bool = False):
-    """The one place this module caches a run (Table 2 and the shots sweep alike); ``lookup_only``: None if not
-    cached, never compute."""
-    return cached_run("compression", lm, data, settings, compute, lookup_only=lookup_only)
+    """The one place this module caches a run (Table 2, the runs beside it and the shots sweep alike);
+    ``lookup_only``: None if not cached, never compute."""
+    return cached_run("compression", lm, data, settings, compute, lookup_only=lookup_only,
+                      expect=expected_fields(settings["variants"], settings["n_random"]))
 
 
 def table2_n_test(profile: Profile, model: str) -> int:
@@ -349,11 +409,12 @@ def table2_seeds(profile: Profile, model: str) -> tuple[int, ...]:
 def compression_runs(
     lm, data: TaskData, profile: Profile, shots: int = 1, variants: Sequence[str] = TABLE2_VARIANTS,
     n_test: int | None = None, n_random: int | None = None, seeds: Sequence[int] | None = None,
-    progress: bool = True, lookup_only: bool = False,
+    progress: bool = True, lookup_only: bool = False, restart_positions: bool = False,
 ) -> list[dict[str, np.ndarray] | None]:
     """One :func:`compression_run` per seed of the profile (scheme A demonstrations), cached.
 
     Defaults: :func:`table2_n_test` examples, :func:`table2_n_random` random draws, :func:`table2_seeds` seeds.
+    ``restart_positions`` enters the settings only when set, so the runs with the default positions keep their keys.
     """
     n_test = n_test or table2_n_test(profile, lm.name)
     n_random = n_random if n_random is not None else table2_n_random(profile, lm.name)
@@ -368,12 +429,31 @@ def compression_runs(
             texts = [text_anchor_text(data.task, demos, q) for q in test]
             # the stored results keep the fields they were computed with (label logits would need a new key)
             return compression_run(lm, data.task, prompts, texts, seed=seed, n_random=n_random, variants=variants,
-                                   batch_size=profile.batch_size, progress=progress, label_logits=False)
+                                   batch_size=profile.batch_size, progress=progress, label_logits=False,
+                                   restart_positions=restart_positions)
 
         settings = settings_of(profile, seed=seed, shots=shots, n_test=n_test, n_random=n_random,
-                               variants=list(variants))
+                               variants=list(variants), **({"restart_positions": True} if restart_positions else {}))
         out.append(_experiment(lm, data, settings, compute, lookup_only))
     return out
+
+
+def table2_has_extras(model: str) -> bool:
+    """Whether the runs beside Table 2 (:data:`TABLE2_EXTRAS`) belong to ``model``'s protocol: the default model's
+    only (the chapter's table of them is the default model's; a second model is run for comparison only)."""
+    from ..core.models import DEFAULT_MODEL
+
+    return model == DEFAULT_MODEL
+
+
+def table2_extras(lm, data: TaskData, profile: Profile, seeds: Sequence[int] | None = None, progress: bool = True,
+                  lookup_only: bool = False) -> dict[str, list[dict[str, np.ndarray] | None]]:
+    """The runs beside Table 2, ``{part: [run per seed]}`` (:data:`TABLE2_EXTRAS`): the formatting-only cache and
+    zero demonstrations, and full ICL and Hidden_anchor with the query's positions restarted at 0; each with full ICL
+    (the reference for loyalty), on Table 2's seeds, tasks and test examples (:func:`compression_runs`' defaults)."""
+    return {part: compression_runs(lm, data, profile, seeds=seeds, progress=progress, lookup_only=lookup_only,
+                                   **options)
+            for part, options in TABLE2_EXTRAS.items()}
 
 
 SWEEP_SHOTS = (1, 2, 4, 8, 16)
@@ -556,11 +636,17 @@ def _seeds(config: CompressionConfig, model: str) -> tuple[int, ...]:
 
 
 def run(lm, data: TaskData, config: CompressionConfig, seed: int, lookup_only: bool = False) -> dict:
-    """One (task, seed): Table 2's variants, or (``sweep``) full ICL, Hidden_anchor and Text_anchor per shot count
-    (a shot count whose prompts do not fit the context is absent)."""
+    """One (task, seed): Table 2's variants and, for the default model, the runs beside it
+    (:func:`table2_extras`); or (``sweep``) full ICL, Hidden_anchor and Text_anchor per shot count (a shot count
+    whose prompts do not fit the context is absent)."""
     if not config.sweep:
-        return {"table 2": compression_runs(lm, data, config.profile, seeds=[seed], lookup_only=lookup_only,
-                                            progress=not lookup_only)[0]}
+        out = {"table 2": compression_runs(lm, data, config.profile, seeds=[seed], lookup_only=lookup_only,
+                                           progress=not lookup_only)[0]}
+        if table2_has_extras(lm.name):
+            extras = table2_extras(lm, data, config.profile, seeds=[seed], lookup_only=lookup_only,
+                                   progress=not lookup_only)
+            out |= {part: per_seed[0] for part, per_seed in extras.items()}
+        return out
     n_test = config.profile.n_test_compression_shots or config.profile.n_test
     out = {}
     for k in config.shots or SWEEP_SHOTS:
