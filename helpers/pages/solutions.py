@@ -100,7 +100,7 @@ def aggregation_1(lm=None, data: TaskData | None = None, task: str = "sst2", see
                   local_layers: Sequence[int] = (6, 7, 8), first_layers: Sequence[int] = (0, 1, 2)) -> dict:
     """Aggregation, exercise 1 (global layers, causally): isolate the label words only in ``local_layers`` (0-based;
     Gemma 3's local layers 7-9) and only in ``first_layers`` (layers 1-3), and compare the loyalties (in %) with the
-    un-isolated predictions of the same prompts."""
+    un-isolated predictions of the same prompts. Used in: Aggregation (exercise 1)."""
     lm, data = _model(lm), _task_data(data, task)
     prompts = make_prompts(lm, data, seed, n_test)
     ref_pred, ref_top = _answers(lm, prompts)
@@ -124,7 +124,7 @@ def aggregation_2(lm=None, data: TaskData | None = None, task: str = "sst2", see
                   k: int = 5) -> dict:
     """Aggregation, exercise 2 (random control, closer): loyalty (in %) when isolating, in the first ``k`` layers, the
     label words, as many random non-label positions (the chapter's control, formatting tokens included) and as many
-    random positions among the demonstrations' text tokens only."""
+    random positions among the demonstrations' text tokens only. Used in: Aggregation (exercise 2)."""
     lm, data = _model(lm), _task_data(data, task)
     prompts = make_prompts(lm, data, seed, n_test)
     layers = isolated_layers(lm.n_layers, k, "first")
@@ -149,7 +149,7 @@ def aggregation_3(lm=None, data: TaskData | None = None, task: str = "sst2", see
                   n_test: int = 8, n_boot: int = 200) -> dict:
     """Aggregation, exercise 3 (another model): the saliency flows on Qwen2.5-Coder 0.5B (default) and where
     S_pq leads S_wp: :func:`helpers.experiments.aggregation.lead_layers` (layers from 1; ``flip_backs`` are the
-    layers where S_wp leads again after S_pq first led), with the normalised curves (3, L)."""
+    layers where S_wp leads again after S_pq first led), with the normalised curves (3, L). Used in: Aggregation (exercise 3)."""
     lm, data = _model(lm, SECOND_MODEL), _task_data(data, task)
     flows = [saliency_flow(lm, data.task, make_prompts(lm, data, s, n_test, per_example=True), progress=False)
              for s in seeds]
@@ -175,7 +175,7 @@ def compression_1(lm=None, data: TaskData | None = None, task: str = "sst2", see
                   ks: Sequence[int] = (0, 1, 2, 4, 8), plot: bool = False) -> dict:
     """Compression, exercise 1 (how much text is enough?): label loyalty (in %, against full ICL) when the cache
     keeps the anchors (formatting, label words, BOS) and the last k text tokens of each demonstration, for every k
-    of ``ks``; k = 0 is Hidden_anchor. ``plot``: also draw loyalty against k."""
+    of ``ks``; k = 0 is Hidden_anchor. ``plot``: also draw loyalty against k. Used in: Compression (exercise 1)."""
     lm, data = _model(lm), _task_data(data, task)
     prompts = make_prompts(lm, data, seed, n_test)
     label_ids = list(label_token_ids(data.task, lm.tokenizer))
@@ -205,7 +205,7 @@ def compression_1(lm=None, data: TaskData | None = None, task: str = "sst2", see
 def compression_2(bench: dict | str | None = None, model: str = DEFAULT_MODEL) -> dict:
     """Compression, exercise 2 (where batching stops paying): from the output of ``python -m helpers.cli.bench
     compression`` (a dict, the path of its JSON, or ``None`` for the one the chapter reads), each task's measured
-    speed-up over its token-count ceiling per batch size, and the batch size that comes closest to the ceiling."""
+    speed-up over its token-count ceiling per batch size, and the batch size that comes closest to the ceiling. Used in: Compression (exercise 2)."""
     if not isinstance(bench, dict):
         bench = json.loads(open(bench or bench_file("compression-bench", model), encoding="utf-8").read())
     out = {}
@@ -219,7 +219,7 @@ def compression_3(lm=None, data: TaskData | None = None, task: str = "sst2", see
                   n_test: int = 8) -> dict:
     """Compression, exercise 3 (the official GPT-2 position quirk): label and word loyalty (in %) of full ICL and
     Hidden_anchor with the query's position ids restarting at 0, against full ICL with the positions the full prompt
-    has; the continued-position Hidden_anchor beside them."""
+    has; the continued-position Hidden_anchor beside them. Used in: Compression (exercise 3)."""
     lm, data = _model(lm), _task_data(data, task)
     prompts = make_prompts(lm, data, seed, n_test)
     runs = {restart: compression_run(lm, data.task, prompts, seed=seed, variants=("full", "anchor"), progress=False,
@@ -264,7 +264,7 @@ def diagnosis_1(lm=None, data: TaskData | None = None, task: str = "trec", seed:
     """Diagnosis, exercise 1 (another anchor): Spearman's ρ per layer between the real confusion (pairwise AUC) and
     the distances of the keys at the label words (the paper's anchor) and at the newline after each label word,
     both seen from the same target queries (M = ``m`` principal directions); ``layer`` is the chapter's layer
-    (0-based)."""
+    (0-based). Used in: Diagnosis (exercise 1)."""
     lm, data = _model(lm), _task_data(data, task)
     n_classes = data.task.n_classes
     prompts = make_prompts(lm, data, seed, n_test)
@@ -295,7 +295,7 @@ def diagnosis_2(lm=None, data: TaskData | None = None, task: str = "trec", seeds
                 n_test: int = 32, m: int = 10) -> dict:
     """Diagnosis, exercise 2 (other demonstrations): Spearman's ρ between predicted and real confusion at the
     chapter's layer for each seed (each seed draws other demonstrations) on Qwen2.5-Coder 0.5B (default), and its
-    spread over the seeds; run it with ``lm`` = Gemma to compare."""
+    spread over the seeds; run it with ``lm`` = Gemma to compare. Used in: Diagnosis (exercise 2)."""
     lm, data = _model(lm, SECOND_MODEL), _task_data(data, task)
     layer, m = default_layer(lm.n_layers), min(m, n_test - 1)
     rho = {}
@@ -311,7 +311,7 @@ def diagnosis_3(lm=None, data: TaskData | None = None, task: str = "trec", seed:
                 m: int = 10) -> dict:
     """Diagnosis, exercise 3 (another real confusion): Spearman's ρ of the anchor-key distances at the chapter's
     layer with the pairwise AUC and with the prediction confusion matrix's off-diagonal rates (how often gold i is
-    predicted as j, averaged with j as i; one minus that, so that small means confused for both)."""
+    predicted as j, averaged with j as i; one minus that, so that small means confused for both). Used in: Diagnosis (exercise 3)."""
     lm, data = _model(lm), _task_data(data, task)
     n_classes = data.task.n_classes
     result = diagnose(lm, data.task, make_prompts(lm, data, seed, n_test), progress=False)
@@ -340,7 +340,7 @@ def extraction_1(lm=None, data: TaskData | None = None, task: str = "sst2", seed
                  n_test: int = 16, n_boot: int = 200) -> dict:
     """Extraction, exercise 1 (sink-free scoring for every task): AUCROC_l on Qwen2.5-Coder 0.5B (default) scored
     with the official a_2 and with the renormalised a_2 / (a_1 + a_2), as :class:`~helpers.core.stats.Estimate`
-    curves (L,) with their intervals."""
+    curves (L,) with their intervals. Used in: Extraction (exercise 1)."""
     lm, data = _model(lm, SECOND_MODEL), _task_data(data, task)
     runs = _attention_runs(lm, data, seeds, n_test)
     return {"official": auc_estimates(runs, n_boot=n_boot)[0],
@@ -350,7 +350,7 @@ def extraction_1(lm=None, data: TaskData | None = None, task: str = "sst2", seed
 def extraction_2(lm=None, data: TaskData | None = None, task: str = "sst2", seeds: Sequence[int] = (42,),
                  n_test: int = 16) -> dict:
     """Extraction, exercise 2 (gold instead of prediction): AUCROC_l (L,) of the target's attention to the label
-    words against the model's prediction and against the gold label (mean over seeds), and the accuracy (in %)."""
+    words against the model's prediction and against the gold label (mean over seeds), and the accuracy (in %). Used in: Extraction (exercise 2)."""
     lm, data = _model(lm), _task_data(data, task)
     runs = _attention_runs(lm, data, seeds, n_test)
     with np.errstate(all="ignore"):
@@ -362,7 +362,7 @@ def extraction_2(lm=None, data: TaskData | None = None, task: str = "sst2", seed
 def extraction_3(lm=None, data: TaskData | None = None, task: str = "sst2", seed: int = 42, n_test: int = 16,
                  top: int = 5, batch_size: int = 8) -> dict:
     """Extraction, exercise 3 (heads): AUCROC of each head's attention from q to the label words against the
-    prediction, (L, H), and the ``top`` heads as (layer from 1, head from 0, AUC)."""
+    prediction, (L, H), and the ``top`` heads as (layer from 1, head from 0, AUC). Used in: Extraction (exercise 3)."""
     lm, data = _model(lm), _task_data(data, task)
     n_classes = data.task.n_classes
     prompts = make_prompts(lm, data, seed, n_test)
@@ -403,7 +403,7 @@ def meaning_1(lm=None, data: TaskData | None = None, task: str = "sst2", seed: i
               shots: Sequence[int] = (1, 8)) -> dict:
     """Meaningless labels, exercise 1 (eight per class): with the abstract words (" A", " B") and 1 or 8
     demonstrations per class, the share of the test examples predicted as each word, the mean label
-    probabilities and the accuracy (in %); the same runs as ``meaning.attention_runs``, not cached."""
+    probabilities and the accuracy (in %); the same runs as ``meaning.attention_runs``, not cached. Used in: Anchors without meaning (exercise 1)."""
     lm, data = _model(lm), _task_data(data, task)
     abstract = regime_data(data, "abstract")
     return {k: _prediction_shares(lm, abstract, seed, n_test, k) for k in shots}
@@ -413,7 +413,7 @@ def meaning_2(lm=None, data: TaskData | None = None, task: str = "sst2", seed: i
               words: Sequence[str] = (" foo", " bar")) -> dict:
     """Meaningless labels, exercise 2 (other neutral words): whether each of ``words`` is a single token after the
     label prefix, and the prediction shares (the prior for the first word) with the abstract words and with
-    ``words``."""
+    ``words``. Used in: Anchors without meaning (exercise 2)."""
     lm, data = _model(lm), _task_data(data, task)
     neutral = with_label_words(data.task, words, "foobar")
     ids = label_token_ids(neutral, lm.tokenizer)  # raises if two words share their first token
@@ -430,7 +430,7 @@ def meaning_3(lm=None, data: TaskData | None = None, task: str = "sst2", regime:
               seeds: Sequence[int] = (42,), n_test: int = 16) -> dict:
     """Meaningless labels, exercise 3 (calibrated predictions): AUCROC_l (L,) against the raw prediction and against
     the prediction after subtracting, per seed, each class's mean log-probability, with how many classes each
-    predicts."""
+    predicts. Used in: Anchors without meaning (exercise 3)."""
     lm, data = _model(lm), _task_data(data, task)
     runs = _attention_runs(lm, regime_data(data, regime), seeds, n_test)
     raw, calibrated, n_raw, n_cal = [], [], [], []
@@ -463,7 +463,7 @@ def reweighting_1(lm=None, data: TaskData | None = None, task: str = "sst2", see
                   config: TrainConfig = TrainConfig()) -> dict:
     """Re-weighting, exercise 1 (where does the gain live?): test accuracy (in %) of 1-shot ICL, of β trained in
     every layer and of β trained only in the last third of the layers (the other rows held at 0, i.e. their
-    gradient zeroed: ``train_beta(..., layers=...)``)."""
+    gradient zeroed: ``train_beta(..., layers=...)``). Used in: Re-weighting (exercise 1)."""
     lm, data = _model(lm), _task_data(data, task)
     s = seed_setup(lm, data, seed, n_test, config)
     where = lambda p: class_positions(p, data.task.n_classes)  # noqa: E731
@@ -478,7 +478,7 @@ def reweighting_2(lm=None, data: TaskData | None = None, task: str = "sst2", see
                   config: TrainConfig = TrainConfig()) -> dict:
     """Re-weighting, exercise 2 (are the corrections additive?): test accuracy (in %) of 1-shot ICL and of
     re-weighting, each alone, with batch calibration and with contextual calibration (its content-free query run
-    with the same β)."""
+    with the same β). Used in: Re-weighting (exercise 2)."""
     lm, data = _model(lm), _task_data(data, task)
     s = seed_setup(lm, data, seed, n_test, config)
     where = lambda p: class_positions(p, data.task.n_classes)  # noqa: E731
@@ -498,7 +498,7 @@ def reweighting_3(lm=None, data: TaskData | None = None, task: str = "trec", see
                   extra: Sequence[int] = (4, 8), config: TrainConfig = TrainConfig()) -> dict:
     """Re-weighting, exercise 3 (TREC): for each number of extra training examples per class, the test accuracy
     (in %) of 1-shot ICL and of re-weighting, and the class counts of the test subset beside those of the
-    (balanced) training examples."""
+    (balanced) training examples. Used in: Re-weighting (exercise 3)."""
     lm, data = _model(lm), _task_data(data, task)
     n_classes = data.task.n_classes
     where = lambda p: class_positions(p, n_classes)  # noqa: E731
@@ -517,7 +517,7 @@ def reweighting_4(lm=None, data: TaskData | None = None, task: str = "sst2", see
                   larger: float = 1.0, config: TrainConfig = TrainConfig()) -> dict:
     """Re-weighting, exercise 4 (the edge of the grid): with ``larger`` added to the learning-rate grid, the rate
     the held-out search chooses for β at the label words and at random positions, and their test accuracies (in %)
-    at that rate."""
+    at that rate. Used in: Re-weighting (exercise 4)."""
     lm, data = _model(lm), _task_data(data, task)
     s = seed_setup(lm, data, seed, n_test, config)
     grid = tuple(LR_GRID) + (larger,)
@@ -558,7 +558,7 @@ def tuning_1(lm=None, data: TaskData | None = None, task: str = "sst2", seed: in
     """Tuning, exercise 1 (splice the prefix in one layer only): a prefix of ``m`` keys and values (prefix-tuning's
     initialisation: m random tokens run through the model; the theorem holds for any prefix) visible in ``layer``
     alone (0-based; default the middle layer), and per layer the largest change of q's renormalised content
-    attention (``maxdiff``) and its mean total variation (``tv``) from :func:`helpers.experiments.tuning.attention_report`."""
+    attention (``maxdiff``) and its mean total variation (``tv``) from :func:`helpers.experiments.tuning.attention_report`. Used in: Tuning (exercise 1)."""
     lm, data = _model(lm), _task_data(data, task)
     layer = lm.n_layers // 2 if layer is None else layer
     prompts = make_prompts(lm, data, seed, n_test)
@@ -575,7 +575,7 @@ def tuning_2(lm=None, data: TaskData | None = None, task: str = "sst2", seed: in
              m: int = 1, n_attention: int = 4, config: TrainConfig = TrainConfig()) -> dict:
     """Tuning, exercise 2 (before BOS): a soft prompt of ``m`` tokens trained and evaluated after the BOS token (the
     chapter's slot) and before it, with its test accuracy (in %) and its first layer's largest change of q's
-    renormalised content attention. On a model whose tokenizer adds no BOS both slots are the same."""
+    renormalised content attention. On a model whose tokenizer adds no BOS both slots are the same. Used in: Tuning (exercise 2)."""
     lm, data = _model(lm), _task_data(data, task)
     s = seed_setup(lm, data, seed, n_test, config)
     out = {}
@@ -594,7 +594,7 @@ def tuning_2(lm=None, data: TaskData | None = None, task: str = "sst2", seed: in
 def tuning_3(lm=None, data: TaskData | None = None, task: str = "sst2", seed: int = 42, n_test: int = 16,
              m: int = 4, extra: Sequence[int] = (4, 16), config: TrainConfig = TrainConfig()) -> dict:
     """Tuning, exercise 3 (more data): for each number of training examples per class, the test accuracy (in %)
-    of prefix-tuning with ``m`` positions and of anchor re-weighting, with their parameter counts."""
+    of prefix-tuning with ``m`` positions and of anchor re-weighting, with their parameter counts. Used in: Tuning (exercise 3)."""
     lm, data = _model(lm), _task_data(data, task)
     n_classes = data.task.n_classes
     where = lambda p: class_positions(p, n_classes)  # noqa: E731
