@@ -7,8 +7,8 @@ A field listed in ``expect`` that a committed result lacks makes that result an 
     python scripts/check_expected_fields.py --all      # also the files not (yet) committed, e.g. a running compute
 
 Each result's fields are read from its ``.npz`` (the zip directory only); the expected fields from the experiment's
-own lists, with the settings its ``.json`` records where they depend on them (isolation's conditions, compression's
-variants and random draws). Exit status 1 when a result lacks a field.
+own lists, with the settings its ``.json`` records where they depend on them (isolation's conditions, re-weighting's
+and tuning's method, compression's variants and random draws). Exit status 1 when a result lacks a field.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from helpers.experiments import aggregation, compression, diagnosis, extraction, heads, meaning, taskvectors  # noqa: E402
+from helpers.experiments import (aggregation, compression, diagnosis, extraction, heads, meaning,  # noqa: E402
+                                 reweighting, taskvectors, tuning)
 from helpers.experiments.isolation import isolation_fields  # noqa: E402
 
 # experiment folder -> the fields its caller expects, from the run's settings (the lists the modules pass)
@@ -40,6 +41,8 @@ EXPECTED = {
     "meaning-saliency": lambda s: meaning.FLOW_FIELDS,
     "taskvectors": lambda s: taskvectors.FIELDS,
     "heads": lambda s: heads.FIELDS,
+    "reweighting": lambda s: reweighting.expected_fields(s["method"]),
+    "tuning": lambda s: tuning.expected_fields(s["method"]),
     "compression": lambda s: compression.expected_fields(s["variants"], s["n_random"]),
 }
 

@@ -1084,6 +1084,73 @@ def _stub_heads(monkeypatch, computed):
     return lambda lm, data: heads.head_runs(lm, data, heads.configure("quick"), [42])[0]
 
 
+class _Prompt(SimpleNamespace):
+    """A stand-in prompt: its label and a length (what the re-weighting and tuning runs read of a prompt besides the
+    model calls the stubs replace)."""
+
+    def __len__(self):
+        return 5
+
+
+def _setup_factory(computed):
+    """A re-weighting seed set-up of two stand-in prompts per set, as a factory that counts the runs computed (the
+    runs build their set-up only when something must be computed)."""
+    from helpers.experiments import reweighting as rw
+
+    prompts = (_Prompt(label=0), _Prompt(label=1))
+    setup = rw.SeedSetup(seed=42, demos=(0, 1), extra=(0, 1), many=(0, 1), test=(0, 1), test_prompts=prompts,
+                         train_prompts=prompts, many_prompts=prompts, content_free=_Prompt(label=0))
+    return lambda: computed.append(1) or setup
+
+
+def _logits(lm, task, prompts, *a, **k):
+    return np.zeros((len(prompts), 2), dtype=np.float32)
+
+
+def _stub_reweighting(monkeypatch, computed):
+    from helpers.experiments import reweighting as rw
+
+    monkeypatch.setattr(rw, "evaluate", _logits)
+    setup = _setup_factory(computed)
+    return lambda lm, data: rw.reweighting_run(lm, data, runs.PROFILES["quick"], 42, "icl-1", setup=setup,
+                                               progress=False)
+
+
+def _stub_reweighting_lr_search(monkeypatch, computed):
+    from helpers.experiments import reweighting as rw
+
+    monkeypatch.setattr(rw, "select_lr", lambda *a, **k: _arrays("grid", "heldout_loss", "heldout_acc", "lr"))
+    setup = _setup_factory(computed)
+    return lambda lm, data: rw.lr_search_run(lm, data, runs.PROFILES["quick"], "anchor", setup=setup, progress=False)
+
+
+def _stub_tuning(monkeypatch, computed):
+    from helpers.experiments import tuning as tu
+
+    monkeypatch.setattr(tu, "train_soft", lambda *a, **k: {"soft": np.zeros((1, 4), np.float32),
+                                                           **_arrays("train_s", "epoch_loss", "init_ids")})
+    monkeypatch.setattr(tu, "evaluate_soft", lambda lm, task, prompts, *a, **k: _logits(lm, task, prompts))
+    monkeypatch.setattr(tu, "n_trained", lambda *a, **k: 4)
+    monkeypatch.setattr(tu, "attention_report", lambda *a, **k: _arrays(
+        "tv", "maxdiff", "outside", "anchor_share", "anchor_share_base"))
+    setup = _setup_factory(computed)
+
+    def call(lm, data):
+        lm.model = None  # what the stubs are given in its place (the parameter count is stubbed)
+        return tu.tuning_run(lm, data, tu.SIZES["quick"], 42, "prompt-1", setup=setup)
+
+    return call
+
+
+def _stub_tuning_floor(monkeypatch, computed):
+    from helpers.experiments import tuning as tu
+
+    setup = _setup_factory(computed)
+    monkeypatch.setattr(tu, "seed_setup", lambda *a, **k: setup())
+    monkeypatch.setattr(tu, "shift_floor", lambda lm, prompts, shifts: np.zeros((len(prompts), len(shifts), 2, 2)))
+    return lambda lm, data: tu.shift_floor_run(lm, data, tu.SIZES["quick"], 42)
+
+
 def _without(path: Path, field: str, into: Path) -> Path:
     """The result ``path`` less ``field``, written at its place under the results folder ``into`` with a consistent
     record (its own checksum and shapes): what an older version of the experiment wrote."""
@@ -1104,6 +1171,10 @@ def _without(path: Path, field: str, into: Path) -> Path:
     ("meaning-attention", "gold", _stub_meaning),
     ("taskvectors", "floats/full_cache", _stub_taskvectors),  # read only by the memory table
     ("heads", "isolation/cut", _stub_heads),
+    ("reweighting", "cf_logits", _stub_reweighting),  # icl-1's: read only by contextual calibration (expected_fields)
+    ("reweighting", "lr", _stub_reweighting_lr_search),  # the learning-rate search's: read by the tuned runs
+    ("tuning", "att_tv", _stub_tuning),  # a trained method's attention report: read by the theorem check
+    ("tuning", "maxdiff", _stub_tuning_floor),  # the float floor's (shift_floor_run)
 ])
 def test_an_experiments_cached_result_without_a_field_it_reads_is_refused(isolated, monkeypatch, experiment, field,
                                                                           stub):

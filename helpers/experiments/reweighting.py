@@ -71,7 +71,8 @@ __all__ = [
     "VERDICT_CONTROLS", "CONTROL_BETAS", "demonstration_tokens", "newline_positions", "colon_positions",
     "bos_positions", "most_attended", "target_readout", "select_lr", "fit_probe", "contextual_calibration_mean",
     "states_run", "lr_search_run", "tuned_run", "control_runs", "cached_control_runs", "cached_lr_searches",
-    "tuned_methods", "with_extra_controls", "stratified_folds",
+    "tuned_methods", "with_extra_controls", "stratified_folds", "SCORED_FIELDS", "FIELDS_BY_METHOD",
+    "expected_fields",
 ]
 
 RESULTS_FOLDER = "reweighting"  # the results sub-folder of its runs
@@ -949,9 +950,44 @@ def _scored_setup(logits: np.ndarray, s: SeedSetup) -> dict[str, np.ndarray]:
     return _scored(logits, np.array([p.label for p in s.test_prompts]), np.array(s.test))
 
 
+# What the chapter, its pages and the verdict read from each cached run, by the run's ``method`` setting: passed to
+# cached_run as ``expect`` (a cached result without one of them is recomputed in the user cache and an error in the
+# committed results). The scored fields (:func:`_scored`) of every method (the paired comparisons, the prior table,
+# the fitted controls); beside them what is read of that method only.
+SCORED_FIELDS = ("logits", "pred", "gold", "correct", "test_index")
+_TRAINED = ("epoch_loss", "loss_start", "loss_end", "train_logits")  # the training figure and the loss table
+FIELDS_BY_METHOD = {
+    # the calibrations and fitted controls (train_logits/train_gold, cf_logits), the loss and cost tables
+    "icl-1": SCORED_FIELDS + ("train_logits", "train_gold", "cf_logits", "eval_s", "eval_peak_mb"),
+    "icl-5": SCORED_FIELDS,
+    # the beta figures, the probe's parameter count and the cost table
+    "anchor": SCORED_FIELDS + ("beta", *_TRAINED, "train_s", "step_s", "naive_step_s", "train_peak_mb",
+                               "naive_extra_mb", "threads"),
+    "random": SCORED_FIELDS + ("beta", *_TRAINED),
+    "bias": SCORED_FIELDS + ("bias", *_TRAINED),
+    "contextual": SCORED_FIELDS,
+    **{m: SCORED_FIELDS for m in VARIANTS},  # the tuned betas other than anchor/random (those are reweighting_run's)
+    # the probe, three-input contextual calibration and beta-attended's positions (the shares are read where held)
+    "states": ("cf3_logits", "train_states", "test_states", "train_gold", "test_index", "attended"),
+    "lr-search": ("grid", "heldout_loss", "lr"),  # the learning-rate table and the tuned runs
+}
+
+
+def expected_fields(method: str) -> tuple[str, ...]:
+    """The fields read from a cached run of ``method`` (a :data:`METHODS` entry, a tuned beta of :data:`VARIANTS`,
+    ``states`` or ``lr-search``: the run's ``method`` setting), passed to :func:`helpers.core.runs.cached_run` as
+    ``expect``."""
+    try:
+        return FIELDS_BY_METHOD[method]
+    except KeyError:
+        raise ValueError(f"no expected fields for the re-weighting run {method!r}; known: "
+                         f"{sorted(FIELDS_BY_METHOD)}") from None
+
+
 def _cached(lm, data: TaskData, settings: dict, compute: Callable[[], dict[str, np.ndarray]], **kw):
-    """The one place this chapter calls the run cache (keep the call form; see helpers.core.runs.cached_run)."""
-    return cached_run(RESULTS_FOLDER, lm, data, settings, compute, **kw)
+    """The one place this chapter calls the run cache (keep the call form; see helpers.core.runs.cached_run), with
+    the fields its ``method`` setting's run must hold (:func:`expected_fields`; not part of the key)."""
+    return cached_run(RESULTS_FOLDER, lm, data, settings, compute, expect=expected_fields(settings["method"]), **kw)
 
 
 def reweighting_seeds(profile: Profile) -> tuple[int, ...]:

@@ -59,7 +59,7 @@ __all__ = [
     "random_init_ids", "embed_scale", "project_to_vocab", "unit_vocab", "soft_logits", "prefix_logits", "init_prefix",
     "evaluate_soft", "evaluate_prefix", "train_soft", "train_prefix", "train_pez", "attention_at_target",
     "attention_report", "tuning_run", "tuning_runs", "METHOD_TITLES", "task_average", "FLOOR", "shift_floor",
-    "shift_floor_run", "collect_floor",
+    "shift_floor_run", "collect_floor", "SCORED_FIELDS", "ATTENTION_FIELDS", "FLOOR_FIELDS", "expected_fields",
 ]
 
 RESULTS_FOLDER = "tuning"  # the results sub-folder of its runs
@@ -473,6 +473,26 @@ def _settings(config: TuningConfig, seed: int, method: str) -> dict:
     return s
 
 
+# What the chapter, its pages and the verdict read from each cached run, passed to cached_run as ``expect`` (a cached
+# result without one of them is recomputed in the user cache and an error in the committed results; not part of the
+# key): by method (:func:`expected_fields`), and the float floor's (:func:`shift_floor_run`).
+SCORED_FIELDS = ("correct", "test_index", "n_params")  # accuracies, paired gains and parameter counts
+ATTENTION_FIELDS = tuple(f"att_{k}" for k in ("tv", "maxdiff", "outside", "anchor_share", "anchor_share_base"))
+FLOOR_FIELDS = ("maxdiff",)
+
+
+def expected_fields(method: str) -> tuple[str, ...]:
+    """The fields read from a cached run of ``method``: :data:`SCORED_FIELDS`; for a trained method also its
+    training time and the attention report (:data:`ATTENTION_FIELDS`, the theorem check); for PEZ the tokens found
+    and their initialisation; for :data:`FLOOR` its ``maxdiff``."""
+    if method == FLOOR:
+        return FLOOR_FIELDS
+    kind, _ = method_kind(method)
+    if kind == "icl-1":
+        return SCORED_FIELDS
+    return SCORED_FIELDS + ("train_s", *ATTENTION_FIELDS) + (("ids", "init_ids") if kind == "pez" else ())
+
+
 def tuning_run(lm, data: TaskData, config: TuningConfig, seed: int, method: str, setup=None, progress: bool = False,
                **kw) -> dict[str, np.ndarray]:
     """One method on one seed, cached: test logits/pred/gold/correct/test_index, what was trained, the training
@@ -529,7 +549,8 @@ def tuning_run(lm, data: TaskData, config: TuningConfig, seed: int, method: str,
             out.update({f"att_{k}": v for k, v in report.items()})
         return out
 
-    return cached_run(RESULTS_FOLDER, lm, data, _settings(config, seed, method), compute, **kw)
+    return cached_run(RESULTS_FOLDER, lm, data, _settings(config, seed, method), compute,
+                      expect=expected_fields(method), **kw)
 
 
 FLOOR = "position-shift-floor"
@@ -573,7 +594,7 @@ def shift_floor_run(lm, data: TaskData, config: TuningConfig, seed: int, **kw) -
 
     settings = {"seed": seed, "method": FLOOR, "n_test": config.n_test, "n_attention": config.n_attention,
                 "shots": 1, "shifts": list(shifts)}
-    return cached_run(RESULTS_FOLDER, lm, data, settings, compute, **kw)
+    return cached_run(RESULTS_FOLDER, lm, data, settings, compute, expect=expected_fields(FLOOR), **kw)
 
 
 def tuning_runs(lm, data: TaskData, config: TuningConfig, methods: Sequence[str] | None = None,
