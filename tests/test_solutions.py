@@ -177,7 +177,7 @@ def test_every_exercise_has_a_solution_dropdown(chapter):
     prefix = FUNCTION_PREFIX.get(chapter, chapter)
     for number, exercise in enumerate(exercises, 1):
         assert ":::{dropdown} Solution" in exercise, f"{chapter} exercise {number} has no solution"
-        include = re.search(r"```\{literalinclude\} (\S+)\n:pyobject: (\w+)\n```", exercise)
+        include = re.search(r"```\{literalinclude\} (\S+)\n\s*:pyobject: (\w+)\n\s*```", exercise)
         assert include, f"{chapter} exercise {number}: no literalinclude of its solution"
         path, name = include.groups()
         assert (ROOT / "book" / path).resolve() == ROOT / "helpers" / "pages" / "solutions.py", path
