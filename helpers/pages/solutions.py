@@ -149,7 +149,8 @@ def aggregation_3(lm=None, data: TaskData | None = None, task: str = "sst2", see
                   n_test: int = 8, n_boot: int = 200) -> dict:
     """Aggregation, exercise 3 (another model): the saliency flows on Qwen2.5-Coder 0.5B (default) and where
     S_pq leads S_wp: :func:`helpers.experiments.aggregation.lead_layers` (layers from 1; ``flip_backs`` are the
-    layers where S_wp leads again after S_pq first led), with the normalised curves (3, L). Used in: Aggregation (exercise 3)."""
+    layers where S_wp leads again after S_pq first led), with the normalised curves (3, L).
+    Used in: Aggregation (exercise 3)."""
     lm, data = _model(lm, SECOND_MODEL), _task_data(data, task)
     flows = [saliency_flow(lm, data.task, make_prompts(lm, data, s, n_test, per_example=True), progress=False)
              for s in seeds]
@@ -205,7 +206,8 @@ def compression_1(lm=None, data: TaskData | None = None, task: str = "sst2", see
 def compression_2(bench: dict | str | None = None, model: str = DEFAULT_MODEL) -> dict:
     """Compression, exercise 2 (where batching stops paying): from the output of ``python -m helpers.cli.bench
     compression`` (a dict, the path of its JSON, or ``None`` for the one the chapter reads), each task's measured
-    speed-up over its token-count ceiling per batch size, and the batch size that comes closest to the ceiling. Used in: Compression (exercise 2)."""
+    speed-up over its token-count ceiling per batch size, and the batch size that comes closest to the ceiling.
+    Used in: Compression (exercise 2)."""
     if not isinstance(bench, dict):
         bench = json.loads(open(bench or bench_file("compression-bench", model), encoding="utf-8").read())
     out = {}
@@ -311,7 +313,8 @@ def diagnosis_3(lm=None, data: TaskData | None = None, task: str = "trec", seed:
                 m: int = 10) -> dict:
     """Diagnosis, exercise 3 (another real confusion): Spearman's ρ of the anchor-key distances at the chapter's
     layer with the pairwise AUC and with the prediction confusion matrix's off-diagonal rates (how often gold i is
-    predicted as j, averaged with j as i; one minus that, so that small means confused for both). Used in: Diagnosis (exercise 3)."""
+    predicted as j, averaged with j as i; one minus that, so that small means confused for both).
+    Used in: Diagnosis (exercise 3)."""
     lm, data = _model(lm), _task_data(data, task)
     n_classes = data.task.n_classes
     result = diagnose(lm, data.task, make_prompts(lm, data, seed, n_test), progress=False)
@@ -350,7 +353,8 @@ def extraction_1(lm=None, data: TaskData | None = None, task: str = "sst2", seed
 def extraction_2(lm=None, data: TaskData | None = None, task: str = "sst2", seeds: Sequence[int] = (42,),
                  n_test: int = 16) -> dict:
     """Extraction, exercise 2 (gold instead of prediction): AUCROC_l (L,) of the target's attention to the label
-    words against the model's prediction and against the gold label (mean over seeds), and the accuracy (in %). Used in: Extraction (exercise 2)."""
+    words against the model's prediction and against the gold label (mean over seeds), and the accuracy (in %).
+    Used in: Extraction (exercise 2)."""
     lm, data = _model(lm), _task_data(data, task)
     runs = _attention_runs(lm, data, seeds, n_test)
     with np.errstate(all="ignore"):
@@ -403,7 +407,8 @@ def meaning_1(lm=None, data: TaskData | None = None, task: str = "sst2", seed: i
               shots: Sequence[int] = (1, 8)) -> dict:
     """Meaningless labels, exercise 1 (eight per class): with the abstract words (" A", " B") and 1 or 8
     demonstrations per class, the share of the test examples predicted as each word, the mean label
-    probabilities and the accuracy (in %); the same runs as ``meaning.attention_runs``, not cached. Used in: Anchors without meaning (exercise 1)."""
+    probabilities and the accuracy (in %); the same runs as ``meaning.attention_runs``, not cached.
+    Used in: Anchors without meaning (exercise 1)."""
     lm, data = _model(lm), _task_data(data, task)
     abstract = regime_data(data, "abstract")
     return {k: _prediction_shares(lm, abstract, seed, n_test, k) for k in shots}
@@ -554,17 +559,21 @@ class _PrefixOnlyIn(Hook):
 
 
 def tuning_1(lm=None, data: TaskData | None = None, task: str = "sst2", seed: int = 42, n_test: int = 4,
-             m: int = 4, layer: int | None = None) -> dict:
+             m: int = 4, layer: int | None = None, trained: dict | None = None) -> dict:
     """Tuning, exercise 1 (splice the prefix in one layer only): a prefix of ``m`` keys and values (prefix-tuning's
-    initialisation: m random tokens run through the model; the theorem holds for any prefix) visible in ``layer``
-    alone (0-based; default the middle layer), and per layer the largest change of q's renormalised content
-    attention (``maxdiff``) and its mean total variation (``tv``) from :func:`helpers.experiments.tuning.attention_report`. Used in: Tuning (exercise 1)."""
+    initialisation: m random tokens run through the model; the theorem holds for any prefix), or the prefix
+    ``trained`` (``keys`` and ``values`` as :func:`helpers.experiments.tuning.train_prefix` returns them), visible in
+    ``layer`` alone (0-based; default the middle layer); per layer, the largest change of q's renormalised content
+    attention (``maxdiff``) and its mean total variation (``tv``) from
+    :func:`helpers.experiments.tuning.attention_report`. Used in: Tuning (exercise 1)."""
     lm, data = _model(lm), _task_data(data, task)
     layer = lm.n_layers // 2 if layer is None else layer
     prompts = make_prompts(lm, data, seed, n_test)
-    kv = tuning.init_prefix(lm.model, tuning.random_init_ids(lm.tokenizer, m, seed))
-    trained = {"keys": np.stack([k.float().cpu().numpy() for k, _ in kv]),
-               "values": np.stack([v.float().cpu().numpy() for _, v in kv])}
+    if trained is None:
+        kv = tuning.init_prefix(lm.model, tuning.random_init_ids(lm.tokenizer, m, seed))
+        trained = {"keys": np.stack([k.float().cpu().numpy() for k, _ in kv]),
+                   "values": np.stack([v.float().cpu().numpy() for _, v in kv])}
+    m = trained["keys"].shape[-2]
     with intervene(_PrefixOnlyIn(layer, lm.n_layers)):
         report = tuning.attention_report(lm, prompts, f"prefix-{m}", trained, data.task.n_classes)
     return {"layer": layer, "maxdiff": report["maxdiff"].max(axis=(0, 2)), "tv": report["tv"].mean(axis=(0, 2)),
@@ -575,7 +584,8 @@ def tuning_2(lm=None, data: TaskData | None = None, task: str = "sst2", seed: in
              m: int = 1, n_attention: int = 4, config: TrainConfig = TrainConfig()) -> dict:
     """Tuning, exercise 2 (before BOS): a soft prompt of ``m`` tokens trained and evaluated after the BOS token (the
     chapter's slot) and before it, with its test accuracy (in %) and its first layer's largest change of q's
-    renormalised content attention. On a model whose tokenizer adds no BOS both slots are the same. Used in: Tuning (exercise 2)."""
+    renormalised content attention. On a model whose tokenizer adds no BOS both slots are the same.
+    Used in: Tuning (exercise 2)."""
     lm, data = _model(lm), _task_data(data, task)
     s = seed_setup(lm, data, seed, n_test, config)
     out = {}
@@ -594,7 +604,8 @@ def tuning_2(lm=None, data: TaskData | None = None, task: str = "sst2", seed: in
 def tuning_3(lm=None, data: TaskData | None = None, task: str = "sst2", seed: int = 42, n_test: int = 16,
              m: int = 4, extra: Sequence[int] = (4, 16), config: TrainConfig = TrainConfig()) -> dict:
     """Tuning, exercise 3 (more data): for each number of training examples per class, the test accuracy (in %)
-    of prefix-tuning with ``m`` positions and of anchor re-weighting, with their parameter counts. Used in: Tuning (exercise 3)."""
+    of prefix-tuning with ``m`` positions and of anchor re-weighting, with their parameter counts.
+    Used in: Tuning (exercise 3)."""
     lm, data = _model(lm), _task_data(data, task)
     n_classes = data.task.n_classes
     where = lambda p: class_positions(p, n_classes)  # noqa: E731
