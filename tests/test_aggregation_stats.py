@@ -93,3 +93,24 @@ def test_saliency_position_control_shares_the_matrices_and_avoids_label_words(of
         pos = random_non_label_positions(p, rng)
         labels = {i for a, b in p.label_spans for i in range(a, b)}
         assert len(pos) == len(p.label_positions) and not labels & set(pos) and max(pos) < p.query_start
+
+
+def test_crossover_estimate_is_the_papers_crossover_with_an_interval():
+    """The point value is :func:`crossover_layer` of :func:`flow_curves` (1-based); a clear crossover gives a point
+    interval; flows where S_pq never leads give "never"."""
+    from helpers.core.stats import layer_text
+    from helpers.experiments.aggregation import crossover_estimate, crossover_layer, flow_curves
+
+    rng = np.random.default_rng(3)
+    layers = 8
+    per_seed = []
+    for _ in range(3):
+        f = rng.random((20, 3, layers)) * 0.1
+        f[:, 0, :4] += 1.0  # S_wp leads in layers 1-4
+        f[:, 1, 4:] += 1.0  # S_pq from layer 5
+        per_seed.append(f)
+    est = crossover_estimate(per_seed, n_boot=200)
+    assert est.value == crossover_layer(flow_curves(per_seed)) + 1 == 5
+    assert layer_text(est, layers) == "5 [5, 5]"
+    never = [rng.random((20, 3, layers)) * 0.1 + np.array([1.0, 0.0, 0.0])[None, :, None] for _ in range(3)]
+    assert layer_text(crossover_estimate(never, n_boot=50), layers) == "never"

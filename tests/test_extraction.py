@@ -167,3 +167,46 @@ def test_auc_estimates_interval_contains_the_point_curve():
     np.testing.assert_allclose(r.value, r_mean)
     assert np.all(auc.low <= auc.value + 1e-12) and np.all(auc.value <= auc.high + 1e-12)
     assert (auc.low[3:] > 0.8).all() and auc.n == "30 × 3"
+
+
+def test_layer_estimates_give_the_point_layers_and_intervals_that_widen_with_noise():
+    """The peak layer and the layer where R_l reaches 0.5 are those of the point curves; a sharp signal gives a point
+    interval, a weak one a wider interval that still holds the point; 'never' is layer L + 1."""
+    from helpers.core.stats import layer_text
+    from helpers.experiments.extraction import auc_curves, layer_estimates, layer_passing
+
+    def runs(strength, seed=5, layers=8):
+        rng = np.random.default_rng(seed)
+        out = []
+        for _ in range(3):
+            pred = rng.integers(0, 2, 40)
+            att = rng.random((40, layers, 2))
+            att[:, 5, 1] += strength * pred  # layer 6 (1-based) is the most informative
+            att[:, 6:, 1] += 0.5 * strength * pred[:, None]
+            out.append({"attention": att, "pred": pred})
+        return out
+
+    sharp, weak = runs(5.0), runs(0.15)
+    for rs in (sharp, weak):
+        peak, passing = layer_estimates(rs, n_boot=200)
+        mean, r_mean = auc_curves(rs)
+        assert peak.value == np.nanargmax(mean) + 1
+        assert passing.value == layer_passing(r_mean) + 1
+        assert peak.low <= peak.value <= peak.high and passing.low <= passing.value <= passing.high
+    peak, _ = layer_estimates(sharp, n_boot=200)
+    assert layer_text(peak, 8) == "6 [6, 6]"
+    wide, _ = layer_estimates(weak, n_boot=200)
+    assert wide.high - wide.low > 0
+    never = layer_estimates([{**r, "attention": r["attention"][:, :, ::-1] * 0 + 0.5} for r in sharp], n_boot=50)[1]
+    assert np.isnan(never.value) or never.value == 9  # constant attention: AUC 0.5 everywhere, R_l undefined
+
+
+def test_layer_text_rounds_outwards_and_says_never():
+    from helpers.core.stats import Estimate, layer_text
+
+    def est(v, lo, hi):
+        return Estimate(np.asarray(v), lo, hi, 10, 3, np.array([v]))
+
+    assert layer_text(est(12.0, 10.4, 13.6), 18) == "12 [10, 14]"
+    assert layer_text(est(18.0, 17.0, 19.0), 18) == "18 [17, never]"
+    assert layer_text(est(19.0, 19.0, 19.0), 18) == "never"

@@ -197,11 +197,11 @@ def test_accuracy_figure(res, drawn):
 
 def test_crossover_values_and_table(res):
     v = page.crossover_values(res)
-    assert v["cross1_natural_1"] == "4" and v["cross1_abstract_4"] == "4"
+    assert v["cross1_natural_1"] == "4 [4, 4]" and v["cross1_abstract_4"] == "4 [4, 4]"
     assert v["cross2_random_1"] == "never" and "cross2_natural_4" not in v
     df = page.crossover_table(res).data
     assert list(df.index.names) == ["model", "per class", "regime"]
-    assert df.loc[("model-a", 1, "natural"), "S_pq > S_wp from layer"] == "4 of 6"
+    assert df.loc[("model-a", 1, "natural"), "S_pq > S_wp from layer"] == "4 [4, 4] of 6"
     assert df.loc[("model-b", 1, "random"), "S_pq > S_wp from layer"] == "never"
     assert df.loc[("model-a", 1, "natural"), "n"] == "6 × 2"
     assert df.loc[("model-a", 1, "natural"), "gap, last third"].startswith("0.")  # S_pq ahead in deep layers
@@ -330,7 +330,7 @@ def test_summary_table(res):
     assert a["SST-2 accuracy %, 1 per class"].startswith("66.7 [") and "; follows flip 33.3 [" in a[
         "SST-2 accuracy %, 1 per class"]
     assert a[f"{SEVERAL_SHOTS} per class"].startswith("66.7 [")
-    assert a["crossover layer (1 / several per class)"] == "4 / 4 of 6"
+    assert a["crossover layer (1 / several per class)"] == "4 [4, 4] / 4 [4, 4] of 6"
     assert b["crossover layer (1 / several per class)"] == "never / not run of 6"
     assert b[f"{SEVERAL_SHOTS} per class"] == "not run"
     assert a[f"label loyalty, first {K} / last {K}"].startswith("17 [")
@@ -356,7 +356,8 @@ BOOK_SST2 = {
     "first1_random_1": "75 [60, 88]", "last1_natural_1": "90 [79, 98]", "last1_abstract_1": "100 [100, 100]",
     "last1_flipped_1": "98 [92, 100]", "last1_random_1": "92 [83, 98]", "igap1_natural_1": "27 [12, 46]",
     "igap1_abstract_1": "0 [0, 0]", "igap1_flipped_1": "17 [4, 31]", "igap1_random_1": "17 [4, 31]",
-    "cross1_natural_1": "6", "cross1_abstract_1": "6", "cross1_flipped_1": "6", "cross1_random_1": "6"}
+    "cross1_natural_1": "6 [6, 6]", "cross1_abstract_1": "6 [6, 6]", "cross1_flipped_1": "6 [6, 6]",
+    "cross1_random_1": "6 [6, 6]"}
 
 
 def test_committed_sst2_slice_gives_the_books_numbers(data_dir):

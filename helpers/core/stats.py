@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["Estimate", "bootstrap", "bootstrap_weighted", "resample_counts", "mean_estimate", "paired_difference",
+__all__ = ["layer_text", "Estimate", "bootstrap", "bootstrap_weighted", "resample_counts", "mean_estimate", "paired_difference",
            "N_BOOT", "LEVEL", "WEAK_LEVEL", "HIERARCHICAL", "pooled_over"]
 
 N_BOOT = 1000
@@ -261,6 +261,24 @@ def bootstrap_weighted(
     low, high, wl, wh = _intervals(reps, value, level)
     return Estimate(np.asarray(value)[()], low, high, min(len(a[0]) for a in items), len(items), seed_values, level,
                     wl, wh, hierarchical and len(items) > 1)
+
+
+def layer_text(est: Estimate, n_layers: int) -> str:
+    """A layer number (1-based) with its 95% interval, ``"12 [10, 14]"``; the interval's ends are rounded outwards
+    to whole layers, and ``n_layers + 1`` (past the last layer: the event never happens) reads ``"never"`` (alone when
+    every replicate agrees).
+    Used in: Extraction (the peak layer, where R_l reaches 0.5), Anchors without meaning (the crossover layer)."""
+
+    def one(x: float) -> str:
+        if not np.isfinite(x):
+            return "?"
+        return "never" if x > n_layers else f"{int(x)}"
+
+    value = float(est.value)
+    low, high = float(np.floor(est.low)), float(np.ceil(est.high))
+    if value > n_layers and low > n_layers:  # never, in every replicate
+        return "never"
+    return f"{one(np.round(value))} [{one(low)}, {one(high)}]"
 
 
 def _nanmean0(x: np.ndarray) -> np.ndarray:

@@ -22,7 +22,7 @@ from .isolation import (condition_name, isolation_fields, label_loyalty, label_l
 from ..core.prompts import collate, label_token_ids
 from ..core.runs import Profile, cached_run, make_prompts, settings_of
 from ..core.saliency import normalise_per_layer, saliency_flow, saliency_matrices
-from ..core.stats import N_BOOT, Estimate, bootstrap, mean_estimate, paired_difference
+from ..core.stats import N_BOOT, Estimate, bootstrap, bootstrap_weighted, mean_estimate, paired_difference
 from ..core.tasks import TaskData
 from ..core.findings import (NOT_REPRODUCED, PARTLY, REPRODUCED, TASK_NAMES, Finding, Measured, all_tasks,
                              barely_matters, majority, pooled_n, strongly_lowers)
@@ -30,7 +30,7 @@ from ..core.runs import PROFILES
 from ..core.tasks import get_task
 from .protocol import Experiment
 
-__all__ = ["saliency_runs", "saliency_examples", "isolation_runs", "flow_curves", "crossover_layer",
+__all__ = ["saliency_runs", "saliency_examples", "isolation_runs", "flow_curves", "crossover_layer", "crossover_estimate",
            "loyalty_table", "flow_estimate", "flow_gap_estimate", "lead_layers", "loyalty_per_example",
            "loyalty_estimates", "loyalty_difference", "gap_over_layers", "ww_smallest_share", "KS", "RANDOM_KS", "LOYALTY_METRICS",
            "FLOW_FIELDS", "EXAMPLE_FIELDS"]
@@ -136,6 +136,27 @@ def crossover_layer(curves: np.ndarray) -> int | None:
     """The first layer (0-based) where S_pq exceeds S_wp in the normalised curves; ``None`` if it never does."""
     over = np.nonzero(curves[1] > curves[0])[0]
     return int(over[0]) if len(over) else None
+
+
+def crossover_estimate(per_seed: Sequence[np.ndarray], n_boot: int = N_BOOT, seed: int = 0) -> Estimate:
+    """The first layer (1-based) where S_pq exceeds S_wp in the paper's aggregated curves (:func:`flow_curves`,
+    :func:`crossover_layer`), with the interval of a hierarchical bootstrap (seeds, then examples within each): every
+    replicate's curves give their own crossover. A replicate in which S_pq never leads counts as layer L + 1
+    ("never", :func:`helpers.core.stats.layer_text`).
+
+    Used in: Anchors without meaning (the crossover table)."""
+    n_layers = np.asarray(per_seed[0]).shape[-1]
+
+    def stat(flows, weights):  # (B, N) weights -> (B, 3, L) normalised mean curves, as normalise_per_layer
+        mean = np.einsum("bn,nkl->bkl", weights, flows) / weights.sum(1)[:, None, None]
+        return mean / mean.sum(axis=1, keepdims=True)
+
+    def first(curves):
+        layer = crossover_layer(curves)
+        return float(n_layers + 1 if layer is None else layer + 1)
+
+    return bootstrap_weighted([np.asarray(f, dtype=float) for f in per_seed], stat, n_boot=n_boot, seed=seed,
+                              then=first)
 
 
 def _conditions(per_seed: Sequence[dict[str, np.ndarray]], ks: Sequence[int]):

@@ -36,7 +36,7 @@ from ..core.tasks import get_task
 from .protocol import Experiment
 
 __all__ = ["LAYOUT", "label_attention", "auc_per_layer", "auc_per_layer_weighted", "cumulative_contribution",
-           "extraction_runs", "auc_curves", "auc_estimates", "deep_auc_estimate", "accuracy_estimate", "layer_passing",
+           "extraction_runs", "auc_curves", "auc_estimates", "deep_auc_estimate", "accuracy_estimate", "layer_passing", "layer_estimates",
            "attention_shares", "FIELDS"]
 
 LAYOUT = ("example", "layer", "class")
@@ -271,6 +271,35 @@ def auc_estimates(per_seed: Sequence[dict[str, np.ndarray]], n_boot: int = N_BOO
     auc = bootstrap_weighted(data, stat, n_boot=n_boot, seed=seed)
     r = bootstrap_weighted(data, stat, n_boot=n_boot, seed=seed, then=cumulative_contribution)
     return auc, r
+
+
+def layer_estimates(per_seed: Sequence[dict[str, np.ndarray]], n_boot: int = N_BOOT, seed: int = 0,
+                    level: float = 0.5, renormalise_binary: bool = False) -> tuple[Estimate, Estimate]:
+    """The layer (1-based) where AUCROC_l peaks, and the first layer where R_l reaches ``level``, each with the
+    interval of the hierarchical bootstrap of :func:`auc_estimates` (seeds, then examples): each replicate's mean AUC
+    curve gives its own peak and its own R_l. A replicate in which R_l never reaches ``level`` counts as layer L + 1
+    ("never", :func:`helpers.core.stats.layer_text`).
+
+    Used in: Extraction (the table of AUCROC_l)."""
+    data = [(r["attention"], r["pred"]) for r in per_seed]
+    n_layers = per_seed[0]["attention"].shape[1]
+
+    def stat(attention, pred, weights):
+        return auc_per_layer_weighted(attention, pred, weights, renormalise_binary)
+
+    def peak(auc):
+        auc = np.asarray(auc, dtype=float)
+        return float(np.nanargmax(auc) + 1) if np.isfinite(auc).any() else np.nan
+
+    def passing(auc):
+        auc = np.asarray(auc, dtype=float)
+        if not np.isfinite(auc).all():
+            return np.nan
+        layer = layer_passing(cumulative_contribution(auc), level)
+        return float(n_layers + 1 if layer is None else layer + 1)
+
+    return (bootstrap_weighted(data, stat, n_boot=n_boot, seed=seed, then=peak),
+            bootstrap_weighted(data, stat, n_boot=n_boot, seed=seed, then=passing))
 
 
 def accuracy_estimate(per_seed: Sequence[dict[str, np.ndarray]], **kw) -> Estimate:

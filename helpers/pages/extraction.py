@@ -20,12 +20,12 @@ import pandas as pd
 
 from . import plots
 from .summaries import summarised
-from ..core.stats import paired_difference
+from ..core.stats import layer_text, paired_difference
 from ..core.tasks import get_task
 from ..experiments.extraction import (accuracy_estimate, attention_shares, auc_estimates, deep_auc_estimate,
-                                      layer_passing)
+                                      layer_estimates, layer_passing)
 
-__all__ = ["PAPER_ACC", "auc_estimates_of", "auc_figure", "deep_estimates", "accuracy_table", "auc_table", "one_shot_values",
+__all__ = ["PAPER_ACC", "auc_estimates_of", "layer_estimates_of", "auc_figure", "deep_estimates", "accuracy_table", "auc_table", "one_shot_values",
            "sink_figure", "renorm_figure", "renorm_values", "example_figure", "example_outcome", "two_shot_figure",
            "two_shot_table", "accuracy_change", "two_shot_values"]
 
@@ -116,33 +116,55 @@ def _accuracy_rows(runs: Mapping[str, Mapping[str, Sequence[dict]]]) -> list[dic
     return rows
 
 
-def auc_table(est: Mapping, deep: Mapping) -> "pd.io.formats.style.Styler":
+@summarised("extraction/layer-estimates")
+def layer_estimates_of(runs: Mapping[str, Mapping[str, Sequence[dict]]]) -> dict:
+    """``{(model, task): (peak layer, first layer with R_l ≥ 0.5)}``, each an Estimate with the hierarchical
+    bootstrap's interval (:func:`helpers.experiments.extraction.layer_estimates`), computed once per content of the
+    runs (a stored summary).
+
+    Used in: Extraction."""
+    return {(m, name): layer_estimates(rs) for m, per_task in runs.items() for name, rs in per_task.items()}
+
+
+def auc_table(est: Mapping, deep: Mapping, layers: Mapping | None = None) -> "pd.io.formats.style.Styler":
     """Per model and task: AUCROC_l over the last third of the layers, its peak and where, and the first layer where
-    R_l reaches 0.5 ("undetermined" when the interval of R_l leaves the figure's axes, :func:`_determined`).
+    R_l reaches 0.5 ("undetermined" when the interval of R_l leaves the figure's axes, :func:`_determined`). With
+    ``layers`` (:func:`layer_estimates_of`) both layers carry their 95% interval over seeds and examples.
 
     Returns a pandas Styler with its caption. Used in: Extraction.
     """
     rows = []
     for m, per_task in est.items():
         for name, (auc, r) in per_task.items():
+            n_layers = len(auc.value)
+            peak_layer = f"{int(np.nanargmax(auc.value)) + 1}"
+            passing = _passing_or_undetermined(r, n_layers=True)
+            if layers is not None and (m, name) in layers:
+                peak_est, pass_est = layers[m, name]
+                peak_layer = layer_text(peak_est, n_layers)
+                if passing not in ("undetermined",):
+                    passing = f"{layer_text(pass_est, n_layers)} of {n_layers}"
             rows.append({"model": m, "task": get_task(name).title,
                          "AUCROC, last third": deep[m, name].fmt(2),
-                         "peak (layer)": f"{np.nanmax(auc.value):.2f} ({int(np.nanargmax(auc.value)) + 1})",
-                         "R_l ≥ 0.5 from layer": _passing_or_undetermined(r, n_layers=True)})
+                         "peak (layer)": f"{np.nanmax(auc.value):.2f} ({peak_layer})",
+                         "R_l ≥ 0.5 from layer": passing})
+    intervals = (" Layers with their 95% interval over seeds and examples; 'never' past the last layer."
+                 if layers is not None else "")
     return pd.DataFrame(rows).set_index(["model", "task"]).style.set_caption(
         f"AUCROC averaged over the last third of the layers, its peak, and the first layer where R_l reaches 0.5 (95% "
         f"intervals; n = {_n(est)} per row). 'undetermined': the interval of R_l leaves {_undetermined_limits()} "
-        "(drawn dashed in the figure).")
+        f"(drawn dashed in the figure).{intervals}")
 
 
 @summarised("extraction/one-shot-values")
 def one_shot_values(runs: Mapping[str, Mapping[str, Sequence[dict]]], est: Mapping, deep: Mapping, model: str,
-                    second_model: str | None = None) -> dict:
+                    second_model: str | None = None, layers: Mapping | None = None) -> dict:
     """The numbers the one-shot section's prose quotes: the models' names, the deep AUCROC and the accuracy per task,
     how many tasks' deep AUCROC lies above chance (its interval above 0.5) per model and which do not, where the
     paper's GPT2-XL accuracy lies against ``model``'s interval (inside, above, below), how many AG News classes are
     predicted, the smallest R_l on AG News and SST-2, the (model, task) pairs whose R_l is undetermined, the limits
-    that define it, and the layer where R_l first reaches 0.5 (or "undetermined").
+    that define it, and the layer where R_l first reaches 0.5 (or "undetermined"), with its interval when ``layers``
+    (:func:`layer_estimates_of`) is given.
 
     Returns ``{glue name: value}``. Used in: Extraction.
     """
@@ -170,7 +192,10 @@ def one_shot_values(runs: Mapping[str, Mapping[str, Sequence[dict]]], est: Mappi
     values["undetermined_text"] = ", ".join(undetermined) or "none"
     values["r_limits"] = _undetermined_limits()
     for name in est[model]:
-        values[f"pass1_{name}"] = _passing_or_undetermined(est[model][name][1])
+        r = est[model][name][1]
+        values[f"pass1_{name}"] = _passing_or_undetermined(r)
+        if layers is not None and (model, name) in layers and values[f"pass1_{name}"] != "undetermined":
+            values[f"pass1_{name}"] = layer_text(layers[model, name][1], len(r.value))
     return values
 
 

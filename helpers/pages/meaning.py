@@ -19,6 +19,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from ..core.stats import layer_text
 from ..core.findings import NOT_TESTABLE
 from ..core.tasks import TASKS, TaskData, sample_fixed_demonstrations
 from ..experiments import meaning
@@ -111,6 +112,15 @@ class MeaningResults:
     def cross(self) -> dict:
         """``{(model, regime, shots): crossover layer or None}``."""
         return {(m, r, s): meaning.crossover(v) for (m, t, r, s), v in self.saliency.items()}
+
+    @cached_property
+    def cross_est(self) -> dict:
+        """``{(model, regime, shots): (crossover Estimate, number of layers)}``: the crossover layer with its interval
+        over seeds and examples (:func:`helpers.experiments.aggregation.crossover_estimate`)."""
+        from ..experiments.aggregation import crossover_estimate
+
+        return {(m, r, s): (crossover_estimate(v), np.asarray(v[0]).shape[-1])
+                for (m, t, r, s), v in self.saliency.items()}
 
     @cached_property
     def isolation(self) -> dict:
@@ -386,6 +396,10 @@ def flow_figure(res: MeaningResults) -> Figure:
     return fig
 
 
+def _of(layer: str, n_layers: int) -> str:
+    return layer if layer == "never" else f"{layer} of {n_layers}"
+
+
 def crossover_table(res: MeaningResults):
     """Per model, demonstrations per class and regime (SST-2): the crossover layer and S_pq - S_wp averaged over the
     first and the last third of the layers, with 95% intervals. A ``Styler``.
@@ -393,23 +407,22 @@ def crossover_table(res: MeaningResults):
     Used in: Anchors without meaning."""
     rows = []
     for (m, t, r, s), v in res.saliency.items():
-        c = res.cross[m, r, s]
         n_layers = len(res.gaps[m, t, r, s].value)
         shallow = gap_over_layers(v, 1, max(1, round(n_layers / 3)))
         deep = meaning.deep_flow_gap(v)
         rows.append({"model": m, "per class": s, "regime": r,
-                     "S_pq > S_wp from layer": f"{c} of {n_layers}" if c else "never",
+                     "S_pq > S_wp from layer": _of(layer_text(res.cross_est[m, r, s][0], n_layers), n_layers),
                      "gap, first third of the layers": shallow.fmt(2), "gap, last third": deep.fmt(2), "n": deep.n})
     return pd.DataFrame(rows).set_index(["model", "per class", "regime"]).style.set_caption(
-        "The first layer where S_pq exceeds S_wp (the crossover), and the mean of S_pq - S_wp over the first and the "
-        "last third of the layers (95% intervals), SST-2.")
+        "The first layer where S_pq exceeds S_wp (the crossover; 'never' past the last layer), and the mean of "
+        "S_pq - S_wp over the first and the last third of the layers (95% intervals over seeds and examples), SST-2.")
 
 
 def crossover_values(res: MeaningResults) -> dict:
-    """``cross1_<regime>_<shots>``: the crossover layer, or ``"never"``.
+    """``cross1_<regime>_<shots>``: the crossover layer with its 95% interval (``"7 [6, 8]"``), or ``"never"``.
 
     Used in: Anchors without meaning."""
-    return {f"cross{res.key(m)}_{r}_{s}": f"{c}" if c else "never" for (m, r, s), c in res.cross.items()}
+    return {f"cross{res.key(m)}_{r}_{s}": layer_text(e, n) for (m, r, s), (e, n) in res.cross_est.items()}
 
 
 def isolation_figure(res: MeaningResults) -> Figure:
@@ -620,14 +633,15 @@ def summary_table(res: MeaningResults):
     for m in models:
         for r in REGIMES:
             lo = res.loy[m, "sst2", r, 1]
-            c4 = res.cross.get((m, r, SEVERAL_SHOTS))
-            several = "not run" if (m, r, SEVERAL_SHOTS) not in res.cross else f"{c4 or 'never'}"
+            n_layers = len(res.gaps[m, 'sst2', r, 1].value)
+            several = ("not run" if (m, r, SEVERAL_SHOTS) not in res.cross_est
+                       else layer_text(res.cross_est[m, r, SEVERAL_SHOTS][0], n_layers))
             rows.append({
                 "model": m, "regime": r,
                 "SST-2 accuracy %, 1 per class": _agreement(res.acc[m, "sst2", r, 1]),
                 f"{SEVERAL_SHOTS} per class": _agreement(res.acc.get((m, "sst2", r, SEVERAL_SHOTS))),
-                "crossover layer (1 / several per class)": f"{res.cross[m, r, 1] or 'never'} / {several}"
-                    f" of {len(res.gaps[m, 'sst2', r, 1].value)}",
+                "crossover layer (1 / several per class)":
+                    f"{layer_text(res.cross_est[m, r, 1][0], n_layers)} / {several} of {n_layers}",
                 f"label loyalty, first {k} / last {k}": f"{lo['first'].fmt(0)} / {lo['last'].fmt(0)}",
                 f"deep AUCROC ({len(res.scopes[m].tasks)} tasks)": res.deep[m, r].fmt(2),
                 "signatures holding": res.holding(m, r),
