@@ -114,3 +114,15 @@ def test_crossover_estimate_is_the_papers_crossover_with_an_interval():
     assert layer_text(est, layers) == "5 [5, 5]"
     never = [rng.random((20, 3, layers)) * 0.1 + np.array([1.0, 0.0, 0.0])[None, :, None] for _ in range(3)]
     assert layer_text(crossover_estimate(never, n_boot=50), layers) == "never"
+
+
+def test_a_second_model_runs_the_first_three_book_seeds_and_the_default_all():
+    from helpers.core.models import DEFAULT_MODEL
+    from helpers.core.runs import PROFILES
+    from helpers.experiments.aggregation import EXPERIMENT, aggregation_seeds, configure
+
+    book, paper = PROFILES["book"], PROFILES["paper"]
+    assert aggregation_seeds(book, DEFAULT_MODEL) == tuple(book.seeds)
+    assert aggregation_seeds(book, "qwen2.5-coder-0.5b") == tuple(book.seeds[:3]) and len(book.seeds) > 3
+    assert aggregation_seeds(paper, "qwen2.5-coder-0.5b") == tuple(paper.seeds)
+    assert tuple(EXPERIMENT.seeds(configure("book"), "qwen2.5-coder-0.5b")) == tuple(book.seeds[:3])

@@ -30,7 +30,7 @@ from ..core.runs import PROFILES
 from ..core.tasks import get_task
 from .protocol import Experiment
 
-__all__ = ["saliency_runs", "saliency_examples", "isolation_runs", "flow_curves", "crossover_layer", "crossover_estimate",
+__all__ = ["aggregation_seeds", "OTHER_MODEL_SEEDS", "saliency_runs", "saliency_examples", "isolation_runs", "flow_curves", "crossover_layer", "crossover_estimate",
            "loyalty_table", "flow_estimate", "flow_gap_estimate", "lead_layers", "loyalty_per_example",
            "loyalty_estimates", "loyalty_difference", "gap_over_layers", "ww_smallest_share", "KS", "RANDOM_KS", "LOYALTY_METRICS",
            "FLOW_FIELDS", "EXAMPLE_FIELDS"]
@@ -44,10 +44,24 @@ FLOW_FIELDS = ("flows",)  # saliency and saliency-control
 EXAMPLE_FIELDS = ("matrices", "lengths", "label_positions", "target", "input_ids")  # saliency-examples
 
 
+OTHER_MODEL_SEEDS = 3  # the book profile on a model other than the default: its first three seeds
+
+
+def aggregation_seeds(profile: Profile, model: str) -> tuple[int, ...]:
+    """The seeds of this chapter's runs: the profile's; in the ``book`` profile, a model other than the default
+    (e.g. the verdict page's second model, about three times the default's compute) runs the first
+    :data:`OTHER_MODEL_SEEDS` of them (the verdict rows' n says so: "… × 3 seeds × 4 tasks")."""
+    from ..core.models import DEFAULT_MODEL
+
+    if profile.name == "book" and model != DEFAULT_MODEL:
+        return tuple(profile.seeds[:OTHER_MODEL_SEEDS])
+    return tuple(profile.seeds)
+
+
 def saliency_runs(lm, data: TaskData, profile: Profile, shots: int = 1, **kw) -> list[np.ndarray]:
     """One (N, 3, L) array of flows per seed."""
     out = []
-    for seed in profile.seeds:
+    for seed in aggregation_seeds(profile, lm.name):
         def compute(seed=seed):
             prompts = make_prompts(lm, data, seed, profile.n_test, shots, per_example=True)
             return {"flows": saliency_flow(lm, data.task, prompts, batch_size=max(1, profile.batch_size // 2))}
@@ -68,7 +82,7 @@ def saliency_control_runs(lm, data: TaskData, profile: Profile, shots: int = 1, 
     :data:`CONTROL_N_TEST` examples per seed. Used in: Aggregation."""
     out = []
     n_test = min(profile.n_test, CONTROL_N_TEST)
-    for seed in profile.seeds:
+    for seed in aggregation_seeds(profile, lm.name):
         def compute(seed=seed):
             prompts = make_prompts(lm, data, seed, n_test, shots, per_example=True)
             return {"flows": saliency_flow(lm, data.task, prompts, batch_size=max(1, profile.batch_size // 2),
@@ -115,7 +129,7 @@ def isolation_runs(lm, data: TaskData, profile: Profile, ks: Sequence[int] = KS,
     """One :func:`helpers.experiments.isolation.run_isolation` result per seed."""
     out = []
     n_test = profile.n_test_isolation or profile.n_test
-    for seed in profile.seeds:
+    for seed in aggregation_seeds(profile, lm.name):
         def compute(seed=seed):
             prompts = make_prompts(lm, data, seed, n_test, shots, per_example=False)
             return run_isolation(lm, data.task, prompts, ks, seed=seed, batch_size=profile.batch_size,
@@ -413,7 +427,8 @@ def run(lm, data: TaskData, config: AggregationConfig, seed: int, lookup_only: b
 
 EXPERIMENT = Experiment(
     name="aggregation", title="Shallow layers gather, deep layers extract: saliency and isolation",
-    chapter="book/aggregation", configure=configure, seeds=lambda config, model: config.profile.seeds, run=run,
+    chapter="book/aggregation", configure=configure,
+    seeds=lambda config, model: aggregation_seeds(config.profile, model), run=run,
     findings=(
         Finding("flow-shallow", "In shallow layers the text → label-word flow S_wp dominates the label → target flow "
                 "S_pq.", "qualitative (Figures 3, 7)", "§2.1", "book/aggregation", "fig-flow", flow_shallow,
