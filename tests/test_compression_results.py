@@ -50,6 +50,30 @@ def test_table2_slice(lm, sst2):
     assert int(fresh["kept/anchor"]) == int(committed["kept/anchor"])
 
 
+def test_extras_slice(lm, sst2):
+    """The runs beside Table 2 (formatting-only cache and zero demonstrations; positions restarted at 0): a slice
+    recomputed equals the committed one, and its full ICL (default positions) is Table 2's."""
+    from helpers.experiments.compression import compression_run, compression_runs, table2_extras
+    from helpers.core.runs import PROFILES, ModelKey, make_prompts
+
+    profile = PROFILES["book"]
+    committed = table2_extras(ModelKey.of(MODEL), sst2, profile, seeds=[42], lookup_only=True)
+    assert all(r[0] is not None for r in committed.values()), "committed extras missing or stale (key changed?)"
+    table2 = compression_runs(ModelKey.of(MODEL), sst2, profile, seeds=[42], lookup_only=True)[0]
+    k = 4
+    prompts = make_prompts(lm, sst2, 42, len(table2["gold"]), 1)[:k]
+    fresh = compression_run(lm, sst2.task, prompts, seed=42, n_random=0, variants=("full", "formatting", "zero-shot"),
+                            batch_size=4, progress=False)
+    restarted = compression_run(lm, sst2.task, prompts, seed=42, n_random=0, variants=("full", "anchor"),
+                                batch_size=4, progress=False, restart_positions=True)
+    for part, run, variants in [("formatting and zero-shot", fresh, ("full", "formatting", "zero-shot")),
+                                ("restarted positions", restarted, ("full", "anchor"))]:
+        for v in variants:
+            np.testing.assert_array_equal(run[f"{v}/pred"], committed[part][0][f"{v}/pred"][:k], err_msg=(part, v))
+    np.testing.assert_array_equal(committed["formatting and zero-shot"][0]["full/pred"], table2["full/pred"])
+    assert float(committed["restarted positions"][0]["check/full_prompt_max_diff"]) > 1  # restarted: not the prompt
+
+
 def test_bench_file_is_consistent(lm, sst2):
     from helpers.cli.bench import bench_path
     from helpers.experiments.compression import anchor_positions, demonstration_split

@@ -189,6 +189,86 @@ def test_anchor_vs_random_is_the_paired_difference_with_tasks_fixed():
     assert v["anchor_vs_random"].startswith("25.0 [") and v["n_table2"] == "4 × 2 seeds × 2 tasks"
 
 
+def _floor_runs(k: dict, n: int = 4):
+    """Table 2's run and the extra runs of one (task, seed): full ICL right on every example; each row's variant
+    agrees with it (and is right) on the first ``k[row key]`` examples, wrong on the others."""
+    gold = np.arange(n) % 2
+
+    def pred(j):
+        return np.where(np.arange(n) < j, gold, 1 - gold)
+
+    table2 = {"gold": gold, "full/pred": gold, "anchor/pred": pred(k["anchor"]),
+              "labels-only/pred": pred(k["labels_only"]), "check/full_prompt_max_diff": np.array(0.0)}
+    extras = {"formatting and zero-shot": {"gold": gold, "full/pred": gold, "formatting/pred": pred(k["formatting"]),
+                                           "zero-shot/pred": pred(k["zero_shot"]),
+                                           "check/full_prompt_max_diff": np.array(1e-6)},
+              "restarted positions": {"gold": gold, "full/pred": pred(k["restart_full"]),
+                                      "anchor/pred": pred(k["restart_anchor"]),
+                                      "check/full_prompt_max_diff": np.array(3.25)}}
+    return table2, extras
+
+
+def _floor_case(per_task: dict):
+    """``{task: [k per seed]}`` -> (Table 2's runs, the extras), as the chapter passes them."""
+    runs, extras = {}, {}
+    for task, ks in per_task.items():
+        pairs = [_floor_runs(k) for k in ks]
+        runs[task] = [t for t, _ in pairs]
+        extras[task] = {part: [e[part] for _, e in pairs] for part in pairs[0][1]}
+    return runs, extras
+
+
+KEYS = ("anchor", "formatting", "labels_only", "zero_shot", "restart_anchor", "restart_full")
+
+
+def test_floor_table_and_values_recompute_the_stub_results():
+    # task a: every row loyal on k of 4 examples, the same on both seeds; task b: all loyal. The value is the mean of
+    # the two tasks (tasks held fixed, equal seeds per task).
+    a = dict(zip(KEYS, (3, 2, 1, 1, 2, 3)))
+    b = dict.fromkeys(KEYS, 4)
+    runs, extras = _floor_case({"a": [a, a], "b": [b, b]})
+    est = page.floor_estimates(runs, extras)
+    for row, key in zip(page.FLOOR_ROWS, KEYS):
+        expected = 100 * (a[key] / 4 + 1) / 2
+        for m in ("label", "acc"):  # full ICL is right everywhere: loyal is right
+            e = est["rows"][row][m]
+            assert e.value == pytest.approx(expected) and e.low <= e.value <= e.high, (row, m)
+            assert (e.low == e.high) == (a[key] == 4), (row, m)  # a point only where no example differs
+        if row != "Hidden_anchor":
+            assert est["vs"][row].value == pytest.approx(100 * (a["anchor"] - a[key]) / 4 / 2)
+    assert est["full agree"] == {"formatting and zero-shot": 100.0, "restarted positions": pytest.approx(87.5)}
+    assert est["check"] == {"formatting and zero-shot": 1e-6, "restarted positions": 3.25}
+    table = page.floor_table(est)
+    assert list(table.index) == list(page.FLOOR_ROWS)
+    assert list(table.columns) == ["label loyalty", "accuracy", "Hidden_anchor's label loyalty minus this", "n"]
+    assert table.loc["formatting only", "label loyalty"] == est["rows"]["formatting only"]["label"].fmt(1)
+    assert table.loc["formatting only", "label loyalty"].startswith("75.0 [")
+    assert table.loc["no demonstrations", "accuracy"].startswith("62.5 [")
+    assert table.loc["Hidden_anchor", "Hidden_anchor's label loyalty minus this"] == ""
+    assert table.loc["no demonstrations", "Hidden_anchor's label loyalty minus this"].startswith("25.0 [")
+    assert set(table["n"]) == {"4 × 2 seeds × 2 tasks"}
+    v = page.floor_values(est)
+    assert v["floor_anchor_label"].startswith("87.5 [") and v["floor_restart_full_acc"].startswith("87.5 [")
+    assert v["floor_zero_shot_label"] == est["rows"]["no demonstrations"]["label"].fmt(1)
+    assert v["floor_vs_formatting"].startswith("12.5 [") and "floor_vs_anchor" not in v
+    assert v["n_floor"] == "4 × 2 seeds × 2 tasks" and v["restart_full_prompt_diff"] == "3.2"
+    assert v["floor_full_agree"] == "100"
+
+
+def test_floor_estimates_draw_the_seeds_and_refuse_other_examples():
+    # two seeds that differ: the interval is no longer a point
+    a1, a2 = dict.fromkeys(KEYS, 4), dict.fromkeys(KEYS, 0)
+    runs, extras = _floor_case({"a": [a1, a2], "b": [a1, a2]})
+    e = page.floor_estimates(runs, extras)["rows"]["formatting only"]["label"]
+    assert e.value == pytest.approx(50.0) and e.high - e.low > 20
+    extras["b"]["formatting and zero-shot"][1] = {**extras["b"]["formatting and zero-shot"][1],
+                                                  "gold": np.array([1, 1, 0, 0])}
+    with pytest.raises(ValueError, match="other test examples"):
+        page.floor_estimates(runs, extras)
+    with pytest.raises(ValueError, match="seeds"):
+        page.floor_estimates(runs, {t: {p: rs[:1] for p, rs in parts.items()} for t, parts in extras.items()})
+
+
 def test_padded_ceiling():
     class P:
         def __init__(self, length, query_start):
@@ -333,6 +413,13 @@ def test_glued_values_cover_every_name_the_chapter_uses(committed, data, tokeniz
     sweep = {t: shots_sweep(ModelKey.of(MODEL), d, PROFILES["book"], progress=False) for t, d in data.items()}
     prompt = page.example_prompt(tokenizer_lm, data["sst2"], 42)
     values = page.glued_values(prompt, runs, tables, bench, cost, sweep, MODEL, "second")
+    from helpers.experiments.compression import table2_extras
+
+    extras = {t: table2_extras(ModelKey.of(MODEL), d, PROFILES["book"], seeds=(42, 43), lookup_only=True)
+              for t, d in data.items()}
+    floors = page.floor_estimates(runs[MODEL], extras)
+    values |= page.floor_values(floors)
+    assert values["floor_anchor_label"] == values["anchor_label"]  # one bootstrap: Table 2's row is the table's
     from helpers.pages import verdicts
 
     monkeypatch.setattr(verdicts, "evaluate", lambda finding, model, profile: (None, "reproduced"))  # the names only

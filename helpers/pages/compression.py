@@ -32,7 +32,8 @@ from . import plots
 from .summaries import content_hash, summarised, summary
 
 __all__ = ["VARIANTS", "NAMES", "SWEEP_TASKS", "EQUAL", "FULL", "read_bench", "example_prompt", "kept_tokens_html",
-           "kept_values", "loyalty_tables", "loyalty_table", "table2_values", "padded_ceiling", "mean_ratio",
+           "kept_values", "loyalty_tables", "loyalty_table", "table2_values", "FLOOR_ROWS", "floor_estimates", "floor_table",
+           "floor_values", "padded_ceiling", "mean_ratio",
            "speed_table", "speed_values", "sweep_quality", "sweep_speed", "sweep_figure", "sweep_values",
            "glued_values"]
 
@@ -182,6 +183,111 @@ def _vs_random(per_task: Mapping[str, Sequence[dict]]) -> str:
            for rs in per_task.values() for r in rs]
     with pooled_over(len(per_task)):
         return paired_difference([a for a, _ in per], [b for _, b in per]).scaled(100).fmt(1)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Beside Table 2: what the template alone, no demonstrations and the official GPT-2 positions keep
+# --------------------------------------------------------------------------------------------------------------------
+
+# row -> (where it is read: "table 2" or a part of helpers.experiments.compression.TABLE2_EXTRAS, the variant there)
+FLOOR_ROWS = {
+    "Hidden_anchor": ("table 2", "anchor"),
+    "formatting only": ("formatting and zero-shot", "formatting"),
+    "label words only": ("table 2", "labels-only"),
+    "no demonstrations": ("formatting and zero-shot", "zero-shot"),
+    "Hidden_anchor, positions restarted at 0": ("restarted positions", "anchor"),
+    "full ICL, positions restarted at 0": ("restarted positions", "full"),
+}
+_FLOOR_KEYS = {"Hidden_anchor": "anchor", "formatting only": "formatting", "label words only": "labels_only",
+               "no demonstrations": "zero_shot", "Hidden_anchor, positions restarted at 0": "restart_anchor",
+               "full ICL, positions restarted at 0": "restart_full"}
+
+
+def _floor_metrics(runs: Mapping[str, Sequence[dict]], extras: Mapping[str, Mapping[str, Sequence[dict]]],
+                   ) -> dict[str, list[dict[str, np.ndarray]]]:
+    """Per row of :data:`FLOOR_ROWS`, per (task, seed): label agreement with **full ICL of Table 2's run** (the full
+    prompt, positions as in it) and correctness. ``runs``: Table 2's ``{task: [run per seed]}``; ``extras``: ``{task:
+    {part: [run per seed]}}`` (:func:`helpers.experiments.compression.table2_extras`), on the same test examples."""
+    out: dict[str, list[dict[str, np.ndarray]]] = {}
+    for row, (part, variant) in FLOOR_ROWS.items():
+        per = []
+        for task, rs in runs.items():
+            others = rs if part == "table 2" else extras[task][part]
+            if len(others) != len(rs):
+                raise ValueError(f"{part}: {len(others)} seeds of {task}, Table 2 has {len(rs)}")
+            for r, o in zip(rs, others):
+                if not np.array_equal(r["gold"], o["gold"]):
+                    raise ValueError(f"{part} of {task} was run on other test examples than Table 2")
+                pred = o[f"{variant}/pred"]
+                per.append({"label": (pred == r["full/pred"]).astype(float), "acc": (pred == r["gold"]).astype(float)})
+        out[row] = per
+    return out
+
+
+@summarised("compression/floors")
+def floor_estimates(runs: Mapping[str, Sequence[dict]], extras: Mapping[str, Mapping[str, Sequence[dict]]],
+                    ) -> dict[str, object]:
+    """Label loyalty and accuracy (%, 95% intervals) of every row of :data:`FLOOR_ROWS`, with the tasks held fixed
+    and the seeds drawn within each (as Table 2, :func:`loyalty_tables`); ``"vs"``: Hidden_anchor's label loyalty
+    minus each other row's on the same examples (points, paired); ``"full agree"``: how often each extra run's own
+    full ICL agrees with Table 2's (%; 100 where the default positions were run again), ``"check"``: each extra run's
+    largest full-prompt logit difference; ``"n_tasks"``. ``runs``: Table 2's ``{task: [run per seed]}``; ``extras``:
+    ``{task: {part: [run per seed]}}`` (:func:`helpers.experiments.compression.table2_extras`) on the same test
+    examples.
+
+    Used in: Compression."""
+    per = _floor_metrics(runs, extras)
+    n_tasks = len(runs)
+    out: dict[str, object] = {"rows": {}, "vs": {}, "full agree": {}, "check": {}, "n_tasks": n_tasks}
+    with pooled_over(n_tasks):
+        for row, values in per.items():
+            out["rows"][row] = {m: mean_estimate([v[m] for v in values]).scaled(100) for m in ("label", "acc")}
+        anchor = [v["label"] for v in per["Hidden_anchor"]]
+        for row, values in per.items():
+            if row != "Hidden_anchor":
+                out["vs"][row] = paired_difference(anchor, [v["label"] for v in values]).scaled(100)
+    for part in next(iter(extras.values())):
+        pairs = [(r, o) for task, rs in runs.items() for r, o in zip(rs, extras[task][part])]
+        out["full agree"][part] = 100 * float(np.mean([np.mean(o["full/pred"] == r["full/pred"]) for r, o in pairs]))
+        out["check"][part] = max(float(o["check/full_prompt_max_diff"]) for _, o in pairs)
+    return out
+
+
+def floor_table(estimates: Mapping[str, Mapping]) -> pd.DataFrame:
+    """The rows of :data:`FLOOR_ROWS`: label loyalty (agreement with full ICL's prediction on the full prompt) and
+    accuracy (% with 95% intervals), Hidden_anchor's label loyalty minus the row's (points, paired) and n, indexed by
+    method. ``estimates``: :func:`floor_estimates`.
+
+    Used in: Compression."""
+    rows = []
+    for row, est in estimates["rows"].items():
+        vs = estimates["vs"].get(row)
+        rows.append({"method": row, "label loyalty": est["label"].fmt(1), "accuracy": est["acc"].fmt(1),
+                     "Hidden_anchor's label loyalty minus this": "" if vs is None else vs.fmt(1),
+                     "n": _n_text(est["acc"], estimates["n_tasks"])})
+    return pd.DataFrame(rows).set_index("method")
+
+
+def floor_values(estimates: Mapping[str, Mapping]) -> dict[str, str]:
+    """The glued values of the table beside Table 2: ``floor_<row>_label`` and ``floor_<row>_acc`` (rows
+    ``anchor``, ``formatting``, ``labels_only``, ``zero_shot``, ``restart_anchor``, ``restart_full``),
+    ``floor_vs_<row>`` (Hidden_anchor's label loyalty minus the row's, points), ``n_floor``, the largest full-prompt
+    logit difference with positions restarted (``restart_full_prompt_diff``) and the agreement of the default-position
+    extra run's full ICL with Table 2's (``floor_full_agree``, %).
+
+    Used in: Compression."""
+    out: dict[str, str] = {}
+    for row, est in estimates["rows"].items():
+        key = _FLOOR_KEYS[row]
+        out[f"floor_{key}_label"] = est["label"].fmt(1)
+        out[f"floor_{key}_acc"] = est["acc"].fmt(1)
+        if row in estimates["vs"]:
+            out[f"floor_vs_{key}"] = estimates["vs"][row].fmt(1)
+    first = estimates["rows"]["Hidden_anchor"]["acc"]
+    out["n_floor"] = _n_text(first, estimates["n_tasks"])
+    out["restart_full_prompt_diff"] = f"{estimates['check']['restarted positions']:.1f}"
+    out["floor_full_agree"] = f"{estimates['full agree']['formatting and zero-shot']:.0f}"
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------------
