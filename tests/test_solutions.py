@@ -14,8 +14,9 @@ import pytest
 from helpers.pages import solutions
 
 ROOT = Path(__file__).resolve().parents[1]
-CHAPTERS = ("aggregation", "compression", "diagnosis", "extraction", "meaningless-labels", "reweighting", "tuning")
-FUNCTION_PREFIX = {"meaningless-labels": "meaning"}  # chapter page -> the solutions' name prefix
+CHAPTERS = ("aggregation", "compression", "diagnosis", "extraction", "meaningless-labels", "reweighting",
+            "task-vectors", "tuning")
+FUNCTION_PREFIX = {"meaningless-labels": "meaning", "task-vectors": "taskvectors"}  # page -> the solutions' prefix
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +48,24 @@ def _loyalties(out, names):
 
 def _curve(x, n_layers):
     assert np.shape(x) == (n_layers,)
+
+
+def _patched(out, names):
+    assert set(out) == {"layers", "icl", "zero", *names}, set(out)
+    assert list(out["layers"]) == [0, 2]  # every second layer of three, and the last
+    assert 0 <= out["icl"] <= 100 and 0 <= out["zero"] <= 100
+    for name in names:
+        assert np.shape(out[name]) == (2,) and ((0 <= out[name]) & (out[name] <= 100)).all()
+
+
+def _cut_heads(out, lm, k):
+    top, drawn = out["heads"]["top"], out["heads"]["random"]
+    assert out["k"] == k and len(top) == len(drawn) == k and not set(top) & set(drawn)
+    assert all(1 <= layer <= lm.n_layers and 0 <= head < lm.n_heads for layer, head in top + drawn)
+    assert 0 <= out["uncut"]["accuracy"] <= 100
+    for name in ("top", "random"):
+        assert set(out[name]) == {"accuracy", "label loyalty", "fall"}
+        assert 0 <= out[name]["label loyalty"] <= 100 and np.isfinite(out[name]["fall"])
 
 
 # name -> (task, small sizes, check(result, lm))
@@ -100,6 +119,12 @@ CASES = {
     "reweighting_4": ("sst2", dict(n_test=4, config=_train()),
                       lambda r, lm: (r["anchor"]["lr"] in r["grid"] and r["random"]["lr"] in r["grid"])
                       or pytest.fail(str(r))),
+    "taskvectors_1": ("sst2", dict(n_test=4, layer_step=2),
+                      lambda r, lm: _patched(r, {"tv", "mean tv"})),
+    "taskvectors_2": ("sst2", dict(n_test=4, layer_step=2),
+                      lambda r, lm: _patched(r, {"replace", "add", "add mean"})),
+    "taskvectors_3": ("sst2", dict(n_test=4, k=3),
+                      lambda r, lm: _cut_heads(r, lm, 3)),
     "tuning_1": ("sst2", dict(n_test=2, m=2, layer=1),
                  lambda r, lm: (r["maxdiff"].shape == (lm.n_layers,) and r["maxdiff"][:2].max() < 1e-4
                                 and r["maxdiff"][2] > r["maxdiff"][:2].max()) or pytest.fail(str(r))),
@@ -125,6 +150,28 @@ def test_solution_runs_on_a_tiny_model(name, lm, data, monkeypatch, tmp_path):
     out = fn(lm=lm, data=data[task], **sizes)
     check(out, lm)
     assert not any(tmp_path.iterdir())
+
+
+def test_taskvectors_1_and_2_patch_as_the_chapter_does(lm, data):
+    from helpers.experiments import taskvectors as tv
+
+    run = tv.task_vector_run(lm, data["sst2"], data["trec"], 42, 6, [0, 2], batch_size=4, progress=False)
+    first = solutions.taskvectors_1(lm=lm, data=data["sst2"], n_test=6, layer_step=2, batch_size=4)
+    second = solutions.taskvectors_2(lm=lm, data=data["sst2"], n_test=6, layer_step=2, batch_size=4)
+    chapter = 100 * tv.metric(run, "tv").mean(1)
+    np.testing.assert_allclose(first["tv"], chapter)
+    np.testing.assert_allclose(second["replace"], chapter)
+    for out in (first, second):
+        assert out["icl"] == 100 * tv.metric(run, "icl").mean() and out["zero"] == 100 * tv.metric(run, "zero").mean()
+
+
+def test_taskvectors_3_cuts_the_top_heads_of_a_given_map(lm, data):
+    saliency_map = np.zeros((lm.n_layers, lm.n_heads))
+    saliency_map[1, 2], saliency_map[2, 0], saliency_map[0, 3] = 3.0, 2.0, 1.0
+    out = solutions.taskvectors_3(lm=lm, data=data["sst2"], n_test=4, k=2, saliency_map=saliency_map)
+    assert out["heads"]["top"] == [(2, 2), (3, 0)]  # layers from 1, in flat (layer, head) order
+    with pytest.raises(ValueError, match="layers, heads"):
+        solutions.taskvectors_3(lm=lm, data=data["sst2"], n_test=4, saliency_map=np.zeros((2, 2)))
 
 
 def test_compression_2_reads_a_benchmark():

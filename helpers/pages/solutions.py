@@ -20,11 +20,14 @@ import torch
 
 from ..core.attention import Hook, Isolate, Record, RecordQK, intervene
 from ..core.models import DEFAULT_MODEL, load_model
+from ..core.patching import Read, Write
 from ..core.prefix import build_prefix, suffix_logits
-from ..core.prompts import Prompt, collate, label_token_ids, target_label_logits, target_logits
+from ..core.prompts import Prompt, check_prompts, collate, label_token_ids, target_label_logits, target_logits
 from ..core.runs import bench_file, make_prompts
 from ..core.saliency import saliency_flow
 from ..core.tasks import TaskData, load_task
+from ..experiments import heads as hd
+from ..experiments import taskvectors as tv
 from ..experiments import tuning
 from ..experiments.aggregation import flow_estimate, flow_gap_estimate, lead_layers
 from ..experiments.compression import (anchor_positions, compression_run, demonstration_split, label_agreement,
@@ -45,6 +48,7 @@ __all__ = [
     "extraction_1", "extraction_2", "extraction_3",
     "meaning_1", "meaning_2", "meaning_3",
     "reweighting_1", "reweighting_2", "reweighting_3", "reweighting_4",
+    "taskvectors_1", "taskvectors_2", "taskvectors_3",
     "tuning_1", "tuning_2", "tuning_3",
 ]
 
@@ -621,4 +625,133 @@ def tuning_3(lm=None, data: TaskData | None = None, task: str = "sst2", seed: in
                   "anchor": _trained_accuracy(lm, data.task, s, where, seed, cfg)[0]}
     out["parameters"] = {f"prefix-{m}": tuning.n_trained(lm.model, f"prefix-{m}", n_classes),
                          "anchor": tuning.n_trained(lm.model, "anchor", n_classes)}
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Where does the task live? (task vectors and heads)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _patched_layers(lm, layer_step: int) -> list[int]:
+    """Every ``layer_step``-th layer (0-based model indices: the residual stream after that decoder layer) and the
+    last, as the chapter runs them."""
+    return sorted(set(range(0, lm.n_layers, layer_step)) | {lm.n_layers - 1})
+
+
+def _task_vector_states(lm, data: TaskData, seed: int, n_test: int, layers: Sequence[int], batch_size: int):
+    """What :func:`helpers.experiments.taskvectors.task_vector_run` starts from, for one seed: the ICL prompts (one
+    demonstration set), their zero-shot queries, the label words' ids, full ICL's label logits (N, C) and each ICL
+    prompt's state at its target after each of ``layers`` ({layer: (N, D)}), all from one pass of each prompt."""
+    label_ids = list(label_token_ids(data.task, lm.tokenizer))
+    prompts = make_prompts(lm, data, seed, n_test)
+    check_prompts(lm, prompts, data.task)
+    reads: list[list[Read]] = []
+
+    def ops_for(idx, _rows):
+        ops = [Read(layer, [[prompts[i].target] for i in idx]) for layer in layers]
+        reads.append(ops)
+        return ops
+
+    icl = tv._run(lm, [p.input_ids for p in prompts], label_ids, batch_size, ops_for)
+    states = {layer: torch.cat([ops[j].value.cpu() for ops in reads])[:, 0] for j, layer in enumerate(layers)}
+    return prompts, [tv.zero_shot_ids(p) for p in prompts], label_ids, icl, states
+
+
+def _at_last(layer: int, values: torch.Tensor, add: bool = False):
+    """One step of :func:`helpers.experiments.taskvectors._split_last`: write (or add) ``values`` (N, D) at the last
+    token, row 0 of its one-token pass."""
+    return lambda idx: [Write(layer, [[0]] * len(idx), values[idx], add=add)]
+
+
+def _patched_accuracy(lm, prompts, zero_rows, label_ids, layers, vectors: dict, batch_size: int) -> dict:
+    """Accuracy (in %) of the zero-shot queries unpatched (``zero``) and, per layer of ``layers``, with each of
+    ``vectors`` ({name: (layer -> (N, D) values, add)}) at their last token: {name: (len(layers),)}."""
+    steps = [lambda idx: []] + [_at_last(layer, make(layer), add) for layer in layers
+                                for make, add in vectors.values()]
+    logits = tv._split_last(lm, zero_rows, label_ids, steps, batch_size)
+    per_layer = np.array([_accuracy(x.numpy(), prompts) for x in logits[1:]]).reshape(len(layers), len(vectors))
+    return {"zero": _accuracy(logits[0].numpy(), prompts),
+            **{name: per_layer[:, v] for v, name in enumerate(vectors)}}
+
+
+def taskvectors_1(lm=None, data: TaskData | None = None, task: str = "sst2", seed: int = 42, n_test: int = 16,
+                  layer_step: int = 3, batch_size: int = 8) -> dict:
+    """Task vectors, exercise 1 (a mean task vector): accuracy (in %) of the zero-shot query per patched layer
+    (``layers``: 0-based model indices, every ``layer_step``-th and the last) with the chapter's task vector (the
+    next query's ICL state at its target, ``tv``) and with the mean of every query's ICL state of the seed written
+    instead (``mean tv``: one vector for all queries), beside full ICL and the unpatched zero-shot query.
+    Used in: Where does the task live? (exercise 1)."""
+    lm, data = _model(lm), _task_data(data, task)
+    layers = _patched_layers(lm, layer_step)
+    prompts, zero_rows, label_ids, icl, states = _task_vector_states(lm, data, seed, n_test, layers, batch_size)
+    n = len(prompts)
+    dummy = [(i + 1) % n for i in range(n)]  # as the chapter: each query's vector comes from the next query's prompt
+    vectors = {"tv": (lambda layer: states[layer][dummy], False),
+               "mean tv": (lambda layer: states[layer].mean(0, keepdim=True).expand(n, -1), False)}
+    return {"layers": np.array(layers), "icl": _accuracy(icl.numpy(), prompts),
+            **_patched_accuracy(lm, prompts, zero_rows, label_ids, layers, vectors, batch_size)}
+
+
+def taskvectors_2(lm=None, data: TaskData | None = None, task: str = "sst2", seed: int = 42, n_test: int = 16,
+                  layer_step: int = 3, batch_size: int = 8) -> dict:
+    """Task vectors, exercise 2 (add instead of replace): accuracy (in %) of the zero-shot query per patched layer
+    (``layers``: 0-based model indices) with the task vector written in place of its state (``replace``, the
+    chapter's ``tv``), with the next query's ICL state minus that query's zero-shot state (both at the target, same
+    layer) added to it (``add``), and with that difference averaged over the seed's queries added (``add mean``: one
+    direction for all queries, as a function vector), beside full ICL and the unpatched zero-shot query.
+    Used in: Where does the task live? (exercise 2)."""
+    lm, data = _model(lm), _task_data(data, task)
+    layers = _patched_layers(lm, layer_step)
+    prompts, zero_rows, label_ids, icl, states = _task_vector_states(lm, data, seed, n_test, layers, batch_size)
+    zero_states = tv._read_states(lm, zero_rows, [[len(r) - 1] for r in zero_rows], layers, batch_size)
+    n = len(prompts)
+    dummy = [(i + 1) % n for i in range(n)]
+    diff = {layer: states[layer] - zero_states[layer][:, 0] for layer in layers}
+    vectors = {"replace": (lambda layer: states[layer][dummy], False),
+               "add": (lambda layer: diff[layer][dummy], True),
+               "add mean": (lambda layer: diff[layer].mean(0, keepdim=True).expand(n, -1), True)}
+    return {"layers": np.array(layers), "icl": _accuracy(icl.numpy(), prompts),
+            **_patched_accuracy(lm, prompts, zero_rows, label_ids, layers, vectors, batch_size)}
+
+
+def taskvectors_3(lm=None, data: TaskData | None = None, task: str = "sst2", seed: int = 42, n_test: int = 16,
+                  k: int | None = None, saliency_map: np.ndarray | None = None, batch_size: int = 8) -> dict:
+    """Task vectors, exercise 3 (cut the top heads together): the target's attention to every label-word token cut
+    at once (:class:`helpers.experiments.heads.CutHead`, one per head) in the ``k`` heads of highest S_pq (default
+    :func:`helpers.experiments.heads.default_k`; the map (L, H) of these prompts, or ``saliency_map``, e.g. the
+    chapter's ``hd.head_map(head_runs, "saliency")``) and in ``k`` random heads drawn from the others. Per condition
+    the accuracy and the label loyalty to the uncut prediction (in %) and the mean fall of the uncut prediction's
+    label-restricted log-probability (nats); ``heads``: the heads cut, as (layer from 1, head from 0).
+    Used in: Where does the task live? (exercise 3)."""
+    lm, data = _model(lm), _task_data(data, task)
+    prompts = make_prompts(lm, data, seed, n_test)
+    if saliency_map is None:
+        saliency_map = hd.per_example({"saliency": hd.head_saliency(lm, data.task, prompts)}, "saliency").mean(0)
+    if np.shape(saliency_map) != (lm.n_layers, lm.n_heads):
+        raise ValueError(f"saliency_map must be (layers, heads) = ({lm.n_layers}, {lm.n_heads}), got "
+                         f"{np.shape(saliency_map)}")
+    k = hd.default_k(lm.n_layers * lm.n_heads) if k is None else k
+    top = sorted(hd.top_k(saliency_map, k))
+    others = np.setdiff1d(np.arange(lm.n_layers * lm.n_heads), top)
+    drawn = sorted(int(i) for i in np.random.default_rng([seed, 11]).choice(others, k, replace=False))
+    heads = {"top": [divmod(i, lm.n_heads) for i in top], "random": [divmod(i, lm.n_heads) for i in drawn]}
+    cols = [[i for start, end in p.label_spans for i in range(start, end)] for p in prompts]
+
+    def cut(chosen):
+        return lambda idx: [hd.CutHead(layer, head, [cols[i] for i in idx]) for layer, head in chosen]
+
+    label_ids = list(label_token_ids(data.task, lm.tokenizer))
+    base, *cuts = tv._split_last(lm, [p.input_ids for p in prompts], label_ids,
+                                 [lambda idx: []] + [cut(h) for h in heads.values()], batch_size)
+    base_lp = torch.log_softmax(base.float(), -1)
+    pred = base_lp.argmax(-1)
+    n = torch.arange(len(prompts))
+    out = {"k": k, "uncut": {"accuracy": _accuracy(base.numpy(), prompts)},
+           "heads": {name: [(layer + 1, head) for layer, head in h] for name, h in heads.items()}}
+    for name, logits in zip(heads, cuts):
+        lp = torch.log_softmax(logits.float(), -1)
+        out[name] = {"accuracy": _accuracy(logits.numpy(), prompts),
+                     "label loyalty": float(100 * (lp.argmax(-1) == pred).float().mean()),
+                     "fall": float((base_lp[n, pred] - lp[n, pred]).mean())}
     return out
