@@ -126,3 +126,13 @@ def test_a_second_model_runs_the_first_three_book_seeds_and_the_default_all():
     assert aggregation_seeds(book, "qwen2.5-coder-0.5b") == tuple(book.seeds[:3]) and len(book.seeds) > 3
     assert aggregation_seeds(paper, "qwen2.5-coder-0.5b") == tuple(paper.seeds)
     assert tuple(EXPERIMENT.seeds(configure("book"), "qwen2.5-coder-0.5b")) == tuple(book.seeds[:3])
+
+
+def test_a_second_model_isolates_only_the_papers_k_and_the_default_every_k():
+    from helpers.core.models import DEFAULT_MODEL
+    from helpers.core.runs import PROFILES
+    from helpers.experiments.aggregation import KS, SHALLOW_K, aggregation_ks
+
+    assert aggregation_ks(PROFILES["book"], DEFAULT_MODEL) == KS
+    assert aggregation_ks(PROFILES["book"], "qwen2.5-coder-0.5b") == (SHALLOW_K,)
+    assert aggregation_ks(PROFILES["paper"], "qwen2.5-coder-0.5b") == KS

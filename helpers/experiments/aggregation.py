@@ -30,7 +30,7 @@ from ..core.runs import PROFILES
 from ..core.tasks import get_task
 from .protocol import Experiment
 
-__all__ = ["aggregation_seeds", "OTHER_MODEL_SEEDS", "saliency_runs", "saliency_examples", "isolation_runs", "flow_curves", "crossover_layer", "crossover_estimate",
+__all__ = ["aggregation_seeds", "aggregation_ks", "OTHER_MODEL_SEEDS", "saliency_runs", "saliency_examples", "isolation_runs", "flow_curves", "crossover_layer", "crossover_estimate",
            "loyalty_table", "flow_estimate", "flow_gap_estimate", "lead_layers", "loyalty_per_example",
            "loyalty_estimates", "loyalty_difference", "gap_over_layers", "ww_smallest_share", "KS", "RANDOM_KS", "LOYALTY_METRICS",
            "FLOW_FIELDS", "EXAMPLE_FIELDS"]
@@ -56,6 +56,16 @@ def aggregation_seeds(profile: Profile, model: str) -> tuple[int, ...]:
     if profile.name == "book" and model != DEFAULT_MODEL:
         return tuple(profile.seeds[:OTHER_MODEL_SEEDS])
     return tuple(profile.seeds)
+
+
+def aggregation_ks(profile: Profile, model: str) -> tuple[int, ...]:
+    """The numbers of layers isolated: :data:`KS` (the chapter's figure); in the ``book`` profile, a model other than
+    the default isolates only the paper's k = 5 (:data:`SHALLOW_K`), all that its verdict rows read."""
+    from ..core.models import DEFAULT_MODEL
+
+    if profile.name == "book" and model != DEFAULT_MODEL:
+        return (SHALLOW_K,)
+    return KS
 
 
 def saliency_runs(lm, data: TaskData, profile: Profile, shots: int = 1, **kw) -> list[np.ndarray]:
@@ -124,9 +134,11 @@ def saliency_examples(lm, data: TaskData, n: int = 3, seed: int = 42, pool: int 
                       expect=EXAMPLE_FIELDS, **kw)
 
 
-def isolation_runs(lm, data: TaskData, profile: Profile, ks: Sequence[int] = KS, shots: int = 1,
+def isolation_runs(lm, data: TaskData, profile: Profile, ks: Sequence[int] | None = None, shots: int = 1,
                    random_ks: Sequence[int] = RANDOM_KS, **kw) -> list[dict[str, np.ndarray]]:
-    """One :func:`helpers.experiments.isolation.run_isolation` result per seed."""
+    """One :func:`helpers.experiments.isolation.run_isolation` result per seed; ``ks`` by default
+    :func:`aggregation_ks` (:data:`KS` for the default model)."""
+    ks = aggregation_ks(profile, lm.name) if ks is None else ks
     out = []
     n_test = profile.n_test_isolation or profile.n_test
     for seed in aggregation_seeds(profile, lm.name):
