@@ -156,7 +156,7 @@ def test_used_in_lines_come_from_the_chapters():
 
     titles = api.chapter_titles()
     assert "reweighting" in titles and titles["reweighting"]
-    assert titles["reweighting"] in api.used_in("load_model")  # every chapter loads or keys a model
+    assert titles["reweighting"] in api.used_in("page_model")  # every chapter gets a model through page_model
     assert api.used_in("no_such_function_anywhere") == []
     assert api.used_in("_private") == []
 

@@ -4,7 +4,9 @@ The chapter computes (or reads back) its runs with :func:`helpers.experiments.me
 a :class:`MeaningResults`; every function here then reads that object and returns what the chapter shows: a table
 (a pandas ``Styler``), a figure (a ``matplotlib`` Figure, which the chapter closes once glued) or a dict
 ``{name: value}`` that the chapter glues in one loop. Nothing here loads a model. The estimates every table and
-figure share (accuracy, flow gaps, loyalties, AUCROC_l) are computed once per :class:`MeaningResults`.
+figure share (accuracy, flow gaps, loyalties, AUCROC_l) are computed once per :class:`MeaningResults` and stored as
+summaries keyed on the content of the runs (:mod:`helpers.pages.summaries`): a build from the committed results and
+summaries bootstraps nothing.
 """
 
 from __future__ import annotations
@@ -67,6 +69,20 @@ class MeaningResults:
         """The number of first / last layers in which the label words are isolated."""
         return self.config.isolation_k
 
+    @cached_property
+    def _content(self) -> str:
+        """The content hash of the runs, scopes and configuration: what the stored estimates are keyed on."""
+        from .summaries import content_hash
+
+        return content_hash((self.runs, self.scopes, self.config))
+
+    def _stored(self, kind: str, compute) -> dict:
+        """``compute()``, stored as the summary ``meaning/<kind>/<content hash>`` (:mod:`helpers.pages.summaries`):
+        a build from the committed results and summaries bootstraps nothing."""
+        from .summaries import summary
+
+        return summary(f"meaning/{kind}/{self._content}", compute)
+
     def key(self, model: str) -> str:
         """``"1"`` for the chapter's first model, ``"2"`` for the second (the suffix of its glued names)."""
         return str(self.models.index(model) + 1)
@@ -82,6 +98,9 @@ class MeaningResults:
     def acc(self) -> dict:
         """``{(model, task, regime, shots): {"accuracy": Estimate[, "follows flip": Estimate]}}``: one
         demonstration per class on every task, then :data:`SEVERAL_SHOTS` on the tasks that ran them."""
+        return self._stored("acc", self._acc)
+
+    def _acc(self) -> dict:
         def of(m, task, regime, shots=1):
             return meaning.agreement_estimates(self.runs[m]["attention"][task, regime, shots],
                                                regime_task(task, regime))
@@ -101,6 +120,9 @@ class MeaningResults:
     @cached_property
     def gaps(self) -> dict:
         """S_pq - S_wp per layer with its bootstrap band, per saliency run."""
+        return self._stored("gaps", self._gaps)
+
+    def _gaps(self) -> dict:
         return {k: flow_gap_estimate(v) for k, v in self.saliency.items()}
 
     @cached_property
@@ -117,6 +139,9 @@ class MeaningResults:
     def cross_est(self) -> dict:
         """``{(model, regime, shots): (crossover Estimate, number of layers)}``: the crossover layer with its interval
         over seeds and examples (:func:`helpers.experiments.aggregation.crossover_estimate`)."""
+        return self._stored("cross-est", self._cross_est)
+
+    def _cross_est(self) -> dict:
         from ..experiments.aggregation import crossover_estimate
 
         return {(m, r, s): (crossover_estimate(v), np.asarray(v[0]).shape[-1])
@@ -130,22 +155,34 @@ class MeaningResults:
     @cached_property
     def loy(self) -> dict:
         """Label loyalty with the label words isolated in the first / last k layers, per isolation run."""
+        return self._stored("loy", self._loy)
+
+    def _loy(self) -> dict:
         return {k: meaning.loyalties(v, self.k) for k, v in self.isolation.items()}
 
     @cached_property
     def igap(self) -> dict:
         """Loyalty, last k minus first k layers isolated (points), per isolation run."""
+        return self._stored("igap", self._igap)
+
+    def _igap(self) -> dict:
         return {k: meaning.isolation_gap(v, self.k) for k, v in self.isolation.items()}
 
     @cached_property
     def aucs(self) -> dict:
         """``{(model, task, regime): (AUCROC_l, R_l)}``, one demonstration per class."""
+        return self._stored("aucs", self._aucs)
+
+    def _aucs(self) -> dict:
         return {(m, t, r): auc_estimates(self.runs[m]["attention"][t, r, 1])
                 for m in self.models for t in self.scopes[m].tasks for r in REGIMES}
 
     @cached_property
     def deep(self) -> dict:
         """``{(model, regime): deep AUCROC_l}``, the seeds of all the model's tasks pooled (mean over tasks)."""
+        return self._stored("deep", self._deep)
+
+    def _deep(self) -> dict:
         return {(m, r): deep_auc_estimate([x for t in self.scopes[m].tasks
                                            for x in self.runs[m]["attention"][t, r, 1]])
                 for m in self.models for r in REGIMES}
@@ -154,6 +191,9 @@ class MeaningResults:
     def signatures(self) -> dict:
         """``{(model, regime): {signature: Estimate}}``: isolation and flow on SST-2, one per class, and the deep
         AUCROC_l of the four tasks."""
+        return self._stored("signatures", self._signatures)
+
+    def _signatures(self) -> dict:
         out = {}
         for m in self.models:
             for r in REGIMES:

@@ -2,6 +2,10 @@
 
 Every function reads runs as :func:`helpers.experiments.reweighting.reweighting_runs` returns them, one model's as
 ``{task: {method: [result per seed]}}`` (``R`` below) and all models' as ``{model: R}``; none of them loads a model.
+The numbers of the tables, the glued values and the forest plots' estimates (bootstraps) are stored summaries keyed on
+the content of the runs (:mod:`helpers.pages.summaries`), and the equal-leverage section, whose runs need probes fitted,
+is one summary keyed on the model and the profile (:func:`cached_leverage`): a build from the committed results and
+summaries bootstraps and fits nothing.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from ..core.runs import Profile
 from ..core.tasks import TASKS, TaskData
 from ..experiments import reweighting as rw
 from . import plots
+from .summaries import summarised, summary
 
 __all__ = ["ORDER", "SHORT", "TITLES", "CONTROLS", "COMPARED", "with_controls", "seeds_shown", "has_average",
            "accuracy_table", "headline_values", "forest_estimates", "forest_figure", "second_forest_figure",
@@ -23,7 +28,7 @@ __all__ = ["ORDER", "SHORT", "TITLES", "CONTROLS", "COMPARED", "with_controls", 
            "controls_values", "fit_table", "fit_values", "resolution_values", "beta_figure", "beta_layers_figure", "beta_values",
            "training_figure", "loss_table", "prior_table", "prior_values", "cost_frame", "cost_values",
            "second_model_values", "glued_values", "lr_table", "leverage_table", "leverage_figure", "leverage_values",
-           "LEVERAGE_SHORT"]
+           "LEVERAGE_SHORT", "cached_leverage", "leverage_frame", "leverage_points_figure"]
 
 ORDER = ["icl-1", "icl-5", "anchor", "random", "contextual", "bias", *rw.FITTED_CONTROLS]
 SHORT = {"icl-1": "ICL 1-shot", "icl-5": "ICL 5-shot (AG News 3)", "anchor": "anchor re-weighting",
@@ -84,6 +89,7 @@ def _cell(e) -> str:
     return f"{e.value:.1f}{std} [{e.low:.1f}, {e.high:.1f}]"
 
 
+@summarised("reweighting/accuracy-rows")
 def _model_rows(model: str, R: Runs) -> list[dict]:
     R = with_controls(R)
     rows = []
@@ -164,6 +170,7 @@ def headline_values(R: Runs, seeds: Sequence[int], profile: Profile) -> dict[str
     return out
 
 
+@summarised("reweighting/forest-estimates")
 def forest_estimates(R: Runs) -> dict[str, dict[str, object]]:
     """Anchor re-weighting minus every other method (:data:`COMPARED`), per task and (where defined) on the average
     over tasks: ``{method's short name: {task title or "Average": Estimate}}`` in points.
@@ -240,6 +247,11 @@ def controls_table(runs: Mapping[str, Runs]) -> pd.DataFrame:
     Nothing is chosen on the test examples: every control is shown. Where the average is not defined, "—".
 
     Used in: Anchor re-weighting."""
+    return pd.DataFrame(_controls_rows(runs)).set_index(["model", "control"])
+
+
+@summarised("reweighting/controls-rows")
+def _controls_rows(runs: Mapping[str, Runs]) -> list[dict]:
     rows = []
     for model, R in runs.items():
         R = with_controls(R)
@@ -253,7 +265,7 @@ def controls_table(runs: Mapping[str, Runs]) -> pd.DataFrame:
             row.update({TASKS[t].title: rw.difference(R, "anchor", c, t).fmt(1) if t in R else "not run"
                         for t in TASKS})
             rows.append(row)
-    return pd.DataFrame(rows).set_index(["model", "control"])
+    return rows
 
 
 def controls_values(R: Runs) -> dict[str, str]:
@@ -528,6 +540,7 @@ def second_model_values(R2: Runs, seeds: Mapping[str, Sequence[int]]) -> dict[st
     return out
 
 
+@summarised("reweighting/glued-values")
 def glued_values(runs: Mapping[str, Runs], seeds: Mapping[str, Mapping[str, Sequence[int]]], model: str,
                  second_model: str | None, profile: Profile) -> dict[str, object]:
     """Every value the chapter glues, ``{name: value}``: :func:`headline_values`, :func:`controls_values`,
@@ -609,6 +622,17 @@ def leverage_table(R: Runs, model: str) -> pd.DataFrame:
     (:func:`helpers.experiments.reweighting.cached_control_runs`).
 
     Used in: Anchor re-weighting."""
+    return leverage_frame(_leverage_rows(R, model))
+
+
+def leverage_frame(rows: Sequence[dict]) -> pd.DataFrame:
+    """:func:`leverage_table` from its rows (``cached_leverage(...)["rows"]``).
+
+    Used in: Anchor re-weighting."""
+    return pd.DataFrame(list(rows)).set_index(["model", "method"])
+
+
+def _leverage_rows(R: Runs, model: str) -> list[dict]:
     rows = []
     extra = [m for m in rw.OPTIONAL_BETAS if all(m in by for by in R.values())]
     for c in ["anchor-tuned", *rw.VERDICT_CONTROLS, *extra]:
@@ -626,7 +650,7 @@ def leverage_table(R: Runs, model: str) -> pd.DataFrame:
             row.update({TASKS[t].title: rw.difference(R, "anchor-tuned", c, t).fmt(1) for t in R})
             row["the verdict needs it beaten"] = "yes" if c in rw.VERDICT_CONTROLS else "no (locates the gain)"
         rows.append(row)
-    return pd.DataFrame(rows).set_index(["model", "method"])
+    return rows
 
 
 def leverage_figure(R: Runs, model: str) -> plt.Figure:
@@ -636,12 +660,23 @@ def leverage_figure(R: Runs, model: str) -> plt.Figure:
     not special. Returns the Figure.
 
     Used in: Anchor re-weighting."""
+    return leverage_points_figure(_leverage_points(R), model)
+
+
+def _leverage_points(R: Runs) -> list[tuple]:
+    """``[(method, attention share %, its accuracy minus 1-shot ICL)]`` for :func:`leverage_points_figure`."""
     methods = [m for m in ("anchor-tuned", "random-tuned", "beta-attended", "beta-newline", "beta-colon", "beta-bos")
                if all(m in by for by in R.values())]
+    return [(m, _share(R, m), rw.difference(R, m, "icl-1")) for m in methods]
+
+
+def leverage_points_figure(points: Sequence[tuple], model: str) -> plt.Figure:
+    """:func:`leverage_figure` from its points (``cached_leverage(...)["points"]``: ``(method, attention share %,
+    Estimate of its accuracy minus 1-shot ICL)``).
+
+    Used in: Anchor re-weighting."""
     fig, ax = plt.subplots(figsize=(5.4, 3.6), constrained_layout=True)  # one panel: the book's figure width
-    for m in methods:
-        share = _share(R, m)
-        e = rw.difference(R, m, "icl-1")
+    for m, share, e in points:
         colour = "#1f77b4" if m == "anchor-tuned" else "#777777"
         ax.plot([share, share], [e.low, e.high], color=colour, lw=1.4)
         ax.plot([share], [e.value], "o", color=colour, ms=6, mec="white", mew=0.7)
@@ -706,3 +741,26 @@ def leverage_values(R: Runs, searches: Mapping[str, Mapping[str, dict]]) -> dict
     out["lev_n_seeds"] = str(len(next(iter(R.values()))["icl-1"]))
     out["lev_grid"] = ", ".join(f"{x:g}" for x in rw.LR_GRID)
     return out
+
+
+def cached_leverage(model: str, profile: Profile) -> dict | None:
+    """The equal-leverage section of ``model`` (what :func:`leverage_table`, :func:`leverage_figure`,
+    :func:`leverage_values` and :func:`lr_table` show), computed from the cached runs
+    (:func:`helpers.experiments.reweighting.cached_control_runs` and
+    :func:`~helpers.experiments.reweighting.cached_lr_searches`; nothing is trained) and stored as the summary
+    ``reweighting/leverage/<model>/<profile>``, so a build from the committed summaries reads no run and fits no probe:
+    ``{"searches": {task: {method: search}}, "values": leverage_values, "rows": leverage_table's rows, "points":
+    leverage_figure's points}``; None where no seed has every control cached.
+
+    Used in: Anchor re-weighting."""
+    from .book import _safe
+
+    def compute():
+        R = rw.cached_control_runs(model, profile)  # every control, over the seeds where all are cached
+        if R is None:
+            return None
+        searches = rw.cached_lr_searches(model, profile, rw.TUNED)
+        return {"searches": searches, "values": leverage_values(R, searches), "rows": _leverage_rows(R, model),
+                "points": _leverage_points(R)}
+
+    return summary(f"reweighting/leverage/{_safe(model)}/{_safe(profile.name)}", compute)

@@ -9,7 +9,10 @@ collects them:
   theorem check (positions shifted as by a prefix, nothing added);
 * ``order``: the methods in the chapter's order, :func:`helpers.experiments.tuning.methods_of`.
 
-Nothing here loads or runs a model.
+Nothing here loads or runs a model. The tables' and figures' estimates (bootstraps) and the glued values are stored
+summaries keyed on the content of the runs (:mod:`helpers.pages.summaries`), and the PEZ prompts are decoded once into
+a summary (:func:`decoded_texts`): a build from the committed results and summaries bootstraps
+nothing and needs no tokenizer.
 """
 
 from __future__ import annotations
@@ -22,10 +25,11 @@ import pandas as pd
 
 from ..core.tasks import TASKS
 from ..experiments import tuning as tu
+from .summaries import summarised
 
 __all__ = ["FAMILY", "AVERAGE", "label", "n_params", "common_seeds", "averaged", "accuracy_table", "compact_table",
            "params_figure", "second_params_figure", "layer_curves", "floor_curve", "theorem_table", "theorem_figure",
-           "share_curves", "share_figure", "pez_table", "coverage_text", "glued"]
+           "share_curves", "share_figure", "pez_table", "decoded_texts", "coverage_text", "glued"]
 
 FAMILY = {"icl-1": "ICL 1-shot", "anchor": "anchor re-weighting", "prompt": "prompt tuning",
           "prefix": "prefix-tuning", "pez": "PEZ hard prompt"}
@@ -71,6 +75,7 @@ def common_seeds(by_task: ByTask, order: Sequence[str]) -> list[int]:
     return sorted(set.intersection(*sets)) if sets else []
 
 
+@summarised("tuning/averaged")
 def averaged(by_task: ByTask, order: Sequence[str]) -> dict:
     """``{method: (accuracy, gain over ICL or None)}`` (:class:`~helpers.core.stats.Estimate`\\ s) averaged over
     tasks (equal weight) on the common seeds; only for methods that every task has, and only with two tasks or more.
@@ -142,6 +147,11 @@ def accuracy_table(by_task: ByTask, order: Sequence[str]) -> pd.DataFrame:
     average over tasks (:func:`averaged`) at the end.
 
     Used in: Tuning the context or tuning the anchors."""
+    return pd.DataFrame(_accuracy_rows(by_task, order)).set_index(["task", "method"])
+
+
+@summarised("tuning/accuracy-rows")
+def _accuracy_rows(by_task: ByTask, order: Sequence[str]) -> list[dict]:
     rows = []
     for name, r in by_task.items():
         for method in order:
@@ -161,7 +171,13 @@ def accuracy_table(by_task: ByTask, order: Sequence[str]) -> pd.DataFrame:
         rows.append({"task": AVERAGE, "method": label(method), "parameters": _params_range(by_task, method),
                      "accuracy % [95% CI]": _fmt(e), "n": f"{e.n} × {len(by_task)} tasks",
                      "minus ICL, points [95% CI]": "" if g is None else _fmt(g, "+"), "train s per seed": ""})
-    return pd.DataFrame(rows).set_index(["task", "method"])
+    return rows
+
+
+@summarised("tuning/task-accuracies")
+def _task_accuracies(by_task: ByTask, order: Sequence[str]) -> dict:
+    """``{task: {method: accuracy Estimate}}``: the per-task panels of :func:`params_figure`."""
+    return {name: {x: tu.accuracy_of(r, x) for x in order if x in r} for name, r in by_task.items()}
 
 
 def compact_table(table: pd.DataFrame) -> pd.DataFrame:
@@ -190,6 +206,7 @@ def params_figure(model: str, by_task: ByTask, order: Sequence[str]) -> plt.Figu
 
     Used in: Tuning the context or tuning the anchors."""
     avg = averaged(by_task, order)
+    per_task = _task_accuracies(by_task, order)
     panels = list(by_task) + ([AVERAGE] if avg else [])
     ncols = min(2, len(panels))  # two panels a row at most: three side by side shrank the labels on the page
     nrows = -(-len(panels) // ncols)
@@ -204,7 +221,7 @@ def params_figure(model: str, by_task: ByTask, order: Sequence[str]) -> plt.Figu
             title = f"average over {len(by_task)} tasks (n = {est['icl-1'].n} × {len(by_task)})"
         else:
             r = by_task[name]
-            est = {x: tu.accuracy_of(r, x) for x in order if x in r}
+            est = per_task[name]
             size = {x: n_params(r, x) for x in est}
             title = f"{TASKS[name].title} (n = {est['icl-1'].n})"
         icl = est["icl-1"]
@@ -415,21 +432,51 @@ def share_figure(model: str, by_task: ByTask, order: Sequence[str]) -> plt.Figur
 
 def pez_table(runs: Mapping[str, ByTask], order: Sequence[str], tokenizers: Mapping) -> pd.DataFrame:
     """One row per model, task and seed of every PEZ run: the initial random tokens and the prompt found, as
-    ``tokenizers[model]`` decodes them, their ids, and the accuracy on that seed's test examples.
+    ``tokenizers[model]`` decodes them, their ids, and the accuracy on that seed's test examples. ``tokenizers[model]``
+    is a tokenizer or a model (a :class:`helpers.pages.book.PageModel`): a model's decoded prompts are a stored summary
+    (:func:`decoded_texts`), so the tokenizer loads only when they are not stored.
 
     Used in: Tuning the context or tuning the anchors."""
+    pez = {m: [(name, seed, res) for name, r in by_task.items()
+               for method in order if tu.method_kind(method)[0] == "pez" and method in r
+               for seed, res in sorted(r[method].items())] for m, by_task in runs.items()}
     rows = []
-    for m, by_task in runs.items():
-        for name, r in by_task.items():
-            for method in [x for x in order if tu.method_kind(x)[0] == "pez" and x in r]:
-                tok = tokenizers[m]
-                for seed, res in sorted(r[method].items()):
-                    ids = [int(i) for i in res["ids"]]
-                    rows.append({"model": m, "task": TASKS[name].title, "seed": seed,
-                                 "initial tokens": repr(tok.decode([int(i) for i in res["init_ids"]])),
-                                 "found prompt": repr(tok.decode(ids)), "ids": ids,
-                                 "accuracy %": 100 * float(np.mean(res["correct"]))})
+    for m, found in pez.items():
+        if not found:
+            continue
+        ids_of = [[int(i) for i in res[k]] for _, _, res in found for k in ("init_ids", "ids")]
+        holder = tokenizers[m]
+        text = (decoded_texts(holder, ids_of, "tuning-pez") if hasattr(holder, "identity")
+                else {tuple(ids): holder.decode(ids) for ids in ids_of})
+        for name, seed, res in found:
+            ids = [int(i) for i in res["ids"]]
+            rows.append({"model": m, "task": TASKS[name].title, "seed": seed,
+                         "initial tokens": repr(text[tuple(int(i) for i in res["init_ids"])]),
+                         "found prompt": repr(text[tuple(ids)]), "ids": ids,
+                         "accuracy %": 100 * float(np.mean(res["correct"]))})
     return pd.DataFrame(rows)
+
+
+def decoded_texts(lm, sequences, label: str) -> dict[tuple[int, ...], str]:
+    """``{ids: lm.tokenizer.decode(ids)}`` for each sequence of token ids in ``sequences``, stored as the summary
+    ``decoded/<model>/<label>`` (keyed on the model's identity and the ids): the chapter shows decoded prompts without
+    a tokenizer when the summary is stored. ``lm`` without an identity (a bare tokenizer holder) is decoded each time.
+
+    Used in: Tuning the context or tuning the anchors."""
+    from .book import _identity_of, _safe
+    from .summaries import summary
+
+    wanted = sorted({tuple(int(i) for i in ids) for ids in sequences})
+
+    def compute():
+        tok = lm.tokenizer
+        return [tok.decode(list(ids)) for ids in wanted]
+
+    if not _identity_of(lm):
+        return dict(zip(wanted, compute()))
+    texts = summary(f"decoded/{_safe(lm.name)}/{_safe(label)}", compute,
+                    depends={"model": dict(lm.identity), "ids": [list(ids) for ids in wanted]})
+    return dict(zip(wanted, texts))
 
 
 def coverage_text(runs: Mapping[str, ByTask], models: Sequence[str], order: Sequence[str]) -> str:
@@ -647,6 +694,7 @@ def _summary_values(R: ByTask, floors_of_model: Mapping, order: Sequence[str], e
     return out
 
 
+@summarised("tuning/glued-values")
 def glued(runs: Mapping[str, ByTask], floors: Mapping[str, Mapping], order: Sequence[str], model: str,
           second: str | None = None) -> dict[str, object]:
     """Every text value the chapter glues, ``{name: value}``: accuracies, gains and averages over tasks of ``model``,
