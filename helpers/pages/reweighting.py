@@ -760,6 +760,9 @@ def cached_leverage(model: str, profile: Profile) -> dict | None:
         if R is None:
             return None
         searches = rw.cached_lr_searches(model, profile, rw.TUNED)
+        # a 0-d array (the chosen lr) as a number: a summary gives a 0-d array back with shape (1,)
+        searches = {t: {m: {k: v.item() if isinstance(v, np.ndarray) and v.ndim == 0 else v for k, v in s.items()}
+                        for m, s in by.items()} for t, by in searches.items()}
         return {"searches": searches, "values": leverage_values(R, searches), "rows": _leverage_rows(R, model),
                 "points": _leverage_points(R)}
 
