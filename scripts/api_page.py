@@ -15,8 +15,8 @@ ORDER = {  # reading order inside a layer; modules not named here follow, alphab
     "core": ["attention", "models", "tasks", "prompts", "prefix", "saliency", "runs", "stats", "findings"],
     "experiments": ["protocol", "aggregation", "isolation", "extraction", "reweighting", "compression", "diagnosis",
                     "meaning", "tuning"],
-    "pages": ["book", "plots", "verdicts", "aggregation", "extraction", "reweighting", "compression", "diagnosis",
-              "meaning", "tuning", "api"],
+    "pages": ["book", "plots", "verdicts", "scale", "aggregation", "extraction", "reweighting", "compression",
+              "diagnosis", "meaning", "tuning", "api"],
     "cli": ["compute", "verdicts", "bench", "speed", "demo"],
 }
 
