@@ -43,7 +43,7 @@ def test_one_panel_per_finding_with_a_number_and_the_papers_number_where_it_give
     fig = scale.scale_figure(rows, SIZES, MODELS)
     try:
         axes = [ax for ax in fig.axes if ax.get_visible() and ax.get_title(loc="left")]
-        assert [ax.get_title(loc="left") for ax in axes] == ["flow-shallow", "deep-auc", "compression-loyalty"]
+        assert [ax.get_title(loc="left") for ax in axes] == [scale.SHORT_NAMES[i] for i in ("flow-shallow", "deep-auc", "compression-loyalty")]
         shallow, auc, loyalty = (_gids(ax) for ax in axes)
         assert axes[0].get_xscale() == "log"
         # a not-yet-run model is absent; a model without a number on a finding has no point there
@@ -100,11 +100,11 @@ def test_the_reading_groups_the_findings_by_outcome_and_leaves_out_what_cannot_b
                  "large": (_m(5.0, 0.4, 11.0, n_seeds=1), verdicts.TOO_FEW_SEEDS)})
     text = scale.scale_reading(rows, SIZES, MODELS)
     assert "From small (300M parameters) to large (600M)" in text
-    assert "grows: deep-auc (0.65 [0.61, 0.68] → 0.76 [0.74, 0.78])" in text
-    assert "shrinks: diagnosis (0.50 [0.40, 0.60] → 0.20 [0.10, 0.30])" in text
-    assert "cannot be told apart: two-shot." in text
-    assert "flow-shallow" not in text and "unrun" not in text
-    assert "Not compared" in text and "reweighting-gain (large: too few seeds)" in text
+    assert "grows: deep-layer AUCROC (0.65 [0.61, 0.68] → 0.76 [0.74, 0.78])" in text
+    assert "shrinks: confusion diagnosis ρ (0.50 [0.40, 0.60] → 0.20 [0.10, 0.30])" in text
+    assert "cannot be told apart: R_l, two per class." in text
+    assert "S_wp leads" not in text and "unrun" not in text
+    assert "Not compared" in text and "re-weighting gain (large: too few seeds)" in text
     assert "not a law of scale" in text
     none = scale.scale_reading([_row("flow-shallow", small=_m(0.58, 0.57, 0.59))], SIZES, MODELS)
     assert none.startswith("No finding has a number on two of our models yet")
@@ -138,3 +138,7 @@ def test_parameter_count_is_computed_once_from_the_loaded_model(monkeypatch, tin
 
     monkeypatch.setattr(models, "load_model", missing)
     assert scale.parameter_count("tiny-scale-test-missing") is None
+
+
+def test_every_finding_has_a_short_name_for_the_reader():
+    assert set(scale.SHORT_NAMES) == set(verdicts.FINDINGS)

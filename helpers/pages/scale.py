@@ -24,7 +24,7 @@ import numpy as np
 from ..core.findings import NOT_REPRODUCED, NOT_TESTABLE, PARTLY, REPRODUCED, TOO_FEW_SEEDS, Finding, Measured
 from . import plots
 
-__all__ = ["PAPER_SIZES", "VERDICT_COLORS", "parameter_count", "size_text", "paper_numbers", "scale_points",
+__all__ = ["SHORT_NAMES", "short_name", "PAPER_SIZES", "VERDICT_COLORS", "parameter_count", "size_text", "paper_numbers", "scale_points",
            "scale_figure", "compare", "scale_reading", "scale_facts"]
 
 # The paper's models at their stated sizes (../shared/docs/paper-spec.md §1.1: "gpt2-xl: 1.5B parameters"; GPT-J is
@@ -35,6 +35,26 @@ PAPER_SIZES = {"GPT2-XL": 1.5e9, "GPT-J": 6e9}
 VERDICT_COLORS = {REPRODUCED: "#28a03c", PARTLY: "#e69f00", NOT_REPRODUCED: "#dc3232", TOO_FEW_SEEDS: "#808080",
                   NOT_TESTABLE: "#808080"}
 UNCOMPARED = (TOO_FEW_SEEDS, NOT_TESTABLE)  # a number that the reading does not compare across sizes
+
+# Short names of the findings for the panels and the reading (the table gives each claim in full).
+SHORT_NAMES = {
+    "flow-shallow": "S_wp leads, shallow layers", "flow-deep": "S_pq leads, deep layers",
+    "flow-ww": "S_wp, S_pq above S_ww", "isolation-first": "isolating labels, first 5 layers",
+    "isolation-last": "isolating labels, last 5 layers", "isolation-random": "isolating random tokens, first 5",
+    "deep-auc": "deep-layer AUCROC", "r-second-half": "R_l in shallow layers", "two-shot": "R_l, two per class",
+    "reweighting-gain": "re-weighting gain", "reweighting-vs-controls": "re-weighting minus closest control",
+    "compression-speedup": "Hidden_anchor speed-up", "compression-loyalty": "Hidden_anchor label loyalty",
+    "diagnosis": "confusion diagnosis ρ", "prefix-theorem": "prefix's first-layer change",
+    "anchors-without-meaning": "abstract labels as anchors", "task-vector-recovers": "task vector recovers ICL",
+    "label-states-carry": "label words' states carry the task", "task-vector-vs-labels": "task vector minus label states",
+    "heads-saliency-isolation": "per-head S_pq vs head cuts",
+}
+
+
+def short_name(finding) -> str:
+    """The finding's short name in the scale view (its id where none is given). Used in: Verdicts (the scale view)."""
+    return SHORT_NAMES.get(finding.id, finding.id)
+
 
 
 def parameter_count(model: str) -> int | None:
@@ -148,7 +168,7 @@ def scale_figure(rows: Sequence[dict], sizes: Mapping[str, float | None], models
                 paper_x.add(x)
                 ax.plot([x], [value], marker="D", ms=5, color="k", mfc="white", ls="none", gid=f"paper-{paper_model}")
                 shown.setdefault("paper-model", set()).add(paper_model)
-        ax.set_title(finding.id, fontsize=9, loc="left")
+        ax.set_title(short_name(finding), fontsize=9, loc="left")
         unit = _unit(pts[0][2])
         if unit:
             ax.set_ylabel(unit)
@@ -214,10 +234,10 @@ def scale_reading(rows: Sequence[dict], sizes: Mapping[str, float | None], model
             continue
         usable = [p for p in pts if p[3] not in UNCOMPARED]
         if len(usable) < len(pts):
-            skipped.append(f"{finding.id} ({_join([f'{p[0]}: {p[3]}' for p in pts if p[3] in UNCOMPARED])})")
+            skipped.append(f"{short_name(finding)} ({_join([f'{p[0]}: {p[3]}' for p in pts if p[3] in UNCOMPARED])})")
         for (m1, _, a, _), (m2, _, b, _) in zip(usable, usable[1:]):
             word = compare(a, b)
-            text = finding.id if word == OUTCOMES[2] else f"{finding.id} ({a.text()} → {b.text()})"
+            text = short_name(finding) if word == OUTCOMES[2] else f"{short_name(finding)} ({a.text()} → {b.text()})"
             pairs.setdefault((m1, m2), {}).setdefault(word, []).append(text)
     out = []
     if not pairs:
@@ -235,7 +255,7 @@ def scale_reading(rows: Sequence[dict], sizes: Mapping[str, float | None], model
         if all(m in numbers for m in PAPER_SIZES):
             small, large = (numbers[m] for m in PAPER_SIZES)
             word = "grows" if large > small else "shrinks" if large < small else "stays"
-            paper.append(f"{finding.id} {word} ({small:.2f} → {large:.2f})")
+            paper.append(f"{short_name(finding)} {word} ({small:.2f} → {large:.2f})")
     if paper:
         out.append(f"In the paper, from {' to '.join(PAPER_SIZES)}: {_join(paper)} (point values; the paper gives "
                    "no intervals).")
