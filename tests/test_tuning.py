@@ -3,6 +3,7 @@ layer, the no-op cases, parameter counts, PEZ's projection, and the fast evaluat
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import numpy as np
@@ -357,3 +358,69 @@ def test_position_shift_floor_is_float_error_for_rotary_models_only(tiny_models,
         assert floor[:, :, 0].max() > 1e-3
     else:
         assert floor.max() < 1e-5
+
+
+def test_heldout_lr_picks_the_rate_with_the_lowest_held_out_loss_and_sees_only_training_prompts():
+    from helpers.experiments.reweighting import heldout_lr
+
+    prompts = [_toy_prompt([1, 2, 3], (1,), (0,), 2, label=y) for y in (0, 1) * 4]
+    seen = []
+
+    def fit_and_score(fit_on, held_out, lr):
+        seen.append((len(fit_on), len(held_out)))
+        assert not set(map(id, fit_on)) & set(map(id, held_out))
+        gold = np.array([p.label for p in held_out])
+        margin = {0.1: 3.0, 0.01: 1.0, 1.0: -2.0}[lr]  # 0.1 separates the held-out classes best
+        return np.stack([np.where(gold == 0, margin, -margin), np.where(gold == 1, margin, -margin)], 1)
+
+    out = heldout_lr(prompts, fit_and_score, 42, (0.01, 0.1, 1.0), folds=2)
+    assert float(out["lr"]) == 0.1 and out["heldout_loss"].shape == (3, 2)
+    assert out["heldout_acc"][1].min() == 1.0 and out["heldout_acc"][2].max() == 0.0
+    assert seen == [(4, 4)] * 6  # every rate on both folds, each fold half of the training prompts
+    with pytest.raises(ValueError, match="at least 2 training examples of every class"):  # never sklearn's words
+        heldout_lr(prompts[:3], fit_and_score, 42, (0.01, 0.1), folds=2)
+
+
+def test_fixed_rates_need_no_search_and_keep_the_earlier_keys():
+    fixed = tu.SIZES["fixed"]
+    assert [tu.method_lr(None, None, fixed, m) for m in ("anchor", "prompt-16", "prefix-1", "pez-8")] == \
+        [0.01, 0.01, 0.01, 0.1]
+    assert tu._settings(fixed, 42, "pez-8", 0.1)["lr"] == 0.1 and "lr" not in tu._settings(fixed, 42, "icl-1")
+    with pytest.raises(ValueError, match="give none for prefix"):
+        tu.method_lr(None, None, dataclasses.replace(fixed, fixed_rates=(("anchor", 0.01),)), "prefix-4")
+
+
+def test_every_kind_of_method_has_a_grid_and_a_length_to_search_on():
+    config = tu.SIZES["book"]
+    assert set(tu.LR_GRIDS) == {"anchor", "prompt", "prefix", "pez"}
+    assert [tu.search_method(config, k) for k in tu.LR_GRIDS] == ["anchor", "prompt-4", "prefix-4", "pez-8"]
+    assert tu.search_method(tu.SIZES["quick"], "pez") == "pez-4"
+    for kind, grid in tu.LR_GRIDS.items():
+        assert len(grid) >= 3 and list(grid) == sorted(grid), kind
+    with pytest.raises(ValueError, match="trains nothing"):
+        tu.train_method(None, None, [], "icl-1", 42, config, 0.01)
+
+
+@pytest.mark.slow
+def test_tuning_trains_at_the_rate_its_held_out_search_chose(tmp_path, monkeypatch, data_dir):
+    """On a real small model (quick sizes, SST-2): the search of prompt tuning's rate on training examples is cached,
+    the run of every length of that kind trains at the rate chosen, and a lookup without the search finds nothing."""
+    import json
+
+    from helpers.core.models import load_model
+
+    monkeypatch.setenv("ANCHORS_RESULTS", str(tmp_path))
+    torch.set_num_threads(1)
+    lm = load_model("smollm2-135m")
+    data, config = load_task("sst2", data_dir), tu.SIZES["quick"]
+    assert tu.tuning_run(lm, data, config, 42, "prompt-1", lookup_only=True) is None
+    run = tu.tuning_run(lm, data, config, 42, "prompt-1")
+    search = tu.lr_search_run(lm, data, config, "prompt", lookup_only=True)
+    assert search is not None and float(search["lr"]) in tu.LR_GRIDS["prompt"]
+    assert search["heldout_loss"].shape == (len(tu.LR_GRIDS["prompt"]), 2)
+    assert np.isfinite(search["heldout_loss"]).all() and len(set(search["heldout_loss"].mean(1).round(6))) > 1
+    sidecars = [json.loads(p.read_text()) for p in (tmp_path / tu.RESULTS_FOLDER).glob("*.json")]
+    trained = [s for s in sidecars if s["settings"]["method"] == "prompt-1"]
+    assert len(trained) == 1 and trained[0]["settings"]["lr"] == float(search["lr"])
+    assert run["correct"].shape == (config.n_test,)
+    assert set(tu.collect_lr_searches(lm, data, config)) == {"prompt"}

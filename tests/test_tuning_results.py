@@ -42,8 +42,11 @@ def test_committed_tuning_slice(data_dir):
     report = tu.attention_report(lm, s.test_prompts[:2], "prefix-4", prefix, 2)
     assert report["maxdiff"][:, 0].max() < 1e-5
     np.testing.assert_allclose(report["tv"], prefix["att_tv"][:2], atol=1e-4)
-    # retrain the smallest prefix from scratch (SST-2: 8 examples x 10 epochs) and compare
+    # retrain the smallest prefix from scratch at the rate the committed run was trained at (its kind's held-out
+    # search; SST-2: 8 examples x 10 epochs) and compare
     small = committed("prefix-1")
-    again = tu.train_prefix(lm, data.task, s.train_prompts, 1, 42, config.train)
+    lr = tu.method_lr(lm, data, config, "prefix-1", lookup_only=True)
+    assert lr is not None, "the committed learning-rate search of prefix-tuning is missing"
+    again = tu.train_method(lm, data.task, s.train_prompts, "prefix-1", 42, config, lr)
     np.testing.assert_allclose(again["epoch_loss"], small["epoch_loss"], rtol=1e-3, atol=1e-4)
     np.testing.assert_allclose(again["keys"], small["keys"], rtol=1e-2, atol=1e-3)

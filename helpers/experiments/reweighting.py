@@ -69,7 +69,7 @@ __all__ = [
     "batch_calibration", "fitted_control_run", "with_fitted_controls",
     "CONTENT_FREE_INPUTS", "POSITION_CONTROLS", "LAYER_HALVES", "VARIANTS", "VARIANT_TITLES", "LR_GRID", "TUNED",
     "VERDICT_CONTROLS", "CONTROL_BETAS", "demonstration_tokens", "newline_positions", "colon_positions",
-    "bos_positions", "most_attended", "target_readout", "select_lr", "fit_probe", "contextual_calibration_mean",
+    "bos_positions", "most_attended", "target_readout", "heldout_lr", "select_lr", "fit_probe", "contextual_calibration_mean",
     "states_run", "lr_search_run", "tuned_run", "control_runs", "cached_control_runs", "cached_lr_searches",
     "tuned_methods", "with_extra_controls", "stratified_folds", "SCORED_FIELDS", "FIELDS_BY_METHOD",
     "expected_fields",
@@ -638,36 +638,54 @@ def stratified_folds(labels: Sequence[int], k: int, seed: int) -> list[np.ndarra
     from sklearn.model_selection import StratifiedKFold
 
     y = np.asarray(labels)
+    classes, counts = np.unique(y, return_counts=True)
+    if len(y) == 0 or counts.min() < k:
+        raise ValueError(f"{k} held-out folds need at least {k} training examples of every class; the counts are "
+                         f"{dict(zip(classes.tolist(), counts.tolist()))}: train on more examples per class "
+                         "(TrainConfig.extra_per_class) or use fixed learning rates")
     return [test for _, test in StratifiedKFold(k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y)]
+
+
+def heldout_lr(train_prompts: Sequence[Prompt], fit_and_score: Callable, seed: int, grid: Sequence[float],
+               folds: int = LR_FOLDS) -> dict[str, np.ndarray]:
+    """A learning rate chosen on held-out *training* examples: for each rate of ``grid`` the method is trained on all
+    stratified folds of ``train_prompts`` but one (``fit_and_score(fit_on, held_out, lr)`` trains on ``fit_on`` and
+    returns the label logits (len(held_out), C) of ``held_out``) and its cross-entropy is measured on the held-out
+    fold; the rate with the lowest mean held-out loss wins (ties: the first rate of ``grid``). Test examples are never
+    used. Returns ``grid``, ``heldout_loss`` (rates, folds), ``heldout_acc`` and ``lr``.
+    Used in: Anchor re-weighting; Tuning the context or tuning the anchors."""
+    gold = np.array([p.label for p in train_prompts])
+    loss = np.zeros((len(grid), folds))
+    acc = np.zeros((len(grid), folds))
+    split = stratified_folds(gold, folds, seed)
+    for g, lr in enumerate(grid):
+        for f, held in enumerate(split):
+            out = set(held.tolist())
+            logits = np.asarray(fit_and_score([p for i, p in enumerate(train_prompts) if i not in out],
+                                              [train_prompts[i] for i in held], float(lr)))
+            z = torch.as_tensor(logits, dtype=torch.float64)
+            loss[g, f] = float(F.cross_entropy(z, torch.as_tensor(gold[held])).item())
+            acc[g, f] = float((logits.argmax(1) == gold[held]).mean())
+    best = int(np.argmin(loss.mean(1)))
+    return {"grid": np.array(grid, dtype=float), "heldout_loss": loss, "heldout_acc": acc,
+            "lr": np.array(float(grid[best]))}
 
 
 def select_lr(lm, task: Task, train_prompts: Sequence[Prompt], positions, seed: int, layers=None,
               config: TrainConfig = TrainConfig(), grid: Sequence[float] = LR_GRID, folds: int = LR_FOLDS,
               progress: bool = True) -> dict[str, np.ndarray]:
-    """A learning rate for a trained beta chosen on held-out *training* examples: for each rate of ``grid``, beta is
-    trained on all folds but one and its cross-entropy measured on the held-out fold (stratified folds of the
-    auxiliary examples); the rate with the lowest mean held-out loss wins (ties: the smaller rate). The test
-    examples are never used. Returns ``grid``, ``heldout_loss`` (rates, folds), ``heldout_acc`` and ``lr``.
+    """A learning rate for a trained beta chosen on held-out *training* examples (:func:`heldout_lr`: stratified
+    folds of the auxiliary examples, lowest mean held-out cross-entropy; ties: the smaller rate). The test examples
+    are never used. Returns ``grid``, ``heldout_loss`` (rates, folds), ``heldout_acc`` and ``lr``.
     Used in: Anchor re-weighting."""
-    gold = np.array([p.label for p in train_prompts])
-    label_ids = list(label_token_ids(task, lm.tokenizer))
-    loss = np.zeros((len(grid), folds))
-    acc = np.zeros((len(grid), folds))
-    for g, lr in enumerate(grid):
-        cfg = TrainConfig(epochs=config.epochs, lr=float(lr), betas=config.betas,
-                          extra_per_class=config.extra_per_class)
-        for f, held in enumerate(stratified_folds(gold, folds, seed)):
-            fit_on = [p for i, p in enumerate(train_prompts) if i not in set(held.tolist())]
-            trained = train_beta(lm, task, fit_on, positions, seed, cfg, progress=progress, layers=layers)
-            beta = torch.from_numpy(trained["beta"]).to(next(lm.model.parameters()).device)
-            logits = evaluate(lm, task, [train_prompts[i] for i in held], beta, positions, progress=False)
-            z = torch.as_tensor(logits, dtype=torch.float64)
-            loss[g, f] = float(F.cross_entropy(z, torch.as_tensor(gold[held])).item())
-            acc[g, f] = float((logits.argmax(1) == gold[held]).mean())
-    del label_ids
-    best = int(np.argmin(loss.mean(1)))
-    return {"grid": np.array(grid, dtype=float), "heldout_loss": loss, "heldout_acc": acc,
-            "lr": np.array(float(grid[best]))}
+
+    def fit_and_score(fit_on, held_out, lr):
+        cfg = TrainConfig(epochs=config.epochs, lr=lr, betas=config.betas, extra_per_class=config.extra_per_class)
+        trained = train_beta(lm, task, fit_on, positions, seed, cfg, progress=progress, layers=layers)
+        beta = torch.from_numpy(trained["beta"]).to(next(lm.model.parameters()).device)
+        return evaluate(lm, task, held_out, beta, positions, progress=False)
+
+    return heldout_lr(train_prompts, fit_and_score, seed, grid, folds)
 
 
 def fit_probe(train_states: np.ndarray, train_gold: np.ndarray, test_states: np.ndarray, n_params: int,

@@ -45,8 +45,8 @@ import torch
 
 from ..core.attention import Record, Reweight, intervene
 from ..core.prompts import Prompt, check_finite_logits, label_token_ids
-from .reweighting import (KV, TrainConfig, _loss, adam_epochs, class_positions, evaluate, label_head, prefix_kv,
-                          seed_setup, shared_prefix_length, train_beta)
+from .reweighting import (KV, LR_FOLDS, LR_GRID, TrainConfig, _loss, adam_epochs, class_positions, evaluate,
+                          heldout_lr, label_head, prefix_kv, seed_setup, shared_prefix_length, train_beta)
 from ..core.runs import cached_run
 from ..core.tasks import TaskData
 from ..core.findings import NOT_REPRODUCED, PARTLY, REPRODUCED, Finding, Measured
@@ -60,6 +60,8 @@ __all__ = [
     "evaluate_soft", "evaluate_prefix", "train_soft", "train_prefix", "train_pez", "attention_at_target",
     "attention_report", "tuning_run", "tuning_runs", "METHOD_TITLES", "task_average", "FLOOR", "shift_floor",
     "shift_floor_run", "collect_floor", "SCORED_FIELDS", "ATTENTION_FIELDS", "FLOOR_FIELDS", "expected_fields",
+    "LR_GRIDS", "search_method", "train_method", "method_logits", "lr_search_run", "method_lr", "collect_lr_searches",
+    "SEARCH_FIELDS",
 ]
 
 RESULTS_FOLDER = "tuning"  # the results sub-folder of its runs
@@ -74,16 +76,20 @@ class TuningConfig:
     prompt_lengths: tuple[int, ...] = (1, 4, 16)
     prefix_lengths: tuple[int, ...] = (1, 4, 16)
     pez_lengths: tuple[int, ...] = (8,)
-    pez_lr: float = 0.1  # Wen et al.'s learning rate (the other methods use TrainConfig.lr)
     n_attention: int = 16  # test examples of the attention analysis per (task, seed)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)  # epochs and Adam's betas (the rate: :func:`method_lr`)
     batch_size: int = 8
+    # (kind, rate) pairs: train every method of a kind at this rate instead of the one its held-out search chose
+    # (``SIZES["fixed"]``: the paper's 0.01 for all, Wen et al.'s 0.1 for PEZ: the usual rates, no search).
+    # Empty: the searched rates (:func:`method_lr`).
+    fixed_rates: tuple[tuple[str, float], ...] = ()
 
 
 SIZES = {
     "quick": TuningConfig(n_test=8, seeds=(42,), prompt_lengths=(1, 4), prefix_lengths=(1, 4), pez_lengths=(4,),
                           n_attention=4),
     "book": TuningConfig(),
+    "fixed": TuningConfig(fixed_rates=(("anchor", 0.01), ("prompt", 0.01), ("prefix", 0.01), ("pez", 0.1))),
 }
 
 
@@ -461,16 +467,131 @@ def attention_report(lm, prompts: Sequence[Prompt], method: str, trained: dict |
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _settings(config: TuningConfig, seed: int, method: str) -> dict:
+def _settings(config: TuningConfig, seed: int, method: str, lr: float | None = None) -> dict:
     kind, m = method_kind(method)
     s = {"seed": seed, "method": method, "n_test": config.n_test, "n_attention": config.n_attention, "shots": 1,
          "extra_per_class": config.train.extra_per_class}
     if kind != "icl-1":
-        s.update(epochs=config.train.epochs, lr=config.pez_lr if kind == "pez" else config.train.lr,
-                 betas=list(config.train.betas))
+        s.update(epochs=config.train.epochs, lr=float(lr), betas=list(config.train.betas))
     if kind in ("prompt", "prefix", "pez"):
         s["init"] = "random vocabulary tokens 1000-30000, seeded [seed, 14]"
     return s
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Training and evaluating one method, and its learning rate chosen on held-out training examples
+# --------------------------------------------------------------------------------------------------------------------
+
+# The learning rates tried per kind of method: anchor re-weighting's grid (the re-weighting chapter's), the paper's
+# 0.01 with a ten times smaller and larger rate for the soft prompts and prefixes, Wen et al.'s 0.1 with about three
+# times smaller and larger for PEZ.
+LR_GRIDS = {"anchor": LR_GRID, "prompt": (0.001, 0.01, 0.1), "prefix": (0.001, 0.01, 0.1), "pez": (0.03, 0.1, 0.3)}
+
+
+def search_method(config: TuningConfig, kind: str) -> str:
+    """The method whose learning rate stands for its kind: ``anchor``; for soft prompts and prefixes the length 4 when
+    configured (else the middle length); PEZ its first length. The rate found is used for every length of the kind."""
+    if kind == "anchor":
+        return "anchor"
+    lengths = {"prompt": config.prompt_lengths, "prefix": config.prefix_lengths, "pez": config.pez_lengths}[kind]
+    if not lengths:
+        raise ValueError(f"no {kind} length is configured")
+    m = 4 if kind != "pez" and 4 in lengths else lengths[len(lengths) // 2] if kind != "pez" else lengths[0]
+    return f"{kind}-{m}"
+
+
+def train_method(lm, task, train_prompts: Sequence[Prompt], method: str, seed: int, config: TuningConfig, lr: float,
+                 progress: bool = False) -> dict[str, np.ndarray]:
+    """Train one method (anchor re-weighting, prompt tuning, prefix-tuning or PEZ) at learning rate ``lr`` with the
+    chapter's epochs and Adam settings; returns what was trained and its training curve."""
+    kind, m = method_kind(method)
+    train = TrainConfig(epochs=config.train.epochs, lr=float(lr), betas=config.train.betas,
+                        extra_per_class=config.train.extra_per_class)
+    if kind == "anchor":
+        return train_beta(lm, task, train_prompts, lambda p: class_positions(p, task.n_classes), seed, train,
+                          progress=progress)
+    if kind == "prompt":
+        return train_soft(lm, task, train_prompts, m, seed, train, progress)
+    if kind == "pez":
+        return train_pez(lm, task, train_prompts, m, seed, train, float(lr), progress)
+    if kind == "prefix":
+        return train_prefix(lm, task, train_prompts, m, seed, train, progress)
+    raise ValueError(f"{method!r} trains nothing")
+
+
+def method_logits(lm, task, prompts: Sequence[Prompt], method: str, trained: dict, batch_size: int = 8) -> np.ndarray:
+    """Label logits (N, C) of ``prompts`` with what ``method`` trained (nothing for ``icl-1``)."""
+    kind, _ = method_kind(method)
+    if kind == "icl-1":
+        return evaluate(lm, task, prompts, batch_size=batch_size, progress=False)
+    if kind == "anchor":
+        beta = torch.from_numpy(np.asarray(trained["beta"])).to(lm.device)
+        return evaluate(lm, task, prompts, beta, lambda p: class_positions(p, task.n_classes),
+                        batch_size=batch_size, progress=False)
+    if kind == "prompt":
+        return evaluate_soft(lm, task, prompts, torch.from_numpy(np.asarray(trained["soft"])).to(lm.device),
+                             batch_size)
+    if kind == "pez":
+        return evaluate_soft(lm, task, prompts, _embed(lm.model, [int(i) for i in trained["ids"]]), batch_size)
+    kv = [(torch.from_numpy(k).to(lm.device), torch.from_numpy(v).to(lm.device))
+          for k, v in zip(trained["keys"], trained["values"])]
+    return evaluate_prefix(lm, task, prompts, kv, batch_size)
+
+
+SEARCH_FIELDS = ("grid", "heldout_loss", "heldout_acc", "lr")
+
+
+def lr_search_run(lm, data: TaskData, config: TuningConfig, kind: str, setup=None, progress: bool = False,
+                  **kw) -> dict[str, np.ndarray] | None:
+    """The learning rate of one kind of method for a task, cached: :func:`helpers.experiments.reweighting.heldout_lr`
+    over :data:`LR_GRIDS` on the first seed's auxiliary (training) examples, with the kind's
+    :func:`search_method`, then held fixed for every seed and length. Used in: Tuning the context or tuning the
+    anchors."""
+    task = data.task
+    method = search_method(config, kind)
+    seed = config.seeds[0]
+
+    def compute() -> dict[str, np.ndarray]:
+        s = setup() if callable(setup) else (setup or seed_setup(lm, data, seed, config.n_test, config.train))
+
+        def fit_and_score(fit_on, held_out, lr):
+            return method_logits(lm, task, held_out, method,
+                                 train_method(lm, task, fit_on, method, seed, config, lr, progress),
+                                 config.batch_size)
+
+        return heldout_lr(s.train_prompts, fit_and_score, seed, LR_GRIDS[kind], LR_FOLDS)
+
+    settings = {"seed": seed, "method": "lr-search", "target": method, "grid": list(LR_GRIDS[kind]),
+                "folds": LR_FOLDS, "shots": 1, "extra_per_class": config.train.extra_per_class,
+                "epochs": config.train.epochs, "betas": list(config.train.betas)}
+    if kind in ("prompt", "prefix", "pez"):
+        settings["init"] = "random vocabulary tokens 1000-30000, seeded [seed, 14]"
+    return cached_run(RESULTS_FOLDER, lm, data, settings, compute, expect=SEARCH_FIELDS, **kw)
+
+
+def method_lr(lm, data: TaskData, config: TuningConfig, method: str, setup=None, progress: bool = False,
+              **kw) -> float | None:
+    """The learning rate ``method`` is trained at: its kind's :func:`lr_search_run` (None when a lookup finds none),
+    or the config's ``fixed_rates``.
+    ``setup``: the first seed's set-up (or a factory of it), if at hand."""
+    kind, _ = method_kind(method)
+    if config.fixed_rates:
+        rates = dict(config.fixed_rates)
+        if kind not in rates:
+            raise ValueError(f"the fixed rates {rates} give none for {kind}")
+        return float(rates[kind])
+    search = lr_search_run(lm, data, config, kind, setup, progress, **kw)
+    return None if search is None else float(search["lr"])
+
+
+def collect_lr_searches(lm, data: TaskData, config: TuningConfig) -> dict[str, dict]:
+    """``{kind: lr_search_run result}`` for the kinds whose search is cached (never computes)."""
+    out = {}
+    for kind in LR_GRIDS:
+        r = lr_search_run(lm, data, config, kind, lookup_only=True)
+        if r is not None:
+            out[kind] = r
+    return out
 
 
 # What the chapter, its pages and the verdict read from each cached run, passed to cached_run as ``expect`` (a cached
@@ -484,9 +605,11 @@ FLOOR_FIELDS = ("maxdiff",)
 def expected_fields(method: str) -> tuple[str, ...]:
     """The fields read from a cached run of ``method``: :data:`SCORED_FIELDS`; for a trained method also its
     training time and the attention report (:data:`ATTENTION_FIELDS`, the theorem check); for PEZ the tokens found
-    and their initialisation; for :data:`FLOOR` its ``maxdiff``."""
+    and their initialisation; for :data:`FLOOR` its ``maxdiff``; for a learning-rate search :data:`SEARCH_FIELDS`."""
     if method == FLOOR:
         return FLOOR_FIELDS
+    if method == "lr-search":  # a learning-rate search (lr_search_run), stored beside the runs
+        return SEARCH_FIELDS
     kind, _ = method_kind(method)
     if kind == "icl-1":
         return SCORED_FIELDS
@@ -505,37 +628,18 @@ def tuning_run(lm, data: TaskData, config: TuningConfig, seed: int, method: str,
             return seed_setup(lm, data, seed, config.n_test, config.train)
         return setup() if callable(setup) else setup
 
+    first = setup if seed == config.seeds[0] else None  # the search runs on the first seed's set-up
+    lr = None if kind == "icl-1" else method_lr(lm, data, config, method, first, progress, **kw)
+    if kind != "icl-1" and lr is None:  # a lookup that finds no learning-rate search: the run is missing too
+        return None
+
     def compute() -> dict[str, np.ndarray]:
         s = get_setup()
         tr, te = s.train_prompts, s.test_prompts
         bs = config.batch_size
-        if kind == "icl-1":
-            trained: dict = {}
-            logits = evaluate(lm, task, te, batch_size=bs, progress=False)
-            train_logits = evaluate(lm, task, tr, batch_size=bs, progress=False)
-        elif kind == "anchor":
-            def where(p):
-                return class_positions(p, task.n_classes)
-            trained = train_beta(lm, task, tr, where, seed, config.train, progress=progress)
-            beta = torch.from_numpy(trained["beta"]).to(lm.device)
-            logits = evaluate(lm, task, te, beta, where, batch_size=bs, progress=False)
-            train_logits = evaluate(lm, task, tr, beta, where, batch_size=bs, progress=False)
-        elif kind == "prompt":
-            trained = train_soft(lm, task, tr, m, seed, config.train, progress)
-            soft = torch.from_numpy(trained["soft"]).to(lm.device)
-            logits = evaluate_soft(lm, task, te, soft, bs)
-            train_logits = evaluate_soft(lm, task, tr, soft, bs)
-        elif kind == "pez":
-            trained = train_pez(lm, task, tr, m, seed, config.train, config.pez_lr, progress)
-            hard = _embed(lm.model, [int(i) for i in trained["ids"]])
-            logits = evaluate_soft(lm, task, te, hard, bs)
-            train_logits = evaluate_soft(lm, task, tr, hard, bs)
-        else:
-            trained = train_prefix(lm, task, tr, m, seed, config.train, progress)
-            kv = [(torch.from_numpy(k).to(lm.device), torch.from_numpy(v).to(lm.device))
-                  for k, v in zip(trained["keys"], trained["values"])]
-            logits = evaluate_prefix(lm, task, te, kv, bs)
-            train_logits = evaluate_prefix(lm, task, tr, kv, bs)
+        trained = {} if kind == "icl-1" else train_method(lm, task, tr, method, seed, config, lr, progress)
+        logits = method_logits(lm, task, te, method, trained, bs)
+        train_logits = method_logits(lm, task, tr, method, trained, bs)
         gold = np.array([p.label for p in te])
         pred = logits.argmax(-1)
         out = {"logits": logits.astype(np.float32), "pred": pred, "gold": gold,
@@ -549,7 +653,7 @@ def tuning_run(lm, data: TaskData, config: TuningConfig, seed: int, method: str,
             out.update({f"att_{k}": v for k, v in report.items()})
         return out
 
-    return cached_run(RESULTS_FOLDER, lm, data, _settings(config, seed, method), compute,
+    return cached_run(RESULTS_FOLDER, lm, data, _settings(config, seed, method, lr), compute,
                       expect=expected_fields(method), **kw)
 
 
@@ -722,14 +826,14 @@ def prefix_theorem(model: str, profile: Profile) -> Measured | None:
     runs; anchor re-weighting's in the support. The chapter has its own sizes (``helpers.experiments.tuning.SIZES``)."""
     from ..core.stats import mean_estimate
 
-    config = SIZES["book"]
-    methods = [m for m in methods_of(config) if m.startswith("prefix-")] + ["anchor"]
-    runs = collect(ModelKey.of(model), load_task("sst2"), config, methods=methods)
-    prefixes = [m for m in runs if m.startswith("prefix-")]
-    if not prefixes or "anchor" not in runs:
-        return None
-    seeds = sorted(set.intersection(*(set(runs[m]) for m in prefixes)))
-    if not seeds:
+    methods = [m for m in methods_of(SIZES["book"]) if m.startswith("prefix-")] + ["anchor"]
+    for rates, config in (("searched", SIZES["book"]), ("fixed", SIZES["fixed"])):  # any trained prefix will do
+        runs = collect(ModelKey.of(model), load_task("sst2"), config, methods=methods)
+        prefixes = [m for m in runs if m.startswith("prefix-")]
+        seeds = sorted(set.intersection(*(set(runs[m]) for m in prefixes))) if prefixes else []
+        if seeds and "anchor" in runs:
+            break
+    else:
         return None
     per_seed = [np.concatenate([runs[m][s]["att_maxdiff"][:, 0].max(-1) for m in prefixes]) for s in seeds]
     est = mean_estimate(per_seed).scaled(1e6)
@@ -743,7 +847,8 @@ def prefix_theorem(model: str, profile: Profile) -> Measured | None:
         floor_note = f"; positions shifted, nothing added (float floor): {floor.fmt(2)} × 1e-6"
     return Measured(est, unit=" × 1e-6", digits=2, support=support,
                     n_text=f"{config.n_attention} prompts × {len(prefixes)} prefix lengths × {est.n_seeds} seeds, SST-2",
-                    note=f"largest first-layer change per prompt, prefix lengths {', '.join(p[7:] for p in prefixes)}; "
+                    note=f"largest first-layer change per prompt, prefix lengths {', '.join(p[7:] for p in prefixes)}"
+                         f"{' (trained at fixed learning rates)' if rates == 'fixed' else ''}; "
                          f"anchor re-weighting: {anchor.fmt(0)} × 1e-6{floor_note}")
 
 

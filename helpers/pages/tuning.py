@@ -29,7 +29,8 @@ from .summaries import summarised
 
 __all__ = ["FAMILY", "AVERAGE", "label", "n_params", "common_seeds", "averaged", "accuracy_table", "compact_table",
            "params_figure", "second_params_figure", "layer_curves", "floor_curve", "theorem_table", "theorem_figure",
-           "share_curves", "share_figure", "pez_table", "decoded_texts", "coverage_text", "glued"]
+           "share_curves", "share_figure", "pez_table", "decoded_texts", "coverage_text", "glued", "lr_table",
+           "search_effect", "search_effect_table", "search_values"]
 
 FAMILY = {"icl-1": "ICL 1-shot", "anchor": "anchor re-weighting", "prompt": "prompt tuning",
           "prefix": "prefix-tuning", "pez": "PEZ hard prompt"}
@@ -40,9 +41,8 @@ BELOW = {"prompt": True, "prefix": False, "pez": False, "anchor": False}  # firs
 LEFT = {"prompt": True, "prefix": False, "pez": False, "anchor": False}  # m-labels left of the points (prompt tuning's
 # largest m and prefix-tuning's smallest train about as many parameters, so their labels would meet)
 CONTEXT = ("prompt", "prefix", "pez")  # the methods that change the context
-FIXED_RATES = ("Each method was trained at one fixed learning rate, with no search and none chosen on held-out "
-               "training data, so these gains compare optimisation settings as well as what each parametrisation can "
-               "do. ")  # said in the "In short" box; the chapter's differences box gives the rates
+SEARCHED_RATES = ("Each kind of method was trained at the learning rate that its held-out search on training examples "
+                  "chose for the task (three rates per kind; the test examples are never used). ")  # the "In short" box
 
 ByTask = Mapping[str, Mapping[str, Mapping[int, dict]]]  # {task: {method: {seed: result}}}
 
@@ -479,6 +479,98 @@ def decoded_texts(lm, sequences, label: str) -> dict[tuple[int, ...], str]:
     return dict(zip(wanted, texts))
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# The learning rates: each kind's held-out search, and what it changed
+# --------------------------------------------------------------------------------------------------------------------
+
+Searches = Mapping[str, Mapping[str, dict]]  # {task: {kind: helpers.experiments.tuning.lr_search_run result}}
+
+
+def _rate(x: float) -> str:
+    return f"{x:g}"
+
+
+def lr_table(searches: Searches, config) -> pd.DataFrame:
+    """Per (task, kind of method): the length it was searched on, the rates tried, the mean held-out cross-entropy
+    and accuracy at each (over the folds), and the rate chosen, marked where it lies at an edge of the grid.
+
+    Used in: Tuning the context or tuning the anchors."""
+    rows = []
+    for task, by_kind in searches.items():
+        for kind, r in by_kind.items():
+            grid, loss, acc = np.asarray(r["grid"]), np.asarray(r["heldout_loss"]), np.asarray(r["heldout_acc"])
+            chosen = float(r["lr"])
+            edge = chosen in (float(grid[0]), float(grid[-1]))
+            rows.append({"task": TASKS[task].title, "searched on": label(tu.search_method(config, kind)),
+                         "rates tried": " / ".join(_rate(x) for x in grid),
+                         "held-out cross-entropy": " / ".join(f"{x:.2f}" for x in loss.mean(1)),
+                         "held-out accuracy %": " / ".join(f"{100 * x:.0f}" for x in acc.mean(1)),
+                         "chosen": _rate(chosen) + (" (edge)" if edge else "")})
+    return pd.DataFrame(rows).set_index(["task", "searched on"])
+
+
+def _fixed_rate(fixed_config, method: str) -> float:
+    return dict(fixed_config.fixed_rates)[tu.method_kind(method)[0]]
+
+
+@summarised("tuning/search-effect")
+def search_effect(searched: ByTask, fixed: ByTask, order: Sequence[str]) -> dict:
+    """``{method: (gain at the fixed rate, gain at the searched rate)}``: the paired gain over 1-shot ICL in points,
+    averaged over the tasks both have (equal weight), on the seeds every one of them has, for every trained method
+    present in both.
+
+    Used in: Tuning the context or tuning the anchors."""
+    tasks = [t for t in searched if t in fixed]
+    out = {}
+    for method in order[1:]:
+        if not all(method in searched[t] and method in fixed[t] for t in tasks) or len(tasks) < 2:
+            continue
+        s = {t: searched[t] for t in tasks}
+        f = {t: fixed[t] for t in tasks}
+        seeds = sorted(set(common_seeds(s, ["icl-1", method])) & set(common_seeds(f, ["icl-1", method])))
+        if seeds:
+            out[method] = (tu.task_average(f, method, "icl-1", seeds=seeds),
+                           tu.task_average(s, method, "icl-1", seeds=seeds))
+    return out
+
+
+def search_effect_table(searched: ByTask, fixed: ByTask, searches: Searches, fixed_config,
+                        order: Sequence[str]) -> pd.DataFrame:
+    """Per trained method: its fixed rate (``SIZES["fixed"]``), the rate the search chose per task, and the
+    average gain over 1-shot ICL at each (:func:`search_effect`), with 95% intervals.
+
+    Used in: Tuning the context or tuning the anchors."""
+    effect = search_effect(searched, fixed, order)
+    rows = []
+    for method, (g_fixed, g_searched) in effect.items():
+        kind = tu.method_kind(method)[0]
+        chosen = " / ".join(f"{TASKS[t].title} {_rate(float(searches[t][kind]['lr']))}"
+                            for t in searched if kind in searches.get(t, {}))
+        rows.append({"method": label(method), "fixed rate": _rate(_fixed_rate(fixed_config, method)),
+                     "rate chosen by the search": chosen,
+                     "gain at the fixed rate, points": _fmt(g_fixed, "+"),
+                     "gain at the chosen rate, points": _fmt(g_searched, "+")})
+    return pd.DataFrame(rows).set_index("method")
+
+
+def search_values(searched: ByTask, fixed: ByTask, searches: Searches, fixed_config, order: Sequence[str]) -> dict:
+    """The glued values of the learning-rate search: how many choices lie at an edge of their grid, how many differ
+    from the fixed rate, and per method the average gain at the fixed and at the chosen rate (or why there is none:
+    fewer than two tasks, or the method missing at one of the rates).
+
+    Used in: Tuning the context or tuning the anchors."""
+    choices = [(t, k, r) for t, by in searches.items() for k, r in by.items()]
+    edge = sum(float(r["lr"]) in (float(r["grid"][0]), float(r["grid"][-1])) for _, _, r in choices)
+    moved = sum(float(r["lr"]) != dict(fixed_config.fixed_rates)[k] for _, k, r in choices)
+    out = {"lr_n_choices": len(choices), "lr_n_edge": edge, "lr_n_moved": moved}
+    effect = search_effect(searched, fixed, order)
+    for method in order[1:]:  # every method, so a page quoting one never lacks its value
+        g_fixed, g_searched = effect.get(method, (None, None))
+        out[f"fixed_gain_{method}"] = g_fixed.fmt(1) if g_fixed else "not run at both rates on every task"
+        out[f"searched_gain_{method}"] = g_searched.fmt(1) if g_searched else "not run at both rates on every task"
+    return out
+
+
 def coverage_text(runs: Mapping[str, ByTask], models: Sequence[str], order: Sequence[str]) -> str:
     """What was computed, per model and task: the seeds, the methods not run and those with fewer seeds.
 
@@ -504,9 +596,8 @@ def coverage_text(runs: Mapping[str, ByTask], models: Sequence[str], order: Sequ
                 txt += f"; fewer seeds for {', '.join(partial)}"
             per.append(txt)
         parts.append(f"{m}: " + "; ".join(per) + ".")
-    return (" ".join(parts) + " Everything was computed on a 2-core CPU, one thread per run, where every context "
-            "method runs the whole prompt forward and backward at each step (training times in the table); what is "
-            "listed as not run is shown nowhere, and averages over tasks use only the seeds every task has.")
+    return (" ".join(parts) + " What is listed as not run is shown nowhere, and averages over tasks use only the "
+            "seeds every task has.")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -629,7 +720,7 @@ def _second_values(R2: ByTask | None, floors_of_model: Mapping, order: Sequence[
 
 def _summary_values(R: ByTask, floors_of_model: Mapping, order: Sequence[str], est: _Estimates) -> dict:
     """The "In short" text and the closing summary: the main task (SST-2 where computed), the best context method,
-    the averages over tasks, that the learning rates were fixed (:data:`FIXED_RATES`) and the theorem in one
+    the averages over tasks, how the learning rates were chosen (:data:`SEARCHED_RATES`) and the theorem in one
     sentence."""
     main = "sst2" if "sst2" in R else next(iter(R))
     Rm = R[main]
@@ -690,7 +781,7 @@ def _summary_values(R: ByTask, floors_of_model: Mapping, order: Sequence[str], e
             f"differ by {d_best.fmt(1)} ({_verdict(d_best)}). ")
     out["closing_table_avg"] = "; ".join(f"{label(x)} ({_params_range(R, x)} parameters): {avg[x][0].fmt(1)}%"
                                          for x in order if x in avg) if avg else "not computed"
-    out["in_short"] = accuracy_text + FIXED_RATES + theorem_text
+    out["in_short"] = accuracy_text + SEARCHED_RATES + theorem_text
     return out
 
 
