@@ -160,6 +160,24 @@ def test_search_effect_pairs_each_method_at_the_fixed_and_the_chosen_rate():
     assert pt.search_effect({"sst2": searched["sst2"]}, fixed, ORDER) == {}  # one task: no average
 
 
+def test_fixed_rate_methods_are_paired_against_re_weighting_at_the_fixed_rate():
+    fixed = _constructed(("sst2", "trec"), seeds=(1, 2))
+    for t in fixed:  # at the fixed rate a 4-position prefix is right everywhere, a 1-token prompt only like ICL
+        fixed[t]["prefix-4"] = {s: _result(np.ones(8), 9216) for s in (1, 2)}
+        fixed[t]["prompt-1"] = {s: _result(np.arange(8) % 2 == 0, 640) for s in (1, 2)}
+    vs = pt.fixed_vs_anchor(fixed, ORDER)
+    assert set(vs) == {"prefix-4", "prompt-1"}
+    assert vs["prefix-4"].value == pytest.approx(25.0) and vs["prefix-4"].low > 0
+    assert vs["prompt-1"].value == pytest.approx(-25.0)
+    searches = {t: {"anchor": _search((0.01, 0.1, 0.3), [0.7, 0.5, 0.6], [0.5, 0.75, 0.5])} for t in fixed}
+    values = pt.search_values(fixed, fixed, searches, tu.SIZES["fixed"], ORDER)
+    assert values["fixed_above_anchor"] == "prefix-tuning, m = 4"
+    assert values["fixed_vs_anchor_prefix-4"].startswith("25.0")
+    assert values["fixed_vs_anchor_prefix-16"] == "not run at the fixed rate"
+    assert "fixed_vs_anchor_anchor" not in values and "fixed_vs_anchor_icl-1" not in values
+    assert pt.fixed_vs_anchor({"sst2": fixed["sst2"]}, ORDER) == {}  # one task: no average
+
+
 def test_accuracy_table_gives_every_method_and_the_average(table):
     assert table.index.names == ["task", "method"]
     assert list(table.columns) == ["parameters", "accuracy % [95% CI]", "n", "minus ICL, points [95% CI]",
@@ -241,9 +259,12 @@ def test_params_figure_one_panel_per_task_and_the_average(figures):
     fig = figures["params"]
     assert len(fig.axes) == 4 and tuple(fig.get_size_inches()) == pytest.approx((7.8, 6.4))  # two panels a row
     assert not fig.axes[-1].axison and fig.axes[-1].get_legend() is not None
-    prompt = [t for t in fig.axes[0].texts if t.get_color() == "tab:blue"]
-    prefix = [t for t in fig.axes[0].texts if t.get_color() == "tab:orange"]
-    assert prompt and prefix and {t.get_ha() for t in prompt} == {"right"} and {t.get_ha() for t in prefix} == {"left"}
+    # each point's length m is its marker (prompt-16 and prefix-1 train about as many parameters: no text labels)
+    markers = {(ln.get_color(), ln.get_marker()) for ln in fig.axes[0].lines if ln.get_linestyle() == "None"}
+    assert ("tab:blue", "v") in markers and ("tab:orange", "v") in markers and ("tab:red", "o") in markers
+    assert not fig.axes[0].texts
+    legend = [t.get_text() for t in fig.axes[-1].get_legend().get_texts()]
+    assert "m = 1 (tokens or prefix positions)" in legend and "m = 16" in legend
     assert [ax.get_title() for ax in fig.axes[:3]] == ["SST-2 (n = 64 × 1)", "TREC (n = 64 × 1)",
                                                        "average over 2 tasks (n = 64 × 1 × 2)"]
     assert all(ax.get_xscale() == "log" for ax in fig.axes[:3])

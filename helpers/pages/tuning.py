@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 
 import matplotlib.pyplot as plt
+from matplotlib.lines import Line2D
 import numpy as np
 import pandas as pd
 
@@ -30,16 +31,15 @@ from .summaries import summarised
 __all__ = ["FAMILY", "AVERAGE", "label", "n_params", "common_seeds", "averaged", "accuracy_table", "compact_table",
            "params_figure", "second_params_figure", "layer_curves", "floor_curve", "theorem_table", "theorem_figure",
            "share_curves", "share_figure", "pez_table", "decoded_texts", "coverage_text", "glued", "lr_table",
-           "search_effect", "search_effect_table", "search_values"]
+           "search_effect", "fixed_vs_anchor", "search_effect_table", "search_values"]
 
 FAMILY = {"icl-1": "ICL 1-shot", "anchor": "anchor re-weighting", "prompt": "prompt tuning",
           "prefix": "prefix-tuning", "pez": "PEZ hard prompt"}
 AVERAGE = "average over tasks"
 COLORS = {"prompt": "tab:blue", "prefix": "tab:orange", "pez": "tab:green", "anchor": "tab:red"}
 STYLES = {1: ":", 4: "--", 8: "-.", 16: "-", 0: "-"}  # line style per prompt / prefix length m
-BELOW = {"prompt": True, "prefix": False, "pez": False, "anchor": False}  # first m-label of each kind; then alternating
-LEFT = {"prompt": True, "prefix": False, "pez": False, "anchor": False}  # m-labels left of the points (prompt tuning's
-# largest m and prefix-tuning's smallest train about as many parameters, so their labels would meet)
+MARKERS = {0: "o", 1: "v", 4: "s", 8: "D", 16: "^"}  # marker per prompt / prefix length m (0: no m): a marker, not
+# a text label, since prompt tuning's largest m and prefix-tuning's smallest train about as many parameters
 CONTEXT = ("prompt", "prefix", "pez")  # the methods that change the context
 SEARCHED_RATES = ("Each kind of method was trained at the learning rate that its held-out search on training examples "
                   "chose for the task (three rates per kind; the test examples are never used). ")  # the "In short" box
@@ -234,14 +234,10 @@ def params_figure(model: str, by_task: ByTask, order: Sequence[str]) -> plt.Figu
             xs = [max(1, size[x]) for x in ms]
             es = [est[x] for x in ms]
             ax.errorbar(xs, [e.value for e in es], yerr=[[e.value - e.low for e in es], [e.high - e.value for e in es]],
-                        fmt="-o", color=c, capsize=3, label=FAMILY[kind])
-            for i, (x, e, meth) in enumerate(zip(xs, es, ms)):
-                if tu.method_kind(meth)[1]:
-                    below = BELOW[kind] != (i % 2 == 1)
-                    left = LEFT[kind]  # prompt tuning's labels left of its points, the others right: at the same
-                    ax.annotate(f"m={tu.method_kind(meth)[1]}", (x, e.value), textcoords="offset points",  # size
-                                xytext=(-5 if left else 5, -12 if below else 5), fontsize=8, color=c,  # no overlap
-                                ha="right" if left else "left")
+                        fmt="-", color=c, capsize=3, label=FAMILY[kind])
+            for x, e, meth in zip(xs, es, ms):
+                ax.plot(x, e.value, ls="none", marker=MARKERS[tu.method_kind(meth)[1] or 0], color=c, ms=6,
+                        mec="white", mew=0.6)
         ax.set_xscale("log")
         ax.set_xlim(1, 3e5)
         ax.set_title(title, fontsize=10)
@@ -249,6 +245,10 @@ def params_figure(model: str, by_task: ByTask, order: Sequence[str]) -> plt.Figu
         ax.set_ylabel("test accuracy %")
         ax.grid(alpha=0.3)
     handles, labels = flat[0].get_legend_handles_labels()
+    lengths = sorted({m for x in order if (m := tu.method_kind(x)[1])})
+    for m in lengths:  # the markers' meaning: prompt tokens, prefix positions or PEZ tokens
+        handles.append(Line2D([], [], ls="none", marker=MARKERS[m], color="#555", ms=6))
+        labels.append(f"m = {m} (tokens or prefix positions)" if m == lengths[0] else f"m = {m}")
     if spare:
         for ax in flat[len(panels):]:
             ax.axis("off")
@@ -534,6 +534,24 @@ def search_effect(searched: ByTask, fixed: ByTask, order: Sequence[str]) -> dict
     return out
 
 
+@summarised("tuning/fixed-vs-anchor")
+def fixed_vs_anchor(fixed: ByTask, order: Sequence[str]) -> dict:
+    """``{method: paired difference to anchor re-weighting}`` at the fixed rates: accuracy points, averaged over the
+    tasks (equal weight), on the seeds every one of them has, for every context method run on at least two tasks.
+
+    Used in: Tuning the context or tuning the anchors."""
+    out = {}
+    if len(fixed) < 2:
+        return out
+    for method in order[1:]:
+        if method == "anchor" or not all(method in r and "anchor" in r for r in fixed.values()):
+            continue
+        seeds = common_seeds(fixed, ["anchor", method])
+        if seeds:
+            out[method] = tu.task_average(fixed, method, "anchor", seeds=seeds)
+    return out
+
+
 def search_effect_table(searched: ByTask, fixed: ByTask, searches: Searches, fixed_config,
                         order: Sequence[str]) -> pd.DataFrame:
     """Per trained method: its fixed rate (``SIZES["fixed"]``), the rate the search chose per task, and the
@@ -568,6 +586,11 @@ def search_values(searched: ByTask, fixed: ByTask, searches: Searches, fixed_con
         g_fixed, g_searched = effect.get(method, (None, None))
         out[f"fixed_gain_{method}"] = g_fixed.fmt(1) if g_fixed else "not run at both rates on every task"
         out[f"searched_gain_{method}"] = g_searched.fmt(1) if g_searched else "not run at both rates on every task"
+    vs = fixed_vs_anchor(fixed, order)
+    for method in order[1:]:
+        if method not in ("icl-1", "anchor"):
+            out[f"fixed_vs_anchor_{method}"] = vs[method].fmt(1) if method in vs else "not run at the fixed rate"
+    out["fixed_above_anchor"] = ", ".join(label(x) for x, e in vs.items() if e.low > 0) or "none"
     return out
 
 
