@@ -333,3 +333,38 @@ def test_verdict_page_row_reads_the_committed_results():
 
     seeds = BOOK_SCOPES["gemma-3-270m"].seeds_for(SEVERAL_SHOTS)
     assert "83.0%" in measured.note and measured.support["accuracy"].n_seeds == len(seeds)
+
+
+def test_the_protocol_runs_every_seed_of_a_scope_and_only_its_runs(monkeypatch):
+    """A model whose several-per-class runs have more seeds than its one-per-class runs: the protocol visits every
+    seed, and a seed of the several-per-class runs only computes those (on SST-2), nothing with one per class."""
+    from types import SimpleNamespace
+
+    from helpers.experiments import meaning as me
+
+    scope = me.Scope(seeds=(42,), several_seeds=(42, 43, 44))
+    assert scope.all_seeds == (42, 43, 44) and me.Scope(seeds=(1, 2)).all_seeds == (1, 2)
+    monkeypatch.setitem(me.BOOK_SCOPES, "toy", scope)
+    plan = me.configure("book")
+    assert tuple(me.EXPERIMENT.seeds(plan, "toy")) == (42, 43, 44)
+    calls = []
+
+    def fake(kind):
+        def run(lm, d, config, shots, seeds, lookup_only):
+            calls.append((kind, shots, tuple(seeds)))
+            return [{}]
+        return run
+
+    for kind in ("attention", "isolation", "saliency"):
+        monkeypatch.setattr(me, f"{kind}_runs", fake(kind))
+    monkeypatch.setattr(me, "regime_data", lambda data, r: data)
+    lm = SimpleNamespace(name="toy")
+    sst2 = SimpleNamespace(task=SimpleNamespace(name="sst2"))
+    me.run(lm, sst2, plan, 43)
+    assert calls and all(shots == me.SEVERAL_SHOTS and seeds == (43,) for _, shots, seeds in calls)
+    assert len(calls) == 3 * len(me.REGIMES)  # attention, isolation and saliency per regime
+    calls.clear()
+    me.run(lm, SimpleNamespace(task=SimpleNamespace(name="trec")), plan, 43)
+    assert calls == []  # TREC has no several-per-class runs, and seed 43 no one-per-class ones
+    me.run(lm, sst2, plan, 42)
+    assert {shots for _, shots, _ in calls} == {1, me.SEVERAL_SHOTS}
