@@ -1300,3 +1300,77 @@ def test_a_compression_result_without_a_field_it_reads_is_refused(isolated, monk
     experiments' (the test above)."""
     test_an_experiments_cached_result_without_a_field_it_reads_is_refused(isolated, monkeypatch, "compression", field,
                                                                           _stub_compression)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Added by the case census re-run (issue 24): what the census found untested or still open
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv, message", [(["compression", "--tasks", "nope"], "Unknown task 'nope'"),
+                                           (["compression", "--sweep-tasks", "nope"], "Unknown task 'nope'"),
+                                           (["speed", "--tasks", "nope"], "Unknown task 'nope'"),
+                                           (["speed", "--tasks"], "nothing to benchmark"),
+                                           (["compression", "--tasks", "--sweep-tasks"], "nothing to benchmark")])
+def test_bench_checks_its_tasks_before_loading_a_model(monkeypatch, capsys, argv, message):
+    """Was: the benchmarks loaded the model (and timed its forward cost) before the first task was looked up, so an
+    unknown task failed minutes in with a bare KeyError; ``speed --tasks`` with no value exited 0 having done
+    nothing."""
+    from helpers.cli import bench, speed
+
+    for module in (bench, speed):
+        monkeypatch.setattr(module, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(SystemExit) as err:
+        bench.main(argv)
+    assert err.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bench_and_compute_read_the_task_data_before_loading_a_model(isolated, monkeypatch):
+    """A data folder without the task (or with a broken file) is reported, naming the folder and ANCHORS_DATA,
+    before any model loads: compute, both benchmarks (the demo's is pinned above)."""
+    from helpers.cli import bench, compute, speed
+
+    monkeypatch.setenv("ANCHORS_DATA", str(isolated / "no-data"))
+    for module in (bench, speed):
+        monkeypatch.setattr(module, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr("helpers.core.models.load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    calls = {
+        "compute": lambda: compute.main(["aggregation", "--tasks", "sst2", "--profile", "quick"]),
+        "bench compression": lambda: bench.bench_compression("m", ["sst2"], 1, 1, [], [], 1, 1, isolated / "x.json"),
+        "bench speed": lambda: speed.bench_speed("m", ["sst2"], 1, 1, isolated / "y.json"),
+    }
+    for name, call in calls.items():
+        with pytest.raises(FileNotFoundError, match="no-data.*ANCHORS_DATA|ANCHORS_DATA.*no-data"):
+            call()
+    assert not (isolated / "x.json").exists() and not (isolated / "y.json").exists()
+
+
+def test_the_prefix_helpers_refuse_a_prompt_longer_than_the_context(tiny_models):
+    """Was: a shared prefix and a suffix past the model's context failed on GPT-2 with a bare IndexError from torch
+    and ran to garbage on a RoPE model (no check on the prefix path, unlike target_logits)."""
+    from helpers.core.attention import enable
+    from helpers.core.prefix import build_prefix, suffix_hidden, suffix_logits
+
+    for family in ("gpt2", "llama"):  # 64 positions here
+        model = enable(tiny_models(family), "anchors")
+        with pytest.raises(ValueError, match="the prefix: 80 positions, more than the model's context of 64"):
+            build_prefix(model, [3 + i % 50 for i in range(80)])
+        prefix = build_prefix(model, [3 + i % 50 for i in range(40)])
+        long = [[3 + i % 50 for i in range(30)], [5]]
+        for run in (lambda: suffix_logits(model, prefix, long, 0), lambda: suffix_hidden(model, prefix, long, 0),
+                    lambda: suffix_logits(model, prefix, long, 0, label_ids=[5, 6])):
+            with pytest.raises(ValueError, match=r"prefix \(40 tokens\) and the longest suffix \(30 tokens\): 70 "
+                                                 r"positions, more than the model's context of 64"):
+                run()
+        with pytest.raises(ValueError, match="the prefix: 70 positions"):  # a continued cache counts its start
+            build_prefix(model, [3 + i % 50 for i in range(30)], start=prefix)
+        assert suffix_logits(model, prefix, [[3 + i % 50 for i in range(24)], [5]], 0).shape[0] == 2  # exactly full
+
+
+def test_every_committed_result_records_its_checksum_and_shapes():
+    """Without them a committed ``.npz`` rewritten with other numbers or another shape is still read back silently
+    (only its key fields are checked): the census re-run found 521 of 880 such records."""
+    committed = ROOT / "results"
+    bare = [str(m.relative_to(ROOT)) for m in sorted(committed.glob("*/*.json"))
+            if "experiment" in (info := json.loads(m.read_text())) and not {"sha256", "arrays"} <= set(info)]
+    assert not bare, f"{len(bare)} committed results without a checksum, e.g. {bare[:3]}"

@@ -188,6 +188,7 @@ def test_continued_logits_need_the_target_after_the_prefix(tiny_models):
 def sst2_lm(data_dir, offline_tokenizers, tiny_models):
     tok = offline_tokenizers["smollm2-135m"]
     model = tiny_models("qwen2", vocab_size=len(tok))  # grouped-query attention: 4 query heads, 2 kv heads
+    model.config.max_position_embeddings = 1024  # real prompts are longer than the tiny config's 64 positions
     attention.enable(model, "anchors")
     L, H = _dims(model)
     lm = SimpleNamespace(name="tiny-qwen2", model=model, tokenizer=tok, n_layers=L, n_heads=H,

@@ -194,6 +194,7 @@ def bench_task(lm, data, shots: int, n: int, reps: int, batch_size: int = 1, see
 
 def bench_compression(model: str, tasks, n: int, reps: int, sweep_tasks, sweep_shots, sweep_n: int,
                       sweep_reps: int, out: Path, batch_sizes=(1, 8), device=None) -> dict:
+    datas = {name: load_task(name) for name in (*tasks, *sweep_tasks)}  # checked before the model loads
     lm = load_for_bench(model, device)
     gemm = GemmRate(lm.model)
     fit, fit_load = timed_series(lambda: forward_times(lm, reps=3))
@@ -212,7 +213,7 @@ def bench_compression(model: str, tasks, n: int, reps: int, sweep_tasks, sweep_s
         "sweep": {},
     }
     for name in tasks:
-        data = load_task(name)
+        data = datas[name]
         result["tasks"][name] = {}
         for b in batch_sizes:
             t0 = time.perf_counter()
@@ -225,7 +226,7 @@ def bench_compression(model: str, tasks, n: int, reps: int, sweep_tasks, sweep_s
                   + f"; {time.perf_counter() - t0:.0f} s", flush=True)
             write_json(out, result)
     for name in sweep_tasks:
-        data = load_task(name)
+        data = datas[name]
         result["sweep"][name] = {}
         for shots in sweep_shots:
             for b in batch_sizes:
@@ -355,7 +356,18 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> None:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if args.what in ("speed", "compression"):  # task names checked before anything loads (the data, then the model)
+        from ..core.tasks import get_task
+
+        try:
+            for name in (*args.tasks, *(args.sweep_tasks if args.what == "compression" else ())):
+                get_task(name)
+        except ValueError as err:
+            p.error(str(err))
+        if not args.tasks and not (args.what == "compression" and args.sweep_tasks):
+            p.error("--tasks without a value: nothing to benchmark (name at least one task, or leave --tasks out)")
     if args.what == "speed":
         from .speed import bench_speed, speed_path
 

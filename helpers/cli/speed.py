@@ -345,6 +345,7 @@ def bench_speed(model: str, tasks, n: int, reps: int, out: Path, device=None) ->
 
     if torch.device(device or "cpu").type == "cpu":  # one CPU thread, as every committed run; not on a GPU
         torch.set_num_threads(1)
+    datas = {name: load_task(name) for name in tasks}  # checked before the model loads
     lm = load_model(model, device=device)
     gemm = GemmRate(lm.model)
     result = {"model": model, "device": str(lm.device), "threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -354,7 +355,7 @@ def bench_speed(model: str, tasks, n: int, reps: int, out: Path, device=None) ->
               "gemm_rows": gemm.rows, "tasks": {}}
     for name in tasks:
         t0 = time.perf_counter()
-        r = result["tasks"][name] = bench_task(lm, load_task(name), n=n, reps=reps, gemm=gemm)
+        r = result["tasks"][name] = bench_task(lm, datas[name], n=n, reps=reps, gemm=gemm)
         write_json(out, result)
         iso, ext, sal = r["isolation"], r["extraction"], r["saliency"]
         print(f"{name}: isolation previous/new {iso['previous/new']['median']:.2f}x, new/floor "

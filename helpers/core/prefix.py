@@ -161,6 +161,7 @@ def build_prefix(model, input_ids: Sequence[int], hooks: Sequence = (), start: P
         # writes into these tensors: it concatenates into new ones, so ``start`` stays as it was
     else:
         cache = DynamicCache()  # no config: plain DynamicLayer everywhere, so sliding-window layers keep every entry
+    _check_positions(model, past + len(input_ids), "the prefix")
     ids = torch.tensor([list(input_ids)], device=device)
     position_ids = torch.arange(past, past + ids.shape[1], device=device)[None]
     with torch.no_grad(), (intervene(*hooks) if hooks else contextlib.nullcontext()):
@@ -210,6 +211,17 @@ def _masks(prefix: PrefixCache, valid: torch.Tensor, dtype: torch.dtype) -> dict
     return out
 
 
+def _check_positions(model, n: int, what: str) -> None:
+    """``ValueError`` if ``n`` positions run past the model's context (GPT-2: a bare ``IndexError`` from torch; a
+    RoPE model: garbage, extrapolated past its trained positions), as :func:`helpers.core.prompts.target_logits`."""
+    from .prompts import model_context
+
+    context = model_context(model)
+    if context is not None and n > context:
+        raise ValueError(f"{what}: {n} positions, more than the model's context of {context} tokens. Use fewer or "
+                         "shorter demonstrations or queries")
+
+
 def _suffix_inputs(model, prefix: PrefixCache, suffixes: Sequence[Sequence[int]], pad_id: int,
                    restart_positions: bool):
     """The right-padded ids, masks, position ids, expanded cache and last-token rows of a batch of suffixes."""
@@ -224,6 +236,7 @@ def _suffix_inputs(model, prefix: PrefixCache, suffixes: Sequence[Sequence[int]]
     lengths = torch.tensor([len(s) for s in suffixes], device=device)
     valid = torch.arange(t, device=device)[None, :] < lengths[:, None]
     start = 0 if restart_positions else prefix.length
+    _check_positions(model, start + t, f"the prefix ({prefix.length} tokens) and the longest suffix ({t} tokens)")
     position_ids = (start + torch.arange(t, device=device))[None].expand(b, -1)
     dtype = next(model.parameters()).dtype
     masks = _masks(prefix, valid, dtype)
