@@ -590,7 +590,7 @@ def search_values(searched: ByTask, fixed: ByTask, searches: Searches, fixed_con
     for method in order[1:]:
         if method not in ("icl-1", "anchor"):
             out[f"fixed_vs_anchor_{method}"] = vs[method].fmt(1) if method in vs else "not run at the fixed rate"
-    out["fixed_above_anchor"] = ", ".join(label(x) for x, e in vs.items() if e.low > 0) or "none"
+    out["fixed_above_anchor"] = "; ".join(label(x) for x, e in vs.items() if e.low > 0) or "none"  # labels hold commas
     return out
 
 
