@@ -434,3 +434,31 @@ def test_diagnose_takes_keys_from_separate_prompts(tiny_gqa_lm, agnews_prompts, 
     np.testing.assert_array_equal(moved["pred"], default["pred"])  # the queries' run is unchanged
     np.testing.assert_allclose(moved["probs"], default["probs"], atol=1e-6)
     assert not np.allclose(moved["khat"], default["khat"], atol=1e-4)  # the keys enter the projection
+
+
+def test_pooled_permutation_test_tests_the_seeds_together():
+    from helpers.experiments.diagnosis import permutation_test, pooled_permutation_test
+
+    rng = np.random.default_rng(3)
+
+    def sym(c):
+        a = rng.random((c, c))
+        a = a + a.T
+        np.fill_diagonal(a, 1.0)
+        return a
+
+    real = [sym(6) for _ in range(3)]
+    noise = [sym(6) for _ in range(3)]
+    one = permutation_test(noise[0], real[0])
+    assert pooled_permutation_test([noise[0]], [real[0]]) == pytest.approx(one)  # one seed: the plain test
+    rho, p, n = pooled_permutation_test(real, real)  # every seed a perfect match: only the identity reaches it
+    assert rho == pytest.approx(1.0) and n == math.factorial(6) and p == pytest.approx(1 / n)
+    # brute force: the share of relabellings, applied to every seed at once, whose mean ρ reaches the observed one
+    from helpers.experiments.diagnosis import pair_spearman
+
+    def mean_rho(perm):
+        return np.mean([pair_spearman(a[np.ix_(perm, perm)], b) for a, b in zip(noise, real)])
+
+    observed = mean_rho(np.arange(6))
+    ref = np.mean([mean_rho(np.asarray(q)) >= observed - 1e-12 for q in itertools.permutations(range(6))])
+    assert pooled_permutation_test(noise, real)[1] == pytest.approx(ref)

@@ -312,10 +312,15 @@ def test_the_chapter_glues_names_the_page_makes_and_states_its_verdict(committed
               | page.best_layer_values(committed.curves, MODEL) | page.baseline_values(base, MODEL) | {"m_span": ""})
     monkeypatch.setattr(verdicts, "evaluate", lambda finding, model, profile: (None, "partly"))  # the names only
     values |= verdicts.chapter_verdicts("book/diagnosis")
+    from helpers.experiments import diagnosis as dg
+
+    for role, m in (("main", MODEL), ("second", SECOND)):  # the chapter glues the seeds-together test on TREC
+        task = next(iter(committed.runs[m]))  # the fixture's task stands in for TREC
+        values[f"ppooled_{role}_trec"] = dg.pooled_p_text(committed.runs[m][task], committed.layer_of[m])
     names = set(values) | {k.replace("_emoc", "_agnews") for k in values}  # the fixture has EmoC, not AG News
     cells = json.loads((ROOT / "book" / "diagnosis.ipynb").read_text())["cells"]
     prose = "".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
     used = set(re.findall(r"\{glue:text\}`([^`]+)`", prose))
     assert used and used <= names, used - names
-    assert {"verdict_diagnosis", "rho_main_trec", "rhoseeds_main_trec", "p_main_trec"} <= used
+    assert {"verdict_diagnosis", "rho_main_trec", "rhoseeds_main_trec", "p_main_trec", "ppooled_main_trec"} <= used
     assert "(sec-diagnosis-trec)=" in prose

@@ -185,3 +185,48 @@ def test_committed_taskvectors_slice(offline_model, data_dir, monkeypatch, tmp_p
     fresh = tv._run(lm, zero_rows, label_ids, 4,
                     lambda _i, chunk: [Write(layer, [[len(r) - 1] for r in chunk], read.value)])
     np.testing.assert_allclose(fresh, committed["tv/logits"][where, :4], atol=1e-3)
+
+
+def test_ahead_needs_the_side_ahead_to_work():
+    """A difference between two patches that do nothing is not a reproduction: the task vector 12.5 [6.2, 19.5]
+    points ahead of the label words' states, while neither beats its own baseline, was once "reproduced"."""
+    from helpers.core.findings import Measured, NOT_REPRODUCED, NOT_TESTABLE, PARTLY, REPRODUCED
+    from helpers.core.stats import Estimate
+
+    def est(value, low, high, weak=None):
+        weak = weak or ((low + value) / 2, (value + high) / 2)
+        return Estimate(value, low, high, 64, 3, np.array([value] * 3), 0.95, weak[0], weak[1])
+
+    def m(diff, tv_gain, labels_gain):
+        return Measured(diff, support={"own gain": {"tv": tv_gain, "labels": labels_gain}})
+
+    ahead_by = est(12.5, 6.2, 19.5)
+    neither = m(ahead_by, est(3.6, -1.8, 8.9), est(-0.3, -2.9, 2.1))
+    assert tv.ahead(neither) == NOT_TESTABLE
+    assert "neither" in tv.comparison_reading(neither)
+    assert tv.ahead(m(ahead_by, est(3.6, -1.8, 8.9), est(5.0, 1.0, 9.0))) == NOT_TESTABLE  # the side ahead fails
+    assert tv.ahead(m(ahead_by, est(9.0, 4.0, 14.0), est(-0.3, -2.9, 2.1))) == REPRODUCED
+    assert tv.ahead(m(est(3.0, -1.0, 7.0, weak=(0.5, 5.5)), est(9.0, 4.0, 14.0), est(0.0, -2.0, 2.0))) == PARTLY
+    # the label words ahead of a task vector that fails: the claim is refuted, not untestable
+    assert tv.ahead(m(est(-8.0, -12.0, -4.0), est(1.0, -2.0, 4.0), est(9.0, 5.0, 13.0))) == NOT_REPRODUCED
+    assert tv.ahead(Measured(ahead_by)) == NOT_TESTABLE  # without each side's own gain the rule cannot check it
+    assert "does not itself beat" in " ".join(tv.ahead.__doc__.split())
+
+
+def test_the_comparison_row_reads_each_sides_gain(monkeypatch):
+    from helpers.core.findings import NOT_TESTABLE, REPRODUCED, judge
+    from helpers.core.stats import pooled_over
+
+    finding = next(f for f in tv.EXPERIMENT.findings if f.id == "task-vector-vs-labels")
+
+    def verdict(runs):
+        monkeypatch.setattr(tv, "_all_runs", lambda model, profile: runs)
+        with pooled_over(4):
+            m = tv.tv_versus_labels("m", None)
+        return judge(finding, m), m
+
+    v, m = verdict(_verdict_runs(lambda t, s, i: True))  # the task vector right everywhere, zero-shot wrong
+    assert v == REPRODUCED and m.support["own gain"]["tv"].low > 0
+    # nothing right anywhere but ICL: the task vector is level with the label words, neither works
+    v, m = verdict(_verdict_runs(lambda t, s, i: False))
+    assert v == NOT_TESTABLE and "not testable: neither" in m.note

@@ -121,7 +121,8 @@ def test_rules_of_the_application_chapters():
     assert verdicts.keeps_most(m(_est(78, 69, 86), support=better)) == verdicts.PARTLY
     assert verdicts.keeps_most(m(_est(40, 30, 50), support={"vs random": _est(0, -5, 5)})) == verdicts.NOT_REPRODUCED
     assert verdicts.confusion_rule(m(_est(0.6, 0.3, 0.8), support={"p": 0.01})) == verdicts.REPRODUCED
-    assert verdicts.confusion_rule(m(_est(0.44, 0.27, 0.55), support={"p": 0.107})) == verdicts.PARTLY
+    assert verdicts.confusion_rule(m(_est(0.44, 0.27, 0.55), support={"p": 0.107, "p_pooled": 0.01})) \
+        == verdicts.PARTLY
     assert verdicts.confusion_rule(m(_est(0.2, -0.1, 0.5), support={"p": 0.186})) == verdicts.NOT_REPRODUCED
     assert verdicts.confusion_rule(m(_est(-0.1, -0.4, 0.2), support={"p": 0.6})) == verdicts.NOT_REPRODUCED
 
@@ -162,3 +163,57 @@ def test_flow_verdicts_need_the_label_words_to_beat_the_position_control():
     assert beats_position_control(m(gap, support={"position control": _est(-0.02, -0.04, 0.0)})) == \
         verdicts.NOT_REPRODUCED  # random positions carry as much: the normalisation, not the anchors
     assert beats_position_control(m(gap)) == verdicts.NOT_REPRODUCED
+
+
+def test_second_half_reads_each_task_as_the_chapter_table_does():
+    """An undetermined task (its R_l interval leaves the table's range) keeps the row from "reproduced", however its
+    point estimate passes 0.5: the two-shot row once said "reproduced" while the chapter called SST-2 undetermined."""
+    m = verdicts.Measured
+    below = _est(0.12, -0.02, 0.23)
+    passing = {"SST-2": 17, "TREC": 13, "AG News": 14, "EmoC": 14}
+    assert verdicts.second_half(m(below, support={"passing": passing, "undetermined": [], "mid": 9})) \
+        == verdicts.REPRODUCED
+    assert verdicts.second_half(m(below, support={"passing": passing, "undetermined": ["SST-2"], "mid": 9})) \
+        == verdicts.PARTLY
+    assert "undetermined" in verdicts.second_half.__doc__ and "[-1.5, 2]" in verdicts.second_half.__doc__
+
+
+def test_second_half_states_the_chapters_limits():
+    from helpers.pages import plots
+
+    low, high = plots.R_LIMITS
+    assert f"[{low:g}, {high:g}]" in verdicts.rule_text(verdicts.second_half)
+
+
+def test_an_undefined_per_seed_value_says_why():
+    e = Estimate(0.1, 0.0, 0.2, 16, 3, np.array([np.nan, 0.2, 0.1]), 0.95, 0.05, 0.15)
+    m = verdicts.Measured(e, n_seeds=3, seed_notes=("undefined (SST-2 predicts one class)", "", ""))
+    assert m.seed_texts() == ["undefined (SST-2 predicts one class)", "0.20", "0.10"]
+    assert verdicts.Measured(e, n_seeds=3).seed_texts()[0] == "undefined"
+    html = verdicts.to_html([{"finding": verdicts.FINDINGS["two-shot"], "gemma-3-270m": (m, verdicts.PARTLY),
+                              "qwen2.5-coder-0.5b": (None, verdicts.NOT_YET_RUN)}])
+    assert "nan" not in html and "per seed undefined (SST-2 predicts one class) / 0.20 / 0.10" in html
+
+
+def test_confusion_partly_needs_the_permutation_test_too():
+    """ρ's bootstrap does not resample the classes that the permutation test permutes: an interval above 0 with
+    p = 0.346 in a seed and 0.217 for the seeds together is not "partly" (it once was)."""
+    m = verdicts.Measured
+    rho = _est(0.27, 0.12, 0.40)
+    assert verdicts.confusion_rule(m(rho, support={"p": 0.346, "p_pooled": 0.217})) == verdicts.NOT_REPRODUCED
+    assert verdicts.confusion_rule(m(rho, support={"p": 0.346})) == verdicts.NOT_REPRODUCED  # no pooled test
+    assert verdicts.confusion_rule(m(rho, support={"p": 0.186, "p_pooled": 0.022})) == verdicts.PARTLY
+    assert verdicts.confusion_rule(m(rho, support={"p": 0.01, "p_pooled": 0.003})) == verdicts.REPRODUCED
+    assert verdicts.confusion_rule(m(_est(0.2, -0.1, 0.5), support={"p": 0.01, "p_pooled": 0.01})) \
+        == verdicts.NOT_REPRODUCED
+    assert "p < 0.05" in verdicts.rule_text(verdicts.confusion_rule).split("Partly:")[1]
+
+
+def test_rules_list_links_each_rule_to_its_findings_section():
+    text = verdicts.rules_markdown()
+    for f in verdicts.FINDINGS.values():
+        if f.chapter:
+            page = f.chapter.split("/")[-1]
+            target = f"{page}.html#{f.anchor}" if f.anchor else f"{page}.html"
+            assert f"[{f.claim}]({target})" in text, f.id
+    assert ".ipynb)" not in text  # a Markdown output is not resolved by the build: a notebook link would be dead

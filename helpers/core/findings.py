@@ -12,7 +12,9 @@ read off intervals, never off a point estimate alone: *reproduced* needs the 95%
 threshold; *partly* needs a stated weaker condition, most often the 80% interval past it
 (:data:`helpers.core.stats.WEAK_LEVEL`); else *not reproduced*. Before any rule: a measurement on fewer than :data:`MIN_SEEDS` demonstration sets says *too few
 seeds*; a finding that presupposes a working in-context mapping (abstract labels, diagnosing confusions) says *not
-testable on this model* when the model's accuracy on it is not above chance (its 95% interval). Intervals include
+testable on this model* when the model's accuracy on it is not above chance (its 95% interval); a rule comparing
+two interventions says it too when the side it would call ahead does not itself work (the rule states when).
+Intervals include
 the demonstration draw: a hierarchical bootstrap over seeds, then examples (:mod:`helpers.core.stats`).
 """
 
@@ -52,6 +54,7 @@ class Measured:
     n_seeds: int | None = None  # demonstration sets (seeds) per task behind it; None: not a seeded measurement
     accuracy: object = None  # an Estimate of the model's accuracy (%) where the finding needs a working mapping
     chance: float | None = None  # chance accuracy (%) for that check
+    seed_notes: tuple = ()  # per demonstration set: why its value is undefined ("" where it is defined)
 
     @property
     def n(self) -> str:
@@ -63,6 +66,18 @@ class Measured:
         if values.ndim != 1 or not self.n_seeds or values.size % self.n_seeds:
             return []
         return [float(v) for v in values.reshape(-1, self.n_seeds).mean(0)]
+
+    def seed_texts(self) -> list[str]:
+        """:meth:`seed_values` as the page prints them: a value that is undefined says why (from ``seed_notes``,
+        e.g. "undefined: SST-2 predicts one class"), never "nan"."""
+        out = []
+        for i, v in enumerate(self.seed_values()):
+            if np.isfinite(v):
+                out.append(f"{v:.{self.digits}f}")
+            else:
+                why = self.seed_notes[i] if i < len(self.seed_notes) and self.seed_notes[i] else ""
+                out.append(why or "undefined")
+        return out
 
     def text(self) -> str:
         return f"{self.estimate.fmt(self.digits)}{self.unit}"
@@ -181,11 +196,16 @@ def near_point_eight(m: Measured) -> str:
 
 
 def second_half(m: Measured) -> str:
-    """Reproduced: R_l at the middle layer has its 95% interval below 0.5 and no task's R_l reaches 0.5 in the
-    first half. Partly: only its 80% interval lies below 0.5, or a task reaches 0.5 early. Not reproduced
-    otherwise."""
+    """Reproduced: R_l at the middle layer (AUCROC averaged over the 4 tasks) has its 95% interval below 0.5, and
+    every task's own R_l is determined (its 95% interval stays within [-1.5, 2] at every layer, as in the chapter's
+    table; an undetermined task has no layer where it reaches 0.5) and first reaches 0.5 in the second half.
+    Partly: only the 80% interval lies below 0.5, or it lies below 0.5 while a task's R_l is undetermined or reaches
+    0.5 in the first half. Not reproduced otherwise."""
     e = m.estimate
-    early = [t for t, layer in m.support.get("passing", {}).items() if layer is not None and layer <= m.support["mid"]]
-    if e.high < 0.5 and not early:
+    mid = m.support["mid"]
+    undetermined = list(m.support.get("undetermined", ()))
+    early = [t for t, layer in m.support.get("passing", {}).items()
+             if t not in undetermined and layer is not None and layer <= mid]
+    if e.high < 0.5 and not early and not undetermined:
         return REPRODUCED
     return PARTLY if _weak(e)[1] < 0.5 else NOT_REPRODUCED

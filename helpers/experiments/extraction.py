@@ -349,9 +349,22 @@ def deep_auc(model: str, profile: Profile) -> Measured | None:
     return Measured(est, note=note, support=per_task, n_text=pooled_n(est))
 
 
+def _seed_notes(runs: dict) -> tuple[str, ...]:
+    """Per seed, why a pooled per-seed R_l is undefined: the tasks on which that seed's model predicts one class
+    only (its AUCROC_l is undefined), or "" where every task's is defined."""
+    n_seeds = len(next(iter(runs.values())))
+    notes = []
+    for s in range(n_seeds):
+        one = [get_task(t).title for t in TASK_NAMES if len(np.unique(runs[t][s]["pred"])) < 2]
+        notes.append(f"undefined ({', '.join(one)} predicts one class)" if one else "")
+    return tuple(notes)
+
+
 def _r_mid(shots: int):
     def compute(model: str, profile: Profile) -> Measured | None:
-        from ..core.stats import bootstrap_weighted
+        from ..core.stats import bootstrap_weighted, pooled_over
+        # the chapter's own per-task estimates and its test of "undetermined", so the row and the table agree
+        from ..pages.extraction import _determined, auc_estimates_of
 
         runs = _extraction(model, profile, shots)
         if runs is None:
@@ -364,18 +377,25 @@ def _r_mid(shots: int):
                          est.seed_values[:, mid - 1], est.level, est.weak_low[mid - 1], est.weak_high[mid - 1],
                          est.hierarchical)
         passing = layer_passing(est.value)
-        per_task = {}
+        with pooled_over(1):  # one task at a time, as the chapter computes them
+            per_task_est = auc_estimates_of({t: runs[t] for t in TASK_NAMES})
+        per_task, undetermined = {}, []
         for t in TASK_NAMES:
-            auc = np.nanmean([auc_per_layer_weighted(r["attention"], r["pred"], np.ones((1, len(r["pred"]))))[0]
-                              for r in runs[t]], axis=0)
-            p = layer_passing(cumulative_contribution(auc))
+            r = per_task_est[t][1]
+            p = layer_passing(r.value)
             per_task[get_task(t).title] = None if p is None else p + 1
-        early = [f"{t} (layer {layer})" for t, layer in per_task.items() if layer is not None and layer <= mid]
+            if not _determined(r):
+                undetermined.append(get_task(t).title)
+        early = [f"{t} (layer {layer})" for t, layer in per_task.items()
+                 if t not in undetermined and layer is not None and layer <= mid]
         note = (f"R_l at layer {mid} of {n_layers} (AUC averaged over 4 tasks); it reaches 0.5 at layer "
                 f"{passing + 1 if passing is not None else 'never'}")
+        if undetermined:
+            note += "; per task, R_l is undetermined on " + ", ".join(undetermined)
         if early:
             note += "; per task, R_l reaches 0.5 in the first half on " + ", ".join(early)
-        return Measured(r_mid, note=note, support={"passing": per_task, "mid": mid}, n_text=pooled_n(r_mid))
+        return Measured(r_mid, note=note, support={"passing": per_task, "undetermined": undetermined, "mid": mid},
+                        n_text=pooled_n(r_mid), seed_notes=_seed_notes(runs))
 
     return compute
 

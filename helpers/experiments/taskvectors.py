@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from ..core.attention import Hook, intervene
-from ..core.findings import PARTLY, NOT_REPRODUCED, REPRODUCED, TASK_NAMES, Finding, Measured
+from ..core.findings import NOT_REPRODUCED, NOT_TESTABLE, PARTLY, REPRODUCED, TASK_NAMES, Finding, Measured
 from ..core.patching import Read, Write, patch
 from ..core.prompts import Prompt, build_prompt, check_prompts, label_head, label_token_ids
 from ..core.runs import PROFILES, ModelKey, Profile, cached_run, make_prompts, settings_of
@@ -51,7 +51,8 @@ from .protocol import Experiment
 __all__ = ["VARIANTS", "BASELINES", "PATCHED", "TaskVectorConfig", "configure", "other_task", "zero_shot_ids",
            "skeleton_prompt", "text_token", "task_vector_run", "taskvector_runs", "floats_kept", "metric",
            "best_layer", "at_layer", "layer_curve", "best_layer_table", "tv_recovers", "labels_carry",
-           "tv_versus_labels", "beats_both", "ahead", "chance", "EXPERIMENT", "FIELDS"]
+           "tv_versus_labels", "beats_both", "ahead", "untestable_comparison", "comparison_reading", "OWN_BASELINE",
+           "chance", "EXPERIMENT", "FIELDS"]
 
 BASELINES = ("icl", "zero", "skeleton")
 PATCHED = ("tv", "labels", "both", "tv-other", "tv-text")
@@ -490,16 +491,29 @@ def _pooled(runs, a: str, b: str) -> tuple[Estimate, int, int]:
     return diff, la, lb
 
 
-def _measured(runs, a: str, b: str, control: str, note: str) -> Measured:
+# Each patch's own baseline: the prompt it is written into, without the patch.
+OWN_BASELINE = {"tv": "zero", "labels": "skeleton"}
+
+
+def _measured(runs, a: str, b: str, control: str, note: str, sides: bool = False) -> Measured:
+    """``sides``: also each side's gain over its own baseline (:data:`OWN_BASELINE`), for :func:`ahead`."""
     diff, la, lb = _pooled(runs, a, b)  # model layer indices; the note counts layers from 1, as the book does
     vs_control, _, _ = _pooled(runs, a, control)
     acc = mean_estimate([at_layer(r, a, la) for rs in runs.values() for r in rs]).scaled(100)
     icl = mean_estimate([at_layer(r, "icl", None) for rs in runs.values() for r in rs]).scaled(100)
     n_seeds = len(next(iter(runs.values())))
+    support = {"vs control": vs_control, "accuracy": acc, "layer": la}
+    text = note.format(layer=la + 1, acc=acc.fmt(1), control=vs_control.fmt(1))
+    if sides:
+        gains = {v: _pooled(runs, v, OWN_BASELINE[v])[0] for v in (a, b)}
+        support["own gain"] = gains
+        text += (f"; on its own, the task vector minus the zero-shot query {gains['tv'].fmt(1)} points, the label "
+                 f"words' states minus the prompt without demonstration text {gains['labels'].fmt(1)} points")
+        reason = untestable_comparison(gains, diff)
+        if reason:
+            text += f"; not testable: {reason}"
     return Measured(diff, unit=" points", digits=1, n_text=f"{diff.n_examples} × {n_seeds} seeds × 4 tasks",
-                    note=note.format(layer=la + 1, acc=acc.fmt(1), control=vs_control.fmt(1)) + f"; ICL {icl.fmt(1)}%",
-                    support={"vs control": vs_control, "accuracy": acc, "layer": la},
-                    accuracy=icl, chance=chance(runs))
+                    note=text + f"; ICL {icl.fmt(1)}%", support=support, accuracy=icl, chance=chance(runs))
 
 
 def chance(runs: dict[str, Sequence[dict]]) -> float:
@@ -540,7 +554,7 @@ def tv_versus_labels(model: str, profile: Profile) -> Measured | None:
         return None
     return _measured(runs, "tv", "labels", "both",
                      "task vector (layer {layer}) minus label words' states; task vector accuracy {acc}%; task "
-                     "vector minus both together: {control} points")
+                     "vector minus both together: {control} points", sides=True)
 
 
 def beats_both(m: Measured) -> str:
@@ -556,12 +570,51 @@ def beats_both(m: Measured) -> str:
     return NOT_REPRODUCED
 
 
+def _works(gain: Estimate) -> bool:
+    """A patch works: its accuracy gain over its own baseline has its 95% interval above 0."""
+    return gain.low > 0
+
+
+def untestable_comparison(gains: dict | None, diff: Estimate) -> str:
+    """Why :func:`ahead` cannot compare the two patches ("" when it can). ``gains``: each side's gain over its own
+    baseline (``{"tv": ..., "labels": ...}``); ``diff``: the task vector minus the label words' states. Untestable
+    when neither side beats its own baseline, or when the task vector would be called ahead (the difference's 80%
+    interval above 0) without beating the zero-shot query itself."""
+    if not gains:
+        return "each side's gain over its own baseline is not measured"
+    tv, labels = _works(gains["tv"]), _works(gains["labels"])
+    if not (tv or labels):
+        return ("neither the task vector beats the zero-shot query nor the label words' states the prompt "
+                "without demonstration text (95% intervals), so neither carries the task to compare")
+    weak = diff.low if diff.weak_low is None else diff.weak_low
+    if weak > 0 and not tv:
+        return "the task vector, the side ahead, does not beat the zero-shot query (its 95% interval)"
+    return ""
+
+
+def comparison_reading(m: Measured | None) -> str:
+    """For the chapter: why the row "task vector vs label words' states" can or cannot compare the two patches
+    (:func:`untestable_comparison`), as a clause; "" when the row has no measurement."""
+    if m is None:
+        return ""
+    reason = untestable_comparison(m.support.get("own gain"), m.estimate)
+    return reason or "the task vector beats the zero-shot query itself, so the difference counts"
+
+
 def ahead(m: Measured) -> str:
     """Reproduced (the task vector keeps more than the label words' states, at a fraction of their floats): the 95%
-    interval of the difference lies above 0. Partly: only the 80% interval does. Not reproduced otherwise. Before the
-    rule: not testable where full ICL's accuracy is not above chance (its 95% interval)."""
+    interval of the difference lies above 0 and the task vector itself works (its accuracy minus the zero-shot
+    query's has its 95% interval above 0). Partly: the same with only the 80% interval of the difference above 0.
+    Not reproduced: the difference's 80% interval does not lie above 0 while a side works (the task vector over the
+    zero-shot query, or the label words' states over the prompt without demonstration text: 95% interval above 0).
+    Not testable on this model: the difference's 80% interval lies above 0 but the task vector does not itself beat
+    the zero-shot query, or neither side works: a difference between patches that do not carry the task says
+    nothing about which keeps more of it. Before the rule: not testable where full ICL's accuracy is not above chance (its 95%
+    interval)."""
     e = m.estimate
     weak = e.low if e.weak_low is None else e.weak_low
+    if untestable_comparison(m.support.get("own gain"), e):
+        return NOT_TESTABLE
     return REPRODUCED if e.low > 0 else PARTLY if weak > 0 else NOT_REPRODUCED
 
 

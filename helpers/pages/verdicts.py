@@ -125,9 +125,8 @@ def to_html(rows: list[dict], models: Sequence[str] = MODELS, link_prefix: str =
             measured, verdict = row[m]
             body = f'<span style="background:{colors[verdict]};padding:0 .3em;border-radius:.2em">{verdict}</span>'
             if measured is not None:
-                per_seed = measured.seed_values()
-                seeds = (f"; per seed {' / '.join(f'{v:.{measured.digits}f}' for v in per_seed)}"
-                         if 1 < len(per_seed) <= 6 else "")
+                per_seed = measured.seed_texts()  # an undefined value says why, not "nan"
+                seeds = f"; per seed {' / '.join(per_seed)}" if 1 < len(per_seed) <= 6 else ""
                 body = (f"<b>{html.escape(measured.text())}</b><br>{body}<br><small>n = "
                         f"{html.escape(measured.n)}{html.escape(seeds)}; {html.escape(measured.note)}</small>")
             cells.append(f'<td style="vertical-align:top">{body}</td>')
@@ -166,8 +165,9 @@ def chapter_verdicts(chapter: str, models: Sequence[str] = MODELS, profile: Prof
     return out
 
 
-def rules_markdown() -> str:
-    """The verdict page's "How a verdict is decided": the common rules, then each finding's own rule."""
+def rules_markdown(link_prefix: str = "") -> str:
+    """The verdict page's "How a verdict is decided": the common rules, then each finding's own rule, its claim
+    linked to the finding's section (``link_prefix`` + page + ``.html#`` + anchor, as :func:`to_html`)."""
     from ..core.findings import MIN_SEEDS
     from ..core.stats import LEVEL, WEAK_LEVEL
 
@@ -177,10 +177,15 @@ def rules_markdown() -> str:
              "which). Before any rule, a measurement on fewer than "
              f"{MIN_SEEDS} demonstration sets (seeds) says *{TOO_FEW_SEEDS}*, and a finding that presupposes a "
              "working in-context mapping (abstract labels, diagnosing confusions) says "
-             f"*{NOT_TESTABLE}* when the model's accuracy is not above chance (its {LEVEL:.0%} interval).", ""]
+             f"*{NOT_TESTABLE}* when the model's accuracy is not above chance (its {LEVEL:.0%} interval). A "
+             f"comparison of two interventions also says *{NOT_TESTABLE}* when the side it would call ahead does "
+             "not itself work (its rule says when): a difference between two things that do nothing is not a "
+             "reproduction.", ""]
     for f in FINDINGS.values():
         page = f.chapter.split("/")[-1] if f.chapter else ""
-        link = f"[{f.claim}]({page}.ipynb)" if page else f.claim
+        # the finding's section, as the table's rows link (a cell's Markdown output is not resolved by the build,
+        # so the link is to the built page)
+        link = f"[{f.claim}]({link_prefix}{page}.html{'#' + f.anchor if f.anchor else ''})" if page else f.claim
         lines.append(f"- {link}: {rule_text(f.rule)}")
     return "\n".join(lines)
 
