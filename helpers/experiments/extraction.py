@@ -349,6 +349,20 @@ def deep_auc(model: str, profile: Profile) -> Measured | None:
     return Measured(est, note=note, support=per_task, n_text=pooled_n(est))
 
 
+R_LIMITS = (-1.5, 2.0)  # R_l outside these bounds in some layer: its interval does not pin it down (figures' axes)
+
+
+def r_determined(r) -> bool:
+    """Whether R_l is pinned down: its 95% interval stays within :data:`R_LIMITS` in every layer (the extraction
+    figures' axes, which draw an undetermined curve dashed; the chapter's tables and the verdict rows use this test).
+
+    Used in: Extraction."""
+    low, high = R_LIMITS
+    if not (np.isfinite(r.low).any() and np.isfinite(r.high).any()):  # no interval at all
+        return False
+    return bool(np.nanmin(r.low) >= low and np.nanmax(r.high) <= high)
+
+
 def _seed_notes(runs: dict) -> tuple[str, ...]:
     """Per seed, why a pooled per-seed R_l is undefined: the tasks on which that seed's model predicts one class
     only (its AUCROC_l is undefined), or "" where every task's is defined."""
@@ -363,8 +377,6 @@ def _seed_notes(runs: dict) -> tuple[str, ...]:
 def _r_mid(shots: int):
     def compute(model: str, profile: Profile) -> Measured | None:
         from ..core.stats import bootstrap_weighted, pooled_over
-        # the chapter's own per-task estimates and its test of "undetermined", so the row and the table agree
-        from ..pages.extraction import _determined, auc_estimates_of
 
         runs = _extraction(model, profile, shots)
         if runs is None:
@@ -377,14 +389,14 @@ def _r_mid(shots: int):
                          est.seed_values[:, mid - 1], est.level, est.weak_low[mid - 1], est.weak_high[mid - 1],
                          est.hierarchical)
         passing = layer_passing(est.value)
-        with pooled_over(1):  # one task at a time, as the chapter computes them
-            per_task_est = auc_estimates_of({t: runs[t] for t in TASK_NAMES})
+        with pooled_over(1):  # one task at a time, as the chapter's table computes them, and its test of
+            per_task_est = {t: auc_estimates(runs[t]) for t in TASK_NAMES}  # "undetermined": row and table agree
         per_task, undetermined = {}, []
         for t in TASK_NAMES:
             r = per_task_est[t][1]
             p = layer_passing(r.value)
             per_task[get_task(t).title] = None if p is None else p + 1
-            if not _determined(r):
+            if not r_determined(r):
                 undetermined.append(get_task(t).title)
         early = [f"{t} (layer {layer})" for t, layer in per_task.items()
                  if t not in undetermined and layer is not None and layer <= mid]

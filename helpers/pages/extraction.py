@@ -23,7 +23,7 @@ from .summaries import summarised
 from ..core.stats import layer_text, paired_difference
 from ..core.tasks import get_task
 from ..experiments.extraction import (accuracy_estimate, attention_shares, auc_estimates, deep_auc_estimate,
-                                      layer_estimates, layer_passing)
+                                      layer_estimates, layer_passing, r_determined)
 
 __all__ = ["PAPER_ACC", "auc_estimates_of", "layer_estimates_of", "auc_figure", "deep_estimates", "accuracy_table", "auc_table", "one_shot_values",
            "sink_figure", "renorm_figure", "renorm_values", "example_figure", "example_outcome", "two_shot_figure",
@@ -39,12 +39,8 @@ def _n(est: Mapping[str, Mapping[str, tuple]]) -> str:
 
 
 def _determined(r) -> bool:
-    """Whether R_l is pinned down: its 95% interval stays within :data:`helpers.pages.plots.R_LIMITS` in every
-    layer, the axes of the figures, which draw an undetermined curve dashed (the table and the figure agree)."""
-    low, high = plots.R_LIMITS
-    if not (np.isfinite(r.low).any() and np.isfinite(r.high).any()):  # no interval at all
-        return False
-    return bool(np.nanmin(r.low) >= low and np.nanmax(r.high) <= high)
+    """Whether R_l is pinned down (:func:`helpers.experiments.extraction.r_determined`)."""
+    return r_determined(r)
 
 
 def _passing_or_undetermined(r, n_layers: bool = False) -> str:

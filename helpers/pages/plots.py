@@ -16,6 +16,7 @@ import numpy as np
 from ..core.saliency import MEASURES
 from ..core.stats import Estimate
 from ..core.tasks import get_task
+from ..experiments.extraction import R_LIMITS  # R_l's axes: the bounds of its test of "undetermined"
 
 __all__ = ["flow_panels", "loyalty_bars", "loyalty_sweep", "saliency_matrix", "saliency_strip", "saliency_explorer",
            "auc_panels", "attention_example", "layer_ticks", "global_layers", "mark_layers", "BOOK_RC",
@@ -293,8 +294,6 @@ def saliency_explorer(examples: Mapping[str, Mapping[str, np.ndarray]], tokenize
     draw()
     return widgets.VBox([widgets.HBox([task_w, example_w, layer_w]), out])
 
-
-R_LIMITS = (-1.5, 2.0)
 
 
 def auc_panels(curves: Mapping[str, Mapping[str, tuple]], title: str = "", n: str = "",
