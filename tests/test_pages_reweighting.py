@@ -373,7 +373,8 @@ def test_the_chapter_glues_the_verdict_words_it_uses(monkeypatch):
 
 def _leverage_runs():
     """Two tasks, one seed, four examples: tuned re-weighting 100/75 (SST-2/TREC), every verdict control 50/25
-    except the most-attended token (75/75); attention shares: label words 5%, most attended 20%, the others 1%."""
+    except the most-attended token (75/75); attention shares: label words 5%, most attended 20%, BOS 30%, the
+    others 1%."""
     from helpers.experiments import reweighting as rw
 
     R = _runs()
@@ -382,7 +383,8 @@ def _leverage_runs():
         by["anchor-tuned"] = [_result([1, 1, 1, 1] if t == "sst2" else [1, 1, 1, 0], c)]
         for m in rw.VERDICT_CONTROLS:
             by[m] = [_result([1, 1, 1, 0] if m == "beta-attended" else ([1, 0, 1, 0] if t == "sst2" else [1, 0, 0, 0]), c)]
-        shares = {"label_words": 0.05, "most_attended": 0.2, "newline": 0.01, "colon": 0.01, "random_text": 0.01}
+        shares = {"label_words": 0.05, "most_attended": 0.2, "newline": 0.01, "colon": 0.01, "random_text": 0.01,
+                  "BOS": 0.3}
         by["states"] = [{f"share_{k}": np.full(N_LAYERS, v) for k, v in shares.items()}]
     return R
 
@@ -401,7 +403,47 @@ def test_leverage_table_shows_each_controls_lever_and_the_paired_difference():
     assert values["lev_lrs"] == "SST-2 0.1; TREC 0.3"
     assert values["lev_beta_attended_share"] == "20.00%"
     fig = page.leverage_figure(R, MODEL)
-    assert fig.axes[0].get_xscale() == "log" and len(fig.axes[0].texts) == 3  # anchor, random, most attended
+    assert fig.axes[0].get_xscale() == "log" and len(fig.axes[0].texts) == 6  # anchor and the five position controls
+    for c in ("random-tuned", "beta-newline", "beta-colon", "beta-attended", "beta-bos"):
+        assert rows.loc[page.LEVERAGE_SHORT[c], "the verdict needs it beaten"] == "yes", c
+        assert page.LEVERAGE_SHORT[c] in values["lev_positions_diffs"] and page.LEVERAGE_SHORT[c] in values["lev_controls"]
+    from helpers.experiments import reweighting as rw
+
+    assert values["lev_n_controls"] == str(len(rw.VERDICT_CONTROLS))
+
+
+@pytest.mark.parametrize("position", ["random-tuned", "beta-newline", "beta-colon", "beta-attended", "beta-bos"])
+def test_a_position_control_that_beats_re_weighting_is_the_closest_one_named(position):
+    """The chapter's closest control is chosen over every position control: one that does better than re-weighting
+    is named, with its side and its difference, and the verdict word the rule gives is "not reproduced"."""
+    from helpers.experiments import reweighting as rw
+
+    R = _leverage_runs()
+    for t, by in R.items():
+        by[position] = [_result([1, 1, 1, 1], 2 if t == "sst2" else 6)]
+    values = page.leverage_values(R, {"sst2": {"anchor": {"lr": np.array(0.1)}}, "trec": {"anchor": {"lr": np.array(0.3)}}})
+    assert values["lev_closest"] == page.LEVERAGE_SHORT[position]
+    assert values["lev_closest_side"].startswith("does better than re-weighting")
+    assert values["lev_closest_diff"].startswith("-12.5")
+    assert page.LEVERAGE_SHORT[position] in values["lev_positions_not_beaten"]
+    m = rw.controls_measured(R)
+    assert rw._TITLE_SHORT[position] in m.note and rw.beats_every_control(m) == rw.NOT_REPRODUCED
+
+
+def test_leverage_without_a_bos_token_leaves_the_bos_control_out_and_a_missing_control_fails():
+    from helpers.experiments import reweighting as rw
+
+    R = _leverage_runs()
+    for by in R.values():
+        del by["beta-bos"]
+        del by["states"][0]["share_BOS"]
+    table = page.leverage_table(R, MODEL).loc[MODEL]
+    assert page.LEVERAGE_SHORT["beta-bos"] not in table.index
+    assert page.LEVERAGE_SHORT["beta-newline"] in table.index
+    for by in R.values():
+        del by["beta-newline"]
+    with pytest.raises(ValueError, match="beta-newline"):
+        page.leverage_values(R, {"sst2": {"anchor": {"lr": np.array(0.1)}}})
 
 
 def test_lr_table_lists_the_grid_and_the_choice():
@@ -410,6 +452,21 @@ def test_lr_table_lists_the_grid_and_the_choice():
     table = page.lr_table({MODEL: {"sst2": {"anchor": s}}})
     row = table.iloc[0]
     assert row["chosen lr"] == "0.1" and row["held-out loss, lr 0.01"] == 0.8 and row["held-out loss, lr 0.1"] == 0.45
+
+
+def test_lr_table_marks_and_the_glue_counts_the_choices_at_an_edge_of_the_grid():
+    """As the tuning chapter's table: a chosen rate that is the smallest or the largest of the grid is marked
+    " (edge)"; the glue counts them, top and bottom apart."""
+    grid, loss = np.array([0.01, 0.1, 0.3]), np.array([[0.9, 0.7], [0.5, 0.4], [0.6, 0.8]])
+    searches = {"sst2": {"anchor": {"grid": grid, "heldout_loss": loss, "lr": np.array(0.3)},
+                         "random": {"grid": grid, "heldout_loss": loss, "lr": np.array(0.1)}},
+                "trec": {"anchor": {"grid": grid, "heldout_loss": loss, "lr": 0.01},
+                         "beta-newline": {"grid": grid, "heldout_loss": loss, "lr": 0.3}}}
+    chosen = page.lr_table({MODEL: searches})["chosen lr"]
+    assert list(chosen) == ["0.3 (edge)", "0.1", "0.01 (edge)", "0.3 (edge)"]
+    values = page.lr_edge_values(searches)
+    assert values == {"lr_n": "4", "lr_edge_n": "3", "lr_edge_top": "2", "lr_edge_bottom": "1", "lr_top": "0.3",
+                      "lr_bottom": "0.01", "lr_edge_anchor": "SST-2"}
 
 
 def test_the_layer_halves_sentence_says_which_half_falls_short():

@@ -590,3 +590,100 @@ def test_states_lr_search_and_a_tuned_control_run_end_to_end(tmp_path, monkeypat
     deep = rw.tuned_run(lm, data, profile, seed, "beta-deep", progress=False)
     assert np.abs(deep["beta"][: lm.n_layers // 2]).max() == 0 and np.abs(deep["beta"][lm.n_layers // 2:]).max() > 0
     assert rw.tuned_run(lm, data, profile, seed, "beta-attended", progress=False, lookup_only=True) is not None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The verdict "re-weighting beats the controls": every position control is needed (stub runs, no model)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _verdict_runs(beaten_by: str | None = None, bos: bool = True):
+    """Two tasks, one seed, eight test examples: tuned re-weighting 6 of 8 correct, every verdict control 4 of 8,
+    except ``beaten_by``, which gets all 8 (it does better than re-weighting). ``bos``: the states runs show a BOS
+    token and the BOS control was run; else neither."""
+    from helpers.experiments import reweighting as rw
+
+    def res(correct):
+        return {"correct": np.array(correct, dtype=np.int8), "test_index": np.arange(8)}
+
+    runs = {}
+    for t in ("sst2", "trec"):
+        by = {"anchor-tuned": [res([1, 1, 1, 1, 1, 1, 0, 0])], "icl-1": [res([1, 0] * 4)]}
+        for c in rw.VERDICT_CONTROLS:
+            if c != "beta-bos" or bos:
+                by[c] = [res([1] * 8 if c == beaten_by else [1, 1, 0, 0, 1, 1, 0, 0])]
+        by["states"] = [{"share_label_words": np.full(2, 0.05), **({"share_BOS": np.full(2, 0.3)} if bos else {})}]
+        runs[t] = by
+    return runs
+
+
+def test_the_verdict_needs_every_equal_leverage_position_control():
+    """Random text, newline, colon, most-attended token and BOS are all controls of the verdict: one that beats
+    re-weighting is the one the row names, and a missing one is an error, never a comparison left out."""
+    from helpers.experiments import reweighting as rw
+
+    assert {"random-tuned", *rw.POSITION_CONTROLS} <= set(rw.VERDICT_CONTROLS)
+    assert not set(rw.OPTIONAL_BETAS) & set(rw.VERDICT_CONTROLS)
+    for position in ("random-tuned", *rw.POSITION_CONTROLS):
+        m = rw.controls_measured(_verdict_runs(beaten_by=position))
+        assert m.estimate.value == pytest.approx(-25.0), position
+        assert f"closest control ({rw._TITLE_SHORT[position]})" in m.note
+        assert set(m.support) == set(rw.VERDICT_CONTROLS)
+        assert rw.beats_every_control(m) == rw.NOT_REPRODUCED
+    for position in rw.POSITION_CONTROLS:
+        runs = _verdict_runs()
+        for by in runs.values():
+            del by[position]
+        with pytest.raises(ValueError, match=position):
+            rw.verdict_controls(runs)
+
+
+def test_the_bos_control_is_needed_exactly_where_the_tokenizer_adds_bos():
+    from helpers.experiments import reweighting as rw
+
+    without = _verdict_runs(bos=False)  # no BOS token: the control cannot exist, and the row says so
+    assert "beta-bos" not in rw.verdict_controls(without)
+    assert "no BOS control" in rw.controls_measured(without).note
+    assert "beta-bos" in rw.verdict_controls(_verdict_runs(bos=True))
+    missing = _verdict_runs(bos=True)  # a BOS token but no BOS control run: missing, not silently left out
+    for by in missing.values():
+        del by["beta-bos"]
+    with pytest.raises(ValueError, match="beta-bos"):
+        rw.verdict_controls(missing)
+
+
+def test_cached_control_runs_keeps_only_seeds_with_every_position_control(monkeypatch):
+    """A seed lacking any position control (the BOS one where the states show a BOS token) is left out of the
+    verdict's runs; with no complete seed there are none (the row is "not yet run")."""
+    from helpers.experiments import reweighting as rw
+
+    seeds = (42, 43, 44)
+    present = {}  # (seed, method) -> bool
+
+    def fake_control_runs(lm, data, profile, seeds_, methods, **kw):
+        out = {"states": [{"share_BOS": np.ones(2)} if present.get((s, "bos-token"), True) else {} for s in seeds_]}
+        for m in methods:
+            out[rw._tuned_key(m)] = [{"seed": s} if present.get((s, m), True) else None for s in seeds_]
+        return out
+
+    monkeypatch.setattr(rw, "_reweighting_runs", lambda model, profile: {t: {"icl-1": [{} for _ in seeds]}
+                                                                        for t in rw.TASK_NAMES})
+    monkeypatch.setattr(rw, "_cached_seeds", lambda model, profile: seeds)
+    monkeypatch.setattr(rw, "load_task", lambda t: t)
+    monkeypatch.setattr(rw, "control_runs", fake_control_runs)
+    monkeypatch.setattr(rw, "with_fitted_controls", lambda runs: runs)
+    monkeypatch.setattr(rw, "with_extra_controls", lambda runs: runs)
+    methods = ("anchor",) + rw.CONTROL_BETAS
+
+    def kept():
+        runs = rw.cached_control_runs("m", None, methods, optional=())
+        return None if runs is None else runs["sst2"]["seeds"]
+
+    assert kept() == [42, 43, 44]
+    present[(43, "beta-newline")] = False
+    present[(44, "beta-bos")] = False
+    assert kept() == [42]
+    present[(44, "bos-token")] = False  # seed 44's tokenizer has no BOS token: its BOS control cannot be missing
+    assert kept() == [42, 44]
+    present[(42, "beta-colon")] = present[(44, "beta-colon")] = False
+    assert kept() is None

@@ -68,7 +68,8 @@ __all__ = [
     "accuracy", "difference", "best_control", "cost_table", "FITTED_CONTROLS", "FITTED_TITLES", "fit_bias",
     "batch_calibration", "fitted_control_run", "with_fitted_controls",
     "CONTENT_FREE_INPUTS", "POSITION_CONTROLS", "LAYER_HALVES", "VARIANTS", "VARIANT_TITLES", "LR_GRID", "TUNED",
-    "VERDICT_CONTROLS", "CONTROL_BETAS", "demonstration_tokens", "newline_positions", "colon_positions",
+    "VERDICT_CONTROLS", "CONTROL_BETAS", "OPTIONAL_BETAS", "bos_applies", "verdict_controls", "controls_measured",
+    "demonstration_tokens", "newline_positions", "colon_positions",
     "bos_positions", "most_attended", "target_readout", "heldout_lr", "select_lr", "fit_probe", "contextual_calibration_mean",
     "states_run", "lr_search_run", "tuned_run", "control_runs", "cached_control_runs", "cached_lr_searches",
     "tuned_methods", "with_extra_controls", "stratified_folds", "SCORED_FIELDS", "FIELDS_BY_METHOD",
@@ -1298,13 +1299,14 @@ def with_extra_controls(runs: Runs) -> Runs:
 
 
 def cached_control_runs(model: str, profile: Profile,
-                        methods: Sequence[str] = ("anchor", "random", "beta-attended"),
-                        optional: Sequence[str] = ("beta-newline", "beta-colon", "beta-bos", "beta-shallow",
-                                                   "beta-deep")) -> dict | None:
+                        methods: Sequence[str] = ("anchor", "random", "beta-newline", "beta-colon", "beta-attended",
+                                                  "beta-bos"),
+                        optional: Sequence[str] = ("beta-shallow", "beta-deep")) -> dict | None:
     """Every task's cached runs (nothing is computed) with the fitted controls, the probe, three-input contextual
-    calibration and the tuned betas ``methods``, over the seeds where all of them are cached; the ``optional``
-    tuned betas are added where they are cached for those seeds too. None where no seed is complete.
-    Used in: Anchor re-weighting."""
+    calibration and the tuned betas ``methods``, over the seeds where all of them are cached (the BOS control is
+    needed only where the seed's states run shows a BOS token, :func:`bos_applies`: a model whose tokenizer adds
+    none cannot have it); the ``optional`` tuned betas are added where they are cached for those seeds too. None
+    where no seed is complete. Used in: Anchor re-weighting."""
     runs = _reweighting_runs(model, profile)
     if runs is None:
         return None
@@ -1313,11 +1315,17 @@ def cached_control_runs(model: str, profile: Profile,
     out = {t: control_runs(lm, load_task(t), profile, seeds, tuple(methods) + tuple(optional), progress=False,
                            lookup_only=True) for t in TASK_NAMES}
     required = ["states"] + [_tuned_key(m) for m in methods]
-    keep = [i for i in range(len(seeds)) if all(out[t][m][i] is not None for t in TASK_NAMES for m in required)]
+
+    def needed(m: str, t: str, i: int) -> bool:
+        return m != "beta-bos" or bos_applies([out[t]["states"][i]])
+
+    keep = [i for i in range(len(seeds))
+            if all(out[t]["states"][i] is not None for t in TASK_NAMES)
+            and all(out[t][m][i] is not None for t in TASK_NAMES for m in required if needed(m, t, i))]
     if not keep:
         return None
-    complete = required + [_tuned_key(m) for m in optional
-                           if all(out[t][_tuned_key(m)][i] is not None for t in TASK_NAMES for i in keep)]
+    complete = [m for m in required + [_tuned_key(m) for m in optional]
+                if all(out[t][m][i] is not None for t in TASK_NAMES for i in keep)]
     merged = {}
     for t in TASK_NAMES:
         by = {m: [runs[t][m][i] for i in keep] for m in runs[t]}
@@ -1347,36 +1355,72 @@ def _cached_seeds(model: str, profile: Profile) -> tuple[int, ...]:
     return tuple(s for s in reweighting_seeds(profile) if s in seeds)
 
 
-CONTROL_BETAS = ("random", "beta-attended")  # beta elsewhere, each at its own lr: what the verdict needs beaten
-VERDICT_CONTROLS = ("random-tuned", "beta-attended", "contextual-3", "bias-fit", "bias-temperature", "batch", "probe")
-OPTIONAL_BETAS = ("beta-newline", "beta-colon", "beta-bos", "beta-shallow", "beta-deep")  # shown where computed
+CONTROL_BETAS = ("random", "beta-newline", "beta-colon", "beta-attended", "beta-bos")  # beta elsewhere, each at
+# its own lr: what the verdict needs beaten (the BOS control only where the model's tokenizer adds a BOS token)
+VERDICT_CONTROLS = ("random-tuned", "beta-newline", "beta-colon", "beta-attended", "beta-bos", "contextual-3",
+                    "bias-fit", "bias-temperature", "batch", "probe")
+OPTIONAL_BETAS = LAYER_HALVES  # shown where computed: they locate the gain, the verdict does not need them
+
+
+def bos_applies(states: Sequence[dict | None]) -> bool:
+    """Whether the BOS control applies: the states runs record q's attention share of a BOS token (``share_BOS``),
+    which they do only where the model's tokenizer adds one. Used in: Anchor re-weighting."""
+    return any(st is not None and "share_BOS" in st for st in states)
+
+
+def verdict_controls(runs: Runs) -> tuple[str, ...]:
+    """The controls of :data:`VERDICT_CONTROLS` the verdict needs re-weighting to beat on these runs: every one,
+    except the BOS control where it does not apply (no task has it and no states run shows a BOS token). Raises
+    ``ValueError`` naming the controls that are needed but missing, so that a missing control can never make the
+    comparison easier. Used in: Anchor re-weighting."""
+    has_bos = any("beta-bos" in by for by in runs.values()) or any(bos_applies(by.get("states", []))
+                                                                      for by in runs.values())
+    needed = tuple(c for c in VERDICT_CONTROLS if c != "beta-bos" or has_bos)
+    missing = [c for c in needed if not all(c in by for by in runs.values())]
+    if missing:
+        raise ValueError(f"the verdict needs the controls {missing}, which these runs lack")
+    return needed
+
+
+def controls_measured(runs: Runs) -> Measured:
+    """The row of :func:`reweighting_vs_controls` from one model's runs with every control
+    (:func:`cached_control_runs`): re-weighting minus each control of :func:`verdict_controls` (paired, mean of the
+    4 tasks), shown for the closest one (the smallest difference), all of them in ``support``. Used in: Anchor
+    re-weighting."""
+    controls = verdict_controls(runs)
+    diffs = {c: difference(runs, "anchor-tuned", c) for c in controls}
+    closest = min(controls, key=lambda c: float(diffs[c].value))
+    est = diffs[closest]
+    tasks = list(runs)
+    per_task = {t: difference(runs, "anchor-tuned", closest, task=t) for t in tasks}
+    ahead = [get_task(t).title for t, e in per_task.items() if e.low > 0]
+    behind = [get_task(t).title for t, e in per_task.items() if e.high < 0]
+    others = "; ".join(f"{_TITLE_SHORT[c]} {diffs[c].fmt(1)}" for c in controls if c != closest)
+    no_bos = "" if "beta-bos" in controls else "; no BOS control (the tokenizer adds no BOS token)"
+    return Measured(est, unit=" points", digits=1, n_text=f"{est.n} seeds × {len(tasks)} tasks", support=diffs,
+                    note=f"paired: re-weighting minus the closest control ({_TITLE_SHORT[closest]}), mean of "
+                         f"{len(tasks)} tasks; re-weighting ahead on {', '.join(ahead) or 'no task'}, behind on "
+                         f"{', '.join(behind) or 'no task'}; minus the others: {others}{no_bos}")
 
 
 def reweighting_vs_controls(model: str, profile: Profile) -> Measured | None:
     """Re-weighting (at its learning rate chosen on held-out training examples) minus each equally cheap control
     on the same examples (paired), mean of the 4 tasks; the row shows the smallest of these differences (the
     control closest to re-weighting): re-weighting must beat every control, so none is chosen on the test
-    examples. Trained controls have their own learning rates; fitted ones are fitted to convergence."""
+    examples. Trained controls have their own learning rates; fitted ones are fitted to convergence. Every
+    position control is needed (the BOS one where the tokenizer adds a BOS token): a seed that lacks one is left
+    out, and with no complete seed the row is not yet run."""
     runs = cached_control_runs(model, profile, ("anchor",) + CONTROL_BETAS, optional=())
     if runs is None:
         return None
-    diffs = {c: difference(runs, "anchor-tuned", c) for c in VERDICT_CONTROLS}
-    closest = min(VERDICT_CONTROLS, key=lambda c: float(diffs[c].value))
-    est = diffs[closest]
-    per_task = {t: difference(runs, "anchor-tuned", closest, task=t) for t in TASK_NAMES}
-    ahead = [get_task(t).title for t, e in per_task.items() if e.low > 0]
-    behind = [get_task(t).title for t, e in per_task.items() if e.high < 0]
-    others = "; ".join(f"{_TITLE_SHORT[c]} {diffs[c].fmt(1)}" for c in VERDICT_CONTROLS if c != closest)
-    return Measured(est, unit=" points", digits=1, n_text=f"{est.n} seeds × 4 tasks", support=diffs,
-                    note=f"paired: re-weighting minus the closest control ({_TITLE_SHORT[closest]}), mean of 4 tasks; "
-                         f"ahead on {', '.join(ahead) or 'no task'}, behind on {', '.join(behind) or 'no task'}; "
-                         f"minus the others: {others}")
+    return controls_measured(runs)
 
 
 _TITLE_SHORT = {"random": "random positions", "contextual": "contextual calibration", "bias-fit": "fitted bias",
                 "bias-temperature": "fitted bias and temperature", "batch": "batch calibration",
-                "random-tuned": "random positions", "beta-attended": "most-attended tokens",
-                "beta-newline": "newlines", "beta-colon": "colons", "contextual-3": "contextual calibration",
+                "random-tuned": "random text tokens", "beta-attended": "most-attended non-label tokens",
+                "beta-newline": "newline after each label", "beta-colon": "colon before each label",
+                "beta-bos": "BOS token", "contextual-3": "contextual calibration",
                 "probe": "linear probe"}
 
 
@@ -1436,8 +1480,9 @@ EXPERIMENT = Experiment(
                 "sec-reweighting-gain", reweighting_gain, above_zero),
         Finding("reweighting-vs-controls", "(beyond the paper) The gain is about anchors: re-weighting, at a "
                 "learning rate chosen on held-out training examples, beats every equally cheap control given the same "
-                "examples (β on random text tokens and on each demonstration's most-attended non-label token, each at "
-                "its own learning rate; contextual calibration over three content-free inputs; batch calibration; a "
+                "examples (β on random text tokens, on the newline after each label word, on the colon before it, on "
+                "each demonstration's most-attended non-label token and, where the tokenizer adds one, on the BOS "
+                "token, each at its own learning rate; contextual calibration over three content-free inputs; batch calibration; a "
                 "label bias, and a bias with a temperature, fitted to convergence; a linear probe with β's parameter "
                 "count).",
                 "not run in the paper", "§3.1", "book/reweighting", "sec-reweighting-controls", reweighting_vs_controls,

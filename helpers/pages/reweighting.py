@@ -27,7 +27,7 @@ __all__ = ["ORDER", "SHORT", "TITLES", "CONTROLS", "COMPARED", "with_controls", 
            "controls_table",
            "controls_values", "fit_table", "fit_values", "resolution_values", "beta_figure", "beta_layers_figure", "beta_values",
            "training_figure", "loss_table", "prior_table", "prior_values", "cost_frame", "cost_values",
-           "second_model_values", "glued_values", "lr_table", "leverage_table", "leverage_figure", "leverage_values",
+           "second_model_values", "glued_values", "lr_table", "lr_edge_values", "leverage_table", "leverage_figure", "leverage_values",
            "LEVERAGE_SHORT", "cached_leverage", "leverage_frame", "leverage_points_figure"]
 
 ORDER = ["icl-1", "icl-5", "anchor", "random", "contextual", "bias", *rw.FITTED_CONTROLS]
@@ -574,10 +574,18 @@ LEVERAGE_SHORT = {"anchor-tuned": "anchor re-weighting (tuned lr)", "random-tune
                   "batch": "batch calibration"}
 
 
+def _at_edge(s: Mapping) -> str | None:
+    """"top" or "bottom" where a search's chosen rate is the largest or the smallest rate of its grid, else None."""
+    grid = [float(x) for x in np.asarray(s["grid"]).ravel()]
+    lr = float(np.asarray(s["lr"]).ravel()[0])
+    return "top" if lr == max(grid) else "bottom" if lr == min(grid) else None
+
+
 def lr_table(searches: Mapping[str, Mapping[str, Mapping[str, dict]]]) -> pd.DataFrame:
     """The learning-rate search of every trained β: ``searches`` is ``{model: {task: {method: search}}}``
     (:func:`helpers.experiments.reweighting.lr_search_run`); one row per (model, method, task), the mean held-out
-    cross-entropy at each rate of the grid and the rate chosen (lowest held-out loss).
+    cross-entropy at each rate of the grid and the rate chosen (lowest held-out loss), marked " (edge)" where it is
+    the smallest or the largest rate of the grid.
 
     Used in: Anchor re-weighting."""
     rows = []
@@ -588,9 +596,25 @@ def lr_table(searches: Mapping[str, Mapping[str, Mapping[str, dict]]]) -> pd.Dat
                        "task": TASKS[task].title}
                 for lr, loss in zip(s["grid"], s["heldout_loss"].mean(1)):
                     row[f"held-out loss, lr {lr:g}"] = round(float(loss), 3)
-                row["chosen lr"] = f"{float(s['lr']):g}"
+                row["chosen lr"] = f"{float(s['lr']):g}" + (" (edge)" if _at_edge(s) else "")
                 rows.append(row)
     return pd.DataFrame(rows).set_index(["model", "trained β", "task"])
+
+
+def lr_edge_values(searches: Mapping[str, Mapping[str, dict]]) -> dict[str, str]:
+    """Glue for the learning-rate table of one model (``{task: {method: search}}``): ``lr_n`` (how many rates were
+    chosen), ``lr_edge_n`` (how many lie at an edge of the grid), ``lr_edge_top`` / ``lr_edge_bottom`` (at its
+    largest / smallest rate), ``lr_top`` / ``lr_bottom`` (those rates) and ``lr_edge_anchor`` (the tasks where anchor
+    re-weighting's rate is at the top edge, or "none").
+
+    Used in: Anchor re-weighting."""
+    found = [(t, m, _at_edge(s)) for t, by in searches.items() for m, s in by.items()]
+    grids = [float(x) for by in searches.values() for s in by.values() for x in np.asarray(s["grid"]).ravel()]
+    top = [x for x in found if x[2] == "top"]
+    return {"lr_n": str(len(found)), "lr_edge_n": str(sum(e is not None for *_, e in found)),
+            "lr_edge_top": str(len(top)), "lr_edge_bottom": str(sum(e == "bottom" for *_, e in found)),
+            "lr_top": f"{max(grids):g}" if grids else "—", "lr_bottom": f"{min(grids):g}" if grids else "—",
+            "lr_edge_anchor": ", ".join(TASKS[t].title for t, m, _ in top if m == "anchor") or "none"}
 
 
 def _share(R: Runs, method: str) -> float | None:
@@ -615,8 +639,8 @@ def _share(R: Runs, method: str) -> float | None:
 
 def leverage_table(R: Runs, model: str) -> pd.DataFrame:
     """Anchor re-weighting at its chosen learning rate against every control of the verdict
-    (:data:`helpers.experiments.reweighting.VERDICT_CONTROLS`) and, where computed, the BOS control and β in one half
-    of the layers: per method, q's attention share of its positions (mean over layers; the lever it has), its
+    (:func:`helpers.experiments.reweighting.verdict_controls`: every position control, the BOS one where the
+    tokenizer adds a BOS token) and, where computed, β in one half of the layers: per method, q's attention share of its positions (mean over layers; the lever it has), its
     accuracy, re-weighting minus it on the average over tasks (95% and 80% intervals) and per task, and whether the
     verdict needs it beaten. ``R`` holds one model's runs with the controls
     (:func:`helpers.experiments.reweighting.cached_control_runs`).
@@ -634,8 +658,9 @@ def leverage_frame(rows: Sequence[dict]) -> pd.DataFrame:
 
 def _leverage_rows(R: Runs, model: str) -> list[dict]:
     rows = []
+    controls = rw.verdict_controls(R)
     extra = [m for m in rw.OPTIONAL_BETAS if all(m in by for by in R.values())]
-    for c in ["anchor-tuned", *rw.VERDICT_CONTROLS, *extra]:
+    for c in ["anchor-tuned", *controls, *extra]:
         share = _share(R, c)
         row = {"model": model, "method": LEVERAGE_SHORT[c],
                "attention share %": "—" if share is None else f"{share:.2f}",
@@ -648,7 +673,7 @@ def _leverage_rows(R: Runs, model: str) -> list[dict]:
             d = rw.difference(R, "anchor-tuned", c)
             row.update({"re-weighting minus it (95%)": d.fmt(1), "80% interval": f"[{d.weak_low:.1f}, {d.weak_high:.1f}]"})
             row.update({TASKS[t].title: rw.difference(R, "anchor-tuned", c, t).fmt(1) for t in R})
-            row["the verdict needs it beaten"] = "yes" if c in rw.VERDICT_CONTROLS else "no (locates the gain)"
+            row["the verdict needs it beaten"] = "yes" if c in controls else "no (locates the gain)"
         rows.append(row)
     return rows
 
@@ -700,15 +725,22 @@ def leverage_points_figure(points: Sequence[tuple], model: str) -> plt.Figure:
 def leverage_values(R: Runs, searches: Mapping[str, Mapping[str, dict]]) -> dict[str, str]:
     """Glue for the equal-leverage section: ``lev_<key>_share`` / ``lev_<key>_diff`` / ``lev_<key>_acc`` per method
     of :func:`leverage_table`, ``lev_closest`` and ``lev_closest_diff`` (the verdict control closest to tuned
-    re-weighting), ``lev_beaten`` / ``lev_not_beaten`` (verdict controls whose 95% interval of re-weighting minus
+    re-weighting, over every control of :func:`helpers.experiments.reweighting.verdict_controls`, each position
+    control included), ``lev_closest_side`` (whether it does better than re-weighting or trails it, by the point
+    estimate), ``lev_closest_verdict`` (where the 95% interval of re-weighting minus it lies), ``lev_controls`` and
+    ``lev_n_controls`` (the verdict's controls and how many), ``lev_positions_diffs`` (re-weighting minus each
+    position control, with its attention share), ``lev_positions_not_beaten`` (the position controls whose 95%
+    interval does not lie above 0), ``lev_beaten`` / ``lev_not_beaten`` (verdict controls whose 95% interval of re-weighting minus
     them lies above 0, and the others), ``lev_anchor_gain`` (tuned re-weighting minus 1-shot ICL), ``lev_lrs``
     (the rates chosen for anchor re-weighting per task), ``lev_halves_note`` (the layer halves against β in every
-    layer, where both are computed; else empty), ``lev_n_seeds`` and ``lev_grid``.
+    layer, where both are computed; else empty), ``lev_n_seeds``, ``lev_grid`` and :func:`lr_edge_values` of the
+    searches that hold their grid.
 
     Used in: Anchor re-weighting."""
     out: dict[str, str] = {}
-    diffs = {c: rw.difference(R, "anchor-tuned", c) for c in rw.VERDICT_CONTROLS}
-    for c in ["anchor-tuned", *rw.VERDICT_CONTROLS, *rw.OPTIONAL_BETAS]:
+    controls = rw.verdict_controls(R)
+    diffs = {c: rw.difference(R, "anchor-tuned", c) for c in controls}
+    for c in ["anchor-tuned", *controls, *rw.OPTIONAL_BETAS]:
         if not all(c in by for by in R.values()):
             continue
         share = _share(R, c)
@@ -717,16 +749,24 @@ def leverage_values(R: Runs, searches: Mapping[str, Mapping[str, dict]]) -> dict
         out[f"lev_{k}_acc"] = rw.accuracy(R, c).fmt(1)
         if c != "anchor-tuned":
             out[f"lev_{k}_diff"] = rw.difference(R, "anchor-tuned", c).fmt(1)
-    closest = min(rw.VERDICT_CONTROLS, key=lambda c: float(diffs[c].value))
-    out["lev_closest"], out["lev_closest_diff"] = LEVERAGE_SHORT[closest], diffs[closest].fmt(1)
-    out["lev_beaten"] = "; ".join(LEVERAGE_SHORT[c] for c in rw.VERDICT_CONTROLS if diffs[c].low > 0) or "none"
-    out["lev_not_beaten"] = "; ".join(LEVERAGE_SHORT[c] for c in rw.VERDICT_CONTROLS if not diffs[c].low > 0) or "none"
+    closest = min(controls, key=lambda c: float(diffs[c].value))
+    e = diffs[closest]
+    out["lev_closest"], out["lev_closest_diff"] = LEVERAGE_SHORT[closest], e.fmt(1)
+    out["lev_closest_side"] = ("does better than re-weighting on the point estimate" if e.value < 0 else
+                               "trails re-weighting on the point estimate")
+    out["lev_closest_verdict"] = _verdict(e)
+    out["lev_controls"] = "; ".join(LEVERAGE_SHORT[c] for c in controls)
+    out["lev_n_controls"] = str(len(controls))
+    positions = [c for c in controls if c == "random-tuned" or c in rw.POSITION_CONTROLS]
+    out["lev_positions_diffs"] = "; ".join(
+        f"{LEVERAGE_SHORT[c]} ({out[f'lev_{_key(c)}_share']}) {diffs[c].fmt(1)}" for c in positions)
+    out["lev_positions_not_beaten"] = "; ".join(LEVERAGE_SHORT[c] for c in positions
+                                                if not diffs[c].low > 0) or "none of them"
+    out["lev_beaten"] = "; ".join(LEVERAGE_SHORT[c] for c in controls if diffs[c].low > 0) or "none"
+    out["lev_not_beaten"] = "; ".join(LEVERAGE_SHORT[c] for c in controls if not diffs[c].low > 0) or "none"
     out["lev_anchor_gain"] = rw.difference(R, "anchor-tuned", "icl-1").fmt(1)
     out["lev_lrs"] = "; ".join(f"{TASKS[t].title} {float(s['anchor']['lr']):g}" for t, s in searches.items())
-    optional = [c for c in rw.OPTIONAL_BETAS if all(c in by for by in R.values())]
-    out["lev_optional_note"] = ("Beside them, not needed by the verdict: " + "; ".join(
-        f"{LEVERAGE_SHORT[c]} ({out[f'lev_{_key(c)}_share']} of the attention), re-weighting minus it "
-        f"{rw.difference(R, 'anchor-tuned', c).fmt(1)}" for c in optional) + ".") if optional else ""
+    out |= lr_edge_values({t: {m: s for m, s in by.items() if "grid" in s} for t, by in searches.items()})
     out["lev_halves_note"] = ""
     if all(c in by for c in rw.LAYER_HALVES for by in R.values()):
         half = {c: rw.difference(R, "anchor-tuned", c) for c in rw.LAYER_HALVES}
