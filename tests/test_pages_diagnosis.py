@@ -161,7 +161,7 @@ def test_agreement_table(committed):
 
 def test_agreement_values(committed):
     values = page.agreement_values(committed.summaries, committed.runs, MODEL)
-    per_case = ("rho", "rhoseeds", "p", "ranks", "real", "pred", "rank", "realauc", "realn", "acc")
+    per_case = ("rho", "rhoseeds", "p", "psig", "ranks", "real", "pred", "rank", "realauc", "realn", "acc")
     assert set(values) == ({f"{k}_{key}_{t}" for k in per_case for key in ("main", "second") for t in TASKS}
                            | {"n_signif", "n_tests", "min_p"})
     s = committed.summaries[MODEL]["trec"]
@@ -184,6 +184,7 @@ def test_agreement_values_over_several_seeds(trec3):
     assert values["p_main_trec"] == " / ".join(f"{p:.3f}" for p in s["p"])
     assert values["ranks_main_trec"] == " / ".join(str(pr["rank_of_real"]) for pr in s["pairs"])
     assert values["n_tests"] == len(trec3.seeds)  # one permutation test per seed
+    assert values["psig_main_trec"] == f"{sum(p < 0.05 for p in s['p'])} of {len(trec3.seeds)}"
     assert values["acc_main_trec"] == f"{100 * np.mean(s['accuracy']):.0f}%"
 
 

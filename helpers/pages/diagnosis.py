@@ -162,7 +162,7 @@ def agreement_table(summaries: Mapping, layer_of: Mapping[str, int], n_layers: M
 def agreement_values(summaries: Mapping, runs: Runs, model: str) -> dict:
     """The agreement numbers the prose quotes, per model and task: ρ over all seeds with its interval (``rho_``), ρ
     and the exact p per seed (``rhoseeds_``, ``p_``, "a / b / c"), the rank of the real most confused pair per seed
-    (``ranks_``), the accuracy (mean over seeds); of the first seed, the real and predicted most confused pair, the
+    (``ranks_``), how many seeds reach p < 0.05 (``psig_``, "1 of 3"), the accuracy (mean over seeds); of the first seed, the real and predicted most confused pair, the
     rank of the real one, its AUC and its classes' test counts. Over all permutation tests (one per model, task and
     seed): how many reach p < 0.05 (``n_signif`` of ``n_tests``) and the smallest p.
 
@@ -179,6 +179,7 @@ def agreement_values(summaries: Mapping, runs: Runs, model: str) -> dict:
                 f"rho_{key}_{name}": s["rho"].fmt(2),
                 f"rhoseeds_{key}_{name}": _rho_seeds_text(s),
                 f"p_{key}_{name}": _p_text(s),
+                f"psig_{key}_{name}": f"{int(sum(p < 0.05 for p in s['p']))} of {len(s['p'])}",
                 f"ranks_{key}_{name}": " / ".join(str(pr["rank_of_real"]) for pr in s["pairs"]),
                 f"real_{key}_{name}": pair_text(name, pair["real"]),
                 f"pred_{key}_{name}": pair_text(name, pair["predicted"]),
