@@ -133,7 +133,7 @@ def head_maps_figure(head_runs: Runs, measures: Sequence[str] = hd.MEASURES) -> 
             ax.add_patch(plt.Rectangle((head - 0.5, layer + 0.5), 1, 1, fill=False, edgecolor="white", linewidth=1.2))
         ax.set_title(HEAD_NAMES[m], fontsize=9)
         ax.set_xlabel("head")
-        ax.set_xticks(range(values.shape[1]))
+        ax.set_xticks(range(0, values.shape[1], 1 if values.shape[1] <= 8 else 2))  # legible at 14 heads
     axes[0][0].set_ylabel("layer")
     fig.tight_layout()
     return fig
